@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.edgekit-installed
+
+.PHONY: demo test test-fast bench lint install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[build,agent,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/edgekit build --target cpu-x86 --out out/demo
+
+test: install lint
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: install
+	$(VENV)/bin/lint-imports
+
+bench: install
+	$(PY) benchmarks/build_cpu.py
+
+clean:
+	rm -rf out build dist .pytest_cache

@@ -1,0 +1,88 @@
+"""Runtimes that execute an artifact. This module holds the ONNX Runtime backend; others join it behind the
+same small protocol (``run(feeds) -> outputs``). No torch here: the agent and the verifier share it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgekit.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+
+class Runtime(Protocol):
+    name: str
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OrtRuntime:
+    """ONNX Runtime on the CPU (or the given execution providers)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        self.path = Path(path)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, dict(feeds))
+        return dict(zip(self.output_names, outs))
+
+    def run_batches(self, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Run every batch and concatenate the outputs along the batch axis."""
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
+        for feeds in batches:
+            for k, v in self.run(feeds).items():
+                parts[k].append(v)
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return {"median_ms": round(self.median_ms, 4), "p90_ms": round(self.p90_ms, 4), "runs": self.runs}
+
+
+def compare_latency(
+    runtimes: Mapping[str, Runtime], feeds: Mapping[str, np.ndarray], *, rounds: int = 5, per_round: int = 20,
+    warmup: int = 5,
+) -> dict[str, LatencyStats]:
+    """Time several runtimes on the same input, interleaved round by round (machines drift; ratios stay fair)."""
+    for rt in runtimes.values():
+        for _ in range(warmup):
+            rt.run(feeds)
+    samples: dict[str, list[float]] = {k: [] for k in runtimes}
+    for _ in range(rounds):
+        for key, rt in runtimes.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                rt.run(feeds)
+                samples[key].append((time.perf_counter() - t0) * 1e3)
+    return {
+        k: LatencyStats(float(np.median(v)), float(np.percentile(v, 90)), len(v)) for k, v in samples.items()
+    }

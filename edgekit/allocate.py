@@ -1,0 +1,42 @@
+"""Choose an option per layer. This module holds the uniform solver (one precision for every layer the target
+supports it on); the per-layer solvers over measured sensitivity and cost plug in beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from edgekit.errors import ConfigError, UnsupportedOnTarget
+from edgekit.inventory import LayerInfo
+from edgekit.plan import LayerChoice, Plan
+from edgekit.targets import TargetProfile
+
+# precision → the option it asks of every layer
+PRECISION_OPTIONS = {"fp32": "fp32", "int8": "w8a8"}
+
+
+def uniform_plan(
+    layers: Sequence[LayerInfo], profile: TargetProfile, precision: str, *, model_sha256: str,
+    activations: dict | None = None,
+) -> Plan:
+    """Every layer gets ``precision`` where the target supports it for that layer's kind, else stays float."""
+    if precision not in PRECISION_OPTIONS:
+        raise ConfigError(f"precision {precision!r} has no uniform plan", hint=f"use one of {list(PRECISION_OPTIONS)}")
+    option = PRECISION_OPTIONS[precision]
+    choices = []
+    for layer in layers:
+        if option == "fp32":
+            choices.append(LayerChoice(layer.name, "fp32", "float32 requested"))
+        elif profile.supports(layer.kind, option):
+            choices.append(LayerChoice(layer.name, option, f"uniform {precision}"))
+        else:
+            choices.append(LayerChoice(layer.name, "fp32", f"{profile.name} does not support {option} for {layer.kind}"))
+    if option != "fp32" and not any(c.option == option for c in choices):
+        raise UnsupportedOnTarget(
+            f"target {profile.name} supports {option} for none of this model's layers",
+            hint="use --precision fp32, or a target whose profile lists int8 for conv/linear",
+        )
+    return Plan(
+        model_sha256=model_sha256, target=profile.name, precision=precision, layers=tuple(choices),
+        activations=dict(activations or {}), solver="uniform",
+    )

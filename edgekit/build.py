@@ -1,0 +1,300 @@
+"""The build pipeline: the only module that knows the order of the stages.
+
+load model → load data → export FP32 → inventory → plan → apply → verify → measure → bundle (+ signature) → report
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekit import __version__
+from edgekit.allocate import uniform_plan
+from edgekit.compress.quant import W8A8Config, quantize_w8a8
+from edgekit.context import Context
+from edgekit.data import Dataset, load_data
+from edgekit.errors import ConfigError, UnsupportedOnTarget, VerificationFailed
+from edgekit.export.onnx import describe, export_onnx
+from edgekit.fsutil import staging_dir
+from edgekit.inventory import LayerInfo, layer_inventory
+from edgekit.iospec import Artifact
+from edgekit.model import LoadedModel, load_model
+from edgekit.plan import PRECISIONS, Plan
+from edgekit.targets import TargetProfile, load_target
+from edgekit.verify import VerificationReport, require_pass, run_reference, verify_artifact
+from edgekit.zoo import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAME = "model.onnx"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything ``edgekit build`` takes. Defaults build the built-in EfficientNet-Lite0 for cpu-x86."""
+
+    model: str = DEFAULT_MODEL
+    target: str = "cpu-x86"
+    out: Path = Path("out")
+    input_shapes: tuple[tuple[int, ...], ...] | None = None
+    calib: str | None = None
+    eval: str | None = None
+    precision: str = "auto"
+    key: Path | None = None
+    allow_unverified: bool = False
+    bundle_version: int | None = None
+    name: str | None = None
+    calib_samples: int = 64
+    eval_samples: int | None = None
+    measure_latency: bool = True
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One precision tried: its plan, artifact and verification."""
+
+    plan: Plan
+    artifact: Artifact
+    verification: VerificationReport
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle_dir: Path
+    archive: Path
+    plan: Plan
+    verification: VerificationReport
+    manifest: dict
+    report: dict
+    tried: tuple[dict, ...] = field(default_factory=tuple)
+
+
+def _load_datasets(model: LoadedModel, req: BuildRequest, ctx: Context) -> tuple[Dataset, Dataset]:
+    calib_spec = req.calib or model.default_calib
+    if calib_spec is None:
+        raise ConfigError(
+            f"{model.source} has no built-in calibration data",
+            hint="pass --calib FILE.npz|FILE.npy|IMAGE_FOLDER (and --eval for held-out data)",
+        )
+    if model.preprocessing is None and not calib_spec.endswith((".npy", ".npz")) and not calib_spec.startswith("builtin:"):
+        raise ConfigError("image folders need the model's preprocessing, which is only known for built-in models",
+                          hint="pass the data as .npy/.npz tensors in the model's input layout")
+    calib = load_data(calib_spec, model.inputs, model.preprocessing, role="calibration", limit=req.calib_samples,
+                      seed=ctx.seed)
+    eval_spec = req.eval or model.default_eval
+    if eval_spec is not None:
+        ev = load_data(eval_spec, model.inputs, model.preprocessing, role="evaluation", limit=req.eval_samples,
+                       seed=ctx.seed)
+        return calib, ev
+    # no held-out set named: hold out the last quarter of the calibration data
+    if len(calib) < 2:
+        log.warning("only one calibration sample and no --eval: verifying on the calibration sample itself")
+        return calib, calib
+    n_eval = max(1, len(calib) // 4)
+    log.info("no --eval given: holding out %d of %d calibration samples for verification", n_eval, len(calib))
+    return _slice(calib, 0, len(calib) - n_eval), _slice(calib, len(calib) - n_eval, len(calib))
+
+
+def _slice(d: Dataset, a: int, b: int) -> Dataset:
+    return Dataset(
+        name=d.name, inputs={k: v[a:b] for k, v in d.inputs.items()},
+        labels=None if d.labels is None else d.labels[a:b], source=f"{d.source}[{a}:{b}]",
+    )
+
+
+def _candidates(precision: str, profile: TargetProfile) -> list[str]:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return [precision]
+    # smallest first; the first that passes verification wins
+    return [p for p in ("int8", "fp32") if p == "fp32" or any(profile.supports(k, "w8a8") for k in profile.ops)]
+
+
+def _apply(plan: Plan, fp32: Artifact, calib: Dataset, work: Path, cfg: W8A8Config) -> Artifact:
+    """Apply a plan to the exported FP32 graph (Plan, then apply: the FP32 artifact is never modified)."""
+    if not plan.is_quantized:
+        return fp32
+    out = work / f"model-{plan.precision}.onnx"
+    quantize_w8a8(fp32.path, out, plan, calib, cfg)
+    return describe(out)
+
+
+def build(req: BuildRequest, ctx: Context) -> BuildResult:
+    """Run the whole pipeline and write ``<out>/<name>/`` (bundle directory) and ``<out>/<name>.ekb``."""
+    t_start = time.time()
+    profile = load_target(req.target)  # fail on a bad target before any heavy work
+    candidates = _candidates(req.precision, profile)
+    if profile.runtime != "onnxruntime" and "onnxruntime" not in profile.runtimes:
+        raise UnsupportedOnTarget(f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime only")
+    signing_key = _signing_key(req, ctx)
+    log.info("loading model %s", req.model)
+    model = load_model(req.model, input_shapes=list(req.input_shapes) if req.input_shapes else None, ctx=ctx)
+    calib, evald = _load_datasets(model, req, ctx)
+    name = req.name or model.name
+    out_root = Path(req.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    cfg = W8A8Config(calib_samples=req.calib_samples)
+    with tempfile.TemporaryDirectory(prefix=".edgekit-work-", dir=out_root) as tmp:
+        work = Path(tmp)
+        log.info("exporting %s to ONNX", model.source)
+        fp32 = export_onnx(model, work / "model-fp32.onnx")
+        layers = layer_inventory(fp32.path)
+        reference = run_reference(model, evald, ctx)
+        chosen, tried = _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx)
+        latency = _latency(fp32, chosen.artifact, evald) if req.measure_latency else {}
+        report = _report(req, profile, model, layers, fp32, chosen, tried, latency, calib, evald, t_start)
+        bundle_dir = out_root / name
+        archive = out_root / f"{name}.ekb"
+        with staging_dir(bundle_dir) as stage:
+            manifest = _write_bundle(stage, req, profile, model, name, chosen, report, signing_key)
+        from edgekit.bundle import pack
+
+        pack(bundle_dir, archive)
+    log.info("bundle written: %s and %s", bundle_dir, archive)
+    return BuildResult(bundle_dir, archive, chosen.plan, chosen.verification, manifest, report, tuple(tried))
+
+
+def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx) -> tuple[Candidate, list[dict]]:
+    tried: list[dict] = []
+    last: Candidate | None = None
+    for precision in _candidates(req.precision, profile):
+        try:
+            plan = uniform_plan(layers, profile, precision, model_sha256=model.sha256,
+                                activations=cfg.to_dict() if precision != "fp32" else {})
+        except UnsupportedOnTarget:
+            if req.precision != "auto":
+                raise
+            continue
+        log.info("applying %s plan (%d of %d layers quantized)", precision,
+                 sum(c.option != "fp32" for c in plan.layers), len(plan.layers))
+        artifact = _apply(plan, fp32, calib, work, cfg)
+        tol_class = "int8" if plan.is_quantized else "fp32"
+        report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
+                                 tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)
+        log.info("%s: %s", precision, report.summary())
+        tried.append({"precision": precision, "size_bytes": artifact.size, "verification": report.summary(),
+                      "passed": report.passed})
+        last = Candidate(plan, artifact, report)
+        if report.passed:
+            return last, tried
+    assert last is not None  # _candidates always yields fp32 or the explicit precision
+    if req.allow_unverified:
+        log.warning("verification failed (%s); bundling anyway because --allow-unverified was given",
+                    "; ".join(last.verification.failures))
+        return last, tried
+    require_pass(last.verification)
+    raise VerificationFailed("unreachable")  # pragma: no cover
+
+
+def _latency(fp32: Artifact, chosen: Artifact, evald: Dataset) -> dict:
+    from edgekit.agent.runtime import OrtRuntime, compare_latency
+
+    feeds = {k: v[:1] for k, v in evald.inputs.items()}
+    runtimes = {"fp32": OrtRuntime(fp32.path)}
+    if chosen.path != fp32.path:
+        runtimes["chosen"] = OrtRuntime(chosen.path)
+    stats = compare_latency(runtimes, feeds)
+    result = {"batch": 1, "host": _host(), "fp32": stats["fp32"].to_dict()}
+    if "chosen" in stats:
+        result["chosen"] = stats["chosen"].to_dict()
+        result["ratio"] = round(stats["chosen"].median_ms / stats["fp32"].median_ms, 4)
+    else:
+        result["chosen"] = result["fp32"]
+        result["ratio"] = 1.0
+    return result
+
+
+def _host() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".replace("  ", " ")
+
+
+def _signing_key(req: BuildRequest, ctx: Context):
+    from edgekit.keys import dev_key, load_private_key
+
+    path = req.key if req.key is not None else dev_key(ctx.cache_dir)
+    return load_private_key(path)
+
+
+def _dependency_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"edgekit": __version__}
+    for pkg in ("torch", "onnx", "onnxruntime", "onnxscript", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidate, tried, latency, calib, evald,
+            t_start) -> dict:
+    plan = chosen.plan
+    options = {c.layer: (c.option, c.reason) for c in plan.layers}
+    budgets = profile.budgets.model_dump()
+    size = chosen.artifact.size
+    budget_check = {}
+    if budgets.get("size_mb") is not None:
+        budget_check["size"] = {"budget_mb": budgets["size_mb"], "actual_mb": round(size / 1e6, 3),
+                                "met": size / 1e6 <= budgets["size_mb"]}
+    if budgets.get("latency_ms") is not None and latency:
+        budget_check["latency"] = {"budget_ms": budgets["latency_ms"], "actual_ms": latency["chosen"]["median_ms"],
+                                   "met": latency["chosen"]["median_ms"] <= budgets["latency_ms"],
+                                   "note": "measured on the build host, not on the target"}
+    return {
+        "schema_version": 1,
+        "model": {"source": model.source, "sha256": model.sha256, "framework": model.framework, "task": model.task,
+                  "inputs": [s.to_dict() for s in model.inputs]},
+        "target": {"name": profile.name, "runtime": "onnxruntime", "description": profile.description},
+        "data": {"calibration": {"source": calib.source, "samples": len(calib), "sha256": calib.sha256()},
+                 "evaluation": {"source": evald.source, "samples": len(evald), "sha256": evald.sha256()}},
+        "precision": {"requested": req.precision, "chosen": plan.precision, "tried": tried},
+        "layers": [dict(l.to_dict(), option=options[l.name][0], reason=options[l.name][1]) for l in layers],
+        "totals": {"layers": len(layers), "params": sum(l.params for l in layers), "macs": sum(l.macs for l in layers),
+                   "quantized_layers": sum(c.option != "fp32" for c in plan.layers)},
+        "size": {"fp32_bytes": fp32.size, "artifact_bytes": size, "ratio": round(size / fp32.size, 4)},
+        "latency": latency,
+        "budgets": budget_check,
+        "verification": chosen.verification.to_dict(),
+        "build_seconds": round(time.time() - t_start, 1),
+        "versions": _dependency_versions(),
+    }
+
+
+def _write_bundle(stage: Path, req: BuildRequest, profile, model: LoadedModel, name: str, chosen: Candidate,
+                  report: dict, signing_key) -> dict:
+    from edgekit.bundle import seal
+    from edgekit.report import write_report
+
+    shutil.copyfile(chosen.artifact.path, stage / ARTIFACT_NAME)
+    chosen.plan.save(stage / "plan.json")
+    chosen.verification.save(stage / "verification.json")
+    write_report(report, stage)
+    artifact = describe(stage / ARTIFACT_NAME)
+    manifest = {
+        "name": name,
+        "version": req.bundle_version if req.bundle_version is not None else int(time.time()),
+        "target": profile.name,
+        "runtime": "onnxruntime",
+        "artifact": artifact.to_dict(),
+        "inputs": [s.to_dict() for s in artifact.inputs],
+        "outputs": [s.to_dict() for s in artifact.outputs],
+        "preprocessing": model.preprocessing.to_dict() if model.preprocessing else None,
+        "task": model.task,
+        "plan": chosen.plan.to_dict(),
+        "verification": {"passed": chosen.verification.passed, "summary": chosen.verification.summary(),
+                         "failures": list(chosen.verification.failures), "file": "verification.json"},
+        "lineage": {"source_model": model.source, "source_sha256": model.sha256,
+                    "calibration_sha256": report["data"]["calibration"]["sha256"],
+                    "evaluation_sha256": report["data"]["evaluation"]["sha256"],
+                    "versions": report["versions"]},
+    }
+    return seal(stage, manifest, signing_key)

@@ -1,0 +1,116 @@
+"""Export to ONNX: torch modules through ``torch.onnx.export`` (dynamo, falling back to the legacy exporter with a
+logged reason); ONNX inputs are checked and copied. Weighted nodes are renamed after the module owning their weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+from edgekit.errors import ExportError
+from edgekit.fsutil import sha256_file
+from edgekit.inventory import WEIGHTED_OPS
+from edgekit.iospec import Artifact, TensorSpec
+from edgekit.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+_ELEM = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool"}
+
+
+def export_onnx(model: LoadedModel, out_path: Path) -> Artifact:
+    """Write ``model`` as an FP32 ONNX file at ``out_path`` and describe it."""
+    out_path = Path(out_path)
+    if model.onnx_path is not None:
+        shutil.copyfile(model.onnx_path, out_path)
+    else:
+        _export_torch(model, out_path)
+    import onnx
+
+    proto = onnx.load(str(out_path))
+    renamed = name_weighted_nodes(proto)
+    if renamed:
+        onnx.save(proto, str(out_path))
+    return describe(out_path, proto)
+
+
+def describe(path: Path, proto=None, runtime: str = "onnxruntime", custom_ops: tuple[str, ...] = ()) -> Artifact:
+    """An Artifact for an ONNX file (inputs/outputs read from the graph)."""
+    import onnx
+
+    proto = proto if proto is not None else onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+
+    def spec(vi) -> TensorSpec:
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+        return TensorSpec(vi.name, dims, _ELEM.get(tt.elem_type, "float32"))
+
+    return Artifact(
+        path=Path(path),
+        format="onnx",
+        sha256=sha256_file(path),
+        inputs=tuple(spec(i) for i in proto.graph.input if i.name not in inits),
+        outputs=tuple(spec(o) for o in proto.graph.output),
+        runtime=runtime,
+        custom_ops=custom_ops,
+    )
+
+
+def name_weighted_nodes(proto) -> int:
+    """Rename each Conv/Gemm/MatMul with an initializer weight ``a.b.weight`` to ``a.b``; returns how many."""
+    inits = {i.name for i in proto.graph.initializer}
+    taken = {n.name for n in proto.graph.node}
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = node.input[1]
+        if not w.endswith(".weight"):
+            continue
+        name = w.removesuffix(".weight")
+        if name == node.name or name in taken:
+            continue
+        taken.discard(node.name)
+        node.name = name
+        taken.add(name)
+        count += 1
+    return count
+
+
+def _export_torch(model: LoadedModel, out_path: Path) -> None:
+    import torch
+
+    args = tuple(torch.zeros((1, *spec.sample_shape), dtype=getattr(torch, spec.dtype)) for spec in model.inputs)
+    names = [s.name for s in model.inputs]
+    outs = list(model.output_names)
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dyn = tuple({0: batch} for _ in args)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.module, args, str(out_path), dynamo=True, external_data=False, opset_version=OPSET,
+                input_names=names, output_names=outs, dynamic_shapes=dyn, verbose=False,
+            )
+        return
+    except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back to the legacy exporter
+        log.warning("dynamo ONNX export failed (%s: %s); falling back to the legacy TorchScript exporter",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.module, args, str(out_path), dynamo=False, opset_version=17, input_names=names,
+                output_names=outs, dynamic_axes={n: {0: "batch"} for n in names + outs},
+            )
+    except Exception as exc:
+        raise ExportError(
+            f"ONNX export of {model.source} failed with both exporters: {type(exc).__name__}: {exc}",
+            hint="check that the model runs under torch.export, or export it to .onnx yourself and pass that",
+        ) from exc

@@ -1,0 +1,252 @@
+"""Load a model from what the user names: ``builtin:NAME``, ``module:factory``, a ``torch.export`` ``.pt2``, or ``.onnx``.
+
+The result says what the model is (torch module or ONNX file), its inputs and outputs, its preprocessing when
+known, and a content hash used for lineage and caching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgekit.context import Context
+from edgekit.errors import ConfigError, ModelLoadError
+from edgekit.fsutil import sha256_file
+from edgekit.iospec import Preprocessing, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for export. Exactly one of ``module`` (torch) or ``onnx_path`` is set."""
+
+    name: str
+    source: str
+    inputs: tuple[TensorSpec, ...]
+    output_names: tuple[str, ...]
+    sha256: str
+    module: Any = None
+    onnx_path: Path | None = None
+    preprocessing: Preprocessing | None = None
+    task: str = "generic"  # "classification" enables top-1 agreement / accuracy
+    default_calib: str | None = None
+    default_eval: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def framework(self) -> str:
+        return "onnx" if self.onnx_path is not None else "torch"
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` → ``(1, 3, 224, 224)``; raises ConfigError on anything else."""
+    try:
+        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"--input-shape {text!r} is not a comma-separated list of integers") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise ConfigError(f"--input-shape {text!r} must be positive integers, e.g. 1,3,224,224")
+    return dims
+
+
+def torch_state_hash(module) -> str:
+    """Hash of a module's parameters and buffers (names, dtypes, shapes, bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(
+    spec: str,
+    *,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    ctx: Context,
+) -> LoadedModel:
+    """Resolve ``spec`` into a LoadedModel. Errors say what was wrong and how to name a model."""
+    if spec.startswith("builtin:"):
+        return _load_builtin(spec.removeprefix("builtin:"), ctx)
+    path = Path(spec)
+    if spec.endswith(".onnx"):
+        return _load_onnx(path, input_shapes)
+    if spec.endswith(".pt2"):
+        return _load_pt2(path, input_shapes)
+    if ":" in spec and not path.exists():
+        return _load_factory(spec, input_shapes)
+    raise ConfigError(
+        f"cannot tell what kind of model {spec!r} is",
+        hint="name a model as builtin:NAME, package.module:factory, file.pt2 (torch.export) or file.onnx",
+    )
+
+
+def _load_builtin(name: str, ctx: Context) -> LoadedModel:
+    from edgekit.zoo import get_builtin
+
+    entry = get_builtin(name)
+    module = entry.make(ctx)
+    return LoadedModel(
+        name=entry.name,
+        source=f"builtin:{entry.name}",
+        inputs=entry.inputs,
+        output_names=entry.output_names,
+        sha256=torch_state_hash(module),
+        module=module,
+        preprocessing=entry.preprocessing,
+        task=entry.task,
+        default_calib=entry.calib_data,
+        default_eval=entry.eval_data,
+    )
+
+
+def _torch_inputs(input_shapes: list[tuple[int, ...]] | None, spec: str) -> tuple[TensorSpec, ...]:
+    if not input_shapes:
+        raise ConfigError(
+            f"{spec}: a PyTorch model needs its input shape", hint="pass --input-shape 1,3,224,224"
+        )
+    names = ["input"] if len(input_shapes) == 1 else [f"input_{i}" for i in range(len(input_shapes))]
+    # the first dimension is the batch: export it as dynamic
+    return tuple(TensorSpec(n, ("batch", *s[1:])) for n, s in zip(names, input_shapes))
+
+
+def _guess_task(module, inputs: tuple[TensorSpec, ...]) -> str:
+    """A model whose single output is 2-D (batch, classes) with more than one class is treated as a classifier."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = module(*[torch.zeros((1, *i.sample_shape)) for i in inputs])
+    except Exception as exc:
+        raise ModelLoadError(f"the model failed on a zero input of the given shape: {exc}") from exc
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] > 1:
+        return "classification"
+    return "generic"
+
+
+def _load_factory(spec: str, input_shapes) -> LoadedModel:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ConfigError(f"model {spec!r}: expected package.module:factory")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like `python -m`, user modules in the working folder resolve
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import module {mod_name!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelLoadError(f"module {mod_name!r} has no callable {attr!r}")
+    import torch
+
+    try:
+        net = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"{spec}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(net, torch.nn.Module):
+        raise ModelLoadError(f"{spec}() returned {type(net).__name__}, not a torch.nn.Module")
+    net = net.eval()
+    inputs = _torch_inputs(input_shapes, spec)
+    return LoadedModel(
+        name=attr,
+        source=spec,
+        inputs=inputs,
+        output_names=("output",),
+        sha256=torch_state_hash(net),
+        module=net,
+        task=_guess_task(net, inputs),
+    )
+
+
+def _load_pt2(path: Path, input_shapes) -> LoadedModel:
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a readable torch.export program: {exc}") from exc
+    net = program.module()
+    if input_shapes is None:
+        shapes = []
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+                val = node.meta.get("val")
+                if val is None:
+                    break
+                shapes.append(tuple(int(d) for d in val.shape))
+        input_shapes = shapes or None
+    inputs = _torch_inputs(input_shapes, str(path))
+    return LoadedModel(
+        name=path.stem,
+        source=str(path),
+        inputs=inputs,
+        output_names=("output",),
+        sha256=sha256_file(path),
+        module=net,
+        task=_guess_task(net, inputs),
+    )
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool"}
+
+
+def _load_onnx(path: Path, input_shapes) -> LoadedModel:
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: {exc}") from exc
+    init_names = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in init_names]
+    if input_shapes is not None and len(input_shapes) != len(graph_inputs):
+        raise ConfigError(f"--input-shape given {len(input_shapes)} times but {path} has {len(graph_inputs)} inputs")
+    inputs = []
+    for k, gi in enumerate(graph_inputs):
+        tt = gi.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tt.elem_type)
+        if dtype is None:
+            raise ModelLoadError(f"input {gi.name!r} of {path} has an unsupported element type {tt.elem_type}")
+        dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        if input_shapes is not None:
+            given = input_shapes[k]
+            if len(given) != len(dims):
+                raise ConfigError(f"--input-shape {given} has rank {len(given)}; input {gi.name!r} has rank {len(dims)}")
+            dims = [dims[0] if isinstance(dims[0], str) else "batch", *given[1:]]
+        inputs.append(TensorSpec(gi.name, tuple(dims), dtype))
+    outputs = tuple(o.name for o in proto.graph.output)
+    task = "generic"
+    if len(proto.graph.output) == 1:
+        odims = proto.graph.output[0].type.tensor_type.shape.dim
+        if len(odims) == 2 and odims[1].HasField("dim_value") and odims[1].dim_value > 1:
+            task = "classification"
+    return LoadedModel(
+        name=path.stem,
+        source=str(path),
+        inputs=tuple(inputs),
+        output_names=outputs,
+        sha256=sha256_file(path),
+        onnx_path=path,
+        task=task,
+    )
+
+
+def with_preprocessing(model: LoadedModel, pre: Preprocessing | None) -> LoadedModel:
+    return model if pre is None else replace(model, preprocessing=pre)

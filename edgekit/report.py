@@ -1,0 +1,116 @@
+"""The build report: ``report.json`` (plain data) and a self-contained ``report.html`` (no external assets)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from edgekit.fsutil import atomic_write_text
+
+
+def write_report(report: dict, folder: Path) -> tuple[Path, Path]:
+    folder = Path(folder)
+    j = atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    h = atomic_write_text(folder / "report.html", render_html(report))
+    return j, h
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _bar_svg(rows: list[tuple[str, float, str]], unit: str) -> str:
+    """A horizontal bar chart as inline SVG: (label, value, colour)."""
+    if not rows:
+        return ""
+    top = max(v for _, v, _ in rows) or 1.0
+    h = 26 * len(rows) + 10
+    parts = [f'<svg width="560" height="{h}" role="img" xmlns="http://www.w3.org/2000/svg">']
+    for i, (label, v, colour) in enumerate(rows):
+        w = 360 * v / top
+        y = 6 + 26 * i
+        parts.append(f'<text x="0" y="{y + 15}" font-size="13">{_e(label)}</text>')
+        parts.append(f'<rect x="110" y="{y}" width="{w:.1f}" height="20" fill="{colour}"/>')
+        parts.append(f'<text x="{116 + w:.1f}" y="{y + 15}" font-size="13">{v:.3g} {_e(unit)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(r: dict) -> str:
+    v = r["verification"]
+    lat = r.get("latency") or {}
+    size = r["size"]
+    out0 = v["outputs"][0] if v["outputs"] else {}
+    status = "PASS" if v["passed"] else "FAIL"
+    rows = []
+    for layer in r["layers"]:
+        cls = "q" if layer["option"] != "fp32" else ""
+        rows.append(
+            f'<tr class="{cls}"><td>{_e(layer["name"])}</td><td>{_e(layer["op_type"])}</td><td>{_e(layer["kind"])}</td>'
+            f'<td>{_e("×".join(map(str, layer["weight_shape"])))}</td><td class="n">{layer["params"]:,}</td>'
+            f'<td class="n">{layer["macs"]:,}</td><td>{_e(layer["option"])}</td><td>{_e(layer["reason"])}</td></tr>'
+        )
+    metrics = "".join(
+        f"<tr><td>{_e(o['name'])}</td><td class='n'>{o['sqnr_db']:.2f}</td><td class='n'>{o['cosine']:.5f}</td>"
+        f"<td class='n'>{o['max_abs']:.4g}</td><td class='n'>"
+        f"{'' if o['top1_agreement'] is None else format(o['top1_agreement'], '.1%')}</td></tr>"
+        for o in v["outputs"]
+    )
+    acc = ""
+    if v.get("accuracy") is not None:
+        acc = (f"<p>Accuracy on labelled held-out data: <b>{v['accuracy']:.2%}</b> "
+               f"(original {v['accuracy_reference']:.2%}, drop {v['accuracy_drop']:.2%}).</p>")
+    size_svg = _bar_svg([("FP32", size["fp32_bytes"] / 1e6, "#9aa5b1"),
+                         (r["precision"]["chosen"].upper(), size["artifact_bytes"] / 1e6, "#2f7d32")], "MB")
+    lat_svg = ""
+    if lat:
+        lat_svg = _bar_svg([("FP32", lat["fp32"]["median_ms"], "#9aa5b1"),
+                            (r["precision"]["chosen"].upper(), lat["chosen"]["median_ms"], "#2f7d32")], "ms")
+    budgets = "".join(
+        f"<li>{_e(k)}: {_e({kk: vv for kk, vv in b.items()})}</li>" for k, b in (r.get("budgets") or {}).items()
+    )
+    tried = "".join(
+        f"<li>{_e(t['precision'])}: {_mb(t['size_bytes'])}, {_e(t['verification'])}</li>" for t in r["precision"]["tried"]
+    )
+    failures = "".join(f"<li>{_e(f)}</li>" for f in v["failures"]) or "<li>none</li>"
+    tol = ", ".join(f"{_e(k)} {_e(val)}" for k, val in v["tolerances"].items() if val is not None)
+    lat_text = (f"<p>Batch-1 latency in ONNX Runtime on the build host ({_e(lat.get('host', ''))}), interleaved runs, "
+                f"median: FP32 {lat['fp32']['median_ms']:.3f} ms, chosen {lat['chosen']['median_ms']:.3f} ms "
+                f"(<b>{lat['ratio']:.2f}×</b>).</p>") if lat else "<p>Latency not measured.</p>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgekit report — {_e(r['model']['source'])}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#1b1f23}}
+table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #d0d7de;padding:3px 7px}}
+th{{background:#f3f4f6}} td.n{{text-align:right;font-variant-numeric:tabular-nums}} tr.q td{{background:#eef7ee}}
+.pass{{color:#2f7d32}} .fail{{color:#b42318}} .grid{{display:flex;gap:2em;flex-wrap:wrap}}
+</style></head><body>
+<h1>edgekit build report</h1>
+<p>Model <code>{_e(r['model']['source'])}</code> (sha256 {_e(r['model']['sha256'][:16])}…) for target
+<b>{_e(r['target']['name'])}</b> via {_e(r['target']['runtime'])}. Precision requested
+<b>{_e(r['precision']['requested'])}</b>, chosen <b>{_e(r['precision']['chosen'])}</b>.</p>
+<h2>Verification: <span class="{status.lower()}">{status}</span></h2>
+<p>{_e(v['samples'])} held-out samples from {_e(v['data_source'])}; tolerances ({_e(v['tolerance_class'])}): {tol}.</p>
+<table><tr><th>output</th><th>SQNR dB</th><th>cosine</th><th>max abs</th><th>top-1 agreement</th></tr>{metrics}</table>
+{acc}<p>Failures:</p><ul>{failures}</ul>
+<h2>Size and latency</h2>
+<div class="grid"><div><h3>Artifact size</h3>{size_svg}<p>{_mb(size['fp32_bytes'])} → {_mb(size['artifact_bytes'])}
+(<b>{size['ratio']:.2f}×</b>)</p></div><div><h3>Latency</h3>{lat_svg}{lat_text}</div></div>
+<h3>Budgets of the target</h3><ul>{budgets or '<li>none set</li>'}</ul>
+<h3>Precisions tried</h3><ul>{tried}</ul>
+<h2>Layers ({r['totals']['layers']}, {r['totals']['quantized_layers']} quantized;
+{r['totals']['params']:,} parameters; {r['totals']['macs']:,} MACs per sample)</h2>
+<table><tr><th>layer</th><th>op</th><th>kind</th><th>weight</th><th>params</th><th>MACs</th><th>option</th><th>reason</th></tr>
+{''.join(rows)}</table>
+<h2>Data and lineage</h2>
+<ul><li>calibration: {_e(r['data']['calibration']['source'])} ({r['data']['calibration']['samples']} samples)</li>
+<li>evaluation: {_e(r['data']['evaluation']['source'])} ({r['data']['evaluation']['samples']} samples)</li>
+<li>versions: {_e(', '.join(f'{k} {val}' for k, val in r['versions'].items()))}</li>
+<li>build time: {r['build_seconds']} s</li></ul>
+</body></html>
+"""

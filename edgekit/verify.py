@@ -1,0 +1,188 @@
+"""Verification: run an artifact with its runtime on held-out data and compare it with the original model.
+
+Per output: SQNR (dB), mean cosine similarity, max-abs error, and top-1 agreement for classifiers; accuracy of
+both when labels exist. Pass/fail against the target profile's tolerances for the plan's precision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.context import Context
+from edgekit.data import Dataset
+from edgekit.errors import VerificationFailed
+from edgekit.iospec import Artifact
+
+log = logging.getLogger(__name__)
+
+_SQNR_CAP = 200.0  # dB reported for bit-identical outputs (keeps JSON finite)
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    name: str
+    sqnr_db: float
+    cosine: float
+    max_abs: float
+    top1_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    artifact_sha256: str
+    runtime: str
+    samples: int
+    data_source: str
+    tolerance_class: str
+    tolerances: dict
+    outputs: tuple[OutputMetrics, ...]
+    accuracy_reference: float | None = None
+    accuracy: float | None = None
+    failures: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.accuracy is None or self.accuracy_reference is None:
+            return None
+        return self.accuracy_reference - self.accuracy
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["outputs"] = [asdict(o) for o in self.outputs]
+        d["failures"] = list(self.failures)
+        d["passed"] = self.passed
+        d["accuracy_drop"] = self.accuracy_drop
+        return d
+
+    def summary(self) -> str:
+        o = self.outputs[0]
+        parts = [f"SQNR {o.sqnr_db:.1f} dB", f"cosine {o.cosine:.4f}"]
+        if o.top1_agreement is not None:
+            parts.append(f"top-1 agreement {o.top1_agreement:.1%}")
+        if self.accuracy is not None:
+            parts.append(f"accuracy {self.accuracy:.1%} (original {self.accuracy_reference:.1%})")
+        return ", ".join(parts) + f" on {self.samples} samples — {'PASS' if self.passed else 'FAIL'}"
+
+    def save(self, path: Path) -> Path:
+        from edgekit.fsutil import atomic_write_text
+
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    if noise == 0.0:
+        return _SQNR_CAP
+    if signal == 0.0:
+        return -_SQNR_CAP
+    return min(_SQNR_CAP, 10.0 * math.log10(signal / noise))
+
+
+def mean_cosine(ref: np.ndarray, out: np.ndarray) -> float:
+    a = ref.reshape(len(ref), -1).astype(np.float64)
+    b = out.reshape(len(out), -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(na * nb, 1e-30))
+    return float(cos.mean())
+
+
+def compare(
+    reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *, classification: bool,
+    labels: np.ndarray | None, tolerances, tolerance_class: str, artifact: Artifact, data_source: str,
+) -> VerificationReport:
+    """Compare candidate outputs with the reference and judge them against ``tolerances`` (a targets.Tolerances)."""
+    outputs, failures = [], []
+    acc_ref = acc = None
+    for name, ref in reference.items():
+        if name not in candidate:
+            failures.append(f"output {name!r} missing from the artifact")
+            continue
+        out = candidate[name]
+        if out.shape != ref.shape:
+            failures.append(f"output {name!r} has shape {out.shape}, the original {ref.shape}")
+            continue
+        if not np.all(np.isfinite(out)):
+            failures.append(f"output {name!r} contains NaN or Inf")
+        agree = None
+        if classification and ref.ndim == 2:
+            agree = float((out.argmax(1) == ref.argmax(1)).mean())
+            if labels is not None and acc is None:
+                acc_ref = float((ref.argmax(1) == labels).mean())
+                acc = float((out.argmax(1) == labels).mean())
+        m = OutputMetrics(name, sqnr_db(ref, out), mean_cosine(ref, out), float(np.max(np.abs(ref - out))), agree)
+        outputs.append(m)
+        if m.sqnr_db < tolerances.min_sqnr_db:
+            failures.append(f"{name}: SQNR {m.sqnr_db:.1f} dB < {tolerances.min_sqnr_db} dB")
+        if m.cosine < tolerances.min_cosine:
+            failures.append(f"{name}: cosine {m.cosine:.4f} < {tolerances.min_cosine}")
+        if agree is not None and tolerances.min_top1_agreement is not None and agree < tolerances.min_top1_agreement:
+            failures.append(f"{name}: top-1 agreement {agree:.1%} < {tolerances.min_top1_agreement:.0%}")
+    if acc is not None and tolerances.max_accuracy_drop is not None and acc_ref - acc > tolerances.max_accuracy_drop:
+        failures.append(f"accuracy dropped {acc_ref - acc:.1%} (> {tolerances.max_accuracy_drop:.1%} allowed)")
+    return VerificationReport(
+        artifact_sha256=artifact.sha256, runtime=artifact.runtime, samples=len(next(iter(reference.values()))),
+        data_source=data_source, tolerance_class=tolerance_class, tolerances=tolerances.model_dump(),
+        outputs=tuple(outputs), accuracy_reference=acc_ref, accuracy=acc, failures=tuple(failures),
+    )
+
+
+def run_artifact(artifact: Artifact, data: Dataset, ctx: Context) -> dict[str, np.ndarray]:
+    """Run an ONNX artifact in ONNX Runtime over the whole dataset."""
+    from edgekit.agent.runtime import OrtRuntime
+
+    rt = OrtRuntime(artifact.path)
+    n_batches = math.ceil(len(data) / BATCH)
+    return rt.run_batches(ctx.track(data.batches(BATCH), "verifying", total=n_batches))
+
+
+def run_reference(model, data: Dataset, ctx: Context) -> dict[str, np.ndarray]:
+    """Outputs of the original model (torch module, or the source ONNX in ONNX Runtime)."""
+    if model.onnx_path is not None:
+        from edgekit.agent.runtime import OrtRuntime
+
+        return OrtRuntime(model.onnx_path).run_batches(data.batches(BATCH))
+    import torch
+
+    parts: list[np.ndarray] = []
+    with torch.no_grad():
+        for feeds in ctx.track(data.batches(BATCH), "reference", total=math.ceil(len(data) / BATCH)):
+            out = model.module(*[torch.from_numpy(feeds[s.name]) for s in model.inputs])
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            parts.append(out.detach().numpy())
+    return {model.output_names[0]: np.concatenate(parts)}
+
+
+def verify_artifact(
+    artifact: Artifact, data: Dataset, reference: dict[str, np.ndarray], *, tolerances, tolerance_class: str,
+    classification: bool, ctx: Context,
+) -> VerificationReport:
+    candidate = run_artifact(artifact, data, ctx)
+    # the artifact may name its outputs differently from the original: pair them by position
+    if set(candidate) != set(reference) and len(candidate) == len(reference):
+        candidate = dict(zip(reference, candidate.values()))
+    return compare(
+        reference, candidate, classification=classification, labels=data.labels, tolerances=tolerances,
+        tolerance_class=tolerance_class, artifact=artifact, data_source=data.source,
+    )
+
+
+def require_pass(report: VerificationReport) -> None:
+    if not report.passed:
+        raise VerificationFailed(
+            "verification failed: " + "; ".join(report.failures), report=report,
+            hint="pass --allow-unverified to bundle it anyway, or use a less aggressive --precision",
+        )
