@@ -32,6 +32,7 @@ class Context:
         """Wrap an iterable in a rich progress bar when progress is on (the CLI turns it on)."""
         if not self.progress:
             return iterable
+        from rich.console import Console
         from rich.progress import track
 
-        return track(iterable, description=description, total=total, transient=True)
+        return track(iterable, description=description, total=total, transient=True, console=Console(stderr=True))

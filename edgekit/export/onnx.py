@@ -83,6 +83,22 @@ def name_weighted_nodes(proto) -> int:
     return count
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters log warnings about optional packages (torchvision ops) that say nothing about this model."""
+    names = ("torch.onnx._internal.exporter._registration", "torch.onnx._internal.exporter._core")
+    old = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in old:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in old:
+            lg.setLevel(level)
+
+
 def _export_torch(model: LoadedModel, out_path: Path) -> None:
     import torch
 
@@ -92,8 +108,7 @@ def _export_torch(model: LoadedModel, out_path: Path) -> None:
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
         dyn = tuple({0: batch} for _ in args)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with _quiet_exporter():
             torch.onnx.export(
                 model.module, args, str(out_path), dynamo=True, external_data=False, opset_version=OPSET,
                 input_names=names, output_names=outs, dynamic_shapes=dyn, verbose=False,
@@ -103,8 +118,7 @@ def _export_torch(model: LoadedModel, out_path: Path) -> None:
         log.warning("dynamo ONNX export failed (%s: %s); falling back to the legacy TorchScript exporter",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_exporter():
             torch.onnx.export(
                 model.module, args, str(out_path), dynamo=False, opset_version=17, input_names=names,
                 output_names=outs, dynamic_axes={n: {0: "batch"} for n in names + outs},
