@@ -122,6 +122,12 @@ def _torch_inputs(input_shapes: list[tuple[int, ...]] | None, spec: str) -> tupl
     return tuple(TensorSpec(n, ("batch", *s[1:])) for n, s in zip(names, input_shapes))
 
 
+def batch_size(inputs: tuple[TensorSpec, ...], default: int) -> int:
+    """The batch to run a model with: its static batch when it has one, else ``default``."""
+    first = inputs[0].shape[0] if inputs and inputs[0].shape else "batch"
+    return first if isinstance(first, int) else default
+
+
 def _guess_task(module, inputs: tuple[TensorSpec, ...]) -> str:
     """A model whose single output is 2-D (batch, classes) with more than one class is treated as a classifier."""
     import torch
@@ -180,16 +186,18 @@ def _load_pt2(path: Path, input_shapes) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable torch.export program: {exc}") from exc
     net = program.module()
-    if input_shapes is None:
-        shapes = []
-        for node in program.graph.nodes:
-            if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
-                val = node.meta.get("val")
-                if val is None:
-                    break
-                shapes.append(tuple(int(d) for d in val.shape))
-        input_shapes = shapes or None
-    inputs = _torch_inputs(input_shapes, str(path))
+    shapes, static_batch = [], False
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if val is None:
+                break
+            static_batch = static_batch or isinstance(val.shape[0], int)
+            shapes.append(tuple(int(d) if isinstance(d, int) else 1 for d in val.shape))
+    inputs = _torch_inputs(input_shapes or shapes or None, str(path))
+    if static_batch:  # exported without a dynamic batch dimension: keep the batch it was exported with
+        log.info("%s was exported with a static batch; keeping it", path)
+        inputs = tuple(TensorSpec(i.name, s[:1] + i.shape[1:], i.dtype) for i, s in zip(inputs, shapes))
     return LoadedModel(
         name=path.stem,
         source=str(path),
@@ -229,7 +237,7 @@ def _load_onnx(path: Path, input_shapes) -> LoadedModel:
             given = input_shapes[k]
             if len(given) != len(dims):
                 raise ConfigError(f"--input-shape {given} has rank {len(given)}; input {gi.name!r} has rank {len(dims)}")
-            dims = [dims[0] if isinstance(dims[0], str) else "batch", *given[1:]]
+            dims = [dims[0], *given[1:]]
         inputs.append(TensorSpec(gi.name, tuple(dims), dtype))
     outputs = tuple(o.name for o in proto.graph.output)
     task = "generic"

@@ -143,22 +143,27 @@ def run_artifact(artifact: Artifact, data: Dataset, ctx: Context) -> dict[str, n
     """Run an ONNX artifact in ONNX Runtime over the whole dataset."""
     from edgekit.agent.runtime import OrtRuntime
 
+    from edgekit.model import batch_size
+
     rt = OrtRuntime(artifact.path)
-    n_batches = math.ceil(len(data) / BATCH)
-    return rt.run_batches(ctx.track(data.batches(BATCH), "verifying", total=n_batches))
+    bs = batch_size(artifact.inputs, BATCH)
+    return rt.run_batches(ctx.track(data.batches(bs), "verifying", total=math.ceil(len(data) / bs)))
 
 
 def run_reference(model, data: Dataset, ctx: Context) -> dict[str, np.ndarray]:
     """Outputs of the original model (torch module, or the source ONNX in ONNX Runtime)."""
+    from edgekit.model import batch_size
+
+    bs = batch_size(model.inputs, BATCH)
     if model.onnx_path is not None:
         from edgekit.agent.runtime import OrtRuntime
 
-        return OrtRuntime(model.onnx_path).run_batches(data.batches(BATCH))
+        return OrtRuntime(model.onnx_path).run_batches(data.batches(bs))
     import torch
 
     parts: list[np.ndarray] = []
     with torch.no_grad():
-        for feeds in ctx.track(data.batches(BATCH), "reference", total=math.ceil(len(data) / BATCH)):
+        for feeds in ctx.track(data.batches(bs), "reference", total=math.ceil(len(data) / bs)):
             out = model.module(*[torch.from_numpy(feeds[s.name]) for s in model.inputs])
             if isinstance(out, (tuple, list)):
                 out = out[0]

@@ -105,9 +105,10 @@ def _export_torch(model: LoadedModel, out_path: Path) -> None:
     args = tuple(torch.zeros((1, *spec.sample_shape), dtype=getattr(torch, spec.dtype)) for spec in model.inputs)
     names = [s.name for s in model.inputs]
     outs = list(model.output_names)
+    dynamic = all(isinstance(s.shape[0], str) for s in model.inputs)
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        dyn = tuple({0: batch} for _ in args)
+        dyn = tuple({0: batch} for _ in args) if dynamic else None
         with _quiet_exporter():
             torch.onnx.export(
                 model.module, args, str(out_path), dynamo=True, external_data=False, opset_version=OPSET,
@@ -121,7 +122,8 @@ def _export_torch(model: LoadedModel, out_path: Path) -> None:
         with _quiet_exporter():
             torch.onnx.export(
                 model.module, args, str(out_path), dynamo=False, opset_version=17, input_names=names,
-                output_names=outs, dynamic_axes={n: {0: "batch"} for n in names + outs},
+                output_names=outs,
+                dynamic_axes={n: {0: "batch"} for n in names + outs} if dynamic else None,
             )
     except Exception as exc:
         raise ExportError(

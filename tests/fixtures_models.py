@@ -1,0 +1,34 @@
+"""Tiny PyTorch factories the CLI tests name as ``fixtures_models:FACTORY`` (tests/ is on sys.path).
+
+Weights are seeded so that every call returns the same model: ``edgekit verify`` re-creates the source model from
+the bundle's lineage and must get the one that was built.
+"""
+
+from __future__ import annotations
+
+INPUT_SHAPE = (1, 3, 16, 16)
+NUM_CLASSES = 10
+
+
+def tiny_cnn():
+    """A small classifier: input (N, 3, 16, 16) -> logits (N, 10); 3 weighted layers."""
+    import torch
+    import torch.nn as nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, NUM_CLASSES),
+        )
+    return net.eval()
+
+
+def broken_factory():
+    """A factory that fails when called."""
+    raise RuntimeError("this factory is broken on purpose")

@@ -1,0 +1,98 @@
+"""INT8 quantization of a small graph through the Plan, and the uniform planner's respect for the profile."""
+
+import numpy as np
+import onnx
+import pytest
+
+from edgekit.allocate import uniform_plan
+from edgekit.compress.quant import W8A8Config, quantize_w8a8
+from edgekit.data import Dataset
+from edgekit.errors import ConfigError, UnsupportedOnTarget
+from edgekit.export.onnx import name_weighted_nodes
+from edgekit.inventory import layer_inventory
+from edgekit.targets import load_target
+from edgekit.verify import sqnr_db
+from tests.onnx_graphs import conv_net
+
+
+@pytest.fixture
+def fp32(tmp_path):
+    m = conv_net()
+    name_weighted_nodes(m)
+    path = tmp_path / "fp32.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def _data(n=32, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, 3, 8, 8)).astype(np.float32)
+    return Dataset(name="rand", inputs={"input": x}, labels=None, source="random")
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_uniform_int8_plan_quantizes_supported_layers(fp32):
+    profile = load_target("cpu-x86")
+    plan = uniform_plan(layer_inventory(fp32), profile, "int8", model_sha256="0" * 64)
+    assert [c.option for c in plan.layers] == ["w8a8"] * 4
+    fp = uniform_plan(layer_inventory(fp32), profile, "fp32", model_sha256="0" * 64)
+    assert not fp.is_quantized
+    with pytest.raises(ConfigError):
+        uniform_plan(layer_inventory(fp32), profile, "int3", model_sha256="0" * 64)
+
+
+def test_layers_the_target_cannot_quantize_stay_float(fp32):
+    profile = load_target("cpu-x86")
+    ops = dict(profile.ops)
+    # a profile whose depthwise convolutions have no int8 kernels
+    ops["depthwise_conv"] = ops["depthwise_conv"].model_copy(update={"weight_bits": [], "activation_bits": [32]})
+    profile = profile.model_copy(update={"ops": ops})
+    assert not profile.supports("depthwise_conv", "w8a8")
+    plan = uniform_plan(layer_inventory(fp32), profile, "int8", model_sha256="0" * 64)
+    choices = {c.layer: c for c in plan.layers}
+    assert choices["dw"].option == "fp32" and "does not support" in choices["dw"].reason
+    assert choices["stem"].option == "w8a8"
+
+
+def test_quantized_graph_is_close_and_respects_exclusions(fp32, tmp_path):
+    profile = load_target("cpu-x86")
+    plan = uniform_plan(layer_inventory(fp32), profile, "int8", model_sha256="0" * 64)
+    # keep the head in float: its weight must survive as a float initializer
+    from dataclasses import replace
+
+    from edgekit.plan import LayerChoice
+
+    layers = tuple(LayerChoice(c.layer, "fp32", "keep") if c.layer == "head" else c for c in plan.layers)
+    plan = replace(plan, layers=layers)
+    out = quantize_w8a8(fp32, tmp_path / "int8.onnx", plan, _data(), W8A8Config())
+    q = onnx.load(str(out))
+    ops = [n.op_type for n in q.graph.node]
+    assert "DequantizeLinear" in ops and "QuantizeLinear" in ops
+    # the excluded MatMul still reads its float weight directly
+    head = [n for n in q.graph.node if n.name == "head"][0]
+    inits = {i.name: i for i in q.graph.initializer}
+    assert head.input[1] in inits and inits[head.input[1]].data_type == onnx.TensorProto.FLOAT
+    # quantized weights are int8 with one scale per output channel
+    w_int8 = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert w_int8, "expected int8 weight initializers"
+    x = _data(64, seed=1).inputs["input"]
+    assert sqnr_db(_run(fp32, x), _run(out, x)) > 25.0
+
+
+def test_no_quantized_layer_is_an_error(fp32, tmp_path):
+    from edgekit.errors import ExportError
+
+    plan = uniform_plan(layer_inventory(fp32), load_target("cpu-x86"), "fp32", model_sha256="0" * 64)
+    with pytest.raises(ExportError):
+        quantize_w8a8(fp32, tmp_path / "x.onnx", plan, _data(), W8A8Config())
+
+
+def test_target_without_int8_raises_for_int8(fp32, monkeypatch):
+    profile = load_target("cpu-x86")
+    monkeypatch.setattr(type(profile), "supports", lambda self, op, scheme: scheme == "fp32")
+    with pytest.raises(UnsupportedOnTarget):
+        uniform_plan(layer_inventory(fp32), profile, "int8", model_sha256="0" * 64)
