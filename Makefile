@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/edgekit build --target cpu-x86 --out out/demo
+	$(VENV)/bin/edgekit build --target cpu-x86 --out out
 
 test: install lint
 	$(PY) -m pytest -q -ra
@@ -26,6 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not e2e"
 
 lint: install
+	$(VENV)/bin/ruff check edgekit tests benchmarks
 	$(VENV)/bin/lint-imports
 
 bench: install

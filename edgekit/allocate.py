@@ -30,7 +30,8 @@ def uniform_plan(
         elif profile.supports(layer.kind, option):
             choices.append(LayerChoice(layer.name, option, f"uniform {precision}"))
         else:
-            choices.append(LayerChoice(layer.name, "fp32", f"{profile.name} does not support {option} for {layer.kind}"))
+            why = f"{profile.name} does not support {option} for {layer.kind}"
+            choices.append(LayerChoice(layer.name, "fp32", why))
     if option != "fp32" and not any(c.option == option for c in choices):
         raise UnsupportedOnTarget(
             f"target {profile.name} supports {option} for none of this model's layers",

@@ -80,7 +80,8 @@ def _load_datasets(model: LoadedModel, req: BuildRequest, ctx: Context) -> tuple
             f"{model.source} has no built-in calibration data",
             hint="pass --calib FILE.npz|FILE.npy|IMAGE_FOLDER (and --eval for held-out data)",
         )
-    if model.preprocessing is None and not calib_spec.endswith((".npy", ".npz")) and not calib_spec.startswith("builtin:"):
+    tensors = calib_spec.endswith((".npy", ".npz")) or calib_spec.startswith("builtin:")
+    if model.preprocessing is None and not tensors:
         raise ConfigError("image folders need the model's preprocessing, which is only known for built-in models",
                           hint="pass the data as .npy/.npz tensors in the model's input layout")
     calib = load_data(calib_spec, model.inputs, model.preprocessing, role="calibration", limit=req.calib_samples,
@@ -115,12 +116,12 @@ def _candidates(precision: str, profile: TargetProfile) -> list[str]:
     return [p for p in ("int8", "fp32") if p == "fp32" or any(profile.supports(k, "w8a8") for k in profile.ops)]
 
 
-def _apply(plan: Plan, fp32: Artifact, calib: Dataset, work: Path, cfg: W8A8Config) -> Artifact:
+def _apply(plan: Plan, fp32: Artifact, calib: Dataset, work: Path, cfg: W8A8Config, ctx: Context) -> Artifact:
     """Apply a plan to the exported FP32 graph (Plan, then apply: the FP32 artifact is never modified)."""
     if not plan.is_quantized:
         return fp32
     out = work / f"model-{plan.precision}.onnx"
-    quantize_w8a8(fp32.path, out, plan, calib, cfg)
+    quantize_w8a8(fp32.path, out, plan, calib, cfg, track=ctx.track)
     return describe(out)
 
 
@@ -128,9 +129,11 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
     """Run the whole pipeline and write ``<out>/<name>/`` (bundle directory) and ``<out>/<name>.ekb``."""
     t_start = time.time()
     profile = load_target(req.target)  # fail on a bad target before any heavy work
-    candidates = _candidates(req.precision, profile)
+    _candidates(req.precision, profile)  # a bad --precision fails before any heavy work
     if profile.runtime != "onnxruntime" and "onnxruntime" not in profile.runtimes:
-        raise UnsupportedOnTarget(f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime only")
+        raise UnsupportedOnTarget(
+            f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime only"
+        )
     signing_key = _signing_key(req, ctx)
     log.info("loading model %s", req.model)
     model = load_model(req.model, input_shapes=list(req.input_shapes) if req.input_shapes else None, ctx=ctx)
@@ -172,7 +175,7 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
             continue
         log.info("applying %s plan (%d of %d layers quantized)", precision,
                  sum(c.option != "fp32" for c in plan.layers), len(plan.layers))
-        artifact = _apply(plan, fp32, calib, work, cfg)
+        artifact = _apply(plan, fp32, calib, work, cfg, ctx)
         tol_class = "int8" if plan.is_quantized else "fp32"
         report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
                                  tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)

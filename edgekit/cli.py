@@ -259,7 +259,8 @@ def inspect(bundle: Path, pubkeys, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", required=True, metavar="DATA", help="Evaluation data: FILE.npy, FILE.npz, image folder, builtin:NAME.")
+@click.option("--data", required=True, metavar="DATA",
+              help="Evaluation data: FILE.npy, FILE.npz, image folder, builtin:NAME.")
 @click.option("--model", "-m", metavar="SPEC",
               help="The original model to compare with (default: the bundle's source model when it is a built-in).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W")
@@ -298,7 +299,8 @@ def keys() -> None:
 
 
 @keys.command("generate")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the key pair.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the key pair.")
 @click.option("--name", default="edgekit", show_default=True, help="File name stem: NAME.key and NAME.pub.")
 @click.option("--force", is_flag=True, help="Overwrite an existing key pair.")
 def keys_generate(out: Path, name: str, force: bool) -> None:

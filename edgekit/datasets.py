@@ -75,7 +75,7 @@ def _source_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / rel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_source(name: str) -> np.ndarray:
     """One source photograph as a read-only (H, W, 3) uint8 RGB array (grayscale stacked, alpha dropped)."""
     from PIL import Image

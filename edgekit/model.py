@@ -1,4 +1,5 @@
-"""Load a model from what the user names: ``builtin:NAME``, ``module:factory``, a ``torch.export`` ``.pt2``, or ``.onnx``.
+"""Load a model from what the user names: ``builtin:NAME``, ``module:factory``, a ``torch.export`` ``.pt2``, or
+``.onnx``.
 
 The result says what the model is (torch module or ONNX file), its inputs and outputs, its preprocessing when
 known, and a content hash used for lineage and caching.
@@ -236,7 +237,9 @@ def _load_onnx(path: Path, input_shapes) -> LoadedModel:
         if input_shapes is not None:
             given = input_shapes[k]
             if len(given) != len(dims):
-                raise ConfigError(f"--input-shape {given} has rank {len(given)}; input {gi.name!r} has rank {len(dims)}")
+                raise ConfigError(
+                    f"--input-shape {given} has rank {len(given)}; input {gi.name!r} has rank {len(dims)}"
+                )
             dims = [dims[0], *given[1:]]
         inputs.append(TensorSpec(gi.name, tuple(dims), dtype))
     outputs = tuple(o.name for o in proto.graph.output)

@@ -45,7 +45,6 @@ def render_html(r: dict) -> str:
     v = r["verification"]
     lat = r.get("latency") or {}
     size = r["size"]
-    out0 = v["outputs"][0] if v["outputs"] else {}
     status = "PASS" if v["passed"] else "FAIL"
     rows = []
     for layer in r["layers"]:
@@ -75,7 +74,8 @@ def render_html(r: dict) -> str:
         f"<li>{_e(k)}: {_e({kk: vv for kk, vv in b.items()})}</li>" for k, b in (r.get("budgets") or {}).items()
     )
     tried = "".join(
-        f"<li>{_e(t['precision'])}: {_mb(t['size_bytes'])}, {_e(t['verification'])}</li>" for t in r["precision"]["tried"]
+        f"<li>{_e(t['precision'])}: {_mb(t['size_bytes'])}, {_e(t['verification'])}</li>"
+        for t in r["precision"]["tried"]
     )
     failures = "".join(f"<li>{_e(f)}</li>" for f in v["failures"]) or "<li>none</li>"
     tol = ", ".join(f"{_e(k)} {_e(val)}" for k, val in v["tolerances"].items() if val is not None)

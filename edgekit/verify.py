@@ -142,7 +142,6 @@ def compare(
 def run_artifact(artifact: Artifact, data: Dataset, ctx: Context) -> dict[str, np.ndarray]:
     """Run an ONNX artifact in ONNX Runtime over the whole dataset."""
     from edgekit.agent.runtime import OrtRuntime
-
     from edgekit.model import batch_size
 
     rt = OrtRuntime(artifact.path)

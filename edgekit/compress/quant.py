@@ -37,8 +37,9 @@ class W8A8Config:
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over a Dataset (one sample per call)."""
 
-    def __init__(self, data: Dataset) -> None:
-        self._it = iter(data.feeds())
+    def __init__(self, data: Dataset, track=None) -> None:
+        feeds = data.feeds()
+        self._it = iter(track(feeds, "calibrating", total=len(feeds)) if track else feeds)
 
     def get_next(self):
         return next(self._it, None)
@@ -47,11 +48,13 @@ class _Reader:
         pass
 
 
-def quantize_w8a8(fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset, config: W8A8Config) -> Path:
+def quantize_w8a8(
+    fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset, config: W8A8Config, *, track=None
+) -> Path:
     """Write a QDQ model in which the Plan's ``w8a8`` layers are quantized and its ``fp32`` layers stay float.
 
     Unweighted ops between quantized layers (Add, Clip, pooling) are quantized as ONNX Runtime sees fit, so that
-    integer kernels chain without float round trips.
+    integer kernels chain without float round trips. ``track`` (e.g. ``Context.track``) draws calibration progress.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -73,7 +76,7 @@ def quantize_w8a8(fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset, c
             pre = Path(fp32_onnx)
         try:
             quantize_static(
-                str(pre), str(out_path), _Reader(calib.take(config.calib_samples)),
+                str(pre), str(out_path), _Reader(calib.take(config.calib_samples), track),
                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 per_channel=config.per_channel, calibrate_method=methods[config.calibration],
                 nodes_to_exclude=plan.layers_with("fp32"), extra_options=extra,
