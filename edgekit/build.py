@@ -6,6 +6,7 @@ load model → load data → export FP32 → inventory → plan → apply → ve
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -153,11 +154,13 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         report = _report(req, profile, model, layers, fp32, chosen, tried, latency, calib, evald, t_start)
         bundle_dir = out_root / name
         archive = out_root / f"{name}.ekb"
-        with staging_dir(bundle_dir) as stage:
-            manifest = _write_bundle(stage, req, profile, model, name, chosen, report, signing_key)
         from edgekit.bundle import pack
 
-        pack(bundle_dir, archive)
+        packed = work / archive.name
+        with staging_dir(bundle_dir) as stage:  # nothing appears in OUT unless every step succeeds
+            manifest = _write_bundle(stage, req, profile, model, name, chosen, report, signing_key)
+            pack(stage, packed)
+        os.replace(packed, archive)
     log.info("bundle written: %s and %s", bundle_dir, archive)
     return BuildResult(bundle_dir, archive, chosen.plan, chosen.verification, manifest, report, tuple(tried))
 

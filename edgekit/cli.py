@@ -128,7 +128,8 @@ def build(model, target, out, input_shapes, calib, eval_, precision, key, allow_
       edgekit build --target cpu-x86
       edgekit build --model builtin:digits-cnn --precision int8
       edgekit build --model mypkg.models:make_net --input-shape 1,3,224,224 --calib calib.npz --out out/
-      edgekit build --model model.onnx --calib images/ --precision int8
+      edgekit build --model model.onnx --calib calib.npy --precision int8
+      edgekit build --model builtin:efficientnet-lite0 --calib my_photos/ --eval held_out_photos/
     """
     from edgekit.build import BuildRequest
     from edgekit.build import build as run_build

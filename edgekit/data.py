@@ -191,6 +191,9 @@ def _load_npy(path: Path, inputs: Sequence[TensorSpec], layout: str | None) -> t
 def _load_npz(path: Path, inputs: Sequence[TensorSpec], layout: str | None) -> tuple[dict, np.ndarray | None]:
     try:
         with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+                raise DataError(f"{path}: not a readable .npz file (no zip signature)", hint="write it with numpy.savez")
+            f.seek(0)
             z = np.load(f, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise DataError(f"{path}: not a .npz archive", hint="write it with numpy.savez")
@@ -272,7 +275,7 @@ def _load_folder(
     if prep is None:
         raise ConfigError(
             f"{folder}: reading a folder of images needs the model's preprocessing (size, mean, std, layout)",
-            hint="pass --preprocessing (or describe it in the model's plan), or convert the images to .npy",
+            hint="image folders work with the built-in models, whose preprocessing is known; for other models save the preprocessed tensors as .npy/.npz",
         )
     files = _list_images(folder)
     if not files:
@@ -318,7 +321,7 @@ def load_data(
         if preprocessing is None:
             raise ConfigError(
                 f"{spec} needs the model's preprocessing (size, mean, std, layout)",
-                hint="pass --preprocessing or describe it in the model's plan",
+                hint="image folders work with the built-in models, whose preprocessing is known; for other models save the preprocessed tensors as .npy/.npz",
             )
         return builtin_dataset(name, role, inputs, preprocessing, n=limit, seed=seed)
     path = Path(spec).expanduser()

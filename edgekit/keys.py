@@ -40,7 +40,7 @@ def generate_keypair(out_dir: Path, *, name: str = "edgekit", overwrite: bool = 
     if existing and not overwrite:
         raise ConfigError(
             f"refusing to overwrite existing key file(s): {', '.join(existing)}",
-            hint="pass overwrite=True (--overwrite) to replace them, or choose another name or folder",
+            hint="pass --force (overwrite=True) to replace them, or choose another name or folder",
         )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
@@ -50,8 +50,7 @@ def generate_keypair(out_dir: Path, *, name: str = "edgekit", overwrite: bool = 
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     # atomic_write_bytes goes through mkstemp, which creates the file 0600 before any byte is written.
-    atomic_write_bytes(private_path, private_pem)
-    os.chmod(private_path, 0o600)
+    atomic_write_bytes(private_path, private_pem, mode=0o600)
     atomic_write_bytes(public_path, public_pem)
     os.chmod(public_path, 0o644)
     return private_path, public_path

@@ -32,3 +32,15 @@ def tiny_cnn():
 def broken_factory():
     """A factory that fails when called."""
     raise RuntimeError("this factory is broken on purpose")
+
+
+def tiny_cnn_other():
+    """``tiny_cnn``'s architecture with different weights: a wrong original to verify a bundle against."""
+    import torch
+
+    net = tiny_cnn()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(1)
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p))
+    return net
