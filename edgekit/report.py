@@ -41,6 +41,17 @@ def _bar_svg(rows: list[tuple[str, float, str]], unit: str) -> str:
     return "".join(parts)
 
 
+def _budget_line(kind: str, b: dict) -> str:
+    met = '<span class="pass">met</span>' if b["met"] else '<span class="fail">not met</span>'
+    if kind == "size":
+        text = f"size {b['actual_mb']:.2f} MB, budget {b['budget_mb']} MB: {met}"
+    elif kind == "latency":
+        text = f"latency {b['actual_ms']:.3f} ms, budget {b['budget_ms']} ms: {met} ({_e(b.get('note', ''))})"
+    else:
+        text = f"{_e(kind)}: {_e(b)}"
+    return f"<li>{text}</li>"
+
+
 def render_html(r: dict) -> str:
     v = r["verification"]
     lat = r.get("latency") or {}
@@ -70,9 +81,7 @@ def render_html(r: dict) -> str:
     if lat:
         lat_svg = _bar_svg([("FP32", lat["fp32"]["median_ms"], "#9aa5b1"),
                             (r["precision"]["chosen"].upper(), lat["chosen"]["median_ms"], "#2f7d32")], "ms")
-    budgets = "".join(
-        f"<li>{_e(k)}: {_e({kk: vv for kk, vv in b.items()})}</li>" for k, b in (r.get("budgets") or {}).items()
-    )
+    budgets = "".join(_budget_line(k, b) for k, b in (r.get("budgets") or {}).items())
     tried = "".join(
         f"<li>{_e(t['precision'])}: {_mb(t['size_bytes'])}, {_e(t['verification'])}</li>"
         for t in r["precision"]["tried"]
