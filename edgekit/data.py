@@ -19,6 +19,11 @@ from edgekit.iospec import Preprocessing, TensorSpec
 
 log = logging.getLogger(__name__)
 
+_FOLDER_HINT = (
+    "image folders work with the built-in models, whose preprocessing is known; "
+    "for other models save the preprocessed tensors as .npy/.npz"
+)
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 ROLES = ("calibration", "evaluation", "train")
 ACCEPTED_FORMS = (
@@ -192,7 +197,8 @@ def _load_npz(path: Path, inputs: Sequence[TensorSpec], layout: str | None) -> t
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
-                raise DataError(f"{path}: not a readable .npz file (no zip signature)", hint="write it with numpy.savez")
+                raise DataError(f"{path}: not a readable .npz file (no zip signature)",
+                                hint="write it with numpy.savez")
             f.seek(0)
             z = np.load(f, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
@@ -275,7 +281,7 @@ def _load_folder(
     if prep is None:
         raise ConfigError(
             f"{folder}: reading a folder of images needs the model's preprocessing (size, mean, std, layout)",
-            hint="image folders work with the built-in models, whose preprocessing is known; for other models save the preprocessed tensors as .npy/.npz",
+            hint=_FOLDER_HINT,
         )
     files = _list_images(folder)
     if not files:
@@ -321,7 +327,7 @@ def load_data(
         if preprocessing is None:
             raise ConfigError(
                 f"{spec} needs the model's preprocessing (size, mean, std, layout)",
-                hint="image folders work with the built-in models, whose preprocessing is known; for other models save the preprocessed tensors as .npy/.npz",
+                hint=_FOLDER_HINT,
             )
         return builtin_dataset(name, role, inputs, preprocessing, n=limit, seed=seed)
     path = Path(spec).expanduser()
