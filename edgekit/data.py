@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.errors import ConfigError, DataError
+from edgekit.errors import ConfigError, DataError, EdgekitError
 from edgekit.iospec import Preprocessing, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -163,18 +163,19 @@ def _with_batch(arr: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return arr
 
 
-def _only_input(inputs: Sequence[TensorSpec], path: Path, form: str) -> TensorSpec:
+def only_input(inputs: Sequence[TensorSpec], source: str, *, error: type[EdgekitError] = DataError) -> TensorSpec:
+    """The model's single input; ``source`` (a file or data set that feeds one tensor) cannot feed more."""
     if len(inputs) != 1:
         names = ", ".join(s.name for s in inputs) or "none"
-        raise DataError(
-            f"{path}: a {form} can only feed a single-input model, but this one has inputs: {names}",
+        raise error(
+            f"{source} can only feed a single-input model, but this one has inputs: {names}",
             hint="pass a .npz with one array per input name",
         )
     return inputs[0]
 
 
 def _load_npy(path: Path, inputs: Sequence[TensorSpec], layout: str | None) -> tuple[dict, None]:
-    spec = _only_input(inputs, path, ".npy file")
+    spec = only_input(inputs, f"{path}: a .npy file")
     try:
         with open(path, "rb") as f:
             if f.read(6) != b"\x93NUMPY":
@@ -277,7 +278,7 @@ def _read_image(path: Path, prep: Preprocessing) -> np.ndarray:
 def _load_folder(
     folder: Path, inputs: Sequence[TensorSpec], prep: Preprocessing | None, limit: int | None
 ) -> tuple[dict, np.ndarray | None]:
-    spec = _only_input(inputs, folder, "folder of images")
+    spec = only_input(inputs, f"{folder}: a folder of images")
     if prep is None:
         raise ConfigError(
             f"{folder}: reading a folder of images needs the model's preprocessing (size, mean, std, layout)",

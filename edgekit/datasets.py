@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.data import Dataset, conform
+from edgekit.data import Dataset, conform, only_input
 from edgekit.errors import ConfigError, DataError
 from edgekit.iospec import Preprocessing, TensorSpec
 
@@ -211,16 +211,6 @@ def _resize_batch(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _single_input(name: str, inputs: Sequence[TensorSpec]) -> TensorSpec:
-    if len(inputs) != 1:
-        names = ", ".join(s.name for s in inputs) or "none"
-        raise ConfigError(
-            f"built-in dataset {name!r} feeds a single image input, but the model has inputs: {names}",
-            hint="pass your own .npz with one array per input name",
-        )
-    return inputs[0]
-
-
 def builtin_dataset(
     name: str,
     role: str,
@@ -248,7 +238,7 @@ def builtin_dataset(
         )
     if n is not None and n < 1:
         raise ConfigError(f"number of samples must be at least 1, not {n}")
-    spec = _single_input(name, inputs)
+    spec = only_input(inputs, f"built-in dataset {name!r}", error=ConfigError)
     source = f"builtin:{name}"
     if name == "photos":
         if role not in PHOTO_SPLITS:
