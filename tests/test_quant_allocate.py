@@ -96,3 +96,22 @@ def test_target_without_int8_raises_for_int8(fp32, monkeypatch):
     monkeypatch.setattr(type(profile), "supports", lambda self, op, scheme: scheme == "fp32")
     with pytest.raises(UnsupportedOnTarget):
         uniform_plan(layer_inventory(fp32), profile, "int8", model_sha256="0" * 64)
+
+
+def test_a_float_layer_between_quantized_ones_stays_float_at_run_time(fp32, tmp_path):
+    """ORT's WeightBiasQuantization pass would re-quantize a float Conv between DQ and Q; the runtime disables it."""
+    from dataclasses import replace
+
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.plan import LayerChoice
+
+    plan = uniform_plan(layer_inventory(fp32), load_target("cpu-x86"), "int8", model_sha256="0" * 64)
+    plan = replace(plan, layers=tuple(LayerChoice(c.layer, "fp32", "keep") if c.layer == "dw" else c
+                                      for c in plan.layers))
+    out = quantize_w8a8(fp32, tmp_path / "mixed.onnx", plan, _data(), W8A8Config())
+    OrtRuntime(out, optimized_model_path=tmp_path / "as-run.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "as-run.onnx"), load_external_data=False).graph.node]
+    # the stem runs as an integer conv; the depthwise layer the plan kept float runs as a float Conv
+    # (with the pass enabled it would have become a second QLinearConv)
+    assert ops.count("QLinearConv") == 1, ops
+    assert ops.count("Conv") == 1, ops

@@ -24,12 +24,21 @@ class Runtime(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+# ONNX Runtime's WeightBiasQuantization pass quantizes a float Conv/Gemm that sits between DequantizeLinear and
+# QuantizeLinear nodes, silently undoing a plan that keeps that layer float. Plans are the contract: disable it
+# wherever an artifact runs (the verifier and the agent share this class).
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
+
 class OrtRuntime:
     """ONNX Runtime on the CPU (or the given execution providers)."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, *, threads: int | None = None, providers: list[str] | None = None) -> None:
+    def __init__(
+        self, path: Path, *, threads: int | None = None, providers: list[str] | None = None,
+        optimized_model_path: Path | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -37,8 +46,13 @@ class OrtRuntime:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if optimized_model_path is not None:  # for inspection: the graph as ORT will run it
+            opts.optimized_model_filepath = str(optimized_model_path)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path), opts, providers=providers or ["CPUExecutionProvider"],
+                disabled_optimizers=list(DISABLED_OPTIMIZERS),
+            )
         except Exception as exc:
             raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
         self.path = Path(path)
