@@ -84,7 +84,7 @@ def test_cpu_x86_budgets_and_tolerances():
     assert (t.budgets.latency_ms, t.budgets.size_mb, t.budgets.max_accuracy_drop) == (3.0, 6.0, 0.01)
     assert t.tolerance_for("fp32") == Tolerances(min_sqnr_db=40, min_cosine=0.9999, min_top1_agreement=0.99)
     i8 = t.tolerance_for("int8")
-    assert (i8.min_sqnr_db, i8.min_cosine, i8.min_top1_agreement, i8.max_accuracy_drop) == (12, 0.95, 0.80, 0.02)
+    assert (i8.min_sqnr_db, i8.min_cosine, i8.min_top1_agreement, i8.max_accuracy_drop) == (12, 0.97, 0.80, 0.02)
 
 
 def test_profiles_are_frozen():
@@ -255,7 +255,7 @@ def test_source_key_in_file_is_rejected(tmp_path):
          "tolerances missing for supported precisions: bf16"),
         ("cpu-x86", "int8 = 665.6", "int8 = -1.0", "peak_gops must be positive"),
         ("cpu-x86", "weight_bits = [8]", "weight_bits = [16]", "between 2 and 8"),
-        ("cpu-x86", "min_cosine = 0.95", "min_cosine = 1.5", "tolerances.int8.min_cosine"),
+        ("cpu-x86", "min_cosine = 0.97", "min_cosine = 1.5", "tolerances.int8.min_cosine"),
     ],
 )
 def test_inconsistent_profiles_are_rejected(tmp_path, base, old, new, message):
