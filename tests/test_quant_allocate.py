@@ -115,3 +115,23 @@ def test_a_float_layer_between_quantized_ones_stays_float_at_run_time(fp32, tmp_
     # (with the pass enabled it would have become a second QLinearConv)
     assert ops.count("QLinearConv") == 1, ops
     assert ops.count("Conv") == 1, ops
+
+
+def test_bias_correction_reduces_error_and_adds_missing_biases(fp32, tmp_path):
+    """Inputs with a large mean make the weight-rounding shift visible; correcting the biases must shrink it."""
+    profile = load_target("cpu-x86")
+    plan = uniform_plan(layer_inventory(fp32), profile, "int8", model_sha256="0" * 64)
+    rng = np.random.default_rng(5)
+    calib = Dataset(name="c", inputs={"input": rng.normal(2.0, 0.5, (64, 3, 8, 8)).astype(np.float32)},
+                    labels=None, source="c")
+    x = rng.normal(2.0, 0.5, (128, 3, 8, 8)).astype(np.float32)
+    ref = _run(fp32, x)
+    errs = {}
+    for bc in (False, True):
+        out = quantize_w8a8(fp32, tmp_path / f"q{bc}.onnx", plan, calib, W8A8Config(bias_correction=bc))
+        errs[bc] = sqnr_db(ref, _run(out, x))
+    assert errs[True] > errs[False] + 1.0, errs
+    # the depthwise conv had no bias: the corrected model gives it one
+    q = onnx.load(str(tmp_path / "qTrue.onnx"))
+    dw = [n for n in q.graph.node if n.name == "dw"][0]
+    assert len(dw.input) == 3 and dw.input[2]

@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgekit.data import Dataset
 from edgekit.errors import CalibrationError, ExportError
 from edgekit.plan import Plan
@@ -27,11 +29,12 @@ class W8A8Config:
     calibration: str = "minmax"  # minmax | entropy | percentile
     percentile: float = 99.999
     calib_samples: int = 64
+    bias_correction: bool = True
 
     def to_dict(self) -> dict:
         return {"scheme": "w8a8", "weights": "int8 symmetric per-channel" if self.per_channel else "int8 per-tensor",
                 "activations": "uint8 per-tensor", "calibration": self.calibration,
-                "calib_samples": self.calib_samples}
+                "calib_samples": self.calib_samples, "bias_correction": self.bias_correction}
 
 
 class _Reader:
@@ -54,16 +57,27 @@ def quantize_w8a8(
     """Write a QDQ model in which the Plan's ``w8a8`` layers are quantized and its ``fp32`` layers stay float.
 
     Unweighted ops between quantized layers (Add, Clip, pooling) are quantized as ONNX Runtime sees fit, so that
-    integer kernels chain without float round trips. ``track`` (e.g. ``Context.track``) draws calibration progress.
+    integer kernels chain without float round trips. With ``config.bias_correction`` the model is quantized twice:
+    the first pass gives the quantized weights, whose expected output shift is then folded into the float biases
+    before the final pass. ``track`` (e.g. ``Context.track``) draws calibration progress.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    layers = plan.layers_with("w8a8")
-    if not layers:
+    if not plan.layers_with("w8a8"):
         raise ExportError("quantize_w8a8 called with a plan that quantizes no layer")
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
+    calib = calib.take(config.calib_samples)
+    if not config.bias_correction:
+        return _quantize_static(fp32_onnx, out_path, plan, calib, config, track)
+    with tempfile.TemporaryDirectory(prefix="edgekit-bc-") as tmp:
+        first = _quantize_static(fp32_onnx, Path(tmp) / "first.onnx", plan, calib, config, track)
+        corrected = correct_biases(fp32_onnx, first, plan.layers_with("w8a8"), calib, Path(tmp) / "corrected.onnx")
+        return _quantize_static(corrected, out_path, plan, calib, config, None)
+
+
+def _quantize_static(fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset, config: W8A8Config, track) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     extra = {"CalibPercentile": config.percentile} if config.calibration == "percentile" else {}
@@ -76,11 +90,93 @@ def quantize_w8a8(
             pre = Path(fp32_onnx)
         try:
             quantize_static(
-                str(pre), str(out_path), _Reader(calib.take(config.calib_samples), track),
+                str(pre), str(out_path), _Reader(calib, track),
                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 per_channel=config.per_channel, calibrate_method=methods[config.calibration],
                 nodes_to_exclude=plan.layers_with("fp32"), extra_options=extra,
             )
         except Exception as exc:
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
+    return Path(out_path)
+
+
+def _input_means(fp32, layers: list, calib: Dataset, batch: int = 8) -> dict[str, np.ndarray]:
+    """Per-channel mean of each layer's input over the calibration data (channel axis 1)."""
+    import onnx
+    from onnx import helper
+
+    from edgekit.agent.runtime import OrtRuntime
+
+    wanted = {n.input[0] for n in layers}
+    graph_inputs = {i.name for i in fp32.graph.input}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fp32)
+    existing = {o.name for o in probe.graph.output}
+    for name in sorted(wanted - graph_inputs - existing):
+        probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    with tempfile.TemporaryDirectory(prefix="edgekit-means-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(probe, str(path))
+        rt = OrtRuntime(path)
+        for feeds in calib.batches(batch):
+            n = len(next(iter(feeds.values())))
+            outs = rt.run(feeds)
+            outs.update({k: v for k, v in feeds.items() if k in wanted})
+            for name, v in outs.items():
+                if name in wanted:
+                    axes = (0, *range(2, v.ndim)) if v.ndim > 2 else (0,)
+                    sums[name] = sums.get(name, 0) + v.astype(np.float64).mean(axis=axes) * n
+            count += n
+    return {node.name: sums[node.input[0]] / count for node in layers if node.input[0] in sums}
+
+
+def correct_biases(fp32_path: Path, quantized_path: Path, layers: list[str], calib: Dataset, out_path: Path) -> Path:
+    """Write a copy of the FP32 model whose quantized layers' biases absorb their weight-quantization shift."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.compress.bias_correction import dequantize, output_shift
+
+    fp32 = onnx.load(str(fp32_path))
+    q = onnx.load(str(quantized_path))
+    inits = {i.name: i for i in fp32.graph.initializer}
+    q_inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    q_producer = {o: n for n in q.graph.node for o in n.output}
+    q_nodes = {n.name: n for n in q.graph.node}
+    nodes = [n for n in fp32.graph.node if n.name in set(layers) and len(n.input) > 1 and n.input[1] in inits]
+    means = _input_means(fp32, nodes, calib)
+    corrected = 0
+    for node in nodes:
+        qn = q_nodes.get(node.name)
+        dq = q_producer.get(qn.input[1]) if qn is not None and len(qn.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or node.name not in means:
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        zp = q_inits.get(dq.input[2]) if len(dq.input) > 2 else None
+        w = numpy_helper.to_array(inits[node.input[1]])
+        w_q = dequantize(q_inits[dq.input[0]], q_inits[dq.input[1]], zp, axis)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            shift = output_shift(w, w_q, means[node.name], group=int(attrs.get("group", 1)))
+        elif node.op_type == "Gemm":
+            shift = output_shift(w, w_q, means[node.name], trans_b=bool(attrs.get("transB", 0)))
+        else:  # MatMul: B is (K, N)
+            shift = output_shift(w, w_q, means[node.name], trans_b=False)
+        if len(node.input) > 2 and node.input[2] in inits:
+            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+            inits[node.input[2]].CopyFrom(numpy_helper.from_array((bias - shift).astype(np.float32), node.input[2]))
+        elif node.op_type in ("Conv", "Gemm"):  # no bias yet: add one holding the correction
+            name = f"{node.input[1]}.bias_correction"
+            fp32.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))
+            if len(node.input) == 2:
+                node.input.append(name)
+            else:
+                node.input[2] = name
+        else:
+            continue  # a bare MatMul has no bias input to fold the shift into
+        corrected += 1
+    log.info("bias correction applied to %d of %d quantized layers", corrected, len(layers))
+    onnx.save(fp32, str(out_path))
     return Path(out_path)
