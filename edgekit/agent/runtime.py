@@ -36,9 +36,10 @@ class OrtRuntime:
     name = "onnxruntime"
 
     def __init__(
-        self, path: Path, *, threads: int | None = None, providers: list[str] | None = None,
+        self, path: Path | bytes, *, threads: int | None = None, providers: list[str] | None = None,
         optimized_model_path: Path | None = None,
     ) -> None:
+        """``path`` is a model file, or the serialized model itself."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -50,12 +51,13 @@ class OrtRuntime:
             opts.optimized_model_filepath = str(optimized_model_path)
         try:
             self.session = ort.InferenceSession(
-                str(path), opts, providers=providers or ["CPUExecutionProvider"],
+                path if isinstance(path, bytes) else str(path), opts, providers=providers or ["CPUExecutionProvider"],
                 disabled_optimizers=list(DISABLED_OPTIMIZERS),
             )
         except Exception as exc:
-            raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
-        self.path = Path(path)
+            where = "the model" if isinstance(path, bytes) else path
+            raise ExportError(f"ONNX Runtime cannot load {where}: {exc}") from exc
+        self.path = None if isinstance(path, bytes) else Path(path)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = [i.name for i in self.session.get_inputs()]
 
