@@ -35,7 +35,8 @@ def models(tmp_path_factory):
 def _run(proto, x):
     import onnxruntime as ort
 
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
 
 
 def test_insert_nothing_is_the_float_model_and_everything_is_close_to_the_quantized(models):
