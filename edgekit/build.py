@@ -52,6 +52,7 @@ class BuildRequest:
     calib_samples: int = 64
     eval_samples: int | None = None
     measure_latency: bool = True
+    plan: Path | None = None  # replay this plan (``edgekit apply``) instead of making one
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
     """Run the whole pipeline and write ``<out>/<name>/`` (bundle directory) and ``<out>/<name>.ekb``."""
     t_start = time.time()
     profile = load_target(req.target)  # fail on a bad target before any heavy work
-    _candidates(req.precision, profile)  # a bad --precision fails before any heavy work
+    if req.plan is None:
+        _candidates(req.precision, profile)  # a bad --precision fails before any heavy work
     if profile.runtime != "onnxruntime" and "onnxruntime" not in profile.runtimes:
         raise UnsupportedOnTarget(
             f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime only"
@@ -165,30 +167,63 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
     return BuildResult(bundle_dir, archive, chosen.plan, chosen.verification, manifest, report, tuple(tried))
 
 
+def check_plan(plan: Plan, layers: list[LayerInfo], profile: TargetProfile, model: LoadedModel) -> Plan:
+    """A replayed plan must name exactly this model's layers, with options the target supports."""
+    names = [layer.name for layer in layers]
+    planned = [c.layer for c in plan.layers]
+    if sorted(planned) != sorted(names):
+        missing, extra = sorted(set(names) - set(planned)), sorted(set(planned) - set(names))
+        raise ConfigError(
+            f"the plan does not fit this model: layers missing from the plan {missing[:5]}, unknown {extra[:5]}",
+            hint="make a plan for this model with `edgekit build`, then edit its plan.json",
+        )
+    if plan.model_sha256 != model.sha256:
+        log.warning("the plan was made for another version of the model (sha256 %s…, this one %s…)",
+                    plan.model_sha256[:12], model.sha256[:12])
+    kinds = {layer.name: layer.kind for layer in layers}
+    for c in plan.layers:
+        if c.option != "fp32" and not profile.supports(kinds[c.layer], c.option):
+            raise UnsupportedOnTarget(f"the plan asks {c.option} for layer {c.layer!r} ({kinds[c.layer]}), "
+                                      f"which target {profile.name} does not support")
+    return plan
+
+
+def _proposals(req, profile, model, layers, cfg):
+    """Plans to try, most compressed first, made lazily: (label, make_plan)."""
+    if req.plan is not None:
+        yield "plan", lambda: check_plan(Plan.load(req.plan), layers, profile, model)
+        return
+    for precision in _candidates(req.precision, profile):
+        def make(precision=precision):
+            return uniform_plan(layers, profile, precision, model_sha256=model.sha256,
+                                activations=cfg.to_dict() if precision != "fp32" else {})
+        yield precision, make
+
+
 def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx) -> tuple[Candidate, list[dict]]:
     tried: list[dict] = []
     last: Candidate | None = None
-    for precision in _candidates(req.precision, profile):
+    for label, make_plan in _proposals(req, profile, model, layers, cfg):
         try:
-            plan = uniform_plan(layers, profile, precision, model_sha256=model.sha256,
-                                activations=cfg.to_dict() if precision != "fp32" else {})
+            plan = make_plan()
         except UnsupportedOnTarget:
-            if req.precision != "auto":
+            if req.precision != "auto" or req.plan is not None:
                 raise
             continue
-        log.info("applying %s plan (%d of %d layers quantized)", precision,
+        log.info("applying %s plan (%d of %d layers quantized)", label,
                  sum(c.option != "fp32" for c in plan.layers), len(plan.layers))
         artifact = _apply(plan, fp32, calib, work, cfg, ctx)
         tol_class = "int8" if plan.is_quantized else "fp32"
         report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
                                  tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)
-        log.info("%s: %s", precision, report.summary())
-        tried.append({"precision": precision, "size_bytes": artifact.size, "verification": report.summary(),
+        log.info("%s: %s", label, report.summary())
+        tried.append({"precision": label, "size_bytes": artifact.size, "verification": report.summary(),
                       "passed": report.passed})
         last = Candidate(plan, artifact, report)
         if report.passed:
             return last, tried
-    assert last is not None  # _candidates always yields fp32 or the explicit precision
+    if last is None:
+        raise UnsupportedOnTarget(f"no precision of {req.precision!r} is supported by target {profile.name}")
     if req.allow_unverified:
         log.warning("verification failed (%s); bundling anyway because --allow-unverified was given",
                     "; ".join(last.verification.failures))

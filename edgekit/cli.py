@@ -55,6 +55,11 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: no output was written", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `edgekit ... | head`: the reader left; stop quietly
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence for users
@@ -95,31 +100,80 @@ def _emit_json(data) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- build
+_BUILD_OPTIONS = [
+    click.option("--model", "-m", default="builtin:efficientnet-lite0", show_default=True,
+                 help="builtin:NAME (efficientnet-lite0, digits-cnn), package.module:factory, FILE.pt2 or FILE.onnx."),
+    click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+                 show_default=True, help="Output folder; the bundle is written to OUT/NAME/ and OUT/NAME.ekb."),
+    click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W",
+                 help="Input shape (first dim is the batch); once per input. Needed for PyTorch factories."),
+    click.option("--calib", metavar="DATA",
+                 help="Calibration data: FILE.npy, FILE.npz, an image folder, or builtin:NAME."),
+    click.option("--eval", "eval_", metavar="DATA", help="Held-out evaluation data (default: the model's built-in "
+                 "set, else the last quarter of --calib)."),
+    click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
+                 help="ed25519 private key to sign with (`edgekit keys generate`); default: a per-user dev key."),
+    click.option("--allow-unverified", is_flag=True, help="Write the bundle even if verification fails (marked)."),
+    click.option("--name", help="Bundle name (default: the model's name)."),
+    click.option("--bundle-version", type=click.IntRange(min=0), help="Monotonic bundle version (default: UNIX time)."),
+    click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True),
+    click.option("--eval-samples", type=click.IntRange(min=1), help="Limit the evaluation samples."),
+    click.option("--no-latency", is_flag=True, help="Skip the FP32-vs-compressed latency measurement."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for built-in data crops."),
+    click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text."),
+]
+
+
+def _build_options(f):
+    for option in reversed(_BUILD_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _run_build(as_json: bool, seed: int, input_shapes, **fields) -> None:
+    from edgekit.build import BuildRequest
+    from edgekit.build import build as run_build
+    from edgekit.model import parse_input_shape
+
+    req = BuildRequest(input_shapes=tuple(parse_input_shape(s) for s in input_shapes) or None, **fields)
+    result = run_build(req, _ctx(seed))
+    r = result.report
+    if as_json:
+        _emit_json({
+            "bundle": str(result.bundle_dir), "archive": str(result.archive),
+            "report": str(result.bundle_dir / "report.html"), "target": r["target"]["name"],
+            "precision": result.plan.precision, "verification": result.verification.to_dict(),
+            "size": r["size"], "latency": r["latency"], "budgets": r["budgets"],
+        })
+        return
+    v = result.verification
+    click.echo(f"built {r['model']['source']} for {r['target']['name']}: {result.plan.precision} "
+               f"({result.plan.solver})")
+    click.echo(f"  verification: {v.summary()}")
+    click.echo(f"  size:    {r['size']['fp32_bytes'] / 1e6:.2f} MB FP32 -> {r['size']['artifact_bytes'] / 1e6:.2f} MB "
+               f"({r['size']['ratio']:.2f}x)")
+    if r["latency"]:
+        lat = r["latency"]
+        click.echo(f"  latency: {lat['fp32']['median_ms']:.3f} ms FP32 -> {lat['chosen']['median_ms']:.3f} ms "
+                   f"({lat['ratio']:.2f}x, batch 1, ONNX Runtime on this host)")
+    click.echo(f"  bundle:  {result.archive}  (folder {result.bundle_dir})")
+    click.echo(f"  report:  {result.bundle_dir / 'report.html'}")
+
+
+def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples, eval_samples,
+            no_latency) -> dict:
+    return dict(model=model, out=out, calib=calib, eval=eval_, key=key, allow_unverified=allow_unverified,
+                name=name, bundle_version=bundle_version, calib_samples=calib_samples, eval_samples=eval_samples,
+                measure_latency=not no_latency)
+
+
 @cli.command()
-@click.option("--model", "-m", default="builtin:efficientnet-lite0", show_default=True,
-              help="builtin:NAME (efficientnet-lite0, digits-cnn), package.module:factory, FILE.pt2 or FILE.onnx.")
 @click.option("--target", "-t", default="cpu-x86", show_default=True,
               help="Target profile name (see `edgekit targets`) or a path to a profile .toml.")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
-              help="Output folder; the bundle is written to OUT/NAME/ and OUT/NAME.ekb.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W",
-              help="Input shape (first dim is the batch); once per input. Needed for PyTorch factories.")
-@click.option("--calib", metavar="DATA", help="Calibration data: FILE.npy, FILE.npz, an image folder, or builtin:NAME.")
-@click.option("--eval", "eval_", metavar="DATA", help="Held-out evaluation data (default: the model's built-in set, "
-              "else the last quarter of --calib).")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="auto: the smallest precision the target supports that passes verification.")
-@click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
-              help="ed25519 private key to sign with (`edgekit keys generate`); default: a per-user development key.")
-@click.option("--allow-unverified", is_flag=True, help="Write the bundle even if verification fails (marked failed).")
-@click.option("--name", help="Bundle name (default: the model's name).")
-@click.option("--bundle-version", type=click.IntRange(min=0), help="Monotonic bundle version (default: UNIX time).")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--eval-samples", type=click.IntRange(min=1), help="Limit the evaluation samples.")
-@click.option("--no-latency", is_flag=True, help="Skip the FP32-vs-compressed latency measurement.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for built-in data crops.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def build(model, target, out, input_shapes, calib, eval_, precision, key, allow_unverified, name, bundle_version,
+@_build_options
+def build(target, precision, model, out, input_shapes, calib, eval_, key, allow_unverified, name, bundle_version,
           calib_samples, eval_samples, no_latency, seed, as_json) -> None:
     """Compress, export, verify and bundle a model for a target.
 
@@ -131,39 +185,34 @@ def build(model, target, out, input_shapes, calib, eval_, precision, key, allow_
       edgekit build --model model.onnx --calib calib.npy --precision int8
       edgekit build --model builtin:efficientnet-lite0 --calib my_photos/ --eval held_out_photos/
     """
-    from edgekit.build import BuildRequest
-    from edgekit.build import build as run_build
-    from edgekit.model import parse_input_shape
+    _run_build(as_json, seed, input_shapes, target=target, precision=precision,
+               **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
+                         eval_samples, no_latency))
 
-    req = BuildRequest(
-        model=model, target=target, out=out,
-        input_shapes=tuple(parse_input_shape(s) for s in input_shapes) or None,
-        calib=calib, eval=eval_, precision=precision, key=key, allow_unverified=allow_unverified,
-        bundle_version=bundle_version, name=name, calib_samples=calib_samples, eval_samples=eval_samples,
-        measure_latency=not no_latency,
-    )
-    result = run_build(req, _ctx(seed))
-    r = result.report
-    summary = {
-        "bundle": str(result.bundle_dir), "archive": str(result.archive),
-        "report": str(result.bundle_dir / "report.html"), "target": r["target"]["name"],
-        "precision": result.plan.precision, "verification": result.verification.to_dict(),
-        "size": r["size"], "latency": r["latency"], "budgets": r["budgets"],
-    }
-    if as_json:
-        _emit_json(summary)
-        return
-    v = result.verification
-    click.echo(f"built {r['model']['source']} for {r['target']['name']}: {result.plan.precision}")
-    click.echo(f"  verification: {v.summary()}")
-    click.echo(f"  size:    {r['size']['fp32_bytes'] / 1e6:.2f} MB FP32 -> {r['size']['artifact_bytes'] / 1e6:.2f} MB "
-               f"({r['size']['ratio']:.2f}x)")
-    if r["latency"]:
-        lat = r["latency"]
-        click.echo(f"  latency: {lat['fp32']['median_ms']:.3f} ms FP32 -> {lat['chosen']['median_ms']:.3f} ms "
-                   f"({lat['ratio']:.2f}x, batch 1, ONNX Runtime on this host)")
-    click.echo(f"  bundle:  {result.archive}  (folder {result.bundle_dir})")
-    click.echo(f"  report:  {result.bundle_dir / 'report.html'}")
+
+@cli.command()
+@click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", help="Target profile (default: the one the plan was made for).")
+@_build_options
+def apply(plan_file, target, model, out, input_shapes, calib, eval_, key, allow_unverified, name, bundle_version,
+          calib_samples, eval_samples, no_latency, seed, as_json) -> None:
+    """Replay a plan (e.g. an edited plan.json): apply its per-layer choices, verify, and bundle.
+
+    The plan must name exactly the model's layers (as `edgekit plan show` lists them), with options the target
+    supports.
+
+    \b
+    Example:
+      edgekit build --model builtin:digits-cnn --out out/
+      # edit out/digits-cnn/plan.json: set some layers' "option" to "fp32"
+      edgekit apply out/digits-cnn/plan.json --model builtin:digits-cnn --out out2/
+    """
+    from edgekit.plan import Plan
+
+    plan = Plan.load(plan_file)
+    _run_build(as_json, seed, input_shapes, target=target or plan.target, plan=plan_file,
+               **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
+                         eval_samples, no_latency))
 
 
 # ---------------------------------------------------------------------------------------------- targets

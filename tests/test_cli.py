@@ -503,3 +503,64 @@ def test_build_allow_unverified_marks_the_bundle_failed(run_cli, data, impossibl
     assert any("1000.0 dB" in f for f in manifest["verification"]["failures"])
     assert (out / f"{NAME}.ekb").is_file()
     assert "FAIL" in (out / NAME / "report.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- apply (replay a plan)
+
+
+def _edited_plan(tiny_build, tmp_path, edit) -> Path:
+    plan = json.loads((tiny_build.bundle / "plan.json").read_text())
+    edit(plan)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_apply_replays_an_edited_plan(run_cli, tiny_build, data, tmp_path):
+    def keep_first_float(plan):
+        plan["layers"][0].update(option="fp32", reason="edited by hand")
+
+    path = _edited_plan(tiny_build, tmp_path, keep_first_float)
+    out = tmp_path / "out"
+    result = run_cli("apply", path, "--model", TINY, "--input-shape", SHAPE, "--calib", data.calib, "--out", out,
+                     "--json", "--no-latency")
+    summary = json.loads(result.stdout)
+    assert summary["verification"]["passed"]
+    replayed = json.loads((out / NAME / "plan.json").read_text())
+    first = replayed["layers"][0]
+    assert first["option"] == "fp32" and first["reason"] == "edited by hand"
+    assert all(c["option"] == "w8a8" for c in replayed["layers"][1:])
+    # the artifact really keeps that layer float: its weight is still a float initializer
+    import onnx
+
+    graph = onnx.load(str(out / NAME / "model.onnx")).graph
+    node = next(n for n in graph.node if n.name == first["layer"])
+    weights = {i.name: i for i in graph.initializer}
+    assert weights[node.input[1]].data_type == onnx.TensorProto.FLOAT
+    assert summary["size"]["artifact_bytes"] > tiny_build.summary["size"]["artifact_bytes"]
+
+
+@pytest.mark.parametrize("edit, code, needle", [
+    (lambda p: p["layers"][0].update(layer="no_such_layer"), 3, "does not fit this model"),
+    (lambda p: p["layers"].pop(), 3, "does not fit this model"),
+    (lambda p: p["layers"][0].update(option="w9"), 3, "unknown layer option"),
+    (lambda p: p.update(version=7), 3, "schema version"),
+])
+def test_apply_refuses_plans_that_do_not_fit(run_cli, tiny_build, data, tmp_path, edit, code, needle):
+    path = _edited_plan(tiny_build, tmp_path, edit)
+    out = tmp_path / "out"
+    result = run_cli("apply", path, "--model", TINY, "--input-shape", SHAPE, "--calib", data.calib, "--out", out,
+                     code=code)
+    assert needle in result.stderr
+    assert not (out / NAME).exists() and not (out / f"{NAME}.ekb").exists()
+
+
+def test_apply_refuses_an_option_the_target_lacks(run_cli, tiny_build, data, tmp_path):
+    src = (Path(__file__).parents[1] / "targets" / "cpu-x86.toml").read_text()
+    target = tmp_path / "cpu-x86.toml"  # a profile whose convolutions have no int8
+    target.write_text(src.replace("[ops.conv]\nfloat_types = [\"fp32\"]\nweight_bits = [8]\nactivation_bits = [8]",
+                                  "[ops.conv]\nfloat_types = [\"fp32\"]\nweight_bits = []\nactivation_bits = [32]"))
+    path = _edited_plan(tiny_build, tmp_path, lambda p: None)
+    result = run_cli("apply", path, "--model", TINY, "--input-shape", SHAPE, "--calib", data.calib,
+                     "--target", target, "--out", tmp_path / "out", code=6)
+    assert "does not support" in result.stderr
