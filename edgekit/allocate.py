@@ -41,3 +41,29 @@ def uniform_plan(
         model_sha256=model_sha256, target=profile.name, precision=precision, layers=tuple(choices),
         activations=dict(activations or {}), solver="uniform",
     )
+
+
+def layer_options(layers: Sequence[LayerInfo], profile: TargetProfile) -> dict[str, list[str]]:
+    """The options the target allows per layer: float always, each compressed option where supported."""
+    return {layer.name: ["fp32"] + [o for o in ("w8a8",) if profile.supports(layer.kind, o)] for layer in layers}
+
+
+def allocated_plan(
+    layers: Sequence[LayerInfo], profile: TargetProfile, *, sensitivity, cost, budget, solver: str,
+    model_sha256: str, activations: dict | None = None, evaluate=None,
+) -> Plan:
+    """Solve for the per-layer options that minimise output distortion under ``budget`` (see ``edgekit.solvers``)."""
+    from edgekit.solvers import Problem, solve
+
+    params = {layer.name: layer.params for layer in layers}
+    problem = Problem.from_tables(sensitivity, cost, params, budget, layers=[layer.name for layer in layers])
+    sol = solve(problem, solver, additivity=sensitivity.additivity, evaluate=evaluate)
+    choices = tuple(LayerChoice(layer.name, sol.choice[layer.name], sol.reasons[layer.name]) for layer in layers)
+    quantized = sum(c.option != "fp32" for c in choices)
+    precision = "fp32" if quantized == 0 else "int8" if quantized == len(choices) else "mixed"
+    predicted = {"distortion": sol.distortion, "bytes": sol.bytes, "latency_ms": sol.latency_ms,
+                 "avg_bits": sol.avg_bits, "metric": sensitivity.metric}
+    return Plan(
+        model_sha256=model_sha256, target=profile.name, precision=precision, layers=choices,
+        activations=dict(activations or {}), budget={**budget.to_dict(), "predicted": predicted}, solver=sol.solver,
+    )

@@ -10,11 +10,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgekit import __version__
-from edgekit.allocate import uniform_plan
+from edgekit.allocate import allocated_plan, layer_options, uniform_plan
 from edgekit.compress.quant import W8A8Config, quantize_w8a8
 from edgekit.context import Context
 from edgekit.data import Dataset, load_data
@@ -25,6 +25,7 @@ from edgekit.inventory import LayerInfo, layer_inventory
 from edgekit.iospec import Artifact
 from edgekit.model import LoadedModel, load_model
 from edgekit.plan import PRECISIONS, Plan
+from edgekit.tables import Budget
 from edgekit.targets import TargetProfile, load_target
 from edgekit.verify import VerificationReport, require_pass, run_reference, verify_artifact
 from edgekit.zoo import DEFAULT_MODEL
@@ -53,15 +54,18 @@ class BuildRequest:
     eval_samples: int | None = None
     measure_latency: bool = True
     plan: Path | None = None  # replay this plan (``edgekit apply``) instead of making one
+    budget: Budget | None = None  # allocate per layer under this budget (sensitivity x cost -> solver)
+    solver: str = "auto"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One precision tried: its plan, artifact and verification."""
+    """One plan tried: the plan, its artifact and verification, and the tables it was allocated from."""
 
     plan: Plan
     artifact: Artifact
     verification: VerificationReport
+    analysis: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -188,24 +192,83 @@ def check_plan(plan: Plan, layers: list[LayerInfo], profile: TargetProfile, mode
     return plan
 
 
-def _proposals(req, profile, model, layers, cfg):
-    """Plans to try, most compressed first, made lazily: (label, make_plan)."""
+SENSITIVITY_SAMPLES = 32
+
+
+def _allocate(req, profile, model, fp32: Artifact, layers, calib: Dataset, work: Path, cfg: W8A8Config,
+              ctx: Context) -> tuple[Plan, dict]:
+    """Measure sensitivity and cost, then solve for the plan that meets ``req.budget`` with the least distortion."""
+    from edgekit.agent.runtime import OrtRuntime, compare_latency
+    from edgekit.analyze import measure_sensitivity
+    from edgekit.cost import HardwareTable, cost_table, hardware_table_path, layer_geometry
+
+    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
+    log.info("quantizing every supported layer once (the source of every simulated mix)")
+    q_full = _apply(uniform, fp32, calib, work, cfg, ctx)
+    metric = "kl" if model.task == "classification" else "mse"
+    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
+                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx)
+    hw_path = hardware_table_path(profile)
+    hardware = HardwareTable.load(hw_path) if hw_path is not None and hw_path.exists() else None
+    cost = cost_table(layers, profile, layer_options(layers, profile), hardware=hardware,
+                      geometry=layer_geometry(fp32.path), bias_correction=cfg.bias_correction)
+    budget = req.budget
+    overhead = 0.0
+    other_bytes = 0
+    if budget.size_bytes is not None:  # the table counts layer weights; the file also holds the graph and the rest
+        other_bytes = max(0, q_full.size - sum(cost.entries[layer.name][_cheapest(cost, layer.name)].bytes
+                                               for layer in layers))
+        if budget.size_bytes - other_bytes <= 0:
+            raise ConfigError(f"size budget {budget.size_bytes} B is below the {other_bytes} B the model needs besides "
+                              "its weights")
+        budget = replace(budget, size_bytes=budget.size_bytes - other_bytes)
+    if budget.latency_ms is not None:  # the table covers weighted layers; the rest of the graph costs this much
+        feeds = {k: v[:1] for k, v in calib.inputs.items()}
+        whole = compare_latency({"fp32": OrtRuntime(fp32.path)}, feeds, rounds=3, per_round=20)["fp32"].median_ms
+        layers_ms = sum(cost.entries[layer.name]["fp32"].latency_ms for layer in layers)
+        overhead = max(0.0, whole - layers_ms)
+        log.info("FP32 model %.3f ms, its layers %.3f ms by the cost table: %.3f ms of other ops", whole, layers_ms,
+                 overhead)
+        if budget.latency_ms - overhead <= 0:
+            raise ConfigError(f"latency budget {budget.latency_ms} ms is below the unweighted ops' {overhead:.2f} ms")
+        budget = replace(budget, latency_ms=budget.latency_ms - overhead)
+    plan = allocated_plan(layers, profile, sensitivity=sens, cost=cost, budget=budget, solver=req.solver,
+                          model_sha256=model.sha256, activations=cfg.to_dict())
+    plan = replace(plan, budget={**plan.budget, **req.budget.to_dict(), "other_ops_ms": overhead,
+                                 "other_bytes": other_bytes})
+    analysis = {"sensitivity": sens.to_dict(), "cost": cost.to_dict(), "overhead_ms": overhead,
+                "hardware_table": str(hw_path) if hardware is not None else None}
+    return plan, analysis
+
+
+def _cheapest(cost, layer: str) -> str:
+    return min(cost.entries[layer], key=lambda o: cost.entries[layer][o].bytes)
+
+
+def _proposals(req, profile, model, layers, cfg, allocate):
+    """Plans to try, most compressed first, made lazily: (label, make) where make() -> (plan, analysis)."""
     if req.plan is not None:
-        yield "plan", lambda: check_plan(Plan.load(req.plan), layers, profile, model)
+        yield "plan", lambda: (check_plan(Plan.load(req.plan), layers, profile, model), None)
+        return
+    if req.budget is not None and not req.budget.is_empty():
+        yield "allocated", allocate
         return
     for precision in _candidates(req.precision, profile):
         def make(precision=precision):
             return uniform_plan(layers, profile, precision, model_sha256=model.sha256,
-                                activations=cfg.to_dict() if precision != "fp32" else {})
+                                activations=cfg.to_dict() if precision != "fp32" else {}), None
         yield precision, make
 
 
 def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx) -> tuple[Candidate, list[dict]]:
     tried: list[dict] = []
     last: Candidate | None = None
-    for label, make_plan in _proposals(req, profile, model, layers, cfg):
+    def allocate():
+        return _allocate(req, profile, model, fp32, layers, calib, work, cfg, ctx)
+
+    for label, make_plan in _proposals(req, profile, model, layers, cfg, allocate):
         try:
-            plan = make_plan()
+            plan, analysis = make_plan()
         except UnsupportedOnTarget:
             if req.precision != "auto" or req.plan is not None:
                 raise
@@ -219,7 +282,7 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
         log.info("%s: %s", label, report.summary())
         tried.append({"precision": label, "size_bytes": artifact.size, "verification": report.summary(),
                       "passed": report.passed})
-        last = Candidate(plan, artifact, report)
+        last = Candidate(plan, artifact, report, analysis)
         if report.passed:
             return last, tried
     if last is None:
@@ -280,6 +343,7 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
             t_start) -> dict:
     plan = chosen.plan
     options = {c.layer: (c.option, c.reason) for c in plan.layers}
+    layer_rows = [dict(l.to_dict(), option=options[l.name][0], reason=options[l.name][1]) for l in layers]
     budgets = profile.budgets.model_dump()
     size = chosen.artifact.size
     budget_check = {}
@@ -290,6 +354,20 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
         budget_check["latency"] = {"budget_ms": budgets["latency_ms"], "actual_ms": latency["chosen"]["median_ms"],
                                    "met": latency["chosen"]["median_ms"] <= budgets["latency_ms"],
                                    "note": "measured on the build host, not on the target"}
+    allocation = None
+    if chosen.analysis is not None:
+        sens = chosen.analysis["sensitivity"]
+        cost = chosen.analysis["cost"]["entries"]
+        for row in layer_rows:
+            name = row["name"]
+            row["distortion"] = sens["values"].get(name, {}).get(row["option"])
+            entry = cost.get(name, {}).get(row["option"], {})
+            row["bytes"], row["latency_ms"], row["latency_source"] = (
+                entry.get("bytes"), entry.get("latency_ms"), entry.get("source"))
+        allocation = {"solver": plan.solver, "budget": plan.budget, "metric": sens["metric"],
+                      "additivity": sens["additivity"], "hardware_table": chosen.analysis["hardware_table"],
+                      "other_ops_ms": chosen.analysis["overhead_ms"], "sensitivity": sens["values"],
+                      "cost": cost}
     return {
         "schema_version": 1,
         "model": {"source": model.source, "sha256": model.sha256, "framework": model.framework, "task": model.task,
@@ -298,7 +376,8 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
         "data": {"calibration": {"source": calib.source, "samples": len(calib), "sha256": calib.sha256()},
                  "evaluation": {"source": evald.source, "samples": len(evald), "sha256": evald.sha256()}},
         "precision": {"requested": req.precision, "chosen": plan.precision, "tried": tried},
-        "layers": [dict(l.to_dict(), option=options[l.name][0], reason=options[l.name][1]) for l in layers],
+        "layers": layer_rows,
+        "allocation": allocation,
         "totals": {"layers": len(layers), "params": sum(l.params for l in layers), "macs": sum(l.macs for l in layers),
                    "quantized_layers": sum(c.option != "fp32" for c in plan.layers)},
         "size": {"fp32_bytes": fp32.size, "artifact_bytes": size, "ratio": round(size / fp32.size, 4)},

@@ -172,20 +172,30 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
               help="Target profile name (see `edgekit targets`) or a path to a profile .toml.")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="auto: the smallest precision the target supports that passes verification.")
+@click.option("--budget", "budgets", multiple=True, metavar="KEY=VALUE",
+              help="Allocate per layer under a budget: size=1.6MB, latency=4ms, avg-bits=12 (repeatable). The solver "
+                   "picks each layer's option from measured sensitivity and the target's cost table.")
+@click.option("--solver", type=click.Choice(["auto", "ilp", "dp", "evo"]), default="auto", show_default=True,
+              help="Solver for --budget: ilp (exact), dp (knapsack), evo (evolutionary), auto (ilp; evo when the "
+                   "distortions do not add up).")
 @_build_options
-def build(target, precision, model, out, input_shapes, calib, eval_, key, allow_unverified, name, bundle_version,
-          calib_samples, eval_samples, no_latency, seed, as_json) -> None:
+def build(target, precision, budgets, solver, model, out, input_shapes, calib, eval_, key, allow_unverified, name,
+          bundle_version, calib_samples, eval_samples, no_latency, seed, as_json) -> None:
     """Compress, export, verify and bundle a model for a target.
 
     \b
     Examples:
       edgekit build --target cpu-x86
+      edgekit build --target cpu-x86 --budget latency=1.5ms        # per-layer allocation
       edgekit build --model builtin:digits-cnn --precision int8
       edgekit build --model mypkg.models:make_net --input-shape 1,3,224,224 --calib calib.npz --out out/
       edgekit build --model model.onnx --calib calib.npy --precision int8
       edgekit build --model builtin:efficientnet-lite0 --calib my_photos/ --eval held_out_photos/
     """
-    _run_build(as_json, seed, input_shapes, target=target, precision=precision,
+    from edgekit.tables import parse_budget
+
+    budget = parse_budget(budgets) if budgets else None
+    _run_build(as_json, seed, input_shapes, target=target, precision=precision, budget=budget, solver=solver,
                **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
                          eval_samples, no_latency))
 
@@ -359,6 +369,43 @@ def keys_generate(out: Path, name: str, force: bool) -> None:
 
     priv, pub = generate_keypair(out, name=name, overwrite=force)
     click.echo(f"private key: {priv}\npublic key:  {pub}\nkey id:      {key_id(load_public_key(pub))}")
+
+
+# ---------------------------------------------------------------------------------------------- hardware
+@cli.group()
+def hardware() -> None:
+    """Measured latency tables of a target (hardware/<target>.json) that the cost model reads."""
+
+
+@hardware.command("probe")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Table to write, e.g. hardware/cpu-x86.json (the path a target profile names).")
+@click.option("--options", default="fp32,w8a8", show_default=True, help="Options to time per layer.")
+@click.option("--merge", is_flag=True, help="Add to the table at --out instead of replacing it.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--per-round", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads (default: ORT's).")
+@click.option("--copies", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Copies of each layer per timed call (amortises per-call overhead).")
+def hardware_probe(models, out, options, merge, rounds, per_round, threads, copies) -> None:
+    """Time every weighted layer of MODELS on this machine, once per option, into a hardware table.
+
+    Run it on the target device (or a machine like it). Each distinct layer shape is timed once, as a one-layer
+    model with its activation, FP32 and INT8 interleaved.
+
+    \b
+    Example:
+      edgekit hardware probe builtin:efficientnet-lite0 builtin:digits-cnn --out hardware/cpu-x86.json
+    """
+    from edgekit.cost import HardwareTable
+    from edgekit.probe import probe_models, write_hardware_table
+
+    table = HardwareTable.load(out) if merge and out.exists() else None
+    table = probe_models(list(models), [o.strip() for o in options.split(",") if o.strip()], ctx=_ctx(), table=table,
+                         rounds=rounds, per_round=per_round, threads=threads, copies=copies)
+    write_hardware_table(table, out, command=" ".join(["edgekit", "hardware", "probe", *sys.argv[3:]]))
+    click.echo(f"wrote {out}: {len(table.entries)} layer signatures x {options}")
 
 
 # ---------------------------------------------------------------------------------------------- plan

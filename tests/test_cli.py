@@ -564,3 +564,23 @@ def test_apply_refuses_an_option_the_target_lacks(run_cli, tiny_build, data, tmp
     result = run_cli("apply", path, "--model", TINY, "--input-shape", SHAPE, "--calib", data.calib,
                      "--target", target, "--out", tmp_path / "out", code=6)
     assert "does not support" in result.stderr
+
+
+def test_hardware_probe_writes_a_table_the_cost_model_reads(run_cli, tiny_onnx, tmp_path):
+    from edgekit.cost import HardwareTable, cost_table, layer_geometry
+    from edgekit.inventory import layer_inventory
+    from edgekit.targets import load_target
+
+    out = tmp_path / "hw.json"
+    result = run_cli("hardware", "probe", tiny_onnx, "--out", out, "--rounds", "1", "--per-round", "2",
+                     "--copies", "1")
+    assert "layer signatures" in result.stdout
+    table = HardwareTable.load(out)
+    layers = layer_inventory(tiny_onnx)
+    cost = cost_table(layers, load_target("cpu-x86"), {layer.name: ["fp32", "w8a8"] for layer in layers},
+                      hardware=table, geometry=layer_geometry(tiny_onnx))
+    sources = {e.source for row in cost.entries.values() for e in row.values()}
+    assert sources and all(s.startswith("measured:") for s in sources)
+    # --merge keeps what is there and measures nothing new for the same model
+    run_cli("hardware", "probe", tiny_onnx, "--out", out, "--merge", "--rounds", "1", "--per-round", "2")
+    assert HardwareTable.load(out).entries.keys() == table.entries.keys()
