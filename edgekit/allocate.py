@@ -67,3 +67,18 @@ def allocated_plan(
         model_sha256=model_sha256, target=profile.name, precision=precision, layers=choices,
         activations=dict(activations or {}), budget={**budget.to_dict(), "predicted": predicted}, solver=sol.solver,
     )
+
+
+def fastest_plan(layers: Sequence[LayerInfo], profile: TargetProfile, cost, *, model_sha256: str,
+                 activations: dict | None = None) -> Plan:
+    """Each layer's fastest option by the cost table (for budgets the table says are out of reach)."""
+    choices = []
+    for layer in layers:
+        row = cost.entries[layer.name]
+        option = min(row, key=lambda o: (row[o].latency_ms, o != "fp32"))
+        choices.append(LayerChoice(layer.name, option, f"{option}: fastest by the cost table "
+                                                       f"({row[option].latency_ms:.4g} ms)"))
+    quantized = sum(c.option != "fp32" for c in choices)
+    precision = "fp32" if quantized == 0 else "int8" if quantized == len(choices) else "mixed"
+    return Plan(model_sha256=model_sha256, target=profile.name, precision=precision, layers=tuple(choices),
+                activations=dict(activations or {}), solver="fastest")

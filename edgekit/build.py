@@ -10,12 +10,12 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit import __version__
-from edgekit.allocate import allocated_plan, layer_options, uniform_plan
-from edgekit.compress.quant import W8A8Config, quantize_w8a8
+from edgekit.allocate import uniform_plan
+from edgekit.compress.quant import W8A8Config
 from edgekit.context import Context
 from edgekit.data import Dataset, load_data
 from edgekit.errors import ConfigError, UnsupportedOnTarget, VerificationFailed
@@ -23,6 +23,8 @@ from edgekit.export.onnx import describe, export_onnx
 from edgekit.fsutil import staging_dir
 from edgekit.inventory import LayerInfo, layer_inventory
 from edgekit.iospec import Artifact
+from edgekit.mixed import allocate as allocate_mixed
+from edgekit.mixed import apply_plan
 from edgekit.model import LoadedModel, load_model
 from edgekit.plan import PRECISIONS, Plan
 from edgekit.tables import Budget
@@ -122,15 +124,6 @@ def _candidates(precision: str, profile: TargetProfile) -> list[str]:
     return [p for p in ("int8", "fp32") if p == "fp32" or any(profile.supports(k, "w8a8") for k in profile.ops)]
 
 
-def _apply(plan: Plan, fp32: Artifact, calib: Dataset, work: Path, cfg: W8A8Config, ctx: Context) -> Artifact:
-    """Apply a plan to the exported FP32 graph (Plan, then apply: the FP32 artifact is never modified)."""
-    if not plan.is_quantized:
-        return fp32
-    out = work / f"model-{plan.precision}.onnx"
-    quantize_w8a8(fp32.path, out, plan, calib, cfg, track=ctx.track)
-    return describe(out)
-
-
 def build(req: BuildRequest, ctx: Context) -> BuildResult:
     """Run the whole pipeline and write ``<out>/<name>/`` (bundle directory) and ``<out>/<name>.ekb``."""
     t_start = time.time()
@@ -192,59 +185,6 @@ def check_plan(plan: Plan, layers: list[LayerInfo], profile: TargetProfile, mode
     return plan
 
 
-SENSITIVITY_SAMPLES = 32
-
-
-def _allocate(req, profile, model, fp32: Artifact, layers, calib: Dataset, work: Path, cfg: W8A8Config,
-              ctx: Context) -> tuple[Plan, dict]:
-    """Measure sensitivity and cost, then solve for the plan that meets ``req.budget`` with the least distortion."""
-    from edgekit.agent.runtime import OrtRuntime, compare_latency
-    from edgekit.analyze import measure_sensitivity
-    from edgekit.cost import HardwareTable, cost_table, hardware_table_path, layer_geometry
-
-    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
-    log.info("quantizing every supported layer once (the source of every simulated mix)")
-    q_full = _apply(uniform, fp32, calib, work, cfg, ctx)
-    metric = "kl" if model.task == "classification" else "mse"
-    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
-                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx)
-    hw_path = hardware_table_path(profile)
-    hardware = HardwareTable.load(hw_path) if hw_path is not None and hw_path.exists() else None
-    cost = cost_table(layers, profile, layer_options(layers, profile), hardware=hardware,
-                      geometry=layer_geometry(fp32.path), bias_correction=cfg.bias_correction)
-    budget = req.budget
-    overhead = 0.0
-    other_bytes = 0
-    if budget.size_bytes is not None:  # the table counts layer weights; the file also holds the graph and the rest
-        other_bytes = max(0, q_full.size - sum(cost.entries[layer.name][_cheapest(cost, layer.name)].bytes
-                                               for layer in layers))
-        if budget.size_bytes - other_bytes <= 0:
-            raise ConfigError(f"size budget {budget.size_bytes} B is below the {other_bytes} B the model needs besides "
-                              "its weights")
-        budget = replace(budget, size_bytes=budget.size_bytes - other_bytes)
-    if budget.latency_ms is not None:  # the table covers weighted layers; the rest of the graph costs this much
-        feeds = {k: v[:1] for k, v in calib.inputs.items()}
-        whole = compare_latency({"fp32": OrtRuntime(fp32.path)}, feeds, rounds=3, per_round=20)["fp32"].median_ms
-        layers_ms = sum(cost.entries[layer.name]["fp32"].latency_ms for layer in layers)
-        overhead = max(0.0, whole - layers_ms)
-        log.info("FP32 model %.3f ms, its layers %.3f ms by the cost table: %.3f ms of other ops", whole, layers_ms,
-                 overhead)
-        if budget.latency_ms - overhead <= 0:
-            raise ConfigError(f"latency budget {budget.latency_ms} ms is below the unweighted ops' {overhead:.2f} ms")
-        budget = replace(budget, latency_ms=budget.latency_ms - overhead)
-    plan = allocated_plan(layers, profile, sensitivity=sens, cost=cost, budget=budget, solver=req.solver,
-                          model_sha256=model.sha256, activations=cfg.to_dict())
-    plan = replace(plan, budget={**plan.budget, **req.budget.to_dict(), "other_ops_ms": overhead,
-                                 "other_bytes": other_bytes})
-    analysis = {"sensitivity": sens.to_dict(), "cost": cost.to_dict(), "overhead_ms": overhead,
-                "hardware_table": str(hw_path) if hardware is not None else None}
-    return plan, analysis
-
-
-def _cheapest(cost, layer: str) -> str:
-    return min(cost.entries[layer], key=lambda o: cost.entries[layer][o].bytes)
-
-
 def _proposals(req, profile, model, layers, cfg, allocate):
     """Plans to try, most compressed first, made lazily: (label, make) where make() -> (plan, analysis)."""
     if req.plan is not None:
@@ -264,7 +204,8 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
     tried: list[dict] = []
     last: Candidate | None = None
     def allocate():
-        return _allocate(req, profile, model, fp32, layers, calib, work, cfg, ctx)
+        return allocate_mixed(budget=req.budget, solver=req.solver, profile=profile, model=model, fp32=fp32,
+                              layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx)
 
     for label, make_plan in _proposals(req, profile, model, layers, cfg, allocate):
         try:
@@ -275,7 +216,11 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
             continue
         log.info("applying %s plan (%d of %d layers quantized)", label,
                  sum(c.option != "fp32" for c in plan.layers), len(plan.layers))
-        artifact = _apply(plan, fp32, calib, work, cfg, ctx)
+        made = (analysis or {}).pop("applied", None)  # (plan layers, artifact) already built while allocating
+        if made and made[0] == plan.layers:
+            artifact = made[1]
+        else:
+            artifact = apply_plan(plan, fp32, calib, work / f"model-{plan.precision}.onnx", cfg, ctx)
         tol_class = "int8" if plan.is_quantized else "fp32"
         report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
                                  tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)
@@ -365,8 +310,9 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
             row["bytes"], row["latency_ms"], row["latency_source"] = (
                 entry.get("bytes"), entry.get("latency_ms"), entry.get("source"))
         allocation = {"solver": plan.solver, "budget": plan.budget, "metric": sens["metric"],
+                      "latency_rounds": chosen.analysis.get("latency_rounds", []),
                       "additivity": sens["additivity"], "hardware_table": chosen.analysis["hardware_table"],
-                      "other_ops_ms": chosen.analysis["overhead_ms"], "sensitivity": sens["values"],
+                      "fp32_ms_at_build": chosen.analysis.get("fp32_ms"), "sensitivity": sens["values"],
                       "cost": cost}
     return {
         "schema_version": 1,

@@ -96,9 +96,10 @@ class Budget:
     size_bytes: int | None = None
     latency_ms: float | None = None
     avg_bits: float | None = None
+    latency_ratio: float | None = None  # latency as a fraction of FP32's, measured in the same run ("0.6x")
 
     def is_empty(self) -> bool:
-        return self.size_bytes is None and self.latency_ms is None and self.avg_bits is None
+        return all(v is None for v in (self.size_bytes, self.latency_ms, self.avg_bits, self.latency_ratio))
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -109,7 +110,7 @@ _UNITS = {"b": 1, "kb": 1e3, "kib": 1024, "mb": 1e6, "mib": 1024**2, "gb": 1e9, 
 
 def parse_budget(items: list[str] | tuple[str, ...]) -> Budget:
     """Parse ``--budget`` values: ``size=1.6MB``, ``latency=4ms``, ``avg-bits=4.5`` (repeatable or comma-joined)."""
-    size = latency = bits = None
+    size = latency = bits = ratio = None
     for item in [p for raw in items for p in raw.split(",") if p.strip()]:
         key, sep, value = item.partition("=")
         key, value = key.strip().lower(), value.strip().lower()
@@ -121,10 +122,14 @@ def parse_budget(items: list[str] | tuple[str, ...]) -> Budget:
                 raise ConfigError(f"size budget {value!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB")
             size = int(float(m.group(1)) * _UNITS.get(m.group(2) or "b"))
         elif key == "latency":
-            m = re.fullmatch(r"([0-9.]+)\s*(ms|us|s)?", value)
+            m = re.fullmatch(r"([0-9.]+)\s*(ms|us|s|x)?", value)
             if not m:
-                raise ConfigError(f"latency budget {value!r}: use a number with ms, us or s")
-            latency = float(m.group(1)) * {"ms": 1.0, "us": 1e-3, "s": 1e3, None: 1.0}[m.group(2)]
+                raise ConfigError(f"latency budget {value!r}: use a number with ms, us or s, or a fraction of FP32 "
+                                  "like 0.6x")
+            if m.group(2) == "x":
+                ratio = float(m.group(1))
+            else:
+                latency = float(m.group(1)) * {"ms": 1.0, "us": 1e-3, "s": 1e3, None: 1.0}[m.group(2)]
         elif key in ("avg-bits", "avg_bits", "bits"):
             try:
                 bits = float(value)
@@ -132,7 +137,9 @@ def parse_budget(items: list[str] | tuple[str, ...]) -> Budget:
                 raise ConfigError(f"avg-bits budget {value!r} is not a number") from None
         else:
             raise ConfigError(f"unknown budget {key!r}", hint="budgets: size=, latency=, avg-bits=")
-    for name, v in (("size", size), ("latency", latency), ("avg-bits", bits)):
+    for name, v in (("size", size), ("latency", latency), ("avg-bits", bits), ("latency", ratio)):
         if v is not None and v <= 0:
             raise ConfigError(f"{name} budget must be positive")
-    return Budget(size_bytes=size, latency_ms=latency, avg_bits=bits)
+    if latency is not None and ratio is not None:
+        raise ConfigError("give the latency budget once: in ms or as a fraction of FP32 (0.6x), not both")
+    return Budget(size_bytes=size, latency_ms=latency, avg_bits=bits, latency_ratio=ratio)

@@ -60,3 +60,48 @@ def test_dp_solver_meets_the_same_budget(run_cli, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["size"]["artifact_bytes"] <= 60_000
     assert json.loads((out / "digits-cnn" / "plan.json").read_text())["solver"].startswith("dp")
+
+
+def _fake_latency(monkeypatch, ratios):
+    """Replace the interleaved timer of the allocation loop with fixed ratios to FP32 (FP32 = 1 ms)."""
+    import edgekit.mixed as mixed
+    from edgekit.agent.runtime import LatencyStats
+
+    def fake(runtimes, feeds, **kw):
+        return {k: LatencyStats(ratios.get(k, 1.0), ratios.get(k, 1.0), 1) for k in runtimes}
+
+    monkeypatch.setattr(mixed, "compare_latency", fake)
+
+
+def test_latency_budget_keeps_the_least_distorted_plan_that_meets_it_as_measured(run_cli, tmp_path, monkeypatch):
+    # the solved plans measure 0.9x, uniform INT8 0.5x: only uniform meets 0.6x, so it is kept
+    _fake_latency(monkeypatch, {"fp32": 1.0, "plan": 0.9, "uniform": 0.5})
+    out = tmp_path / "o"
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "latency=0.6x", "--out", out, "--json",
+                     "--no-latency")
+    plan = json.loads((out / "digits-cnn" / "plan.json").read_text())
+    assert all(c["option"] == "w8a8" for c in plan["layers"])
+    report = json.loads((out / "digits-cnn" / "report.json").read_text())
+    rounds = report["allocation"]["latency_rounds"]
+    assert rounds[0]["uniform_int8_ratio"] == 0.5 and rounds[0]["budget_ratio"] == 0.6
+    assert json.loads(result.stdout)["verification"]["passed"]
+
+
+def test_latency_budget_nobody_meets_keeps_the_fastest_and_says_so(run_cli, tmp_path, monkeypatch):
+    _fake_latency(monkeypatch, {"fp32": 1.0, "plan": 0.95, "uniform": 0.8})
+    out = tmp_path / "o"
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "latency=0.5x", "--out", out,
+                     "--no-latency")
+    assert "no plan met the latency budget" in result.stderr
+    report = json.loads((out / "digits-cnn" / "report.json").read_text())
+    assert report["allocation"]["latency_rounds"][-1] == {"budget_met": False, "kept_ratio": 0.8}
+
+
+def test_relative_latency_budget_parsing():
+    from edgekit.errors import ConfigError
+    from edgekit.tables import parse_budget
+
+    assert parse_budget(["latency=0.6x"]).latency_ratio == 0.6
+    assert parse_budget(["latency=1500us"]).latency_ms == 1.5
+    with pytest.raises(ConfigError, match="once"):
+        parse_budget(["latency=0.6x", "latency=2ms"])

@@ -1,0 +1,172 @@
+"""The allocation sub-pipeline behind ``edgekit build --budget``: quantize once → sensitivity → cost → solve →
+build and *measure* → refine.
+
+Per-layer latencies do not add up to a mixed model's latency: every float layer left inside the integer chain
+costs layout changes and Quantize/Dequantize around it, which no per-layer timing sees. So a latency budget is
+checked on the whole model, measured interleaved with FP32; while it is missed, the measured shortfall is charged
+to the float layers in the chain and the plan solved again. Every measured plan is kept (uniform INT8 included):
+the least-distortion one that meets the budget wins; if none does, the fastest is kept and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgekit.agent.runtime import OrtRuntime, compare_latency
+from edgekit.allocate import allocated_plan, fastest_plan, layer_options, uniform_plan
+from edgekit.analyze import measure_sensitivity
+from edgekit.compress.quant import W8A8Config, quantize_w8a8
+from edgekit.context import Context
+from edgekit.data import Dataset
+from edgekit.errors import ConfigError
+from edgekit.export.onnx import describe
+from edgekit.iospec import Artifact
+from edgekit.plan import Plan
+from edgekit.tables import Budget, CostEntry, CostTable
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_SAMPLES = 32
+REFINE_ROUNDS = 3
+LATENCY_SLACK = 1.05  # measured within 5 % of the latency budget counts as met
+
+
+@dataclass(frozen=True)
+class Measured:
+    plan: Plan
+    artifact: Artifact
+    ratio: float  # measured latency / FP32's, interleaved in the same run
+    distortion: float  # predicted (sum of single-layer distortions)
+
+
+def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8Config, ctx: Context) -> Artifact:
+    """The artifact of a plan: the FP32 graph itself, or ORT's quantizer with the plan's float layers excluded."""
+    if not plan.is_quantized:
+        return fp32
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_w8a8(fp32.path, out, plan, calib, cfg, track=ctx.track)
+    return describe(out)
+
+
+def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, layers, calib: Dataset, work: Path,
+             cfg: W8A8Config, ctx: Context) -> tuple[Plan, dict]:
+    """Solve for the plan with the least output distortion that meets ``budget``; returns it and the analysis (tables,
+    measured rounds, and the artifact already built for it)."""
+    from edgekit.cost import HardwareTable, cost_table, hardware_table_path, layer_geometry
+
+    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
+    log.info("quantizing every supported layer once (the source of every simulated mix)")
+    q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
+    metric = "kl" if model.task == "classification" else "mse"
+    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
+                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx)
+    hw_path = hardware_table_path(profile)
+    hardware = HardwareTable.load(hw_path) if hw_path is not None and hw_path.exists() else None
+    cost = cost_table(layers, profile, layer_options(layers, profile), hardware=hardware,
+                      geometry=layer_geometry(fp32.path), bias_correction=cfg.bias_correction)
+    solve_budget, notes = _solver_budget(budget, cost, layers, q_full, fp32, calib)
+    try:
+        plan = allocated_plan(layers, profile, sensitivity=sens, cost=cost, budget=solve_budget, solver=solver,
+                              model_sha256=model.sha256, activations=cfg.to_dict())
+    except ConfigError as exc:
+        if notes.get("latency_ms") is None or solve_budget.size_bytes is not None or budget.avg_bits is not None:
+            raise
+        log.warning("%s by the cost table; measuring the fastest plans instead", exc.message)
+        plan = fastest_plan(layers, profile, cost, model_sha256=model.sha256, activations=cfg.to_dict())
+    analysis = {"sensitivity": sens.to_dict(), "hardware_table": str(hw_path) if hardware is not None else None,
+                **notes, "latency_rounds": [], "applied": None}
+    if notes.get("latency_ms") is not None:
+        uniform_measured = Measured(uniform, q_full, 0.0, sum(r.get("w8a8", 0.0) for r in sens.values.values()))
+        plan, cost, analysis["latency_rounds"], analysis["applied"] = _refine_for_latency(
+            plan, cost, uniform_measured, notes, sens, solve_budget, solver=solver, profile=profile, model=model,
+            fp32=fp32, layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx)
+    analysis["cost"] = cost.to_dict()
+    plan = replace(plan, budget={**plan.budget, **budget.to_dict(), **{k: v for k, v in notes.items() if v}})
+    return plan, analysis
+
+
+def _solver_budget(budget: Budget, cost: CostTable, layers, q_full: Artifact, fp32: Artifact, calib: Dataset):
+    """The budget the solver sees. Size: the whole artifact minus the bytes outside the weighted layers (graph,
+    activation scales), which no per-layer choice changes. Latency: as a fraction of FP32 measured now, applied to
+    the cost table's FP32 layer sum; the table may have been measured under another load, and the unweighted ops
+    (Add, pooling) speed up with their neighbours, so ratios carry over where absolute milliseconds do not."""
+    notes: dict = {"other_bytes": 0, "latency_ms": None, "fp32_ms": None}
+    size = budget.size_bytes
+    if size is not None:
+        weights = sum(min(e.bytes for e in cost.entries[layer.name].values()) for layer in layers)
+        notes["other_bytes"] = max(0, q_full.size - weights)
+        size -= notes["other_bytes"]
+        if size <= 0:
+            raise ConfigError(f"size budget {budget.size_bytes} B is below the {notes['other_bytes']} B the model "
+                              "needs besides its weights")
+    latency = None
+    if budget.latency_ms is not None or budget.latency_ratio is not None:
+        feeds = {k: v[:1] for k, v in calib.inputs.items()}
+        whole = compare_latency({"fp32": OrtRuntime(fp32.path)}, feeds, rounds=3, per_round=20)["fp32"].median_ms
+        target = budget.latency_ms if budget.latency_ms is not None else budget.latency_ratio * whole
+        layers_ms = sum(cost.entries[layer.name]["fp32"].latency_ms for layer in layers)
+        notes.update(fp32_ms=round(whole, 4), latency_ms=round(target, 4))
+        latency = target / whole * layers_ms
+        log.info("latency budget %.3f ms = %.2fx FP32 (which measures %.3f ms now); solving for %.3f ms of the "
+                 "cost table's %.3f ms of layers", target, target / whole, whole, latency, layers_ms)
+    return Budget(size_bytes=size, latency_ms=latency, avg_bits=budget.avg_bits), notes
+
+
+def _distortion(plan: Plan, sens) -> float:
+    return sum(sens.values[c.layer].get(c.option, 0.0) for c in plan.layers)
+
+
+def _refine_for_latency(plan, cost, uniform: Measured, notes, sens, solve_budget, *, solver, profile, model, fp32,
+                        layers, calib, work, cfg, ctx):
+    feeds = {k: v[:1] for k, v in calib.inputs.items()}
+    base = OrtRuntime(fp32.path)
+    measured: list[Measured] = []
+    rounds: list[dict] = []
+    penalty = 0.0
+    for k in range(REFINE_ROUNDS):
+        artifact = apply_plan(plan, fp32, calib, work / f"refine{k}" / "model.onnx", cfg, ctx)
+        runtimes = {"fp32": base, "plan": OrtRuntime(artifact.path)}
+        if k == 0:
+            runtimes["uniform"] = OrtRuntime(uniform.artifact.path)
+        stats = compare_latency(runtimes, feeds, rounds=3, per_round=15)
+        ratio = stats["plan"].median_ms / stats["fp32"].median_ms
+        target = notes["latency_ms"] / notes["fp32_ms"]
+        if k == 0:
+            uniform = replace(uniform, ratio=stats["uniform"].median_ms / stats["fp32"].median_ms)
+            measured.append(uniform)
+        measured.append(Measured(plan, artifact, ratio, _distortion(plan, sens)))
+        islands = [c.layer for c in plan.layers if c.option == "fp32" and len(cost.entries[c.layer]) > 1]
+        rounds.append({"round": k, "measured_ratio_to_fp32": round(ratio, 4), "budget_ratio": round(target, 4),
+                       "uniform_int8_ratio": round(uniform.ratio, 4), "float_layers_in_chain": len(islands),
+                       "island_penalty_ms": round(penalty, 5)})
+        log.info("allocation round %d: plan measures %.2fx FP32 (uniform INT8 %.2fx) against a budget of %.2fx; "
+                 "%d float layers in the integer chain", k, ratio, uniform.ratio, target, len(islands))
+        if ratio <= target * LATENCY_SLACK or not islands:
+            break
+        predicted = sum(cost.entries[c.layer][c.option].latency_ms for c in plan.layers)
+        measured_layers = ratio * sum(cost.entries[c.layer]["fp32"].latency_ms for c in plan.layers)
+        penalty += max(0.0, (measured_layers - predicted) / len(islands))
+        cost = CostTable(target=cost.target, entries={
+            name: {o: (CostEntry(e.bytes, e.latency_ms + penalty, f"{e.source}+island{penalty:.3f}ms")
+                       if o == "fp32" and len(row) > 1 else e) for o, e in row.items()}
+            for name, row in cost.entries.items()})
+        try:
+            plan = allocated_plan(layers, profile, sensitivity=sens, cost=cost, budget=solve_budget, solver=solver,
+                                  model_sha256=model.sha256, activations=cfg.to_dict())
+        except ConfigError:
+            log.info("charging float islands %.3f ms each makes the budget infeasible for the solver", penalty)
+            break
+    target = notes["latency_ms"] / notes["fp32_ms"]
+    meeting = [m for m in measured if m.ratio <= target * LATENCY_SLACK and m.ratio <= 1.0]
+    if meeting:
+        best = min(meeting, key=lambda m: m.distortion)
+    else:
+        best = min(measured, key=lambda m: m.ratio)
+        log.warning("no plan met the latency budget of %.2fx FP32 as measured; keeping the fastest found (%.2fx)",
+                    target, best.ratio)
+        rounds.append({"budget_met": False, "kept_ratio": round(best.ratio, 4)})
+    if best.plan is uniform.plan:
+        log.info("uniform INT8 is the best measured plan for this budget")
+    return best.plan, cost, rounds, (best.plan.layers, best.artifact)
