@@ -75,3 +75,18 @@ def run_cli(test_models_importable) -> Callable:
         return result
 
     return run
+
+
+@pytest.fixture
+def fp32(tmp_path):
+    """The small conv net of tests/onnx_graphs.py as an FP32 ONNX file, its layers named like exported ones."""
+    import onnx
+
+    from edgekit.export.onnx import name_weighted_nodes
+    from tests.onnx_graphs import conv_net
+
+    model = conv_net()
+    name_weighted_nodes(model)
+    path = tmp_path / "fp32.onnx"
+    onnx.save(model, str(path))
+    return path

@@ -22,7 +22,6 @@ from edgekit.cost import (
 )
 from edgekit.data import Dataset
 from edgekit.errors import ConfigError
-from edgekit.export.onnx import name_weighted_nodes
 from edgekit.inventory import LayerInfo, layer_inventory
 from edgekit.plan import LayerChoice, Plan
 from edgekit.probe import (
@@ -36,18 +35,8 @@ from edgekit.probe import (
     write_hardware_table,
 )
 from edgekit.targets import load_target
-from tests.onnx_graphs import conv_net
 
 OPTIONS = ["fp32", "w8a8"]
-
-
-@pytest.fixture
-def fp32(tmp_path):
-    m = conv_net()
-    name_weighted_nodes(m)
-    path = tmp_path / "fp32.onnx"
-    onnx.save(m, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

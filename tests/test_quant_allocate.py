@@ -8,20 +8,9 @@ from edgekit.allocate import uniform_plan
 from edgekit.compress.quant import W8A8Config, quantize_w8a8
 from edgekit.data import Dataset
 from edgekit.errors import ConfigError, UnsupportedOnTarget
-from edgekit.export.onnx import name_weighted_nodes
 from edgekit.inventory import layer_inventory
 from edgekit.targets import load_target
 from edgekit.verify import sqnr_db
-from tests.onnx_graphs import conv_net
-
-
-@pytest.fixture
-def fp32(tmp_path):
-    m = conv_net()
-    name_weighted_nodes(m)
-    path = tmp_path / "fp32.onnx"
-    onnx.save(m, str(path))
-    return path
 
 
 def _data(n=32, seed=0):
