@@ -77,11 +77,14 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
         plan = fastest_plan(layers, profile, cost, model_sha256=model.sha256, activations=cfg.to_dict())
     analysis = {"sensitivity": sens.to_dict(), "hardware_table": str(hw_path) if hardware is not None else None,
                 **notes, "latency_rounds": [], "applied": None}
+    uniform_measured = Measured(uniform, q_full, 0.0, sum(r.get("w8a8", 0.0) for r in sens.values.values()))
     if notes.get("latency_ms") is not None:
-        uniform_measured = Measured(uniform, q_full, 0.0, sum(r.get("w8a8", 0.0) for r in sens.values.values()))
         plan, cost, analysis["latency_rounds"], analysis["applied"] = _refine_for_latency(
             plan, cost, uniform_measured, notes, sens, solve_budget, solver=solver, profile=profile, model=model,
             fp32=fp32, layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx)
+    elif plan.is_quantized:
+        plan, analysis["latency_rounds"], analysis["applied"] = _no_regression(
+            plan, uniform_measured, sens, fp32=fp32, calib=calib, work=work, cfg=cfg, ctx=ctx)
     analysis["cost"] = cost.to_dict()
     plan = replace(plan, budget={**plan.budget, **budget.to_dict(), **{k: v for k, v in notes.items() if v}})
     return plan, analysis
@@ -112,6 +115,35 @@ def _solver_budget(budget: Budget, cost: CostTable, layers, q_full: Artifact, fp
         log.info("latency budget %.3f ms = %.2fx FP32 (which measures %.3f ms now); solving for %.3f ms of the "
                  "cost table's %.3f ms of layers", target, target / whole, whole, latency, layers_ms)
     return Budget(size_bytes=size, latency_ms=latency, avg_bits=budget.avg_bits), notes
+
+
+NO_REGRESSION_SLACK = 1.05  # measurement noise allowed before a plan counts as slower than FP32
+
+
+def _no_regression(plan, uniform: Measured, sens, *, fp32, calib, work, cfg, ctx):
+    """Size/bit budgets say nothing of latency, but a compressed model slower than FP32 is never the answer: measure
+    the plan beside FP32 and uniform INT8 (which meets any size or bit budget the plan meets); if the plan is slower
+    than FP32 and uniform INT8 is not, ship uniform INT8."""
+    artifact = apply_plan(plan, fp32, calib, work / "solved" / "model.onnx", cfg, ctx)
+    feeds = {k: v[:1] for k, v in calib.inputs.items()}
+    stats = compare_latency({"fp32": OrtRuntime(fp32.path), "plan": OrtRuntime(artifact.path),
+                             "uniform": OrtRuntime(uniform.artifact.path)}, feeds, rounds=3, per_round=15)
+    ratio = stats["plan"].median_ms / stats["fp32"].median_ms
+    uniform_ratio = stats["uniform"].median_ms / stats["fp32"].median_ms
+    record = {"round": 0, "measured_ratio_to_fp32": round(ratio, 4), "uniform_int8_ratio": round(uniform_ratio, 4),
+              "check": "no regression vs FP32"}
+    log.info("solved plan measures %.2fx FP32, uniform INT8 %.2fx", ratio, uniform_ratio)
+    if ratio > NO_REGRESSION_SLACK and uniform_ratio < ratio and uniform_ratio <= NO_REGRESSION_SLACK:
+        log.warning("the solved plan measures %.2fx FP32 (slower); shipping uniform INT8 (%.2fx) instead, which "
+                    "also meets the budget", ratio, uniform_ratio)
+        record["kept"] = "uniform int8"
+        reason = f"uniform INT8: the solved plan measured {ratio:.2f}x FP32, slower; this one {uniform_ratio:.2f}x"
+        uniform_plan_ = replace(uniform.plan, solver=f"{plan.solver}→no-regression",
+                                notes=(*uniform.plan.notes, reason))
+        return uniform_plan_, [record], (uniform_plan_.layers, uniform.artifact)
+    if ratio > NO_REGRESSION_SLACK:
+        log.warning("the solved plan measures %.2fx FP32 and no compressed plan is faster here", ratio)
+    return plan, [record], (plan.layers, artifact)
 
 
 def _distortion(plan: Plan, sens) -> float:
