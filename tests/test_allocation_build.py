@@ -105,3 +105,22 @@ def test_relative_latency_budget_parsing():
     assert parse_budget(["latency=1500us"]).latency_ms == 1.5
     with pytest.raises(ConfigError, match="once"):
         parse_budget(["latency=0.6x", "latency=2ms"])
+
+
+def test_a_size_plan_slower_than_fp32_is_replaced_by_uniform_int8(run_cli, tmp_path, monkeypatch):
+    _fake_latency(monkeypatch, {"fp32": 1.0, "plan": 1.3, "uniform": 0.7})
+    out = tmp_path / "o"
+    run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=60KB", "--out", out, "--no-latency")
+    plan = json.loads((out / "digits-cnn" / "plan.json").read_text())
+    assert plan["solver"].endswith("no-regression")
+    assert all(c["option"] == "w8a8" for c in plan["layers"])
+    assert any("slower" in note for note in plan["notes"])
+
+
+def test_a_size_plan_faster_than_fp32_is_kept(run_cli, tmp_path, monkeypatch):
+    _fake_latency(monkeypatch, {"fp32": 1.0, "plan": 0.9, "uniform": 0.7})
+    out = tmp_path / "o"
+    run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=60KB", "--out", out, "--no-latency")
+    plan = json.loads((out / "digits-cnn" / "plan.json").read_text())
+    assert not plan["solver"].endswith("no-regression")
+    assert any(c["option"] == "fp32" for c in plan["layers"])  # the 60 KB mix keeps some layers float
