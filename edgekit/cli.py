@@ -173,8 +173,9 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
               help="auto: the smallest precision the target supports that passes verification.")
 @click.option("--budget", "budgets", multiple=True, metavar="KEY=VALUE",
-              help="Allocate per layer under a budget: size=1.6MB, latency=4ms, avg-bits=12 (repeatable). The solver "
-                   "picks each layer's option from measured sensitivity and the target's cost table.")
+              help="Allocate per layer under a budget: size=1.6MB, latency=0.6x (of FP32, measured) or latency=4ms, "
+                   "avg-bits=12 (repeatable). The solver picks each layer's option from measured sensitivity and the "
+                   "target's cost table; the result is measured as a whole.")
 @click.option("--solver", type=click.Choice(["auto", "ilp", "dp", "evo"]), default="auto", show_default=True,
               help="Solver for --budget: ilp (exact), dp (knapsack), evo (evolutionary), auto (ilp; evo when the "
                    "distortions do not add up).")
@@ -186,7 +187,8 @@ def build(target, precision, budgets, solver, model, out, input_shapes, calib, e
     \b
     Examples:
       edgekit build --target cpu-x86
-      edgekit build --target cpu-x86 --budget latency=1.5ms        # per-layer allocation
+      edgekit build --target cpu-x86 --budget latency=0.6x         # per-layer allocation, 0.6x FP32
+      edgekit build --model builtin:digits-cnn --budget size=60KB
       edgekit build --model builtin:digits-cnn --precision int8
       edgekit build --model mypkg.models:make_net --input-shape 1,3,224,224 --calib calib.npz --out out/
       edgekit build --model model.onnx --calib calib.npy --precision int8
