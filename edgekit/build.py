@@ -10,14 +10,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgekit import __version__
 from edgekit.allocate import uniform_plan
 from edgekit.compress.quant import W8A8Config
 from edgekit.context import Context
-from edgekit.data import Dataset, load_data
+from edgekit.data import Dataset, integer_inputs, load_data
 from edgekit.errors import ConfigError, UnsupportedOnTarget, VerificationFailed
 from edgekit.export.onnx import describe, export_onnx
 from edgekit.fsutil import staging_dir
@@ -35,6 +35,7 @@ from edgekit.zoo import DEFAULT_MODEL
 log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "model.onnx"
+TASKS = ("classification", "embedding", "generic")  # classification adds top-1 agreement and accuracy
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class BuildRequest:
     measure_latency: bool = True
     plan: Path | None = None  # replay this plan (``edgekit apply``) instead of making one
     budget: Budget | None = None  # allocate per layer under this budget (sensitivity x cost -> solver)
+    task: str | None = None  # classification | embedding | generic; None: as guessed from the model
     solver: str = "auto"
 
 
@@ -136,7 +138,12 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         )
     signing_key = _signing_key(req, ctx)
     log.info("loading model %s", req.model)
-    model = load_model(req.model, input_shapes=list(req.input_shapes) if req.input_shapes else None, ctx=ctx)
+    model = load_model(req.model, input_shapes=list(req.input_shapes) if req.input_shapes else None,
+                       input_dtypes=integer_inputs(req.calib), ctx=ctx)
+    if req.task is not None:
+        if req.task not in TASKS:
+            raise ConfigError(f"unknown task {req.task!r}", hint=f"one of {', '.join(TASKS)}")
+        model = replace(model, task=req.task)
     calib, evald = _load_datasets(model, req, ctx)
     name = req.name or model.name
     out_root = Path(req.out)

@@ -120,6 +120,9 @@ _BUILD_OPTIONS = [
     click.option("--eval-samples", type=click.IntRange(min=1), help="Limit the evaluation samples."),
     click.option("--no-latency", is_flag=True, help="Skip the FP32-vs-compressed latency measurement."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for built-in data crops."),
+    click.option("--task", type=click.Choice(["auto", "classification", "embedding", "generic"]), default="auto",
+                 show_default=True, help="What the output is: classifiers also get top-1 agreement and accuracy. "
+                 "auto: a 2-D output with several columns is taken for class logits."),
     click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text."),
 ]
 
@@ -161,10 +164,10 @@ def _run_build(as_json: bool, seed: int, input_shapes, **fields) -> None:
 
 
 def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples, eval_samples,
-            no_latency) -> dict:
+            no_latency, task) -> dict:
     return dict(model=model, out=out, calib=calib, eval=eval_, key=key, allow_unverified=allow_unverified,
                 name=name, bundle_version=bundle_version, calib_samples=calib_samples, eval_samples=eval_samples,
-                measure_latency=not no_latency)
+                measure_latency=not no_latency, task=None if task == "auto" else task)
 
 
 @cli.command()
@@ -181,7 +184,7 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
                    "distortions do not add up).")
 @_build_options
 def build(target, precision, budgets, solver, model, out, input_shapes, calib, eval_, key, allow_unverified, name,
-          bundle_version, calib_samples, eval_samples, no_latency, seed, as_json) -> None:
+          bundle_version, calib_samples, eval_samples, no_latency, seed, task, as_json) -> None:
     """Compress, export, verify and bundle a model for a target.
 
     \b
@@ -199,7 +202,7 @@ def build(target, precision, budgets, solver, model, out, input_shapes, calib, e
     budget = parse_budget(budgets) if budgets else None
     _run_build(as_json, seed, input_shapes, target=target, precision=precision, budget=budget, solver=solver,
                **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
-                         eval_samples, no_latency))
+                         eval_samples, no_latency, task))
 
 
 @cli.command()
@@ -207,7 +210,7 @@ def build(target, precision, budgets, solver, model, out, input_shapes, calib, e
 @click.option("--target", "-t", help="Target profile (default: the one the plan was made for).")
 @_build_options
 def apply(plan_file, target, model, out, input_shapes, calib, eval_, key, allow_unverified, name, bundle_version,
-          calib_samples, eval_samples, no_latency, seed, as_json) -> None:
+          calib_samples, eval_samples, no_latency, seed, task, as_json) -> None:
     """Replay a plan (e.g. an edited plan.json): apply its per-layer choices, verify, and bundle.
 
     The plan must name exactly the model's layers (as `edgekit plan show` lists them), with options the target
@@ -224,7 +227,7 @@ def apply(plan_file, target, model, out, input_shapes, calib, eval_, key, allow_
     plan = Plan.load(plan_file)
     _run_build(as_json, seed, input_shapes, target=target or plan.target, plan=plan_file,
                **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
-                         eval_samples, no_latency))
+                         eval_samples, no_latency, task))
 
 
 # ---------------------------------------------------------------------------------------------- targets

@@ -355,3 +355,20 @@ def load_data(
     ds = Dataset(name=path.stem or path.name, inputs=arrays, labels=labels, source=str(path))
     log.info("loaded %d samples from %s", len(ds), path)
     return ds
+
+
+def integer_inputs(spec: str | None) -> dict[str, str]:
+    """Names and dtypes of the integer arrays in a calibration ``.npz`` (token ids, masks): how to type the inputs of
+    a PyTorch model whose signature does not say. Anything unreadable yields {} (``load_data`` reports it later)."""
+    if not spec or not str(spec).endswith(".npz"):
+        return {}
+    try:
+        with open(spec, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return {}
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as z:
+                return {k: str(z[k].dtype) for k in z.files
+                        if k != LABELS_KEY and z[k].dtype.kind in "iu" and str(z[k].dtype) in ("int64", "int32")}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}

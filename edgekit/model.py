@@ -76,18 +76,22 @@ def load_model(
     spec: str,
     *,
     input_shapes: list[tuple[int, ...]] | None = None,
+    input_dtypes: dict[str, str] | None = None,
     ctx: Context,
 ) -> LoadedModel:
-    """Resolve ``spec`` into a LoadedModel. Errors say what was wrong and how to name a model."""
+    """Resolve ``spec`` into a LoadedModel. Errors say what was wrong and how to name a model.
+
+    ``input_dtypes`` (input name → dtype) types a torch model's inputs, e.g. int64 token ids; default float32.
+    """
     if spec.startswith("builtin:"):
         return _load_builtin(spec.removeprefix("builtin:"), ctx)
     path = Path(spec)
     if spec.endswith(".onnx"):
         return _load_onnx(path, input_shapes)
     if spec.endswith(".pt2"):
-        return _load_pt2(path, input_shapes)
+        return _load_pt2(path, input_shapes, input_dtypes)
     if ":" in spec and not path.exists():
-        return _load_factory(spec, input_shapes)
+        return _load_factory(spec, input_shapes, input_dtypes)
     raise ConfigError(
         f"cannot tell what kind of model {spec!r} is",
         hint="name a model as builtin:NAME, package.module:factory, file.pt2 (torch.export) or file.onnx",
@@ -113,14 +117,41 @@ def _load_builtin(name: str, ctx: Context) -> LoadedModel:
     )
 
 
-def _torch_inputs(input_shapes: list[tuple[int, ...]] | None, spec: str) -> tuple[TensorSpec, ...]:
+def _forward_names(module, count: int) -> list[str] | None:
+    """The names of ``forward``'s first ``count`` positional parameters (``input_ids``, ``attention_mask`` ...)."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params[:count]] if len(params) >= count else None
+
+
+def _torch_inputs(input_shapes: list[tuple[int, ...]] | None, spec: str, module=None,
+                  dtypes: dict[str, str] | None = None) -> tuple[TensorSpec, ...]:
+    """Input specs of a torch model: names from ``forward``'s signature (else ``input``/``input_N``), dtypes from
+    ``dtypes`` (by name; e.g. read from the calibration .npz) else float32, the first dimension a dynamic batch."""
     if not input_shapes:
         raise ConfigError(
             f"{spec}: a PyTorch model needs its input shape", hint="pass --input-shape 1,3,224,224"
         )
-    names = ["input"] if len(input_shapes) == 1 else [f"input_{i}" for i in range(len(input_shapes))]
-    # the first dimension is the batch: export it as dynamic
-    return tuple(TensorSpec(n, ("batch", *s[1:])) for n, s in zip(names, input_shapes))
+    names = (_forward_names(module, len(input_shapes)) if module is not None else None) or (
+        ["input"] if len(input_shapes) == 1 else [f"input_{i}" for i in range(len(input_shapes))])
+    dtypes = dtypes or {}
+    return tuple(TensorSpec(n, ("batch", *s[1:]), dtypes.get(n, "float32")) for n, s in zip(names, input_shapes))
+
+
+def example_inputs(inputs: tuple[TensorSpec, ...]):
+    """One sample per input for tracing: zeros for floats, ones for integers (valid token ids and masks)."""
+    import torch
+
+    return tuple(
+        (torch.ones if spec.np_dtype.kind in "iu" else torch.zeros)((1, *spec.sample_shape),
+                                                                     dtype=getattr(torch, spec.dtype))
+        for spec in inputs
+    )
 
 
 def batch_size(inputs: tuple[TensorSpec, ...], default: int) -> int:
@@ -135,7 +166,7 @@ def _guess_task(module, inputs: tuple[TensorSpec, ...]) -> str:
 
     try:
         with torch.no_grad():
-            out = module(*[torch.zeros((1, *i.sample_shape)) for i in inputs])
+            out = module(*example_inputs(inputs))
     except Exception as exc:
         raise ModelLoadError(f"the model failed on a zero input of the given shape: {exc}") from exc
     if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] > 1:
@@ -143,7 +174,7 @@ def _guess_task(module, inputs: tuple[TensorSpec, ...]) -> str:
     return "generic"
 
 
-def _load_factory(spec: str, input_shapes) -> LoadedModel:
+def _load_factory(spec: str, input_shapes, input_dtypes=None) -> LoadedModel:
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise ConfigError(f"model {spec!r}: expected package.module:factory")
@@ -165,7 +196,7 @@ def _load_factory(spec: str, input_shapes) -> LoadedModel:
     if not isinstance(net, torch.nn.Module):
         raise ModelLoadError(f"{spec}() returned {type(net).__name__}, not a torch.nn.Module")
     net = net.eval()
-    inputs = _torch_inputs(input_shapes, spec)
+    inputs = _torch_inputs(input_shapes, spec, net, input_dtypes)
     return LoadedModel(
         name=attr,
         source=spec,
@@ -177,7 +208,7 @@ def _load_factory(spec: str, input_shapes) -> LoadedModel:
     )
 
 
-def _load_pt2(path: Path, input_shapes) -> LoadedModel:
+def _load_pt2(path: Path, input_shapes, input_dtypes=None) -> LoadedModel:
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     import torch
@@ -195,7 +226,7 @@ def _load_pt2(path: Path, input_shapes) -> LoadedModel:
                 break
             static_batch = static_batch or isinstance(val.shape[0], int)
             shapes.append(tuple(int(d) if isinstance(d, int) else 1 for d in val.shape))
-    inputs = _torch_inputs(input_shapes or shapes or None, str(path))
+    inputs = _torch_inputs(input_shapes or shapes or None, str(path), net, input_dtypes)
     if static_batch:  # exported without a dynamic batch dimension: keep the batch it was exported with
         log.info("%s was exported with a static batch; keeping it", path)
         inputs = tuple(TensorSpec(i.name, s[:1] + i.shape[1:], i.dtype) for i, s in zip(inputs, shapes))

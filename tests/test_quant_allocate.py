@@ -124,3 +124,21 @@ def test_bias_correction_reduces_error_and_adds_missing_biases(fp32, tmp_path):
     q = onnx.load(str(tmp_path / "qTrue.onnx"))
     dw = [n for n in q.graph.node if n.name == "dw"][0]
     assert len(dw.input) == 3 and dw.input[2]
+
+
+def test_bias_correction_of_a_matmul_uses_the_feature_axis(tmp_path):
+    """Transformer MatMuls read [batch, seq, features]: the mean must be taken per feature (last axis)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.compress.quant import _input_means
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "proj.weight")
+    node = helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = (rng.normal(size=(8, 5, 6)) + np.arange(6)).astype(np.float32)
+    means = _input_means(model, [node], Dataset(name="d", inputs={"x": x}, labels=None, source="d"))
+    np.testing.assert_allclose(means["proj"], x.mean(axis=(0, 1)), rtol=1e-5)

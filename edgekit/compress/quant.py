@@ -101,13 +101,15 @@ def _quantize_static(fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset
 
 
 def _input_means(fp32, layers: list, calib: Dataset, batch: int = 8) -> dict[str, np.ndarray]:
-    """Per-channel mean of each layer's input over the calibration data (channel axis 1)."""
+    """Per-feature mean of each layer's input over the calibration data: the channel axis (1) for Conv, the last
+    axis for Gemm/MatMul (``[batch, ..., features]``)."""
     import onnx
     from onnx import helper
 
     from edgekit.agent.runtime import OrtRuntime
 
     wanted = {n.input[0] for n in layers}
+    feature_axis = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n in layers}
     graph_inputs = {i.name for i in fp32.graph.input}
     probe = onnx.ModelProto()
     probe.CopyFrom(fp32)
@@ -126,7 +128,8 @@ def _input_means(fp32, layers: list, calib: Dataset, batch: int = 8) -> dict[str
             outs.update({k: v for k, v in feeds.items() if k in wanted})
             for name, v in outs.items():
                 if name in wanted:
-                    axes = (0, *range(2, v.ndim)) if v.ndim > 2 else (0,)
+                    keep = feature_axis[name] % v.ndim
+                    axes = tuple(a for a in range(v.ndim) if a != keep)
                     sums[name] = sums.get(name, 0) + v.astype(np.float64).mean(axis=axes) * n
             count += n
     return {node.name: sums[node.input[0]] / count for node in layers if node.input[0] in sums}

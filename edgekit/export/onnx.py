@@ -15,7 +15,7 @@ from edgekit.errors import ExportError
 from edgekit.fsutil import sha256_file
 from edgekit.inventory import WEIGHTED_OPS
 from edgekit.iospec import Artifact, TensorSpec
-from edgekit.model import LoadedModel
+from edgekit.model import LoadedModel, example_inputs
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _quiet_exporter():
 def _export_torch(model: LoadedModel, out_path: Path) -> None:
     import torch
 
-    args = tuple(torch.zeros((1, *spec.sample_shape), dtype=getattr(torch, spec.dtype)) for spec in model.inputs)
+    args = example_inputs(model.inputs)
     names = [s.name for s in model.inputs]
     outs = list(model.output_names)
     dynamic = all(isinstance(s.shape[0], str) for s in model.inputs)

