@@ -26,7 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not e2e"
 
 lint: install
-	$(VENV)/bin/ruff check edgekit tests benchmarks
+	$(VENV)/bin/ruff check edgekit tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
 bench: install
