@@ -84,6 +84,8 @@ class BuildResult:
 
 
 def _load_datasets(model: LoadedModel, req: BuildRequest, ctx: Context) -> tuple[Dataset, Dataset]:
+    if req.calib == "none":
+        return _data_free(model, req, ctx)
     calib_spec = req.calib or model.default_calib
     if calib_spec is None:
         raise ConfigError(
@@ -108,6 +110,23 @@ def _load_datasets(model: LoadedModel, req: BuildRequest, ctx: Context) -> tuple
     n_eval = max(1, len(calib) // 4)
     log.info("no --eval given: holding out %d of %d calibration samples for verification", n_eval, len(calib))
     return _slice(calib, 0, len(calib) - n_eval), _slice(calib, len(calib) - n_eval, len(calib))
+
+
+def _data_free(model: LoadedModel, req: BuildRequest, ctx: Context) -> tuple[Dataset, Dataset]:
+    """``--calib none``: synthesize calibration inputs from BatchNorm statistics; verify on real held-out data."""
+    from edgekit.datafree import synthesize
+
+    eval_spec = req.eval or model.default_eval
+    if eval_spec is None:
+        raise ConfigError("--calib none still needs real held-out data to verify the result", hint="pass --eval DATA")
+    if model.module is None:
+        raise ConfigError("data-free calibration needs the PyTorch model (its BatchNorm statistics); ONNX models "
+                          "have them folded away", hint="pass --calib with real samples")
+    log.warning("calibrating without data (synthesized from BatchNorm statistics); the report records this")
+    calib = synthesize(model.module, model.inputs, n=min(req.calib_samples, 32), seed=ctx.seed, track=ctx.track)
+    ev = load_data(eval_spec, model.inputs, model.preprocessing, role="evaluation", limit=req.eval_samples,
+                   seed=ctx.seed)
+    return calib, ev
 
 
 def _slice(d: Dataset, a: int, b: int) -> Dataset:

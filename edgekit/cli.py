@@ -108,7 +108,8 @@ _BUILD_OPTIONS = [
     click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W",
                  help="Input shape (first dim is the batch); once per input. Needed for PyTorch factories."),
     click.option("--calib", metavar="DATA",
-                 help="Calibration data: FILE.npy, FILE.npz, an image folder, or builtin:NAME."),
+                 help="Calibration data: FILE.npy, FILE.npz, an image folder, builtin:NAME, or `none` for data-free "
+                      "calibration (synthesized from BatchNorm statistics; needs --eval unless built in)."),
     click.option("--eval", "eval_", metavar="DATA", help="Held-out evaluation data (default: the model's built-in "
                  "set, else the last quarter of --calib)."),
     click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
