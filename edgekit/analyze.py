@@ -45,21 +45,25 @@ def distortion(ref: np.ndarray, out: np.ndarray, metric: str) -> float:
 def _run(model_proto, data: Dataset) -> np.ndarray:
     from edgekit.agent.runtime import OrtRuntime
 
+    first = model_proto.graph.input[0].type.tensor_type.shape.dim[0]  # a static batch (e.g. 1) is kept
+    batch = first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else BATCH
     rt = OrtRuntime(model_proto.SerializeToString())
-    return next(iter(rt.run_batches(data.batches(BATCH)).values()))
+    return next(iter(rt.run_batches(data.batches(batch)).values()))
 
 
-def cache_key(model_sha256: str, data: Dataset, options: Sequence[str], quantizer: dict, metric: str) -> str:
-    blob = json.dumps([model_sha256, data.sha256(), list(options), quantizer, metric, __version__], sort_keys=True)
+def cache_key(model_sha256: str, data: Dataset, options: dict, quantizer: dict, metric: str) -> str:
+    blob = json.dumps([model_sha256, data.sha256(), options, quantizer, metric, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def measure_sensitivity(
     fp32_path: Path, quantized_path: Path, layers: Sequence[LayerInfo], calib: Dataset, *, metric: str,
-    model_sha256: str, quantizer: dict, ctx: Context, options: Sequence[str] = ("fp32", "w8a8"),
+    model_sha256: str, quantizer: dict, ctx: Context, options: dict[str, Sequence[str]] | None = None,
     additivity_samples: int = 8,
 ) -> SensitivityTable:
-    """The sensitivity table of ``layers`` (cached under the context's cache folder)."""
+    """The sensitivity table of ``layers`` for the ``options`` each may take (default: fp32 and w8a8 everywhere);
+    cached under the context's cache folder."""
+    options = {layer.name: list(options[layer.name]) if options else ["fp32", "w8a8"] for layer in layers}
     import onnx
 
     from edgekit.compress.qdq import insert
@@ -80,7 +84,7 @@ def measure_sensitivity(
     values: dict[str, dict[str, float]] = {}
     for layer in ctx.track(list(layers), "sensitivity", total=len(layers)):
         row = {"fp32": 0.0}
-        if "w8a8" in options:
+        if "w8a8" in options[layer.name]:
             row["w8a8"] = distortion(ref, _run(insert(fp32, q_full, [layer.name]), calib), metric)
         values[layer.name] = row
     additivity = check_additivity(fp32, q_full, values, calib, ref, metric, additivity_samples, ctx.seed)

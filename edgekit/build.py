@@ -168,6 +168,10 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
     out_root = Path(req.out)
     out_root.mkdir(parents=True, exist_ok=True)
     cfg = W8A8Config(calib_samples=req.calib_samples)
+    if req.plan is not None:  # a replayed plan brings its quantizer settings
+        recorded = Plan.load(req.plan).activations
+        if recorded:
+            cfg = W8A8Config.from_dict(recorded)
     with tempfile.TemporaryDirectory(prefix=".edgekit-work-", dir=out_root) as tmp:
         work = Path(tmp)
         log.info("exporting %s to ONNX", model.source)
@@ -237,7 +241,7 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
         try:
             plan, analysis = make_plan()
         except UnsupportedOnTarget:
-            if req.precision != "auto" or req.plan is not None:
+            if req.precision != "auto" or label in ("plan", "allocated"):
                 raise
             continue
         log.info("applying %s plan (%d of %d layers quantized)", label,

@@ -49,7 +49,8 @@ def verify_bundle(
         raise ConfigError("the bundle does not name its source model", hint="pass --model SPEC")
     shapes = input_shapes or [(1, *TensorSpec.from_dict(t).sample_shape) for t in m["inputs"]]
     try:
-        original = load_model(source, input_shapes=shapes, ctx=ctx)
+        original = load_model(source, input_shapes=shapes, ctx=ctx,
+                              input_dtypes={t["name"]: t["dtype"] for t in m["inputs"]})
     except EdgekitError as exc:
         raise ConfigError(f"cannot load the original model {source!r} to compare with: {exc.message}",
                           hint="pass --model SPEC naming the original model") from exc

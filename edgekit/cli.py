@@ -181,8 +181,8 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
                    "avg-bits=12 (repeatable). The solver picks each layer's option from measured sensitivity and the "
                    "target's cost table; the result is measured as a whole.")
 @click.option("--solver", type=click.Choice(["auto", "ilp", "dp", "evo"]), default="auto", show_default=True,
-              help="Solver for --budget: ilp (exact), dp (knapsack), evo (evolutionary), auto (ilp; evo when the "
-                   "distortions do not add up).")
+              help="Solver for --budget: ilp (exact integer program), dp (multiple-choice knapsack), evo "
+                   "(evolutionary, scored by the additive model), auto (ilp).")
 @_build_options
 def build(target, precision, budgets, solver, model, out, input_shapes, calib, eval_, key, allow_unverified, name,
           bundle_version, calib_samples, eval_samples, no_latency, seed, task, as_json) -> None:
@@ -244,6 +244,9 @@ def targets(ctx: click.Context, as_json: bool) -> None:
     profiles = list_targets()
     if as_json:
         _emit_json([{"name": p.name, "runtimes": p.runtimes, "description": p.description} for p in profiles])
+        return
+    if not profiles:
+        click.echo("no target profiles found (see EDGEKIT_TARGETS_DIR)", err=True)
         return
     width = max(len(p.name) for p in profiles)
     for p in profiles:
@@ -410,7 +413,7 @@ def hardware_probe(models, out, options, merge, rounds, per_round, threads, copi
     table = HardwareTable.load(out) if merge and out.exists() else None
     table = probe_models(list(models), [o.strip() for o in options.split(",") if o.strip()], ctx=_ctx(), table=table,
                          rounds=rounds, per_round=per_round, threads=threads, copies=copies)
-    write_hardware_table(table, out, command=" ".join(["edgekit", "hardware", "probe", *sys.argv[3:]]))
+    write_hardware_table(table, out)
     click.echo(f"wrote {out}: {len(table.entries)} layer signatures x {options}")
 
 

@@ -44,6 +44,9 @@ def synthesize(module, inputs: tuple[TensorSpec, ...], n: int = 32, *, steps: in
     opt = torch.optim.Adam([x], lr=lr)
     was_training = module.training
     module.eval()
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in grads:  # only the inputs are optimised
+        p.requires_grad_(False)
     loss_value = float("nan")
     try:
         for _ in (track(range(steps), "data-free calibration", total=steps) if track else range(steps)):
@@ -58,6 +61,8 @@ def synthesize(module, inputs: tuple[TensorSpec, ...], n: int = 32, *, steps: in
     finally:
         for h in handles:
             h.remove()
+        for p, flag in grads:
+            p.requires_grad_(flag)
         module.train(was_training)
     log.info("data-free calibration: %d inputs, BatchNorm statistics loss %.4f after %d steps", n, loss_value, steps)
     arr = x.detach().numpy().astype(np.float32)

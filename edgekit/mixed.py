@@ -54,17 +54,17 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
              cfg: W8A8Config, ctx: Context) -> tuple[Plan, dict]:
     """Solve for the plan with the least output distortion that meets ``budget``; returns it and the analysis (tables,
     measured rounds, and the artifact already built for it)."""
-    from edgekit.cost import HardwareTable, cost_table, hardware_table_path, layer_geometry
+    from edgekit.cost import HardwareTable, cost_table, layer_geometry
 
     uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
     log.info("quantizing every supported layer once (the source of every simulated mix)")
     q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
     metric = "kl" if model.task == "classification" else "mse"
+    options = layer_options(layers, profile)
     sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
-                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx)
-    hw_path = hardware_table_path(profile)
-    hardware = HardwareTable.load(hw_path) if hw_path is not None and hw_path.exists() else None
-    cost = cost_table(layers, profile, layer_options(layers, profile), hardware=hardware,
+                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)
+    hardware = HardwareTable.for_profile(profile)
+    cost = cost_table(layers, profile, options, hardware=hardware,
                       geometry=layer_geometry(fp32.path), bias_correction=cfg.bias_correction)
     solve_budget, notes = _solver_budget(budget, cost, layers, q_full, fp32, calib)
     try:
@@ -75,9 +75,9 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
             raise
         log.warning("%s by the cost table; measuring the fastest plans instead", exc.message)
         plan = fastest_plan(layers, profile, cost, model_sha256=model.sha256, activations=cfg.to_dict())
-    analysis = {"sensitivity": sens.to_dict(), "hardware_table": str(hw_path) if hardware is not None else None,
+    analysis = {"sensitivity": sens.to_dict(), "hardware_table": profile.hardware_table if hardware else None,
                 **notes, "latency_rounds": [], "applied": None}
-    uniform_measured = Measured(uniform, q_full, 0.0, sum(r.get("w8a8", 0.0) for r in sens.values.values()))
+    uniform_measured = Measured(uniform, q_full, 0.0, _distortion(uniform, sens))
     if notes.get("latency_ms") is not None:
         plan, cost, analysis["latency_rounds"], analysis["applied"] = _refine_for_latency(
             plan, cost, uniform_measured, notes, sens, solve_budget, solver=solver, profile=profile, model=model,

@@ -251,9 +251,20 @@ def _load_onnx(path: Path, input_shapes) -> LoadedModel:
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(str(path))  # by path: external data is checked beside the model
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a valid ONNX model: {exc}") from exc
+    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer)
+    if external:  # weights in side files (torch's exporter default): they are part of the model
+        try:
+            full = onnx.load(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path} keeps its weights in external data files that cannot be read: {exc}",
+                                 hint="keep the .onnx.data file(s) next to the .onnx, or re-export with "
+                                      "external_data=False") from exc
+        digest = hashlib.sha256(full.SerializeToString(deterministic=True)).hexdigest()
+    else:
+        digest = sha256_file(path)
     init_names = {i.name for i in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in init_names]
     if input_shapes is not None and len(input_shapes) != len(graph_inputs):
@@ -284,7 +295,7 @@ def _load_onnx(path: Path, input_shapes) -> LoadedModel:
         source=str(path),
         inputs=tuple(inputs),
         output_names=outputs,
-        sha256=sha256_file(path),
+        sha256=digest,
         onnx_path=path,
         task=task,
     )

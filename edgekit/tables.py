@@ -117,12 +117,12 @@ def parse_budget(items: list[str] | tuple[str, ...]) -> Budget:
         if not sep or not value:
             raise ConfigError(f"budget {item!r} is not KEY=VALUE", hint="e.g. --budget size=1.6MB or latency=4ms")
         if key == "size":
-            m = re.fullmatch(r"([0-9.]+)\s*([a-z]*)", value)
+            m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", value)
             if not m or m.group(2) not in _UNITS | {"": 1}:
                 raise ConfigError(f"size budget {value!r}: use a number with B, KB, MB, GB, KiB, MiB or GiB")
             size = int(float(m.group(1)) * _UNITS.get(m.group(2) or "b"))
         elif key == "latency":
-            m = re.fullmatch(r"([0-9.]+)\s*(ms|us|s|x)?", value)
+            m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|us|s|x)?", value)
             if not m:
                 raise ConfigError(f"latency budget {value!r}: use a number with ms, us or s, or a fraction of FP32 "
                                   "like 0.6x")

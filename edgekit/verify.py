@@ -66,6 +66,8 @@ class VerificationReport:
         return d
 
     def summary(self) -> str:
+        if not self.outputs:
+            return f"no comparable outputs ({'; '.join(self.failures)}) — FAIL"
         o = self.outputs[0]
         parts = [f"SQNR {o.sqnr_db:.1f} dB", f"cosine {o.cosine:.4f}"]
         if o.top1_agreement is not None:
@@ -164,8 +166,15 @@ def run_reference(model, data: Dataset, ctx: Context) -> dict[str, np.ndarray]:
     with torch.no_grad():
         for feeds in ctx.track(data.batches(bs), "reference", total=math.ceil(len(data) / bs)):
             out = model.module(*[torch.from_numpy(feeds[s.name]) for s in model.inputs])
+            if isinstance(out, dict):  # e.g. a Hugging Face ModelOutput: its first field
+                out = next(iter(out.values()))
             if isinstance(out, (tuple, list)):
                 out = out[0]
+            if not isinstance(out, torch.Tensor):
+                from edgekit.errors import ModelLoadError
+
+                raise ModelLoadError(f"the model returned {type(out).__name__}, not a tensor",
+                                     hint="wrap it so forward() returns a tensor (or a tuple of tensors)")
             parts.append(out.detach().numpy())
     return {model.output_names[0]: np.concatenate(parts)}
 

@@ -44,3 +44,13 @@ def tiny_cnn_other():
         for p in net.parameters():
             p.copy_(torch.randn_like(p))
     return net
+
+
+def tiny_conv1d():
+    """A 1-D conv classifier (audio-like): input (N, 4, 32) -> logits (N, 5)."""
+    import torch
+
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(8, 8, 3),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(8, 5)).eval()

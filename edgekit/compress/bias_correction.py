@@ -16,21 +16,21 @@ def output_shift(
 ) -> np.ndarray:
     """Expected output shift (one value per output channel) caused by replacing ``w`` with ``w_q``.
 
-    Conv weights are (O, C/group, kh, kw) and ``mean_in`` has C entries; Gemm weights are (N, K) when ``trans_b``
+    Conv weights are (O, C/group, *kernel) and ``mean_in`` has C entries; Gemm weights are (N, K) when ``trans_b``
     (else (K, N)) and ``mean_in`` has K entries. Zero padding at borders is ignored (it shifts the mean slightly).
     """
     delta = (w_q.astype(np.float64) - w.astype(np.float64))
     mean_in = mean_in.astype(np.float64)
-    if delta.ndim == 4:
+    if delta.ndim >= 3:  # Conv1d/2d/3d: (O, C/group, *kernel)
         out_ch, cin_g = delta.shape[:2]
-        per_in = delta.sum(axis=(2, 3))  # (O, C/group)
+        per_in = delta.reshape(out_ch, cin_g, -1).sum(-1)  # (O, C/group)
         groups = mean_in.reshape(group, cin_g)  # group g sees input channels g*cin_g ... (g+1)*cin_g-1
         per_group = out_ch // group
         shift = np.einsum("gok,gk->go", per_in.reshape(group, per_group, cin_g), groups)
         return shift.reshape(out_ch)
     if delta.ndim == 2:
         return delta @ mean_in if trans_b else delta.T @ mean_in
-    raise ValueError(f"unsupported weight rank {delta.ndim}")
+    raise ValueError(f"unsupported weight rank {delta.ndim}")  # 1-D weights: callers skip those layers
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:

@@ -31,6 +31,19 @@ class W8A8Config:
     calib_samples: int = 64
     bias_correction: bool = True
 
+    @classmethod
+    def from_dict(cls, d: dict) -> W8A8Config:
+        """The settings a plan records (``Plan.activations``); unknown calibration methods are refused."""
+        from edgekit.errors import ConfigError
+
+        cfg = cls(per_channel=d.get("weights", "int8 symmetric per-channel").endswith("per-channel"),
+                  calibration=str(d.get("calibration", "minmax")), calib_samples=int(d.get("calib_samples", 64)),
+                  bias_correction=bool(d.get("bias_correction", True)))
+        if cfg.calibration not in ("minmax", "entropy", "percentile"):
+            raise ConfigError(f"unknown calibration method {cfg.calibration!r} in the plan",
+                              hint="use minmax, entropy or percentile")
+        return cfg
+
     def to_dict(self) -> dict:
         return {"scheme": "w8a8", "weights": "int8 symmetric per-channel" if self.per_channel else "int8 per-tensor",
                 "activations": "uint8 per-tensor", "calibration": self.calibration,
@@ -122,7 +135,10 @@ def _input_means(fp32, layers: list, calib: Dataset, batch: int = 8) -> dict[str
         path = Path(tmp) / "probe.onnx"
         onnx.save(probe, str(path))
         rt = OrtRuntime(path)
-        for feeds in calib.batches(batch):
+        from edgekit.export.onnx import describe
+        from edgekit.model import batch_size
+
+        for feeds in calib.batches(batch_size(describe(path).inputs, batch)):
             n = len(next(iter(feeds.values())))
             outs = rt.run(feeds)
             outs.update({k: v for k, v in feeds.items() if k in wanted})
@@ -159,6 +175,8 @@ def correct_biases(fp32_path: Path, quantized_path: Path, layers: list[str], cal
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         zp = q_inits.get(dq.input[2]) if len(dq.input) > 2 else None
         w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim < 2:
+            continue
         w_q = dequantize(q_inits[dq.input[0]], q_inits[dq.input[1]], zp, axis)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Conv":
@@ -170,7 +188,7 @@ def correct_biases(fp32_path: Path, quantized_path: Path, layers: list[str], cal
         if len(node.input) > 2 and node.input[2] in inits:
             bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
             inits[node.input[2]].CopyFrom(numpy_helper.from_array((bias - shift).astype(np.float32), node.input[2]))
-        elif node.op_type in ("Conv", "Gemm"):  # no bias yet: add one holding the correction
+        elif node.op_type in ("Conv", "Gemm") and (len(node.input) == 2 or not node.input[2]):  # no bias: add one
             name = f"{node.input[1]}.bias_correction"
             fp32.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))
             if len(node.input) == 2:

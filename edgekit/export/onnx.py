@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
@@ -25,13 +24,18 @@ _ELEM = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "in
 
 def export_onnx(model: LoadedModel, out_path: Path) -> Artifact:
     """Write ``model`` as an FP32 ONNX file at ``out_path`` and describe it."""
-    out_path = Path(out_path)
-    if model.onnx_path is not None:
-        shutil.copyfile(model.onnx_path, out_path)
-    else:
-        _export_torch(model, out_path)
     import onnx
 
+    out_path = Path(out_path)
+    if model.onnx_path is not None:  # loaded with any external weights, written as one self-contained file
+        try:
+            onnx.save(onnx.load(str(model.onnx_path)), str(out_path))
+        except Exception as exc:
+            raise ExportError(f"cannot rewrite {model.onnx_path} as one file: {exc}",
+                              hint="models over 2 GB need external data, which this exporter does not write yet") \
+                from exc
+    else:
+        _export_torch(model, out_path)
     proto = onnx.load(str(out_path))
     renamed = name_weighted_nodes(proto)
     if renamed:
