@@ -43,6 +43,12 @@ def uniform_plan(
     )
 
 
+def precision_label(choices) -> str:
+    """``fp32`` when nothing is compressed, ``int8`` when everything is, else ``mixed``."""
+    quantized = sum(c.option != "fp32" for c in choices)
+    return "fp32" if quantized == 0 else "int8" if quantized == len(choices) else "mixed"
+
+
 def layer_options(layers: Sequence[LayerInfo], profile: TargetProfile) -> dict[str, list[str]]:
     """The options the target allows per layer: float always, each compressed option where supported."""
     return {layer.name: ["fp32"] + [o for o in ("w8a8",) if profile.supports(layer.kind, o)] for layer in layers}
@@ -59,8 +65,7 @@ def allocated_plan(
     problem = Problem.from_tables(sensitivity, cost, params, budget, layers=[layer.name for layer in layers])
     sol = solve(problem, solver, additivity=sensitivity.additivity, evaluate=evaluate)
     choices = tuple(LayerChoice(layer.name, sol.choice[layer.name], sol.reasons[layer.name]) for layer in layers)
-    quantized = sum(c.option != "fp32" for c in choices)
-    precision = "fp32" if quantized == 0 else "int8" if quantized == len(choices) else "mixed"
+    precision = precision_label(choices)
     predicted = {"distortion": sol.distortion, "bytes": sol.bytes, "latency_ms": sol.latency_ms,
                  "avg_bits": sol.avg_bits, "metric": sensitivity.metric}
     return Plan(
@@ -78,7 +83,5 @@ def fastest_plan(layers: Sequence[LayerInfo], profile: TargetProfile, cost, *, m
         option = min(row, key=lambda o: (row[o].latency_ms, o != "fp32"))
         choices.append(LayerChoice(layer.name, option, f"{option}: fastest by the cost table "
                                                        f"({row[option].latency_ms:.4g} ms)"))
-    quantized = sum(c.option != "fp32" for c in choices)
-    precision = "fp32" if quantized == 0 else "int8" if quantized == len(choices) else "mixed"
-    return Plan(model_sha256=model_sha256, target=profile.name, precision=precision, layers=tuple(choices),
-                activations=dict(activations or {}), solver="fastest")
+    return Plan(model_sha256=model_sha256, target=profile.name, precision=precision_label(choices),
+                layers=tuple(choices), activations=dict(activations or {}), solver="fastest")

@@ -11,6 +11,8 @@ import numpy as np
 from edgekit.errors import ConfigError
 
 _DTYPES = {"float32", "float16", "int64", "int32", "uint8", "int8", "bool"}
+# ONNX TensorProto element types → our dtype names (the ones a model interface may use)
+ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 from edgekit.context import Context
 from edgekit.errors import ConfigError, ModelLoadError
 from edgekit.fsutil import sha256_file
-from edgekit.iospec import Preprocessing, TensorSpec
+from edgekit.iospec import ONNX_DTYPES, Preprocessing, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,6 @@ def _load_pt2(path: Path, input_shapes, input_dtypes=None) -> LoadedModel:
     )
 
 
-_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool"}
 
 
 def _load_onnx(path: Path, input_shapes) -> LoadedModel:
@@ -272,7 +271,7 @@ def _load_onnx(path: Path, input_shapes) -> LoadedModel:
     inputs = []
     for k, gi in enumerate(graph_inputs):
         tt = gi.type.tensor_type
-        dtype = _ONNX_DTYPES.get(tt.elem_type)
+        dtype = ONNX_DTYPES.get(tt.elem_type)
         if dtype is None:
             raise ModelLoadError(f"input {gi.name!r} of {path} has an unsupported element type {tt.elem_type}")
         dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]

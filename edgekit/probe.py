@@ -94,32 +94,25 @@ def one_layer_model(model, layer: str, geometry: LayerGeometry, *, batch: int = 
     return out
 
 
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader over a few random-normal samples."""
-
-    def __init__(self, shape: tuple[int, ...], n: int, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        self._it = iter([{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(n)])
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def rewind(self):  # pragma: no cover - part of ORT's protocol
-        pass
-
-
 def quantize_unit(fp32_path: Path, out_path: Path, input_shape: tuple[int, ...], *, samples: int = 4) -> Path:
     """Quantize a one-layer model as ``edgekit.compress.quant`` does: ORT's pre-processing, then ``quantize_static``
     (QDQ, uint8 activations per tensor, int8 weights per channel, MinMax on random-normal calibration data)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
 
-    pre = Path(out_path).with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
-    quantize_static(str(pre), str(out_path), _Reader(input_shape, samples, 0), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax)
-    return Path(out_path)
+    from edgekit.compress.quant import W8A8Config, quantize_w8a8
+    from edgekit.data import Dataset
+    from edgekit.plan import LayerChoice, Plan
+
+    model = onnx.load(str(fp32_path))
+    rng = np.random.default_rng(0)
+    data = Dataset(name="probe", inputs={model.graph.input[0].name: rng.standard_normal(
+        (samples, *input_shape[1:])).astype(np.float32)}, labels=None, source="random normal")
+    layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    plan = Plan(model_sha256="probe", target="probe", precision="int8",
+                layers=tuple(LayerChoice(name, "w8a8") for name in layers))
+    # timing does not depend on the bias values: skip the bias-correction pass
+    return quantize_w8a8(Path(fp32_path), Path(out_path), plan, data, W8A8Config(bias_correction=False,
+                                                                                  calib_samples=samples))
 
 
 def integer_io(qdq) -> tuple[object, bool]:

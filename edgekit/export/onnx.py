@@ -13,13 +13,12 @@ from pathlib import Path
 from edgekit.errors import ExportError
 from edgekit.fsutil import sha256_file
 from edgekit.inventory import WEIGHTED_OPS
-from edgekit.iospec import Artifact, TensorSpec
+from edgekit.iospec import ONNX_DTYPES, Artifact, TensorSpec
 from edgekit.model import LoadedModel, example_inputs
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-_ELEM = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 2: "uint8", 3: "int8", 9: "bool"}
 
 
 def export_onnx(model: LoadedModel, out_path: Path) -> Artifact:
@@ -53,7 +52,9 @@ def describe(path: Path, proto=None, runtime: str = "onnxruntime", custom_ops: t
     def spec(vi) -> TensorSpec:
         tt = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
-        return TensorSpec(vi.name, dims, _ELEM.get(tt.elem_type, "float32"))
+        if tt.elem_type not in ONNX_DTYPES:
+            raise ExportError(f"tensor {vi.name!r} of {path} has an unsupported element type {tt.elem_type}")
+        return TensorSpec(vi.name, dims, ONNX_DTYPES[tt.elem_type])
 
     return Artifact(
         path=Path(path),
