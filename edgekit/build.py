@@ -319,7 +319,14 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
     plan = chosen.plan
     options = {c.layer: (c.option, c.reason) for c in plan.layers}
     layer_rows = [dict(l.to_dict(), option=options[l.name][0], reason=options[l.name][1]) for l in layers]
-    budgets = profile.budgets.model_dump()
+    budgets = profile.budgets.model_dump()  # the target's defaults, unless the user gave --budget
+    asked = req.budget.to_dict() if req.budget is not None else {}
+    if "size_bytes" in asked:
+        budgets["size_mb"] = asked["size_bytes"] / 1e6
+    if "latency_ms" in asked:
+        budgets["latency_ms"] = asked["latency_ms"]
+    if "latency_ratio" in asked and latency:
+        budgets["latency_ms"] = round(asked["latency_ratio"] * latency["fp32"]["median_ms"], 4)
     size = chosen.artifact.size
     budget_check = {}
     if budgets.get("size_mb") is not None:

@@ -52,19 +52,63 @@ def _budget_line(kind: str, b: dict) -> str:
     return f"<li>{text}</li>"
 
 
+def _allocation_html(alloc: dict | None) -> str:
+    """Solver, budget, additivity check (with a predicted-vs-measured scatter) and the measured rounds."""
+    if not alloc:
+        return ""
+    add = alloc.get("additivity") or {}
+    parts = [f"<h3>Allocation</h3><p>Solver <b>{_e(alloc['solver'])}</b>, distortion metric {_e(alloc['metric'])}; "
+             f"budget {_e({k: v for k, v in alloc['budget'].items() if k != 'predicted'})}; "
+             f"predicted {_e(alloc['budget'].get('predicted', {}))}; latencies from "
+             f"{_e(alloc.get('hardware_table') or 'roofline estimates')}.</p>"]
+    if add.get("samples"):
+        parts.append(f"<p>Additivity check over {add['samples']} random multi-layer mixes: Pearson "
+                     f"{add['pearson']:.3f}, mean relative error {100 * add['mean_rel_error']:.1f}% "
+                     f"(sum of single-layer distortions vs measured joint distortion).</p>")
+        parts.append(_scatter_svg(add["predicted"], add["measured"]))
+    for rnd in alloc.get("latency_rounds") or []:
+        parts.append(f"<p>measured: {_e(rnd)}</p>")
+    return "".join(parts)
+
+
+def _scatter_svg(xs: list[float], ys: list[float]) -> str:
+    """Predicted (x) vs measured (y) distortion, with the diagonal."""
+    top = max([*xs, *ys, 1e-30])
+    size, pad = 220, 24
+    pts = "".join(f'<circle cx="{pad + size * x / top:.1f}" cy="{pad + size - size * y / top:.1f}" r="3.5" '
+                  f'fill="#2f7d32"/>' for x, y in zip(xs, ys))
+    return (f'<svg width="{size + 2 * pad}" height="{size + 2 * pad}" role="img" xmlns="http://www.w3.org/2000/svg">'
+            f'<rect x="{pad}" y="{pad}" width="{size}" height="{size}" fill="none" stroke="#9aa5b1"/>'
+            f'<line x1="{pad}" y1="{pad + size}" x2="{pad + size}" y2="{pad}" stroke="#9aa5b1" stroke-dasharray="4"/>'
+            f'{pts}<text x="{pad}" y="{size + 2 * pad - 4}" font-size="11">sum of single-layer (predicted)</text>'
+            f'<text x="2" y="{pad - 8}" font-size="11">measured joint</text></svg>')
+
+
 def render_html(r: dict) -> str:
     v = r["verification"]
     lat = r.get("latency") or {}
     size = r["size"]
     status = "PASS" if v["passed"] else "FAIL"
+    alloc = r.get("allocation")
     rows = []
     for layer in r["layers"]:
         cls = "q" if layer["option"] != "fp32" else ""
+        extra = ""
+        if alloc:
+            d = layer.get("distortion")
+            extra = (f'<td class="n">{"" if d is None else format(d, ".3g")}</td>'
+                     f'<td class="n">{layer.get("bytes") or 0:,}</td>'
+                     f'<td class="n">{layer.get("latency_ms") or 0:.4f}</td>'
+                     f'<td>{_e(layer.get("latency_source", ""))}</td>')
         rows.append(
             f'<tr class="{cls}"><td>{_e(layer["name"])}</td><td>{_e(layer["op_type"])}</td><td>{_e(layer["kind"])}</td>'
             f'<td>{_e("×".join(map(str, layer["weight_shape"])))}</td><td class="n">{layer["params"]:,}</td>'
-            f'<td class="n">{layer["macs"]:,}</td><td>{_e(layer["option"])}</td><td>{_e(layer["reason"])}</td></tr>'
+            f'<td class="n">{layer["macs"]:,}</td><td>{_e(layer["option"])}</td>{extra}<td>{_e(layer["reason"])}</td>'
+            f'</tr>'
         )
+    layer_head = ("<th>layer</th><th>op</th><th>kind</th><th>weight</th><th>params</th><th>MACs</th><th>option</th>"
+                  + ("<th>distortion</th><th>bytes</th><th>latency ms</th><th>latency source</th>" if alloc else "")
+                  + "<th>reason</th>")
     metrics = "".join(
         f"<tr><td>{_e(o['name'])}</td><td class='n'>{o['sqnr_db']:.2f}</td><td class='n'>{o['cosine']:.5f}</td>"
         f"<td class='n'>{o['max_abs']:.4g}</td><td class='n'>"
@@ -114,7 +158,8 @@ th{{background:#f3f4f6}} td.n{{text-align:right;font-variant-numeric:tabular-num
 <h3>Precisions tried</h3><ul>{tried}</ul>
 <h2>Layers ({r['totals']['layers']}, {r['totals']['quantized_layers']} quantized;
 {r['totals']['params']:,} parameters; {r['totals']['macs']:,} MACs per sample)</h2>
-<table><tr><th>layer</th><th>op</th><th>kind</th><th>weight</th><th>params</th><th>MACs</th><th>option</th><th>reason</th></tr>
+{_allocation_html(alloc)}
+<table><tr>{layer_head}</tr>
 {''.join(rows)}</table>
 <h2>Data and lineage</h2>
 <ul><li>calibration: {_e(r['data']['calibration']['source'])} ({r['data']['calibration']['samples']} samples)</li>
