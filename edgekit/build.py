@@ -24,7 +24,7 @@ from edgekit.fsutil import staging_dir
 from edgekit.inventory import LayerInfo, layer_inventory
 from edgekit.iospec import Artifact
 from edgekit.mixed import allocate as allocate_mixed
-from edgekit.mixed import apply_plan
+from edgekit.mixed import apply_plan, search_max_drop
 from edgekit.model import LoadedModel, load_model
 from edgekit.plan import PRECISIONS, Plan
 from edgekit.tables import Budget
@@ -59,6 +59,7 @@ class BuildRequest:
     plan: Path | None = None  # replay this plan (``edgekit apply``) instead of making one
     budget: Budget | None = None  # allocate per layer under this budget (sensitivity x cost -> solver)
     task: str | None = None  # classification | embedding | generic; None: as guessed from the model
+    max_drop: float | None = None  # accuracy budget: the most compressed plan whose verified drop is within this
     solver: str = "auto"
 
 
@@ -151,6 +152,8 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
     profile = load_target(req.target)  # fail on a bad target before any heavy work
     if req.plan is None:
         _candidates(req.precision, profile)  # a bad --precision fails before any heavy work
+    if req.max_drop is not None and req.budget is not None and not req.budget.is_empty():
+        raise ConfigError("give either --max-drop or --budget, not both")
     if profile.runtime != "onnxruntime" and "onnxruntime" not in profile.runtimes:
         raise UnsupportedOnTarget(
             f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime only"
@@ -215,10 +218,13 @@ def check_plan(plan: Plan, layers: list[LayerInfo], profile: TargetProfile, mode
     return plan
 
 
-def _proposals(req, profile, model, layers, cfg, allocate):
+def _proposals(req, profile, model, layers, cfg, allocate, search):
     """Plans to try, most compressed first, made lazily: (label, make) where make() -> (plan, analysis)."""
     if req.plan is not None:
         yield "plan", lambda: (check_plan(Plan.load(req.plan), layers, profile, model), None)
+        return
+    if req.max_drop is not None:
+        yield "max-drop", search
         return
     if req.budget is not None and not req.budget.is_empty():
         yield "allocated", allocate
@@ -237,11 +243,15 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
         return allocate_mixed(budget=req.budget, solver=req.solver, profile=profile, model=model, fp32=fp32,
                               layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx)
 
-    for label, make_plan in _proposals(req, profile, model, layers, cfg, allocate):
+    def search():
+        return search_max_drop(max_drop=req.max_drop, profile=profile, model=model, fp32=fp32, layers=layers,
+                               calib=calib, evald=evald, reference=reference, work=work, cfg=cfg, ctx=ctx)
+
+    for label, make_plan in _proposals(req, profile, model, layers, cfg, allocate, search):
         try:
             plan, analysis = make_plan()
         except UnsupportedOnTarget:
-            if req.precision != "auto" or label in ("plan", "allocated"):
+            if req.precision != "auto" or label in ("plan", "allocated", "max-drop"):
                 raise
             continue
         log.info("applying %s plan (%d of %d layers quantized)", label,

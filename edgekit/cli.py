@@ -180,12 +180,15 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
               help="Allocate per layer under a budget: size=1.6MB, latency=0.6x (of FP32, measured) or latency=4ms, "
                    "avg-bits=12 (repeatable). The solver picks each layer's option from measured sensitivity and the "
                    "target's cost table; the result is measured as a whole.")
+@click.option("--max-drop", metavar="DROP",
+              help="Accuracy budget: the most compressed plan whose verified drop on held-out data stays within DROP "
+                   "(1% or 0.01): accuracy with labels, else top-1 agreement, else cosine.")
 @click.option("--solver", type=click.Choice(["auto", "ilp", "dp", "evo"]), default="auto", show_default=True,
               help="Solver for --budget: ilp (exact integer program), dp (multiple-choice knapsack), evo "
                    "(evolutionary, scored by the additive model), auto (ilp).")
 @_build_options
-def build(target, precision, budgets, solver, model, out, input_shapes, calib, eval_, key, allow_unverified, name,
-          bundle_version, calib_samples, eval_samples, no_latency, seed, task, as_json) -> None:
+def build(target, precision, budgets, max_drop, solver, model, out, input_shapes, calib, eval_, key, allow_unverified,
+          name, bundle_version, calib_samples, eval_samples, no_latency, seed, task, as_json) -> None:
     """Compress, export, verify and bundle a model for a target.
 
     \b
@@ -193,15 +196,18 @@ def build(target, precision, budgets, solver, model, out, input_shapes, calib, e
       edgekit build --target cpu-x86
       edgekit build --target cpu-x86 --budget latency=0.6x         # per-layer allocation, 0.6x FP32
       edgekit build --model builtin:digits-cnn --budget size=60KB
+      edgekit build --model builtin:digits-cnn --max-drop 0.1%      # accuracy budget
       edgekit build --model builtin:digits-cnn --precision int8
       edgekit build --model mypkg.models:make_net --input-shape 1,3,224,224 --calib calib.npz --out out/
       edgekit build --model model.onnx --calib calib.npy --precision int8
       edgekit build --model builtin:efficientnet-lite0 --calib my_photos/ --eval held_out_photos/
     """
-    from edgekit.tables import parse_budget
+    from edgekit.tables import parse_budget, parse_drop
 
     budget = parse_budget(budgets) if budgets else None
+    drop = parse_drop(max_drop) if max_drop is not None else None
     _run_build(as_json, seed, input_shapes, target=target, precision=precision, budget=budget, solver=solver,
+               max_drop=drop,
                **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
                          eval_samples, no_latency, task))
 

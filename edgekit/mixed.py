@@ -202,3 +202,88 @@ def _refine_for_latency(plan, cost, uniform: Measured, notes, sens, solve_budget
     if best.plan is uniform.plan:
         log.info("uniform INT8 is the best measured plan for this budget")
     return best.plan, cost, rounds, (best.plan.layers, best.artifact)
+
+
+def verified_drop(report) -> float:
+    """The quality lost, as verified on held-out data: accuracy drop when labels exist, else 1 − top-1 agreement
+    for classifiers, else 1 − cosine."""
+    if report.accuracy_drop is not None:
+        return max(0.0, report.accuracy_drop)
+    if not report.outputs:
+        return 1.0
+    out = report.outputs[0]
+    return 1.0 - (out.top1_agreement if out.top1_agreement is not None else out.cosine)
+
+
+def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, calib: Dataset, evald: Dataset,
+                    reference, work: Path, cfg: W8A8Config, ctx: Context) -> tuple[Plan, dict]:
+    """The most compressed plan on the path uniform INT8 → FP32 whose verified drop is within ``max_drop``.
+
+    Layers go back to float in order of output distortion per byte saved (the worst trade first); the number kept
+    float is found by bisection, each step a real build verified on the held-out data.
+    """
+    from edgekit.allocate import precision_label
+    from edgekit.plan import LayerChoice
+    from edgekit.verify import verify_artifact
+
+    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
+    q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
+    metric = "kl" if model.task == "classification" else "mse"
+    options = layer_options(layers, profile)
+    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
+                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)
+    from edgekit.cost import layer_bytes
+
+    quantized = [c.layer for c in uniform.layers if c.option == "w8a8"]
+    by_name = {layer.name: layer for layer in layers}
+
+    def harm(name: str) -> float:  # distortion per byte saved by quantizing this layer
+        saved = layer_bytes(by_name[name], "fp32") - layer_bytes(by_name[name], "w8a8")
+        return sens.values[name]["w8a8"] / max(saved, 1)
+
+    order = sorted(quantized, key=harm, reverse=True)
+    tried: dict[int, tuple[Plan, Artifact, float]] = {}
+
+    def plan_for(k: int) -> Plan:
+        back = set(order[:k])
+        choices = tuple(
+            LayerChoice(c.layer, "fp32", f"fp32: among the {k} layers with the most distortion per byte saved, kept "
+                                         f"float to stay within a verified drop of {max_drop:.2%}")
+            if c.layer in back else
+            (LayerChoice(c.layer, c.option, f"w8a8: quantized; the verified drop stays within {max_drop:.2%}")
+             if c.option == "w8a8" else c)
+            for c in uniform.layers)
+        return replace(uniform, layers=choices, precision=precision_label(choices), solver="max-drop",
+                       budget={"max_drop": max_drop})
+
+    def evaluate(k: int) -> float:
+        plan = plan_for(k)
+        artifact = q_full if k == 0 else apply_plan(plan, fp32, calib, work / f"drop{k}" / "model.onnx", cfg, ctx)
+        tol_class = "int8" if plan.is_quantized else "fp32"
+        report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
+                                 tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)
+        drop = verified_drop(report)
+        tried[k] = (plan, artifact, drop)
+        log.info("max-drop search: %d of %d layers back to float -> verified drop %.2f%%", k, len(order), 100 * drop)
+        return drop
+
+    lo, hi = 0, len(order)  # hi: everything float meets any drop
+    if evaluate(0) <= max_drop:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid == 0:
+            lo = 1
+            continue
+        if evaluate(mid) <= max_drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    if hi not in tried:
+        evaluate(hi)
+    plan, artifact, drop = tried[hi]
+    analysis = {"sensitivity": sens.to_dict(), "cost": {"target": profile.name, "entries": {}}, "hardware_table": None,
+                "latency_rounds": [{"max_drop": max_drop, "float_layers": hi, "verified_drop": round(drop, 5),
+                                    "tried": {str(k): round(v[2], 5) for k, v in sorted(tried.items())}}],
+                "applied": (plan.layers, artifact)}
+    return plan, analysis

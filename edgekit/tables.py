@@ -108,6 +108,18 @@ class Budget:
 _UNITS = {"b": 1, "kb": 1e3, "kib": 1024, "mb": 1e6, "mib": 1024**2, "gb": 1e9, "gib": 1024**3}
 
 
+def parse_drop(text: str) -> float:
+    """``--max-drop``: ``1%`` or ``0.01`` → 0.01 (a fraction in [0, 1))."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise ConfigError(f"--max-drop {text!r} is not a number or a percentage (e.g. 1% or 0.01)") from None
+    if not 0 <= value < 1:
+        raise ConfigError(f"--max-drop {text!r} must be between 0 and 100%")
+    return value
+
+
 def parse_budget(items: list[str] | tuple[str, ...]) -> Budget:
     """Parse ``--budget`` values: ``size=1.6MB``, ``latency=4ms``, ``avg-bits=4.5`` (repeatable or comma-joined)."""
     size = latency = bits = ratio = None

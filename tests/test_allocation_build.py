@@ -124,3 +124,33 @@ def test_a_size_plan_faster_than_fp32_is_kept(run_cli, tmp_path, monkeypatch):
     plan = json.loads((out / "digits-cnn" / "plan.json").read_text())
     assert not plan["solver"].endswith("no-regression")
     assert any(c["option"] == "fp32" for c in plan["layers"])  # the 60 KB mix keeps some layers float
+
+
+def test_max_drop_keeps_uniform_int8_when_it_is_within_the_drop(run_cli, tmp_path):
+    out = tmp_path / "o"
+    run_cli("build", "--model", "builtin:digits-cnn", "--max-drop", "1%", "--out", out, "--no-latency")
+    plan = json.loads((out / "digits-cnn" / "plan.json").read_text())
+    assert plan["solver"] == "max-drop" and all(c["option"] == "w8a8" for c in plan["layers"])
+    rounds = json.loads((out / "digits-cnn" / "report.json").read_text())["allocation"]["latency_rounds"]
+    assert rounds[0]["float_layers"] == 0 and rounds[0]["verified_drop"] <= 0.01
+
+
+def test_max_drop_tighter_than_any_quantized_plan_ends_at_float(run_cli, tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("build", "--model", "builtin:digits-cnn", "--max-drop", "0", "--out", out, "--json", "--no-latency")
+    summary = json.loads(r.stdout)
+    assert summary["precision"] == "fp32" and summary["verification"]["accuracy_drop"] == 0
+    rounds = json.loads((out / "digits-cnn" / "report.json").read_text())["allocation"]["latency_rounds"]
+    assert len(rounds[0]["tried"]) >= 2  # it searched before giving up on quantization
+
+
+@pytest.mark.parametrize("bad", ["abc", "150%", "-1"])
+def test_bad_max_drop(run_cli, tmp_path, bad):
+    r = run_cli("build", "--model", "builtin:digits-cnn", "--max-drop", bad, "--out", tmp_path / "o", code=3)
+    assert "--max-drop" in r.stderr
+
+
+def test_max_drop_and_budget_are_exclusive(run_cli, tmp_path):
+    r = run_cli("build", "--model", "builtin:digits-cnn", "--max-drop", "1%", "--budget", "size=1MB",
+                "--out", tmp_path / "o", code=3)
+    assert "not both" in r.stderr
