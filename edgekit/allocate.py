@@ -12,7 +12,7 @@ from edgekit.plan import LayerChoice, Plan
 from edgekit.targets import TargetProfile
 
 # precision → the option it asks of every layer
-PRECISION_OPTIONS = {"fp32": "fp32", "int8": "w8a8"}
+PRECISION_OPTIONS = {"fp32": "fp32", "int8": "w8a8", "int8-dynamic": "w8a8d"}
 
 
 def uniform_plan(

@@ -174,8 +174,10 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
 @cli.command()
 @click.option("--target", "-t", default="cpu-x86", show_default=True,
               help="Target profile name (see `edgekit targets`) or a path to a profile .toml.")
-@click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto", show_default=True,
-              help="auto: the smallest precision the target supports that passes verification.")
+@click.option("--precision", type=click.Choice(["auto", "int8", "int8-dynamic", "fp32"]), default="auto",
+              show_default=True,
+              help="auto: the smallest precision the target supports that passes verification (int8, then "
+                   "int8-dynamic for Linear/MatMul layers, then fp32).")
 @click.option("--budget", "budgets", multiple=True, metavar="KEY=VALUE",
               help="Allocate per layer under a budget: size=1.6MB, latency=0.6x (of FP32, measured) or latency=4ms, "
                    "avg-bits=12 (repeatable). The solver picks each layer's option from measured sensitivity and the "

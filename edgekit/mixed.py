@@ -17,7 +17,7 @@ from pathlib import Path
 from edgekit.agent.runtime import OrtRuntime, compare_latency
 from edgekit.allocate import allocated_plan, fastest_plan, layer_options, uniform_plan
 from edgekit.analyze import measure_sensitivity
-from edgekit.compress.quant import W8A8Config, quantize_w8a8
+from edgekit.compress.quant import W8A8Config, quantize_w8a8, quantize_w8a8d
 from edgekit.context import Context
 from edgekit.data import Dataset
 from edgekit.errors import ConfigError
@@ -46,7 +46,12 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
     if not plan.is_quantized:
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantize_w8a8(fp32.path, out, plan, calib, cfg, track=ctx.track)
+    if plan.layers_with("w8a8d"):
+        if plan.layers_with("w8a8"):
+            raise ConfigError("a plan cannot mix static (w8a8) and dynamic (w8a8d) int8 layers yet")
+        quantize_w8a8d(fp32.path, out, plan)
+    else:
+        quantize_w8a8(fp32.path, out, plan, calib, cfg, track=ctx.track)
     return describe(out)
 
 

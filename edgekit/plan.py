@@ -18,14 +18,15 @@ PLAN_SCHEMA_VERSION = 1
 
 # An option string names one way to compress one layer. This issue knows two; later ones add more
 # (w4g128, sparse2:4+w8a8, rank=32, drop ...), parsed by the same grammar.
-_OPTION_RE = re.compile(r"^(fp32|w8a8)$")
+_OPTION_RE = re.compile(r"^(fp32|w8a8|w8a8d)$")
 
 OPTION_DESCRIPTIONS = {
     "fp32": "keep float32",
     "w8a8": "int8 weights (symmetric, per output channel) x uint8 activations (per tensor, calibrated)",
+    "w8a8d": "int8 weights (per output channel) x uint8 activations quantized per call (dynamic; Linear/MatMul)",
 }
 
-PRECISIONS = ("fp32", "int8", "auto")
+PRECISIONS = ("fp32", "int8", "int8-dynamic", "auto")
 
 
 def check_option(option: str) -> str:

@@ -71,6 +71,7 @@ class OpSupport(_Frozen):
     granularity_by_bits: dict[int, list[Granularity]] = {}  # overrides `granularity` for these weight bits
     symmetric_only: bool = False  # zero-points must be 0 for weights and activations
     sparsity: list[Sparsity] = []
+    dynamic_activations: bool = False  # int8 activations may be quantized per call (ORT MatMulInteger)
 
     @model_validator(mode="after")
     def _check(self) -> OpSupport:
@@ -109,6 +110,7 @@ class Scheme:
     activation_bits: int | None = None  # None: float activations (weight-only)
     group: int | None = None  # None: per-channel
     sparsity: str | None = None
+    dynamic: bool = False  # activations quantized per call rather than with calibrated scales (``w8a8d``)
 
     @property
     def granularity(self) -> str:
@@ -120,7 +122,7 @@ class Scheme:
         return f"int{self.weight_bits}" if self.weight_bits else (self.float_type or "fp32")
 
 
-_QUANT_RE = re.compile(r"^w([2-8])(?:a(8|16|32))?(?:g([1-9]\d*))?$")
+_QUANT_RE = re.compile(r"^w([2-8])(?:a(8|16|32)(d)?)?(?:g([1-9]\d*))?$")
 _SPARSE_RE = re.compile(r"^sparse(\d+:\d+|-unstructured)$")
 _FLOATS = ("fp32", "fp16", "bf16")
 
@@ -141,8 +143,10 @@ def parse_scheme(scheme: str) -> Scheme:
     sparsity = None if sm is None else ("unstructured" if sm[1] == "-unstructured" else sm[1])
     if qm is None:
         return Scheme(float_type=prec[0] if prec else None, sparsity=sparsity)
+    if qm[3] and qm[2] != "8":
+        raise ConfigError(f"cannot parse option {scheme!r}", hint="dynamic activations are int8: w8a8d")
     return Scheme(weight_bits=int(qm[1]), activation_bits=int(qm[2]) if qm[2] else None,
-                  group=int(qm[3]) if qm[3] else None, sparsity=sparsity)
+                  group=int(qm[4]) if qm[4] else None, sparsity=sparsity, dynamic=bool(qm[3]))
 
 
 class TargetProfile(_Frozen):
@@ -207,6 +211,8 @@ class TargetProfile(_Frozen):
         if s.activation_bits is None or s.activation_bits in _FLOAT_ACT_BITS:  # weight-only
             acts = _FLOAT_ACT_BITS if s.activation_bits is None else (s.activation_bits,)
             return s.sparsity is None and any(a in o.activation_bits for a in acts)
+        if s.dynamic and (not o.dynamic_activations or s.sparsity is not None):
+            return False
         return s.group is None and s.activation_bits in o.activation_bits
 
     def tolerance_for(self, precision: str) -> Tolerances:

@@ -142,3 +142,27 @@ def test_bias_correction_of_a_matmul_uses_the_feature_axis(tmp_path):
     x = (rng.normal(size=(8, 5, 6)) + np.arange(6)).astype(np.float32)
     means = _input_means(model, [node], Dataset(name="d", inputs={"x": x}, labels=None, source="d"))
     np.testing.assert_allclose(means["proj"], x.mean(axis=(0, 1)), rtol=1e-5)
+
+
+def test_dynamic_int8_quantizes_linear_layers_only(fp32, tmp_path):
+    from edgekit.compress.quant import quantize_w8a8d
+
+    profile = load_target("cpu-x86")
+    assert profile.supports("linear", "w8a8d") and not profile.supports("conv", "w8a8d")
+    plan = uniform_plan(layer_inventory(fp32), profile, "int8-dynamic", model_sha256="0" * 64)
+    assert {c.layer: c.option for c in plan.layers} == {"stem": "fp32", "dw": "fp32", "fc": "w8a8d",
+                                                         "head": "w8a8d"}
+    out = quantize_w8a8d(fp32, tmp_path / "dyn.onnx", plan)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "DynamicQuantizeLinear" in ops and ops.count("Conv") == 2
+    x = _data(64, seed=3).inputs["input"]
+    assert sqnr_db(_run(fp32, x), _run(out, x)) > 25.0
+
+
+def test_dynamic_scheme_grammar():
+    from edgekit.errors import ConfigError
+    from edgekit.targets import parse_scheme
+
+    assert parse_scheme("w8a8d").dynamic and not parse_scheme("w8a8").dynamic
+    with pytest.raises(ConfigError):
+        parse_scheme("w8d")

@@ -87,6 +87,22 @@ def quantize_w8a8(
         return _quantize_static(corrected, out_path, plan, calib, config, None)
 
 
+def quantize_w8a8d(fp32_onnx: Path, out_path: Path, plan: Plan) -> Path:
+    """Dynamic int8 of the plan's ``w8a8d`` layers (Linear/MatMul): int8 weights per output channel, activations
+    quantized to uint8 per call (ONNX Runtime's MatMulInteger). No calibration: the scales follow each input."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    layers = plan.layers_with("w8a8d")
+    if not layers:
+        raise ExportError("quantize_w8a8d called with a plan that has no w8a8d layer")
+    try:
+        quantize_dynamic(str(fp32_onnx), str(out_path), per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_quantize=layers, op_types_to_quantize=["MatMul", "Gemm"])
+    except Exception as exc:
+        raise ExportError(f"dynamic INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
+    return Path(out_path)
+
+
 def _quantize_static(fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset, config: W8A8Config, track) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
