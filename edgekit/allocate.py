@@ -27,6 +27,9 @@ def uniform_plan(
     for layer in layers:
         if option == "fp32":
             choices.append(LayerChoice(layer.name, "fp32", "float32 requested"))
+        elif option == "w8a8d" and layer.op_type != "MatMul":
+            choices.append(LayerChoice(layer.name, "fp32", "dynamic int8 covers MatMul layers only (ONNX Runtime "
+                                                           "rewrites a Gemm before quantizing it)"))
         elif profile.supports(layer.kind, option):
             choices.append(LayerChoice(layer.name, option, f"uniform {precision}"))
         else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgekit import __version__
 from edgekit.allocate import uniform_plan
-from edgekit.compress.quant import W8A8Config
+from edgekit.compress.quant import DYNAMIC_SETTINGS, W8A8Config
 from edgekit.context import Context
 from edgekit.data import Dataset, integer_inputs, load_data
 from edgekit.errors import ConfigError, UnsupportedOnTarget, VerificationFailed
@@ -124,7 +124,10 @@ def _data_free(model: LoadedModel, req: BuildRequest, ctx: Context) -> tuple[Dat
         raise ConfigError("data-free calibration needs the PyTorch model (its BatchNorm statistics); ONNX models "
                           "have them folded away", hint="pass --calib with real samples")
     log.warning("calibrating without data (synthesized from BatchNorm statistics); the report records this")
-    calib = synthesize(model.module, model.inputs, n=min(req.calib_samples, 32), seed=ctx.seed, track=ctx.track)
+    n = min(req.calib_samples, 32)
+    if req.calib_samples > n:
+        log.info("data-free calibration synthesizes %d inputs (at most 32)", n)
+    calib = synthesize(model.module, model.inputs, n=n, seed=ctx.seed, track=ctx.track)
     ev = load_data(eval_spec, model.inputs, model.preprocessing, role="evaluation", limit=req.eval_samples,
                    seed=ctx.seed)
     return calib, ev
@@ -157,6 +160,8 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         _candidates(req.precision, profile)  # a bad --precision fails before any heavy work
     if req.max_drop is not None and req.budget is not None and not req.budget.is_empty():
         raise ConfigError("give either --max-drop or --budget, not both")
+    if req.max_drop is not None and req.precision != "auto":
+        raise ConfigError("--max-drop chooses the precision per layer itself; leave --precision at auto")
     if profile.runtime != "onnxruntime" and "onnxruntime" not in profile.runtimes:
         raise UnsupportedOnTarget(
             f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime only"
@@ -234,8 +239,8 @@ def _proposals(req, profile, model, layers, cfg, allocate, search):
         return
     for precision in _candidates(req.precision, profile):
         def make(precision=precision):
-            return uniform_plan(layers, profile, precision, model_sha256=model.sha256,
-                                activations=cfg.to_dict() if precision != "fp32" else {}), None
+            settings = {"fp32": {}, "int8-dynamic": DYNAMIC_SETTINGS}.get(precision, cfg.to_dict())
+            return uniform_plan(layers, profile, precision, model_sha256=model.sha256, activations=settings), None
         yield precision, make
 
 
@@ -356,9 +361,10 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
         for row in layer_rows:
             name = row["name"]
             row["distortion"] = sens["values"].get(name, {}).get(row["option"])
-            entry = cost.get(name, {}).get(row["option"], {})
-            row["bytes"], row["latency_ms"], row["latency_source"] = (
-                entry.get("bytes"), entry.get("latency_ms"), entry.get("source"))
+            if cost:  # --max-drop searches by verification, without a cost table
+                entry = cost.get(name, {}).get(row["option"], {})
+                row["bytes"], row["latency_ms"], row["latency_source"] = (
+                    entry.get("bytes"), entry.get("latency_ms"), entry.get("source"))
         allocation = {"solver": plan.solver, "budget": plan.budget, "metric": sens["metric"],
                       "latency_rounds": chosen.analysis.get("latency_rounds", []),
                       "additivity": sens["additivity"], "hardware_table": chosen.analysis["hardware_table"],

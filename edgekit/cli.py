@@ -183,8 +183,9 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
                    "avg-bits=12 (repeatable). The solver picks each layer's option from measured sensitivity and the "
                    "target's cost table; the result is measured as a whole.")
 @click.option("--max-drop", metavar="DROP",
-              help="Accuracy budget: the most compressed plan whose verified drop on held-out data stays within DROP "
-                   "(1% or 0.01): accuracy with labels, else top-1 agreement, else cosine.")
+              help="Accuracy budget: the most compressed plan (static INT8 layers, the rest FP32) whose verified drop "
+                   "on held-out data stays within DROP (1% or 0.01): accuracy with labels, else top-1 agreement, "
+                   "else cosine.")
 @click.option("--solver", type=click.Choice(["auto", "ilp", "dp", "evo"]), default="auto", show_default=True,
               help="Solver for --budget: ilp (exact integer program), dp (multiple-choice knapsack), evo "
                    "(evolutionary, scored by the additive model), auto (ilp).")

@@ -53,6 +53,9 @@ def synthesize(module, inputs: tuple[TensorSpec, ...], n: int = 32, *, steps: in
             stats.clear()
             opt.zero_grad()
             module(x)
+            if not stats:
+                raise CalibrationError("no BatchNorm layer runs in this model's forward pass",
+                                       hint="pass --calib with real samples")
             loss = sum(((m - rm) ** 2).mean() / (rv.mean() + 1e-5) + ((v - rv) ** 2).mean() / (rv.mean() ** 2 + 1e-5)
                        for m, v, rm, rv in stats) / len(stats)
             loss.backward()

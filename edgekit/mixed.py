@@ -61,13 +61,7 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
     measured rounds, and the artifact already built for it)."""
     from edgekit.cost import HardwareTable, cost_table, layer_geometry
 
-    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
-    log.info("quantizing every supported layer once (the source of every simulated mix)")
-    q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
-    metric = "kl" if model.task == "classification" else "mse"
-    options = layer_options(layers, profile)
-    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
-                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)
+    uniform, q_full, options, sens = _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx)
     hardware = HardwareTable.for_profile(profile)
     cost = cost_table(layers, profile, options, hardware=hardware,
                       geometry=layer_geometry(fp32.path), bias_correction=cfg.bias_correction)
@@ -93,6 +87,18 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
     analysis["cost"] = cost.to_dict()
     plan = replace(plan, budget={**plan.budget, **budget.to_dict(), **{k: v for k, v in notes.items() if v}})
     return plan, analysis
+
+
+def _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx):
+    """Uniform INT8 (quantized once: the source of every simulated mix) and the sensitivity table measured from it."""
+    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
+    log.info("quantizing every supported layer once (the source of every simulated mix)")
+    q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
+    metric = "kl" if model.task == "classification" else "mse"
+    options = layer_options(layers, profile)
+    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
+                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)
+    return uniform, q_full, options, sens
 
 
 def _solver_budget(budget: Budget, cost: CostTable, layers, q_full: Artifact, fp32: Artifact, calib: Dataset):
@@ -211,13 +217,13 @@ def _refine_for_latency(plan, cost, uniform: Measured, notes, sens, solve_budget
 
 def verified_drop(report) -> float:
     """The quality lost, as verified on held-out data: accuracy drop when labels exist, else 1 − top-1 agreement
-    for classifiers, else 1 − cosine."""
+    for classifiers, else 1 − cosine (rounded to 1e-6, so float round-off of an unchanged model counts as 0)."""
     if report.accuracy_drop is not None:
-        return max(0.0, report.accuracy_drop)
+        return round(max(0.0, report.accuracy_drop), 6)
     if not report.outputs:
         return 1.0
     out = report.outputs[0]
-    return 1.0 - (out.top1_agreement if out.top1_agreement is not None else out.cosine)
+    return round(max(0.0, 1.0 - (out.top1_agreement if out.top1_agreement is not None else out.cosine)), 6)
 
 
 def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, calib: Dataset, evald: Dataset,
@@ -231,12 +237,7 @@ def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, 
     from edgekit.plan import LayerChoice
     from edgekit.verify import verify_artifact
 
-    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
-    q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
-    metric = "kl" if model.task == "classification" else "mse"
-    options = layer_options(layers, profile)
-    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
-                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)
+    uniform, q_full, _, sens = _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx)
     from edgekit.cost import layer_bytes
 
     quantized = [c.layer for c in uniform.layers if c.option == "w8a8"]
@@ -247,7 +248,7 @@ def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, 
         return sens.values[name]["w8a8"] / max(saved, 1)
 
     order = sorted(quantized, key=harm, reverse=True)
-    tried: dict[int, tuple[Plan, Artifact, float]] = {}
+    tried: dict[int, tuple[Plan, Artifact, float, bool]] = {}
 
     def plan_for(k: int) -> Plan:
         back = set(order[:k])
@@ -268,25 +269,30 @@ def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, 
         report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
                                  tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)
         drop = verified_drop(report)
-        tried[k] = (plan, artifact, drop)
-        log.info("max-drop search: %d of %d layers back to float -> verified drop %.2f%%", k, len(order), 100 * drop)
-        return drop
+        ok = report.passed and drop <= max_drop
+        tried[k] = (plan, artifact, drop, ok)
+        log.info("max-drop search: %d of %d layers back to float -> verified drop %.2f%%%s", k, len(order),
+                 100 * drop, "" if report.passed else " (fails the target's tolerances)")
+        return ok
 
-    lo, hi = 0, len(order)  # hi: everything float meets any drop
-    if evaluate(0) <= max_drop:
+    lo, hi = 0, len(order)  # hi: everything float (checked below, not assumed)
+    if evaluate(0):
         hi = 0
     while lo < hi:
         mid = (lo + hi) // 2
         if mid == 0:
             lo = 1
             continue
-        if evaluate(mid) <= max_drop:
+        if evaluate(mid):
             hi = mid
         else:
             lo = mid + 1
     if hi not in tried:
         evaluate(hi)
-    plan, artifact, drop = tried[hi]
+    plan, artifact, drop, ok = tried[hi]
+    if not ok:
+        raise ConfigError(f"no plan meets --max-drop {max_drop:.2%}: even {hi} of {len(order)} layers in float "
+                          f"lose {drop:.2%} on the held-out data", hint="allow a larger drop")
     analysis = {"sensitivity": sens.to_dict(), "cost": {"target": profile.name, "entries": {}}, "hardware_table": None,
                 "latency_rounds": [{"max_drop": max_drop, "float_layers": hi, "verified_drop": round(drop, 5),
                                     "tried": {str(k): round(v[2], 5) for k, v in sorted(tried.items())}}],

@@ -250,20 +250,27 @@ def _load_onnx(path: Path, input_shapes) -> LoadedModel:
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: {exc}") from exc
+    # weights in side files (torch's exporter default) are part of the model: they must exist, and count in the hash
+    data_files = sorted({entry.value for init in proto.graph.initializer
+                         if init.data_location == onnx.TensorProto.EXTERNAL
+                         for entry in init.external_data if entry.key == "location"})
+    missing = [f for f in data_files if not (path.parent / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{path} keeps its weights in {', '.join(missing)}, which is not beside it",
+                             hint="keep the .onnx.data file(s) next to the .onnx, or re-export with "
+                                  "external_data=False")
+    try:
         onnx.checker.check_model(str(path))  # by path: external data is checked beside the model
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a valid ONNX model: {exc}") from exc
-    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer)
-    if external:  # weights in side files (torch's exporter default): they are part of the model
-        try:
-            full = onnx.load(str(path))
-        except Exception as exc:
-            raise ModelLoadError(f"{path} keeps its weights in external data files that cannot be read: {exc}",
-                                 hint="keep the .onnx.data file(s) next to the .onnx, or re-export with "
-                                      "external_data=False") from exc
-        digest = hashlib.sha256(full.SerializeToString(deterministic=True)).hexdigest()
-    else:
-        digest = sha256_file(path)
+    digest = sha256_file(path)
+    if data_files:
+        h = hashlib.sha256(digest.encode())
+        for f in data_files:
+            h.update(sha256_file(path.parent / f).encode())
+        digest = h.hexdigest()
     init_names = {i.name for i in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in init_names]
     if input_shapes is not None and len(input_shapes) != len(graph_inputs):

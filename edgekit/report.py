@@ -59,8 +59,9 @@ def _allocation_html(alloc: dict | None) -> str:
     add = alloc.get("additivity") or {}
     parts = [f"<h3>Allocation</h3><p>Solver <b>{_e(alloc['solver'])}</b>, distortion metric {_e(alloc['metric'])}; "
              f"budget {_e({k: v for k, v in alloc['budget'].items() if k != 'predicted'})}; "
-             f"predicted {_e(alloc['budget'].get('predicted', {}))}; latencies from "
-             f"{_e(alloc.get('hardware_table') or 'roofline estimates')}.</p>"]
+             f"predicted {_e(alloc['budget'].get('predicted', {}))}"
+             + (f"; latencies from {_e(alloc.get('hardware_table') or 'roofline estimates')}" if alloc.get("cost")
+                else "") + ".</p>"]
     if add.get("samples"):
         parts.append(f"<p>Additivity check over {add['samples']} random multi-layer mixes: Pearson "
                      f"{add['pearson']:.3f}, mean relative error {100 * add['mean_rel_error']:.1f}% "
@@ -90,16 +91,17 @@ def render_html(r: dict) -> str:
     size = r["size"]
     status = "PASS" if v["passed"] else "FAIL"
     alloc = r.get("allocation")
+    has_cost = bool(alloc and alloc.get("cost"))
     rows = []
     for layer in r["layers"]:
         cls = "q" if layer["option"] != "fp32" else ""
         extra = ""
         if alloc:
             d = layer.get("distortion")
-            extra = (f'<td class="n">{"" if d is None else format(d, ".3g")}</td>'
-                     f'<td class="n">{layer.get("bytes") or 0:,}</td>'
-                     f'<td class="n">{layer.get("latency_ms") or 0:.4f}</td>'
-                     f'<td>{_e(layer.get("latency_source", ""))}</td>')
+            extra = f'<td class="n">{"" if d is None else format(d, ".3g")}</td>'
+        if has_cost:
+            extra += (f'<td class="n">{layer.get("bytes") or 0:,}</td><td class="n">{layer.get("latency_ms") or 0:.4f}'
+                      f'</td><td>{_e(layer.get("latency_source", ""))}</td>')
         rows.append(
             f'<tr class="{cls}"><td>{_e(layer["name"])}</td><td>{_e(layer["op_type"])}</td><td>{_e(layer["kind"])}</td>'
             f'<td>{_e("×".join(map(str, layer["weight_shape"])))}</td><td class="n">{layer["params"]:,}</td>'
@@ -107,7 +109,8 @@ def render_html(r: dict) -> str:
             f'</tr>'
         )
     layer_head = ("<th>layer</th><th>op</th><th>kind</th><th>weight</th><th>params</th><th>MACs</th><th>option</th>"
-                  + ("<th>distortion</th><th>bytes</th><th>latency ms</th><th>latency source</th>" if alloc else "")
+                  + ("<th>distortion</th>" if alloc else "")
+                  + ("<th>bytes</th><th>latency ms</th><th>latency source</th>" if has_cost else "")
                   + "<th>reason</th>")
     metrics = "".join(
         f"<tr><td>{_e(o['name'])}</td><td class='n'>{o['sqnr_db']:.2f}</td><td class='n'>{o['cosine']:.5f}</td>"

@@ -154,3 +154,18 @@ def test_max_drop_and_budget_are_exclusive(run_cli, tmp_path):
     r = run_cli("build", "--model", "builtin:digits-cnn", "--max-drop", "1%", "--budget", "size=1MB",
                 "--out", tmp_path / "o", code=3)
     assert "not both" in r.stderr
+
+
+def test_max_drop_only_accepts_plans_that_pass_the_targets_tolerances(run_cli, tmp_path):
+    from pathlib import Path
+
+    src = (Path(__file__).parents[1] / "targets" / "cpu-x86.toml").read_text()
+    strict = tmp_path / "cpu-x86.toml"  # int8 must reach 45 dB: uniform int8 of digits (about 40 dB) fails it
+    strict.write_text(src.replace("[tolerances.int8]\nmin_sqnr_db = 12.0", "[tolerances.int8]\nmin_sqnr_db = 45.0"))
+    out = tmp_path / "o"
+    r = run_cli("build", "--model", "builtin:digits-cnn", "--max-drop", "1%", "--target", strict, "--out", out,
+                "--json", "--no-latency")
+    summary = json.loads(r.stdout)
+    assert summary["verification"]["passed"]  # the drop limit alone would have taken uniform int8, which fails
+    rounds = json.loads((out / "digits-cnn" / "report.json").read_text())["allocation"]["latency_rounds"]
+    assert rounds[0]["float_layers"] > 0

@@ -150,11 +150,21 @@ def test_dynamic_int8_quantizes_linear_layers_only(fp32, tmp_path):
     profile = load_target("cpu-x86")
     assert profile.supports("linear", "w8a8d") and not profile.supports("conv", "w8a8d")
     plan = uniform_plan(layer_inventory(fp32), profile, "int8-dynamic", model_sha256="0" * 64)
-    assert {c.layer: c.option for c in plan.layers} == {"stem": "fp32", "dw": "fp32", "fc": "w8a8d",
+    # ORT's dynamic quantizer rewrites a Gemm into MatMul + Add under a new name and leaves it float: Gemm stays fp32
+    assert {c.layer: c.option for c in plan.layers} == {"stem": "fp32", "dw": "fp32", "fc": "fp32",
                                                          "head": "w8a8d"}
     out = quantize_w8a8d(fp32, tmp_path / "dyn.onnx", plan)
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
-    assert "DynamicQuantizeLinear" in ops and ops.count("Conv") == 2
+    assert "DynamicQuantizeLinear" in ops and "MatMulInteger" in ops and ops.count("Conv") == 2
+    # a plan that asks dynamic int8 of a Gemm is refused rather than shipped float
+    from dataclasses import replace
+
+    from edgekit.errors import ExportError
+    from edgekit.plan import LayerChoice
+
+    forced = replace(plan, layers=tuple(LayerChoice(c.layer, "w8a8d") if c.layer == "fc" else c for c in plan.layers))
+    with pytest.raises(ExportError, match="left layers float"):
+        quantize_w8a8d(fp32, tmp_path / "dyn2.onnx", forced)
     x = _data(64, seed=3).inputs["input"]
     assert sqnr_db(_run(fp32, x), _run(out, x)) > 25.0
 

@@ -36,9 +36,15 @@ class W8A8Config:
         """The settings a plan records (``Plan.activations``); unknown calibration methods are refused."""
         from edgekit.errors import ConfigError
 
-        cfg = cls(per_channel=d.get("weights", "int8 symmetric per-channel").endswith("per-channel"),
-                  calibration=str(d.get("calibration", "minmax")), calib_samples=int(d.get("calib_samples", 64)),
-                  bias_correction=bool(d.get("bias_correction", True)))
+        try:
+            cfg = cls(per_channel=str(d.get("weights", "int8 symmetric per-channel")).endswith("per-channel"),
+                      calibration=str(d.get("calibration", "minmax")), calib_samples=int(d.get("calib_samples", 64)),
+                      bias_correction=bool(d.get("bias_correction", True)))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"the plan's quantizer settings are malformed: {exc}",
+                              hint="see plan.json 'activations' as edgekit wrote it") from None
+        if cfg.calib_samples < 1:
+            raise ConfigError("the plan's calib_samples must be at least 1")
         if cfg.calibration not in ("minmax", "entropy", "percentile"):
             raise ConfigError(f"unknown calibration method {cfg.calibration!r} in the plan",
                               hint="use minmax, entropy or percentile")
@@ -87,6 +93,10 @@ def quantize_w8a8(
         return _quantize_static(corrected, out_path, plan, calib, config, None)
 
 
+DYNAMIC_SETTINGS = {"scheme": "w8a8d", "weights": "int8 symmetric per-channel",
+                    "activations": "uint8, quantized per call (dynamic)", "calibration": "none"}
+
+
 def quantize_w8a8d(fp32_onnx: Path, out_path: Path, plan: Plan) -> Path:
     """Dynamic int8 of the plan's ``w8a8d`` layers (Linear/MatMul): int8 weights per output channel, activations
     quantized to uint8 per call (ONNX Runtime's MatMulInteger). No calibration: the scales follow each input."""
@@ -100,6 +110,13 @@ def quantize_w8a8d(fp32_onnx: Path, out_path: Path, plan: Plan) -> Path:
                          nodes_to_quantize=layers, op_types_to_quantize=["MatMul", "Gemm"])
     except Exception as exc:
         raise ExportError(f"dynamic INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
+    import onnx
+
+    # every quantized layer becomes one MatMulInteger (ORT renames and rewrites nodes, so count, don't match names)
+    done = sum(n.op_type == "MatMulInteger" for n in onnx.load(str(out_path), load_external_data=False).graph.node)
+    if done < len(layers):
+        raise ExportError(f"dynamic INT8 left layers float that the plan quantizes: {done} of {len(layers)} "
+                          "became integer MatMuls")
     return Path(out_path)
 
 
