@@ -21,7 +21,7 @@ import numpy as np
 from edgekit import __version__
 from edgekit.context import Context
 from edgekit.data import Dataset
-from edgekit.inventory import LayerInfo
+from edgekit.inventory import LayerInfo, graph_batch_size
 from edgekit.tables import SensitivityTable
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,8 @@ def distortion(ref: np.ndarray, out: np.ndarray, metric: str) -> float:
 def _run(model_proto, data: Dataset) -> np.ndarray:
     from edgekit.agent.runtime import OrtRuntime
 
-    first = model_proto.graph.input[0].type.tensor_type.shape.dim[0]  # a static batch (e.g. 1) is kept
-    batch = first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else BATCH
     rt = OrtRuntime(model_proto.SerializeToString())
-    return next(iter(rt.run_batches(data.batches(batch)).values()))
+    return next(iter(rt.run_batches(data.batches(graph_batch_size(model_proto, BATCH))).values()))
 
 
 def cache_key(model_sha256: str, data: Dataset, options: dict, quantizer: dict, metric: str) -> str:

@@ -362,13 +362,18 @@ def integer_inputs(spec: str | None) -> dict[str, str]:
     a PyTorch model whose signature does not say. Anything unreadable yields {} (``load_data`` reports it later)."""
     if not spec or not str(spec).endswith(".npz"):
         return {}
+    found = {}
     try:
-        with open(spec, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                return {}
-            f.seek(0)
-            with np.load(f, allow_pickle=False) as z:
-                return {k: str(z[k].dtype) for k in z.files
-                        if k != LABELS_KEY and z[k].dtype.kind in "iu" and str(z[k].dtype) in ("int64", "int32")}
+        with zipfile.ZipFile(spec) as z:  # only each member's .npy header: no array is decompressed in full
+            for member in z.namelist():
+                if not member.endswith(".npy") or member[:-4] == LABELS_KEY:
+                    continue
+                with z.open(member) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    _, _, dtype = read(f)
+                if str(dtype) in ("int64", "int32"):
+                    found[member[:-4]] = str(dtype)
     except (OSError, ValueError, zipfile.BadZipFile):
         return {}
+    return found

@@ -30,6 +30,12 @@ class LayerInfo:
         return d
 
 
+def graph_batch_size(model, default: int) -> int:
+    """The batch an ONNX model must run with: its first input's static batch (e.g. 1), else ``default``."""
+    dim = model.graph.input[0].type.tensor_type.shape.dim
+    return dim[0].dim_value if dim and dim[0].HasField("dim_value") and dim[0].dim_value > 0 else default
+
+
 def _attr(node, name, default):
     for a in node.attribute:
         if a.name == name:

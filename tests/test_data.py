@@ -347,3 +347,18 @@ def test_dataset_validation():
         Dataset("d", {"a": np.zeros((0, 1))}, None, "mem")
     with pytest.raises(DataError, match="labels"):
         Dataset("d", {"a": np.zeros((2, 1))}, np.array([1]), "mem")
+
+
+def test_integer_inputs_reads_dtypes_from_headers(tmp_path):
+    from edgekit.data import integer_inputs
+
+    plain, packed = tmp_path / "a.npz", tmp_path / "b.npz"
+    arrays = dict(input_ids=np.ones((2, 4), np.int64), mask=np.ones((2, 4), np.int32), x=np.ones(2, np.float32),
+                  labels=np.zeros(2, np.int64))
+    np.savez(plain, **arrays)
+    np.savez_compressed(packed, **arrays)
+    for path in (plain, packed):
+        assert integer_inputs(str(path)) == {"input_ids": "int64", "mask": "int32"}
+    (tmp_path / "text.npz").write_text("not a zip")
+    assert integer_inputs(str(tmp_path / "text.npz")) == {} and integer_inputs(str(tmp_path / "no.npz")) == {}
+    assert integer_inputs("calib.npy") == {} and integer_inputs(None) == {}

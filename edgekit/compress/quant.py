@@ -168,10 +168,9 @@ def _input_means(fp32, layers: list, calib: Dataset, batch: int = 8) -> dict[str
         path = Path(tmp) / "probe.onnx"
         onnx.save(probe, str(path))
         rt = OrtRuntime(path)
-        from edgekit.export.onnx import describe
-        from edgekit.model import batch_size
+        from edgekit.inventory import graph_batch_size
 
-        for feeds in calib.batches(batch_size(describe(path).inputs, batch)):
+        for feeds in calib.batches(graph_batch_size(probe, batch)):
             n = len(next(iter(feeds.values())))
             outs = rt.run(feeds)
             outs.update({k: v for k, v in feeds.items() if k in wanted})
