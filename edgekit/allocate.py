@@ -47,14 +47,62 @@ def uniform_plan(
 
 
 def precision_label(choices) -> str:
-    """``fp32`` when nothing is compressed, ``int8`` when everything is, else ``mixed``."""
-    quantized = sum(c.option != "fp32" for c in choices)
-    return "fp32" if quantized == 0 else "int8" if quantized == len(choices) else "mixed"
+    """``fp32`` when nothing is compressed, ``int8`` when everything is int8, ``int4`` when everything is 4-bit
+    weight-only, else ``mixed``."""
+    options = {c.option for c in choices}
+    if options == {"fp32"}:
+        return "fp32"
+    if options in ({"w8a8"}, {"w8a8d"}):
+        return "int8"
+    bits = {o[1] for o in options if o.startswith("w") and "g" in o}
+    return f"int{bits.pop()}" if len(bits) == 1 and all("g" in o for o in options) else "mixed"
 
 
-def layer_options(layers: Sequence[LayerInfo], profile: TargetProfile) -> dict[str, list[str]]:
-    """The options the target allows per layer: float always, each compressed option where supported."""
-    return {layer.name: ["fp32"] + [o for o in ("w8a8",) if profile.supports(layer.kind, o)] for layer in layers}
+def quant_family(layers: Sequence[LayerInfo], profile: TargetProfile) -> str:
+    """Which int8 flavour a model's plans draw from: ``static`` (calibrated uint8 activations, every layer kind; the
+    fast path for convolutional networks) when it has convolutions, else ``dynamic`` (activations quantized per
+    call: transformers, whose activation outliers break calibrated ranges). ONNX Runtime cannot mix the two in
+    one graph here, so a plan uses one."""
+    convs = any(layer.kind in ("conv", "depthwise_conv") for layer in layers)
+    dynamic_ok = any(layer.op_type == "MatMul" and profile.supports(layer.kind, "w8a8d") for layer in layers)
+    return "dynamic" if dynamic_ok and not convs else "static"
+
+
+def weight_only_options(layer: LayerInfo, profile: TargetProfile) -> list[str]:
+    """Group-wise weight-only options the target runs for this layer (``w4g32``, ``w2g64s`` ...)."""
+    op = profile.ops.get(layer.kind)  # type: ignore[call-overload]
+    if op is None or not any(a in (16, 32) for a in op.activation_bits) or layer.op_type not in WEIGHT_ONLY_OPS:
+        return []
+    width = int(layer.weight_shape[-1]) if layer.op_type == "Gather" else None
+    out = []
+    for bits in sorted(op.weight_bits, reverse=True):
+        for gran in op.granularities(bits):
+            if not gran.startswith("group-"):
+                continue
+            group = int(gran.removeprefix("group-"))
+            if width is not None and width % group:
+                continue  # GatherBlockQuantized needs whole groups
+            option = f"w{bits}g{group}" + ("s" if op.symmetric_only else "")
+            if profile.supports(layer.kind, option):
+                out.append(option)
+    return out
+
+
+WEIGHT_ONLY_OPS = ("MatMul", "Gemm", "Gather")
+
+
+def layer_options(layers: Sequence[LayerInfo], profile: TargetProfile, family: str = "static") -> dict[str, list[str]]:
+    """The options the target allows per layer: float always; int8 of the model's family (``w8a8`` static, or
+    ``w8a8d`` dynamic on MatMul layers); weight-only low-bit options where the target runs them."""
+    out = {}
+    for layer in layers:
+        opts = ["fp32"]
+        if family == "static" and profile.supports(layer.kind, "w8a8"):
+            opts.append("w8a8")
+        if family == "dynamic" and layer.op_type == "MatMul" and profile.supports(layer.kind, "w8a8d"):
+            opts.append("w8a8d")
+        out[layer.name] = opts + weight_only_options(layer, profile)
+    return out
 
 
 def allocated_plan(

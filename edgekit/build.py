@@ -26,7 +26,7 @@ from edgekit.iospec import Artifact
 from edgekit.mixed import allocate as allocate_mixed
 from edgekit.mixed import apply_plan, search_max_drop
 from edgekit.model import LoadedModel, load_model
-from edgekit.plan import PRECISIONS, Plan
+from edgekit.plan import PRECISIONS, Plan, tolerance_class
 from edgekit.tables import Budget
 from edgekit.targets import TargetProfile, load_target
 from edgekit.verify import VerificationReport, require_pass, run_reference, verify_artifact
@@ -269,7 +269,7 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
             artifact = made[1]
         else:
             artifact = apply_plan(plan, fp32, calib, work / f"model-{plan.precision}.onnx", cfg, ctx)
-        tol_class = "int8" if plan.is_quantized else "fp32"
+        tol_class = tolerance_class(plan)
         report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
                                  tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)
         log.info("%s: %s", label, report.summary())

@@ -15,6 +15,7 @@ from edgekit.data import load_data
 from edgekit.errors import ConfigError, EdgekitError
 from edgekit.iospec import Artifact, Preprocessing, TensorSpec
 from edgekit.model import load_model, with_preprocessing
+from edgekit.plan import Plan, tolerance_class
 from edgekit.targets import Tolerances, load_target
 from edgekit.verify import VerificationReport, run_reference, verify_artifact
 
@@ -58,7 +59,7 @@ def verify_bundle(
     original = with_preprocessing(original, pre)
     dataset = load_data(data, artifact.inputs, pre, role="evaluation", limit=limit, seed=ctx.seed)
     reference = run_reference(original, dataset, ctx)
-    tol_class = "int8" if any(c["option"] != "fp32" for c in m["plan"]["layers"]) else "fp32"
+    tol_class = tolerance_class(Plan.from_dict(m["plan"]))
     return verify_artifact(
         artifact, dataset, reference, tolerances=_tolerances(m, opened, tol_class), tolerance_class=tol_class,
         classification=m.get("task") == "classification", ctx=ctx,

@@ -9,6 +9,7 @@ Otherwise a roofline estimate from the profile's peak compute and memory bandwid
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,29 @@ from edgekit.inventory import WEIGHTED_OPS, LayerInfo
 from edgekit.tables import CostEntry, CostTable
 
 HARDWARE_SCHEMA_VERSION = 1
-OPTION_PRECISION = {"fp32": "fp32", "w8a8": "int8"}  # option -> the profile's peak_gops key
-ACTIVATION_BYTES = {"fp32": 4, "w8a8": 1}  # bytes per activation element (w8a8: uint8 activations)
+OPTION_PRECISION = {"fp32": "fp32", "w8a8": "int8", "w8a8d": "int8"}  # option -> the profile's peak_gops key
+ACTIVATION_BYTES = {"fp32": 4, "w8a8": 1, "w8a8d": 4}  # bytes per activation element (w8a8: uint8 activations)
 FUSED_ACTIVATIONS = ("Relu", "Clip")  # measured together with the layer: int8 kernels fold them into the requant
 _CONV_DEFAULTS = {"strides": 1, "dilations": 1}
+_WONLY_RE = re.compile(r"^w([2348])g(\d+)(s?)$")
+
+
+def _weight_only(option: str) -> tuple[int, int, bool] | None:
+    m = _WONLY_RE.match(option)
+    return (int(m[1]), int(m[2]), bool(m[3])) if m else None
 
 
 def _check(option: str) -> str:
-    if option not in OPTION_PRECISION:
-        raise ConfigError(f"no cost model for option {option!r}", hint=f"known: {', '.join(OPTION_PRECISION)}")
+    if option not in OPTION_PRECISION and _weight_only(option) is None:
+        raise ConfigError(f"no cost model for option {option!r}",
+                          hint=f"known: {', '.join(OPTION_PRECISION)} and weight-only w<bits>g<group>[s]")
     return option
+
+
+def _precision(option: str) -> str:
+    """The peak_gops key an option computes at: weight-only kernels (MatMulNBits, accuracy level 4) use int8 dot
+    products on block-quantized activations."""
+    return OPTION_PRECISION.get(option, "int8")
 
 
 # -- geometry: what the inventory does not say (input shape, strides, pads, fused activation) --------------------
@@ -182,6 +196,8 @@ def layer_bytes(layer: LayerInfo, option: str, *, geometry: LayerGeometry | None
     """Weight bytes of ``layer`` in the artifact under ``option`` (initializer payloads, exact).
 
     - ``fp32``: 4 bytes per parameter (weight and bias).
+    - weight-only ``w<b>g<G>[s]``: ``compress.wquant.storage_bytes`` plus a float32 bias;
+    - ``w8a8d``: 1 byte per weight element plus an fp32 scale and int8 zero point per output column;
     - ``w8a8`` (ORT QDQ, per-channel): 1 byte per weight element, plus per output channel an fp32 weight scale and
       an int8 weight zero point; a bias becomes int32 with its own per-channel fp32 scale (input scale × weight
       scale) and int32 zero point: 12 bytes per output channel. Bias correction (edgekit's default) gives every
@@ -191,7 +207,16 @@ def layer_bytes(layer: LayerInfo, option: str, *, geometry: LayerGeometry | None
     if option == "fp32":
         return 4 * layer.params
     weight = int(np.prod(layer.weight_shape))
+    wo = _weight_only(option)
+    if wo is not None:  # MatMulNBits / GatherBlockQuantized: packed values, fp32 scales, packed zero points, bias
+        from edgekit.compress.wquant import storage_bytes
+
+        bits, group, symmetric = wo
+        out = int(layer.weight_shape[0]) if layer.op_type == "Gather" else _out_channels(layer, geometry)
+        return storage_bytes(out, weight // out, bits, group, symmetric=symmetric) + 4 * (layer.params - weight)
     out = _out_channels(layer, geometry)
+    if option == "w8a8d":  # ORT quantize_dynamic, per channel: int8 weights, fp32 scale + int8 zero point per column
+        return weight + out * (4 + 1) + 4 * (layer.params - weight)
     has_bias = layer.params > weight or (bias_correction and layer.op_type in ("Conv", "Gemm"))
     return weight + out * (4 + 1) + (12 * out if has_bias else 0)
 
@@ -223,13 +248,15 @@ def roofline_ms(layer: LayerInfo, option: str, profile, batch: int = 1, *,
     · 1e3, activation bytes = 4 (fp32) or 1 (w8a8, uint8 activations).
     """
     _check(option)
+    if layer.op_type == "Gather":  # reads only the rows it gathers: one row per sample, whatever the encoding
+        return batch * int(layer.weight_shape[-1]) * 8 / (profile.hardware.bandwidth_gbs * 1e9) * 1e3
     peaks = profile.hardware.peak_gops
-    peak = peaks.get(OPTION_PRECISION[option]) or peaks.get("fp32")
+    peak = peaks.get(_precision(option)) or peaks.get("fp32")
     if not peak:
-        raise ConfigError(f"target {profile.name!r} lists no peak_gops for {OPTION_PRECISION[option]} or fp32")
+        raise ConfigError(f"target {profile.name!r} lists no peak_gops for {_precision(option)} or fp32")
     compute_ms = 2.0 * layer.macs * batch / (peak * 1e9) * 1e3
     n_in, n_out = activation_elements(layer, geometry)
-    moved = layer_bytes(layer, option, geometry=geometry) + batch * (n_in + n_out) * ACTIVATION_BYTES[option]
+    moved = layer_bytes(layer, option, geometry=geometry) + batch * (n_in + n_out) * ACTIVATION_BYTES.get(option, 4)
     memory_ms = moved / (profile.hardware.bandwidth_gbs * 1e9) * 1e3
     return max(compute_ms, memory_ms)
 

@@ -1,4 +1,5 @@
-"""The layer inventory of an ONNX graph: every weighted Conv / Gemm / MatMul with shapes, parameters and MACs.
+"""The layer inventory of an ONNX graph: every weighted Conv / Gemm / MatMul with shapes, parameters and MACs, and
+every embedding (a Gather from a constant 2-D table along axis 0), which weight-only options can compress.
 
 Layer names are stable: the exporter names each weighted node after the module that owns its weight
 (``_blocks.3._expand_conv``), so plans and reports speak the user's vocabulary. No torch here.
@@ -12,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+EMBEDDING_OPS = ("Gather",)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     name: str  # node name in the exported graph (= layer name in the Plan)
     op_type: str  # ONNX op
-    kind: str  # "conv" | "depthwise_conv" | "linear": the profile's op kinds
+    kind: str  # "conv" | "depthwise_conv" | "linear" | "embedding": the profile's op kinds
     weight: str  # initializer name
     weight_shape: tuple[int, ...]
     params: int  # weight + bias elements
@@ -61,6 +63,13 @@ def layer_inventory(model_or_path) -> list[LayerInfo]:
     inits = {i.name: i for i in model.graph.initializer}
     layers = []
     for node in model.graph.node:
+        if node.op_type in EMBEDDING_OPS:
+            table = inits.get(node.input[0]) if node.input else None
+            if table is not None and len(table.dims) == 2 and int(_attr(node, "axis", 0)) == 0:
+                wshape = tuple(int(d) for d in table.dims)
+                layers.append(LayerInfo(name=node.name, op_type=node.op_type, kind="embedding", weight=node.input[0],
+                                        weight_shape=wshape, params=int(np.prod(wshape)), macs=0))
+            continue
         if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in inits:
             continue
         w = inits[node.input[1]]

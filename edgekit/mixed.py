@@ -15,20 +15,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgekit.agent.runtime import OrtRuntime, compare_latency
-from edgekit.allocate import allocated_plan, fastest_plan, layer_options, uniform_plan
+from edgekit.allocate import allocated_plan, fastest_plan, layer_options, quant_family, uniform_plan
 from edgekit.analyze import measure_sensitivity
-from edgekit.compress.quant import W8A8Config, quantize_w8a8, quantize_w8a8d
+from edgekit.compress.quant import DYNAMIC_SETTINGS, W8A8Config, quantize_w8a8, quantize_w8a8d
 from edgekit.context import Context
 from edgekit.data import Dataset
 from edgekit.errors import ConfigError
 from edgekit.export.onnx import describe
 from edgekit.iospec import Artifact
-from edgekit.plan import Plan
-from edgekit.tables import Budget, CostEntry, CostTable
+from edgekit.plan import LayerChoice, Plan, tolerance_class
+from edgekit.tables import Budget, CostEntry, CostTable, SensitivityTable
+from edgekit.wonly import LowBitQuantizer, WeightOnlyConfig, is_feed_option, measure_feed_sensitivity, weight_only
 
 log = logging.getLogger(__name__)
 
 SENSITIVITY_SAMPLES = 32
+FEED_SENSITIVITY_SAMPLES = 16  # weight-only/dynamic sensitivities: two model runs per layer on these samples
 REFINE_ROUNDS = 3
 LATENCY_SLACK = 1.05  # measured within 5 % of the latency budget counts as met
 
@@ -41,18 +43,50 @@ class Measured:
     distortion: float  # predicted (sum of single-layer distortions)
 
 
-def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8Config, ctx: Context) -> Artifact:
-    """The artifact of a plan: the FP32 graph itself, or ORT's quantizer with the plan's float layers excluded."""
+def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8Config, ctx: Context,
+               quantizer: LowBitQuantizer | None = None) -> Artifact:
+    """The artifact of a plan: the FP32 graph itself; or ORT's static or dynamic int8 quantizer on the plan's int8
+    layers (the others excluded), then the weight-only layers rewritten to low-bit kernels (``export.lowbit``)."""
     if not plan.is_quantized:
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
-    if plan.layers_with("w8a8d"):
-        if plan.layers_with("w8a8"):
-            raise ConfigError("a plan cannot mix static (w8a8) and dynamic (w8a8d) int8 layers yet")
-        quantize_w8a8d(fp32.path, out, plan)
-    else:
-        quantize_w8a8(fp32.path, out, plan, calib, cfg, track=ctx.track)
+    wonly = {c.layer: c.option for c in plan.layers if weight_only(c.option)}
+    int8 = replace(plan, layers=tuple(LayerChoice(c.layer, "fp32", c.reason) if c.layer in wonly else c
+                                      for c in plan.layers)) if wonly else plan
+    base = Path(fp32.path)
+    if int8.is_quantized:
+        base = out.with_name(out.stem + ".int8.onnx") if wonly else out
+        if int8.layers_with("w8a8d"):
+            if int8.layers_with("w8a8"):
+                raise ConfigError("a plan cannot mix static (w8a8) and dynamic (w8a8d) int8 layers")
+            quantize_w8a8d(fp32.path, base, int8)
+        else:
+            quantize_w8a8(fp32.path, base, int8, calib, cfg, track=ctx.track)
+    if wonly:
+        import onnx
+
+        from edgekit.export.lowbit import apply_weight_only
+
+        if quantizer is None:
+            quantizer = plan_quantizer(plan, fp32, calib, ctx, layers=list(wonly))
+        weights = {n: quantizer.qweight(n, o) for n, o in wonly.items()}
+        model = apply_weight_only(onnx.load(str(base)), weights, accuracy_level=quantizer.config.accuracy_level)
+        onnx.save(model, str(out))
+        if base != Path(fp32.path):
+            base.unlink(missing_ok=True)
     return describe(out)
+
+
+def plan_quantizer(plan: Plan, fp32: Artifact, calib: Dataset, ctx: Context, *, layers: list[str]) -> LowBitQuantizer:
+    """The weight-only quantizer a plan records (``activations['weight_only']``) for its ``layers``."""
+    import onnx
+
+    from edgekit.inventory import layer_inventory
+
+    model = onnx.load(str(fp32.path))
+    infos = [layer for layer in layer_inventory(model) if layer.name in set(layers)]
+    config = WeightOnlyConfig.from_dict(plan.activations.get("weight_only"))
+    return LowBitQuantizer(model, infos, calib, config, model_sha256=plan.model_sha256, ctx=ctx)
 
 
 def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, layers, calib: Dataset, work: Path,
@@ -61,41 +95,113 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
     measured rounds, and the artifact already built for it)."""
     from edgekit.cost import HardwareTable, cost_table, layer_geometry
 
-    uniform, q_full, options, sens = _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx)
+    t = _tables(profile, model, fp32, layers, calib, work, cfg, ctx)
     hardware = HardwareTable.for_profile(profile)
-    cost = cost_table(layers, profile, options, hardware=hardware,
+    cost = cost_table(layers, profile, t.options, hardware=hardware,
                       geometry=layer_geometry(fp32.path), bias_correction=cfg.bias_correction)
-    solve_budget, notes = _solver_budget(budget, cost, layers, q_full, fp32, calib)
+    solve_budget, notes = _solver_budget(budget, cost, layers, t.uniform_artifact, fp32, calib)
+    settings = _settings(t)
+    build = t.build
     try:
-        plan = allocated_plan(layers, profile, sensitivity=sens, cost=cost, budget=solve_budget, solver=solver,
-                              model_sha256=model.sha256, activations=cfg.to_dict())
+        plan = allocated_plan(layers, profile, sensitivity=t.sens, cost=cost, budget=solve_budget, solver=solver,
+                              model_sha256=model.sha256, activations=settings, evaluate=t.evaluate)
     except ConfigError as exc:
         if notes.get("latency_ms") is None or solve_budget.size_bytes is not None or budget.avg_bits is not None:
             raise
         log.warning("%s by the cost table; measuring the fastest plans instead", exc.message)
-        plan = fastest_plan(layers, profile, cost, model_sha256=model.sha256, activations=cfg.to_dict())
-    analysis = {"sensitivity": sens.to_dict(), "hardware_table": profile.hardware_table if hardware else None,
-                **notes, "latency_rounds": [], "applied": None}
-    uniform_measured = Measured(uniform, q_full, 0.0, _distortion(uniform, sens))
+        plan = fastest_plan(layers, profile, cost, model_sha256=model.sha256, activations=settings)
+    analysis = {"sensitivity": t.sens.to_dict(), "hardware_table": profile.hardware_table if hardware else None,
+                "family": t.family, **notes, "latency_rounds": [], "applied": None}
+    uniform_measured = Measured(t.uniform, t.uniform_artifact, 0.0, _distortion(t.uniform, t.sens))
     if notes.get("latency_ms") is not None:
         plan, cost, analysis["latency_rounds"], analysis["applied"] = _refine_for_latency(
-            plan, cost, uniform_measured, notes, sens, solve_budget, solver=solver, profile=profile, model=model,
-            fp32=fp32, layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx)
+            plan, cost, uniform_measured, notes, t.sens, solve_budget, solver=solver, profile=profile, model=model,
+            fp32=fp32, layers=layers, calib=calib, work=work, build=build, settings=settings)
     elif plan.is_quantized:
         plan, analysis["latency_rounds"], analysis["applied"] = _no_regression(
-            plan, uniform_measured, sens, fp32=fp32, calib=calib, work=work, cfg=cfg, ctx=ctx)
+            plan, uniform_measured, t.sens, cost, solve_budget, solver=solver, profile=profile, model=model,
+            layers=layers, fp32=fp32, calib=calib, work=work, build=build, settings=settings, evaluate=t.evaluate)
     analysis["cost"] = cost.to_dict()
     plan = replace(plan, budget={**plan.budget, **budget.to_dict(), **{k: v for k, v in notes.items() if v}})
     return plan, analysis
 
 
+@dataclass
+class _Tables:
+    family: str
+    options: dict
+    uniform: Plan
+    uniform_artifact: Artifact
+    sens: SensitivityTable
+    quantizer: LowBitQuantizer | None
+    build: object  # (plan, path) -> Artifact
+    evaluate: object  # measured scorer for evo, or None
+    cfg: W8A8Config
+
+
+def _settings(t: _Tables) -> dict:
+    base = t.cfg.to_dict() if t.family == "static" else dict(DYNAMIC_SETTINGS)
+    if t.quantizer is not None:
+        base = {**base, "weight_only": t.quantizer.config.to_dict()}
+    return base
+
+
+def _tables(profile, model, fp32, layers, calib, work, cfg, ctx) -> _Tables:
+    """The option space of this model on this target, the uniform int8 baseline (quantized once), and the
+    sensitivity table: static int8 measured through simulated QDQ models, weight-only and dynamic int8 options by
+    feeding their weights (``edgekit.wsim``); both as output distortion against FP32 on the same samples."""
+    import onnx
+
+    family = quant_family(layers, profile)
+    options = layer_options(layers, profile, family)
+    metric = "kl" if model.task == "classification" else "mse"
+    sample = calib.take(SENSITIVITY_SAMPLES)
+    feed_sample = calib.take(FEED_SENSITIVITY_SAMPLES)
+    feed_layers = [layer for layer in layers if any(is_feed_option(o) for o in options[layer.name])]
+    quantizer = None
+    if feed_layers:
+        quantizer = LowBitQuantizer(onnx.load(str(fp32.path)), feed_layers, calib, WeightOnlyConfig(),
+                                    model_sha256=model.sha256, ctx=ctx,
+                                    dynamic=[n for n, o in options.items() if "w8a8d" in o])
+
+    def build(plan: Plan, path: Path) -> Artifact:
+        return apply_plan(plan, fp32, calib, path, cfg, ctx, quantizer)
+
+    precision = "int8" if family == "static" else "int8-dynamic"
+    settings = cfg.to_dict() if family == "static" else dict(DYNAMIC_SETTINGS)
+    uniform = uniform_plan(layers, profile, precision, model_sha256=model.sha256, activations=settings)
+    log.info("quantizing every supported layer to %s once (the baseline and the source of every simulated mix)",
+             precision)
+    q_full = build(uniform, work / "uniform-int8.onnx")
+    tables = []
+    if family == "static":
+        static_opts = {n: [o for o in opts if o in ("fp32", "w8a8")] for n, opts in options.items()}
+        tables.append(measure_sensitivity(fp32.path, q_full.path, layers, sample, metric=metric,
+                                          model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx,
+                                          options=static_opts))
+    if quantizer is not None:
+        tables.append(measure_feed_sensitivity(quantizer, options, feed_sample, metric=metric, ctx=ctx,
+                                               model_sha256=model.sha256))
+    values = {layer.name: {"fp32": 0.0} for layer in layers}
+    for table in tables:
+        for name, row in table.values.items():
+            values[name].update(row)
+    sens = SensitivityTable(model_sha256=model.sha256, data_sha256=sample.sha256(), metric=metric, values=values,
+                            additivity=tables[0].additivity if tables else {})
+    evaluate = None
+    if quantizer is not None and family == "dynamic":  # every option is feedable: whole plans are measurable
+        from edgekit.wonly import measured_scorer
+
+        evaluate = measured_scorer(quantizer, feed_sample, metric)
+    return _Tables(family, options, uniform, q_full, sens, quantizer, build, evaluate, cfg)
+
+
 def _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx):
-    """Uniform INT8 (quantized once: the source of every simulated mix) and the sensitivity table measured from it."""
+    """Uniform static INT8 and its sensitivity table (the max-drop search walks from it back towards FP32)."""
     uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
-    log.info("quantizing every supported layer once (the source of every simulated mix)")
     q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
     metric = "kl" if model.task == "classification" else "mse"
-    options = layer_options(layers, profile)
+    options = {n: [o for o in opts if o in ("fp32", "w8a8")] for n, opts in layer_options(layers, profile).items()}
     sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
                                model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)
     return uniform, q_full, options, sens
@@ -131,12 +237,22 @@ def _solver_budget(budget: Budget, cost: CostTable, layers, q_full: Artifact, fp
 NO_REGRESSION_SLACK = 1.05  # measurement noise allowed before a plan counts as slower than FP32
 
 
-def _no_regression(plan, uniform: Measured, sens, *, fp32, calib, work, cfg, ctx):
+def _fits(plan: Plan, cost: CostTable, budget: Budget, layers) -> bool:
+    """Whether ``plan`` meets the size and bit parts of ``budget`` by the cost table's exact bytes."""
+    total = sum(cost.entries[c.layer][c.option].bytes for c in plan.layers if c.layer in cost.entries)
+    params = sum(layer.params for layer in layers)
+    return not ((budget.size_bytes is not None and total > budget.size_bytes)
+                or (budget.avg_bits is not None and 8 * total / max(params, 1) > budget.avg_bits))
+
+
+def _no_regression(plan, uniform: Measured, sens, cost, solve_budget, *, solver, profile, model, layers, fp32, calib,
+                   work, build, settings, evaluate):
     """Size/bit budgets say nothing of latency, but a compressed model slower than FP32 is never the answer: measure
-    the plan beside FP32 and uniform INT8 (which meets any size or bit budget the plan meets); if the plan is slower
-    than FP32 and uniform INT8 is not, ship uniform INT8."""
-    artifact = apply_plan(plan, fp32, calib, work / "solved" / "model.onnx", cfg, ctx)
+    the plan beside FP32 and uniform INT8. If the plan is slower than FP32: ship uniform INT8 when it meets the
+    budget too and is not slower; else solve again with the cost table's FP32 latency as a cap (the table knows
+    which low-bit kernels are slow here) and keep the faster of the two."""
     feeds = {k: v[:1] for k, v in calib.inputs.items()}
+    artifact = build(plan, work / "solved" / "model.onnx")
     stats = compare_latency({"fp32": OrtRuntime(fp32.path), "plan": OrtRuntime(artifact.path),
                              "uniform": OrtRuntime(uniform.artifact.path)}, feeds, rounds=3, per_round=15)
     ratio = stats["plan"].median_ms / stats["fp32"].median_ms
@@ -144,7 +260,10 @@ def _no_regression(plan, uniform: Measured, sens, *, fp32, calib, work, cfg, ctx
     record = {"round": 0, "measured_ratio_to_fp32": round(ratio, 4), "uniform_int8_ratio": round(uniform_ratio, 4),
               "check": "no regression vs FP32"}
     log.info("solved plan measures %.2fx FP32, uniform INT8 %.2fx", ratio, uniform_ratio)
-    if ratio > NO_REGRESSION_SLACK and uniform_ratio < ratio and uniform_ratio <= NO_REGRESSION_SLACK:
+    if ratio <= NO_REGRESSION_SLACK:
+        return plan, [record], (plan.layers, artifact)
+    uniform_ok = uniform_ratio < ratio and uniform_ratio <= NO_REGRESSION_SLACK
+    if uniform_ok and _fits(uniform.plan, cost, solve_budget, layers):
         log.warning("the solved plan measures %.2fx FP32 (slower); shipping uniform INT8 (%.2fx) instead, which "
                     "also meets the budget", ratio, uniform_ratio)
         record["kept"] = "uniform int8"
@@ -152,9 +271,26 @@ def _no_regression(plan, uniform: Measured, sens, *, fp32, calib, work, cfg, ctx
         uniform_plan_ = replace(uniform.plan, solver=f"{plan.solver}→no-regression",
                                 notes=(*uniform.plan.notes, reason))
         return uniform_plan_, [record], (uniform_plan_.layers, uniform.artifact)
-    if ratio > NO_REGRESSION_SLACK:
-        log.warning("the solved plan measures %.2fx FP32 and no compressed plan is faster here", ratio)
-    return plan, [record], (plan.layers, artifact)
+    fp32_ms = sum(row["fp32"].latency_ms for row in cost.entries.values() if "fp32" in row)
+    capped = replace(solve_budget, latency_ms=fp32_ms / max(ratio, 1.0) * 0.95)
+    try:
+        again = allocated_plan(layers, profile, sensitivity=sens, cost=cost, budget=capped, solver=solver,
+                               model_sha256=model.sha256, activations=settings, evaluate=evaluate)
+    except ConfigError as exc:
+        log.warning("the solved plan measures %.2fx FP32 and no plan within the budget is faster by the cost "
+                    "table (%s)", ratio, exc.message)
+        return plan, [record], (plan.layers, artifact)
+    second = build(again, work / "solved-capped" / "model.onnx")
+    stats = compare_latency({"fp32": OrtRuntime(fp32.path), "plan": OrtRuntime(second.path)}, feeds, rounds=3,
+                            per_round=15)
+    ratio2 = stats["plan"].median_ms / stats["fp32"].median_ms
+    records = [record, {"round": 1, "measured_ratio_to_fp32": round(ratio2, 4),
+                        "check": "re-solved with the FP32 latency as a cap"}]
+    log.info("re-solved under a latency cap: %.2fx FP32 (was %.2fx)", ratio2, ratio)
+    if ratio2 < ratio:
+        return again, records, (again.layers, second)
+    log.warning("the solved plan measures %.2fx FP32 and no compressed plan within the budget measured faster", ratio)
+    return plan, records, (plan.layers, artifact)
 
 
 def _distortion(plan: Plan, sens) -> float:
@@ -162,14 +298,14 @@ def _distortion(plan: Plan, sens) -> float:
 
 
 def _refine_for_latency(plan, cost, uniform: Measured, notes, sens, solve_budget, *, solver, profile, model, fp32,
-                        layers, calib, work, cfg, ctx):
+                        layers, calib, work, build, settings):
     feeds = {k: v[:1] for k, v in calib.inputs.items()}
     base = OrtRuntime(fp32.path)
     measured: list[Measured] = []
     rounds: list[dict] = []
     penalty = 0.0
     for k in range(REFINE_ROUNDS):
-        artifact = apply_plan(plan, fp32, calib, work / f"refine{k}" / "model.onnx", cfg, ctx)
+        artifact = build(plan, work / f"refine{k}" / "model.onnx")
         runtimes = {"fp32": base, "plan": OrtRuntime(artifact.path)}
         if k == 0:
             runtimes["uniform"] = OrtRuntime(uniform.artifact.path)
@@ -197,7 +333,7 @@ def _refine_for_latency(plan, cost, uniform: Measured, notes, sens, solve_budget
             for name, row in cost.entries.items()})
         try:
             plan = allocated_plan(layers, profile, sensitivity=sens, cost=cost, budget=solve_budget, solver=solver,
-                                  model_sha256=model.sha256, activations=cfg.to_dict())
+                                  model_sha256=model.sha256, activations=settings)
         except ConfigError:
             log.info("charging float islands %.3f ms each makes the budget infeasible for the solver", penalty)
             break
@@ -265,7 +401,7 @@ def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, 
     def evaluate(k: int) -> float:
         plan = plan_for(k)
         artifact = q_full if k == 0 else apply_plan(plan, fp32, calib, work / f"drop{k}" / "model.onnx", cfg, ctx)
-        tol_class = "int8" if plan.is_quantized else "fp32"
+        tol_class = tolerance_class(plan)
         report = verify_artifact(artifact, evald, reference, tolerances=profile.tolerance_for(tol_class),
                                  tolerance_class=tol_class, classification=model.task == "classification", ctx=ctx)
         drop = verified_drop(report)

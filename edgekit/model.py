@@ -161,7 +161,8 @@ def batch_size(inputs: tuple[TensorSpec, ...], default: int) -> int:
 
 
 def _guess_task(module, inputs: tuple[TensorSpec, ...]) -> str:
-    """A model whose single output is 2-D (batch, classes) with more than one class is treated as a classifier."""
+    """A model whose single output is 2-D (batch, classes) with more than one class is treated as a classifier, unless
+    its rows have unit length (an embedding)."""
     import torch
 
     try:
@@ -170,6 +171,9 @@ def _guess_task(module, inputs: tuple[TensorSpec, ...]) -> str:
     except Exception as exc:
         raise ModelLoadError(f"the model failed on a zero input of the given shape: {exc}") from exc
     if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] > 1:
+        norms = torch.linalg.vector_norm(out.float(), dim=1)
+        if torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            return "embedding"  # unit-length rows: a sentence/image embedding, compared by cosine
         return "classification"
     return "generic"
 

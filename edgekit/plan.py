@@ -16,14 +16,17 @@ from edgekit.errors import ConfigError
 
 PLAN_SCHEMA_VERSION = 1
 
-# An option string names one way to compress one layer. This issue knows two; later ones add more
-# (w4g128, sparse2:4+w8a8, rank=32, drop ...), parsed by the same grammar.
-_OPTION_RE = re.compile(r"^(fp32|w8a8|w8a8d)$")
+# An option string names one way to compress one layer; later issues add more (sparse2:4+w8a8, rank=32, drop ...),
+# parsed by the same grammar. Weight-only options: w<bits>g<group>, asymmetric (zero points) unless suffixed "s".
+_OPTION_RE = re.compile(r"^(fp32|w8a8|w8a8d|w[2348]g(16|32|64|128|256)s?)$")
 
 OPTION_DESCRIPTIONS = {
     "fp32": "keep float32",
     "w8a8": "int8 weights (symmetric, per output channel) x uint8 activations (per tensor, calibrated)",
     "w8a8d": "int8 weights (per output channel) x uint8 activations quantized per call (dynamic; Linear/MatMul)",
+    "w<b>g<G>": "weight-only: <b>-bit weights (2, 3, 4, 8) in groups of <G> input columns with a float32 scale and a "
+                "zero point each (suffix s: symmetric, no zero points); float activations. GPTQ for Linear/MatMul, "
+                "MSE-clipped rounding for embeddings",
 }
 
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "auto")
@@ -34,7 +37,7 @@ def check_option(option: str) -> str:
     if not _OPTION_RE.match(option):
         raise ConfigError(
             f"unknown layer option {option!r}",
-            hint=f"known options: {', '.join(OPTION_DESCRIPTIONS)}",
+            hint=f"known options: {', '.join(OPTION_DESCRIPTIONS)} (e.g. w4g32, w4g128s, w2g64)",
         )
     return option
 
@@ -138,3 +141,9 @@ class Plan:
             raise ConfigError(f"plan file not found: {p}") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"plan file {p} is not valid JSON: {exc}") from exc
+
+
+def tolerance_class(plan: Plan) -> str:
+    """The precision class whose verification floors apply: that of the fewest weight bits in the plan."""
+    bits = [int(c.option[1]) for c in plan.layers if c.option != "fp32" and c.option.startswith("w")]
+    return "fp32" if not bits else f"int{min(bits)}"

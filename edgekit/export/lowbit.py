@@ -1,0 +1,155 @@
+"""Write group-wise low-bit weights into an ONNX graph, as ONNX Runtime's contrib kernels run them.
+
+- A MatMul with a constant ``[K, N]`` weight, or a Gemm (``alpha = beta = 1``, no ``transA``) with a constant weight
+  and an optional bias, becomes ``com.microsoft.MatMulNBits`` (2, 4 or 8 bits; ``accuracy_level`` 4 lets the CPU
+  kernel quantize the activations per block to int8 and use its integer dot products).
+- A Gather from a constant ``[V, D]`` table along axis 0 (an embedding) becomes ``com.microsoft.GatherBlockQuantized``
+  (4 or 8 bits; 2 bits symmetric only).
+
+Packing (both ops): per row, values little-endian within each byte at ``bits`` apiece (``edgekit.kernels.lowbit.pack``,
+the ``ai.edgekit`` layout, which for 2, 4 and 8 bits is ONNX Runtime's); ``MatMulNBits`` holds B as
+``[N, blocks, group·bits/8]``, scales ``[N·blocks]`` and zero points packed per row at ``bits`` per value (one byte
+each for 8 bits); ``GatherBlockQuantized`` holds data ``[V, D·bits/8]``, scales ``[V, blocks]``, zero points
+``[V, ceil(blocks·bits/8)]``. The other ops of the graph are untouched, so this composes with QDQ and dynamic int8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from edgekit.compress.wquant import QWeight
+from edgekit.errors import ExportError
+from edgekit.kernels.lowbit import pack
+
+MS_DOMAIN = "com.microsoft"
+MATMUL_BITS = (2, 4, 8)
+GATHER_BITS = (4, 8)
+DEFAULT_ACCURACY_LEVEL = 4  # int8 compute on CPUs; measured faster than fp32 compute here (benchmarks/RESULTS.md)
+
+
+def _attr(node, name, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def matmul_nbits(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = None,
+                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
+    """A MatMulNBits node computing ``y = x @ dequant(qw).T (+ bias)`` and its initializers."""
+    from onnx import helper, numpy_helper
+
+    if qw.bits not in MATMUL_BITS:
+        raise ExportError(f"{name}: MatMulNBits runs {MATMUL_BITS}-bit weights, not {qw.bits}-bit")
+    blob = qw.group * qw.bits // 8
+    b = pack(qw.q, qw.bits).reshape(qw.n, qw.blocks, blob)
+    inits = [numpy_helper.from_array(b, f"{name}::B"),
+             numpy_helper.from_array(qw.scales.reshape(-1).astype(np.float32), f"{name}::scales")]
+    inputs = [x, f"{name}::B", f"{name}::scales"]
+    if qw.zeros is not None:
+        inits.append(numpy_helper.from_array(pack(qw.zeros, qw.bits).reshape(-1), f"{name}::zero_points"))
+        inputs.append(f"{name}::zero_points")
+    if bias:
+        inputs += [""] * (5 - len(inputs)) + [bias]
+    node = helper.make_node("MatMulNBits", inputs, [y], name=name, domain=MS_DOMAIN, K=qw.k, N=qw.n, bits=qw.bits,
+                            block_size=qw.group, accuracy_level=accuracy_level)
+    return node, inits
+
+
+def gather_block_quantized(name: str, indices: str, y: str, qw: QWeight):
+    """A GatherBlockQuantized node computing ``y = dequant(qw)[indices]`` and its initializers."""
+    from onnx import helper, numpy_helper
+
+    if qw.bits not in GATHER_BITS and not (qw.bits == 2 and qw.zeros is None):
+        raise ExportError(f"{name}: GatherBlockQuantized runs 4/8-bit (or symmetric 2-bit) tables, not {qw.bits}-bit")
+    if qw.k != qw.q.shape[1]:
+        raise ExportError(f"{name}: the embedding width {qw.k} must be a multiple of the group {qw.group}")
+    inits = [numpy_helper.from_array(pack(qw.q, qw.bits), f"{name}::data"),
+             numpy_helper.from_array(qw.scales.astype(np.float32), f"{name}::scales")]
+    inputs = [f"{name}::data", indices, f"{name}::scales"]
+    if qw.zeros is not None:
+        inits.append(numpy_helper.from_array(pack(qw.zeros, qw.bits), f"{name}::zero_points"))
+        inputs.append(f"{name}::zero_points")
+    node = helper.make_node("GatherBlockQuantized", inputs, [y], name=name, domain=MS_DOMAIN, bits=qw.bits,
+                            block_size=qw.group, gather_axis=0, quantize_axis=1)
+    return node, inits
+
+
+def weight_matrix(node, inits: Mapping) -> np.ndarray:
+    """The ``[N, K]`` (rows = outputs) weight of a MatMul / Gemm / Gather layer, as float32."""
+    from onnx import numpy_helper
+
+    if node.op_type == "Gather":
+        return numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        return w
+    return w.T
+
+
+def check_rewritable(node, inits: Mapping) -> None:
+    """Raise ExportError unless ``node`` is a layer this module can rewrite."""
+    if node.op_type == "Gather":
+        if node.input[0] not in inits or _attr(node, "axis", 0) != 0 or len(inits[node.input[0]].dims) != 2:
+            raise ExportError(f"{node.name}: only a Gather from a constant 2-D table along axis 0 is an embedding")
+        return
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        raise ExportError(f"{node.name}: {node.op_type} has no constant weight to quantize weight-only")
+    if len(inits[node.input[1]].dims) != 2:
+        raise ExportError(f"{node.name}: weight-only quantization needs a 2-D weight")
+    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
+                                   or _attr(node, "beta", 1.0) != 1.0):
+        raise ExportError(f"{node.name}: Gemm with transA, alpha or beta other than 1 is not supported weight-only")
+
+
+def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
+    """A copy of ``model`` (ModelProto) whose nodes named in ``weights`` read those low-bit weights instead of their
+    float initializers (which are dropped when nothing else reads them)."""
+    import onnx
+    from onnx import helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {i.name: i for i in g.initializer}
+    found = set()
+    new_nodes, new_inits = [], []
+    for node in g.node:
+        qw = weights.get(node.name)
+        if qw is None:
+            new_nodes.append(node)
+            continue
+        check_rewritable(node, inits)
+        found.add(node.name)
+        if node.op_type == "Gather":
+            n, extra = gather_block_quantized(node.name, node.input[1], node.output[0], qw)
+        else:
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+            if bias is not None:
+                if bias not in inits or int(np.prod(inits[bias].dims)) != qw.n:
+                    raise ExportError(f"{node.name}: only a constant per-output bias ({qw.n} values) can be fused")
+                from onnx import numpy_helper
+
+                b = numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32)
+                new_inits.append(numpy_helper.from_array(b, f"{node.name}::bias"))
+                bias = f"{node.name}::bias"
+            n, extra = matmul_nbits(node.name, node.input[0], node.output[0], qw, bias=bias,
+                                    accuracy_level=accuracy_level)
+        new_nodes.append(n)
+        new_inits += extra
+    missing = sorted(set(weights) - found)
+    if missing:
+        raise ExportError(f"layers not in the graph: {', '.join(missing[:5])}")
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return out

@@ -1,0 +1,299 @@
+"""Weight-only (w<b>g<G>) and dynamic-int8 (w8a8d) options: quantize each (layer, option) with the quantizer that
+ships, measure its sensitivity by feeding the weights (``edgekit.wsim``), and write the chosen ones into the graph.
+
+GPTQ quantizes Linear/MatMul/Gemm weights (Hessians from the calibration inputs of each layer, with padded positions
+left out when the model has an attention-mask input); embeddings, which have no input Hessian, get MSE-clipped
+round-to-nearest. Quantized weights are cached on disk by (model, data, layer, option, settings), so a rebuild with
+another budget does not quantize again. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import __version__
+from edgekit.compress.wquant import GPTQPrep, QWeight, gptq, gptq_prepare, rtn
+from edgekit.context import Context
+from edgekit.data import Dataset
+from edgekit.errors import ConfigError
+from edgekit.inventory import LayerInfo
+from edgekit.tables import SensitivityTable
+from edgekit.wsim import FeedSimulator, int8_per_channel, to_graph_layout
+
+log = logging.getLogger(__name__)
+
+_WONLY_RE = re.compile(r"^w([2348])g(\d+)(s?)$")
+FEED_OPTIONS_DYNAMIC = ("w8a8d",)
+
+
+def weight_only(option: str) -> tuple[int, int, bool] | None:
+    """``(bits, group, symmetric)`` of a weight-only option, else None."""
+    m = _WONLY_RE.match(option)
+    return (int(m[1]), int(m[2]), bool(m[3])) if m else None
+
+
+def is_feed_option(option: str) -> bool:
+    """Options simulated by feeding weights (weight-only and dynamic int8)."""
+    return option in FEED_OPTIONS_DYNAMIC or weight_only(option) is not None
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """How weight-only options are quantized and run (recorded in the plan as ``activations['weight_only']``)."""
+
+    method: str = "gptq"  # gptq | rtn (embeddings always rtn)
+    act_order: bool = True
+    damp: float = 0.01
+    clip: bool = True  # MSE-optimal clipping of each group's range
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute (fast on CPUs), 0 = float compute
+    calib_samples: int = 128  # Hessians need rows: K = 1536 inputs want more than a few hundred tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> WeightOnlyConfig:
+        if not d:
+            return cls()
+        try:
+            cfg = cls(**{k: type(getattr(cls(), k))(v) for k, v in d.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"the plan's weight-only settings are malformed: {exc}") from None
+        if cfg.method not in ("gptq", "rtn") or cfg.accuracy_level not in (0, 1, 2, 3, 4) or cfg.calib_samples < 1:
+            raise ConfigError(f"the plan's weight-only settings are out of range: {d}")
+        return cfg
+
+
+def _mask_rows(batch: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Which [batch, sequence] positions are real tokens: an integer input named like ``*mask*``."""
+    for name, v in batch.items():
+        if "mask" in name.lower() and v.ndim == 2 and v.dtype.kind in "iub":
+            return v != 0
+    return None
+
+
+class LowBitQuantizer:
+    """Quantizes (layer, option) pairs of one float model for the feed simulator and the exporter."""
+
+    def __init__(self, fp32, layers: Sequence[LayerInfo], calib: Dataset, config: WeightOnlyConfig, *,
+                 model_sha256: str, ctx: Context, dynamic: Iterable[str] = ()) -> None:
+        self.layers = {layer.name: layer for layer in layers}
+        self.config = config
+        self.calib = calib.take(config.calib_samples)
+        self.ctx = ctx
+        self.sim = FeedSimulator(fp32, layers, dynamic=dynamic, collect=True)
+        self.nodes = self.sim.nodes
+        # [N, K] (rows = outputs); the layout change is its own inverse
+        self.weights = {n: to_graph_layout(node, self.sim.float_weights[n]) for n, node in self.nodes.items()}
+        self._hessians: dict[str, np.ndarray] | None = None
+        self._memo: dict[tuple[str, str], QWeight] = {}
+        self._preps: dict[str, GPTQPrep] = {}
+        self._prefix = json.dumps([model_sha256, self.calib.sha256(), config.to_dict(), __version__])
+
+    # -- Hessians ---------------------------------------------------------------------------------------------
+    def hessians(self) -> dict[str, np.ndarray]:
+        if self._hessians is None:
+            linear = [n for n, node in self.nodes.items() if node.op_type != "Gather"]
+            log.info("collecting input Hessians of %d layers on %d calibration samples", len(linear), len(self.calib))
+            self._hessians = self._masked_hessians(linear)
+        return self._hessians
+
+    def _masked_hessians(self, names: list[str]) -> dict[str, np.ndarray]:
+        sim = self.sim
+        tensors = sorted({sim.input_of[n] for n in names})
+        sums: dict[str, np.ndarray] = {}
+        rows: dict[str, int] = {}
+        for batch in self.calib.batches(sim.batch):
+            computed = [t for t in tensors if t not in batch]
+            outs = sim.run(Dataset("b", batch, None, "batch"), outputs=computed) if computed else {}
+            mask = _mask_rows(batch)
+            for t in tensors:
+                x = np.asarray(outs[t] if t in outs else batch[t], dtype=np.float64)
+                if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                    x = x[mask]
+                x = x.reshape(-1, x.shape[-1])
+                sums[t] = sums.get(t, 0) + x.T @ x
+                rows[t] = rows.get(t, 0) + len(x)
+        return {n: 2.0 * sums[sim.input_of[n]] / max(rows[sim.input_of[n]], 1) for n in names}
+
+    # -- quantization -----------------------------------------------------------------------------------------
+    def _cache_path(self, layer: str, option: str) -> Path:
+        key = hashlib.sha256(json.dumps([self._prefix, layer, option]).encode()).hexdigest()[:32]
+        return self.ctx.cache("lowbit") / f"{key}.npz"
+
+    def qweight(self, layer: str, option: str) -> QWeight:
+        """The low-bit weight of ``layer`` under weight-only ``option`` (memoised, cached on disk)."""
+        parsed = weight_only(option)
+        if parsed is None:
+            raise ConfigError(f"{option!r} is not a weight-only option")
+        key = (layer, option)
+        if key in self._memo:
+            return self._memo[key]
+        path = self._cache_path(layer, option)
+        qw = _load(path)
+        if qw is None:
+            bits, group, sym = parsed
+            w = self.weights[layer]
+            if self.nodes[layer].op_type == "Gather" or self.config.method == "rtn":
+                imp = None if self.nodes[layer].op_type == "Gather" else np.diag(self.hessians()[layer])
+                qw = rtn(w, bits, group, symmetric=sym, clip=self.config.clip, importance=imp)
+            else:
+                if layer not in self._preps:
+                    self._preps[layer] = gptq_prepare(self.hessians()[layer], damp=self.config.damp,
+                                                      act_order=self.config.act_order)
+                qw = gptq(w, None, bits, group, symmetric=sym, clip=self.config.clip, prep=self._preps[layer])
+            _save(path, qw)
+        self._memo[key] = qw
+        return qw
+
+    def sim_weight(self, layer: str, option: str) -> np.ndarray:
+        """What the simulator feeds for ``layer`` under a feed option (graph layout)."""
+        if option == "w8a8d":
+            return to_graph_layout(self.nodes[layer], int8_per_channel(self.weights[layer]))
+        return to_graph_layout(self.nodes[layer], self.qweight(layer, option).dequantize())
+
+    def feeds(self, choice: dict[str, str]) -> tuple[dict[str, np.ndarray], set[str]]:
+        """Simulator weights and dynamic gates for a (partial) assignment; non-feed options stay float."""
+        weights = {n: self.sim_weight(n, o) for n, o in choice.items() if is_feed_option(o) and n in self.nodes}
+        return weights, {n for n, o in choice.items() if o == "w8a8d"}
+
+
+def _save(path: Path, qw: QWeight) -> None:
+    import io
+
+    from edgekit.fsutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    arrays = {"q": qw.q, "scales": qw.scales, "meta": np.array([qw.bits, qw.group, qw.k])}
+    if qw.zeros is not None:
+        arrays["zeros"] = qw.zeros
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load(path: Path) -> QWeight | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            bits, group, k = (int(x) for x in z["meta"])
+            return QWeight(q=z["q"], scales=z["scales"], zeros=z["zeros"] if "zeros" in z else None, bits=bits,
+                           group=group, k=k)
+    except Exception as exc:  # noqa: BLE001 - a bad cache entry is quantized again, never trusted
+        log.warning("ignoring unreadable cached weights %s: %s", path, exc)
+        return None
+
+
+def anchor_option(options: Sequence[str]) -> str | None:
+    """The weight-only option measured through the model for a layer; the others are scaled from it. The middle
+    of the layer's weight-only options by bits then group (e.g. ``w4g64`` among w4g32/64/128 and w2g32)."""
+    wonly = sorted((o for o in options if weight_only(o)), key=lambda o: (-weight_only(o)[0], weight_only(o)[1]))
+    return wonly[len(wonly) // 2] if wonly else None
+
+
+def local_error(quantizer: LowBitQuantizer, layer: str, option: str) -> float:
+    """The layer's own output error under a weight-only option: ``tr(ΔW·H·ΔWᵀ)`` with the input Hessian for
+    Linear layers (the expected squared error of the layer output), ``‖ΔW‖²`` for embeddings."""
+    delta = (quantizer.qweight(layer, option).dequantize() - quantizer.weights[layer]).astype(np.float64)
+    if quantizer.nodes[layer].op_type == "Gather":
+        return float(np.sum(delta**2))
+    return float(np.sum((delta @ quantizer.hessians()[layer]) * delta))
+
+
+def measure_feed_sensitivity(quantizer: LowBitQuantizer, options: dict[str, list[str]], data: Dataset, *,
+                             metric: str, ctx: Context, model_sha256: str, additivity_samples: int = 8,
+                             full: bool = False) -> SensitivityTable:
+    """Sensitivity of every feed option (weight-only, dynamic int8) of every layer, one layer at a time, and an
+    additivity check over random multi-layer assignments of all options; cached like the static table.
+
+    Measured through the model: dynamic int8, and per layer one weight-only *anchor* option (``anchor_option``).
+    The layer's other weight-only options are scaled from the anchor by their local output error
+    (``local_error``): for one layer, the model's output distortion grows in proportion to the energy of the
+    perturbation of that layer's output. That cuts the model runs from (layers × options) to about two per layer;
+    the additivity check, which draws every option, measures the scaled entries as well. ``full=True`` measures
+    every option instead.
+    """
+    from edgekit.analyze import cache_key, distortion
+
+    feed = {n: [o for o in opts if is_feed_option(o)] for n, opts in options.items()}
+    feed = {n: o for n, o in feed.items() if o}
+    key = cache_key(model_sha256, data, feed, {"feed": quantizer.config.to_dict(), "full": full}, metric)
+    cached = ctx.cache("sensitivity") / f"feed-{key}.json"
+    if cached.exists():
+        try:
+            table = SensitivityTable.load(cached)
+            if set(table.values) == set(feed):
+                log.info("weight-only sensitivity table from cache (%s)", cached.name)
+                return table
+        except Exception as exc:  # noqa: BLE001
+            log.warning("ignoring unreadable cached sensitivity table %s: %s", cached, exc)
+    sim = quantizer.sim
+    ref = sim.output(data)
+    values: dict[str, dict[str, float]] = {}
+    anchors = {n: anchor_option(opts) for n, opts in feed.items()}
+    measured = [(n, o) for n, opts in feed.items() for o in opts if full or o == anchors[n] or not weight_only(o)]
+    for n, o in ctx.track(measured, "sensitivity (weight-only, dynamic int8)", total=len(measured)):
+        weights, gates = quantizer.feeds({n: o})
+        values.setdefault(n, {"fp32": 0.0})[o] = distortion(ref, sim.output(data, weights, gates), metric)
+    scaled = {}
+    for n, opts in feed.items():
+        rest = [o for o in opts if o not in values.get(n, {})]
+        if not rest:
+            continue
+        base = local_error(quantizer, n, anchors[n])
+        for o in rest:
+            ratio = local_error(quantizer, n, o) / base if base > 0 else 1.0
+            values[n][o] = values[n][anchors[n]] * ratio
+        scaled[n] = anchors[n]
+    additivity = _additivity(quantizer, feed, values, data, ref, metric, additivity_samples, ctx.seed)
+    additivity["scaled_from_anchor"] = scaled
+    table = SensitivityTable(model_sha256=model_sha256, data_sha256=data.sha256(), metric=metric, values=values,
+                             additivity=additivity)
+    table.save(cached)
+    return table
+
+
+def _additivity(quantizer, feed, values, data, ref, metric, samples: int, seed: int) -> dict:
+    from edgekit.analyze import distortion
+
+    names = sorted(feed)
+    if len(names) < 2 or samples <= 0:
+        return {"samples": 0}
+    rng = np.random.default_rng(seed)
+    predicted, measured, sizes = [], [], []
+    for _ in range(samples):
+        k = int(rng.integers(2, max(3, len(names) // 2 + 1)))
+        subset = rng.choice(names, size=min(k, len(names)), replace=False).tolist()
+        choice = {n: feed[n][int(rng.integers(len(feed[n])))] for n in subset}
+        predicted.append(sum(values[n][o] for n, o in choice.items()))
+        weights, gates = quantizer.feeds(choice)
+        measured.append(distortion(ref, quantizer.sim.output(data, weights, gates), metric))
+        sizes.append(len(subset))
+    p, m = np.asarray(predicted), np.asarray(measured)
+    r = float(np.corrcoef(p, m)[0, 1]) if np.std(p) > 0 and np.std(m) > 0 else float("nan")
+    rel = float(np.mean(np.abs(m - p) / np.maximum(m, 1e-12)))
+    log.info("weight-only additivity: pearson %.3f, mean relative error %.1f%% over %d assignments", r, 100 * rel,
+             samples)
+    return {"samples": samples, "pearson": r, "mean_rel_error": rel, "subset_sizes": sizes,
+            "predicted": [float(x) for x in p], "measured": [float(x) for x in m]}
+
+
+def measured_scorer(quantizer: LowBitQuantizer, data: Dataset, metric: str):
+    """``evaluate(choice) -> distortion`` of a whole assignment, measured by one simulator run (for ``evo``)."""
+    from edgekit.analyze import distortion
+
+    ref = quantizer.sim.output(data)
+
+    def evaluate(choice: dict[str, str]) -> float:
+        weights, gates = quantizer.feeds(choice)
+        return distortion(ref, quantizer.sim.output(data, weights, gates), metric)
+
+    return evaluate
