@@ -99,6 +99,8 @@ def layer_options(layers: Sequence[LayerInfo], profile: TargetProfile, family: s
         opts = ["fp32"]
         if family == "static" and profile.supports(layer.kind, "w8a8"):
             opts.append("w8a8")
+            if profile.supports(layer.kind, "w4a8"):
+                opts.append("w4a8")
         if family == "dynamic" and layer.op_type == "MatMul" and profile.supports(layer.kind, "w8a8d"):
             opts.append("w8a8d")
         out[layer.name] = opts + weight_only_options(layer, profile)
@@ -136,3 +138,39 @@ def fastest_plan(layers: Sequence[LayerInfo], profile: TargetProfile, cost, *, m
                                                        f"({row[option].latency_ms:.4g} ms)"))
     return Plan(model_sha256=model_sha256, target=profile.name, precision=precision_label(choices),
                 layers=tuple(choices), activations=dict(activations or {}), solver="fastest")
+
+
+def pareto_sweep(layers: Sequence[LayerInfo], sensitivity, cost, plans: dict[str, Plan], points: int = 12) -> dict:
+    """The predicted Pareto front of the tables (least summed distortion for a grid of byte budgets, each solved
+    exactly) and where ``plans`` (uniform baselines, the chosen plan) sit: {"front": [...], "plans": {label: ...}},
+    each point {"bytes", "latency_ms", "distortion"} from the tables."""
+    from edgekit.errors import ConfigError
+    from edgekit.solvers import Problem, solve
+    from edgekit.tables import Budget
+
+    params = {layer.name: layer.params for layer in layers}
+    names = [layer.name for layer in layers]
+    base = Problem.from_tables(sensitivity, cost, params, Budget(), layers=names)
+
+    def point(choice: dict[str, str]) -> dict:
+        return {"bytes": int(sum(base.bytes[n][choice[n]] for n in names)),
+                "latency_ms": round(sum(base.latency[n][choice[n]] for n in names), 5),
+                "distortion": float(sum(base.distortion[n][choice[n]] for n in names))}
+
+    lo = sum(min(base.bytes[n].values()) for n in names)
+    hi = sum(max(base.bytes[n].values()) for n in names)
+    front = []
+    for k in range(points):
+        budget = lo + (hi - lo) * k / max(points - 1, 1)
+        try:
+            sol = solve(Problem.from_tables(sensitivity, cost, params, Budget(size_bytes=int(budget)), layers=names),
+                        "ilp")
+        except (ConfigError, ImportError):
+            continue
+        front.append(point(sol.choice))
+    marked = {}
+    for label, plan in plans.items():
+        choice = {c.layer: c.option for c in plan.layers}
+        if all(n in choice and choice[n] in base.bytes[n] for n in names):
+            marked[label] = point(choice)
+    return {"front": front, "plans": marked}

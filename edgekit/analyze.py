@@ -57,10 +57,11 @@ def cache_key(model_sha256: str, data: Dataset, options: dict, quantizer: dict, 
 def measure_sensitivity(
     fp32_path: Path, quantized_path: Path, layers: Sequence[LayerInfo], calib: Dataset, *, metric: str,
     model_sha256: str, quantizer: dict, ctx: Context, options: dict[str, Sequence[str]] | None = None,
-    additivity_samples: int = 8,
+    additivity_samples: int = 8, extra: dict[str, Path] | None = None,
 ) -> SensitivityTable:
     """The sensitivity table of ``layers`` for the ``options`` each may take (default: fp32 and w8a8 everywhere);
-    cached under the context's cache folder."""
+    cached under the context's cache folder. ``extra`` maps further static options (``w4a8``) to a model in which
+    every layer takes that option: their rows are cut from it as ``w8a8``'s are from ``quantized_path``."""
     options = {layer.name: list(options[layer.name]) if options else ["fp32", "w8a8"] for layer in layers}
     import onnx
 
@@ -79,11 +80,15 @@ def measure_sensitivity(
     fp32 = onnx.load(str(fp32_path))
     q_full = onnx.load(str(quantized_path))
     ref = _run(fp32, calib)
+    others = {option: onnx.load(str(path)) for option, path in (extra or {}).items()}
     values: dict[str, dict[str, float]] = {}
     for layer in ctx.track(list(layers), "sensitivity", total=len(layers)):
         row = {"fp32": 0.0}
         if "w8a8" in options[layer.name]:
             row["w8a8"] = distortion(ref, _run(insert(fp32, q_full, [layer.name]), calib), metric)
+        for option, q_model in others.items():
+            if option in options[layer.name]:
+                row[option] = distortion(ref, _run(insert(fp32, q_model, [layer.name]), calib), metric)
         values[layer.name] = row
     additivity = check_additivity(fp32, q_full, values, calib, ref, metric, additivity_samples, ctx.seed)
     table = SensitivityTable(model_sha256=model_sha256, data_sha256=calib.sha256(), metric=metric, values=values,

@@ -22,8 +22,10 @@ from edgekit.inventory import WEIGHTED_OPS, LayerInfo
 from edgekit.tables import CostEntry, CostTable
 
 HARDWARE_SCHEMA_VERSION = 1
-OPTION_PRECISION = {"fp32": "fp32", "w8a8": "int8", "w8a8d": "int8"}  # option -> the profile's peak_gops key
-ACTIVATION_BYTES = {"fp32": 4, "w8a8": 1, "w8a8d": 4}  # bytes per activation element (w8a8: uint8 activations)
+# option -> the profile's peak_gops key, and bytes per activation element (w8a8: uint8 activations)
+OPTION_PRECISION = {"fp32": "fp32", "w8a8": "int8", "w4a8": "int8", "w8a8d": "int8"}
+ACTIVATION_BYTES = {"fp32": 4, "w8a8": 1, "w4a8": 1, "w8a8d": 4}
+MEASURED_AS = {"w4a8": "w8a8"}  # runs in that option's kernels (int4 weights are widened to int8 at load)
 FUSED_ACTIVATIONS = ("Relu", "Clip")  # measured together with the layer: int8 kernels fold them into the requant
 _CONV_DEFAULTS = {"strides": 1, "dilations": 1}
 _WONLY_RE = re.compile(r"^w([2348])g(\d+)(s?)$")
@@ -215,9 +217,11 @@ def layer_bytes(layer: LayerInfo, option: str, *, geometry: LayerGeometry | None
         out = int(layer.weight_shape[0]) if layer.op_type == "Gather" else _out_channels(layer, geometry)
         return storage_bytes(out, weight // out, bits, group, symmetric=symmetric) + 4 * (layer.params - weight)
     out = _out_channels(layer, geometry)
+    has_bias = layer.params > weight or (bias_correction and layer.op_type in ("Conv", "Gemm"))
+    if option == "w4a8":  # int4 weights two per byte, fp32 scale + int4 zero point per channel, int32 bias as w8a8
+        return -(-weight // 2) + out * 4 + -(-out // 2) + (12 * out if has_bias else 0)
     if option == "w8a8d":  # ORT quantize_dynamic, per channel: int8 weights, fp32 scale + int8 zero point per column
         return weight + out * (4 + 1) + 4 * (layer.params - weight)
-    has_bias = layer.params > weight or (bias_correction and layer.op_type in ("Conv", "Gemm"))
     return weight + out * (4 + 1) + (12 * out if has_bias else 0)
 
 
@@ -353,9 +357,11 @@ def cost_table(layers: list[LayerInfo], profile, options: dict[str, list[str]], 
         row = {}
         for option in options.get(layer.name, []):
             size = layer_bytes(layer, option, geometry=geo, bias_correction=bias_correction)
-            measured = hardware.latency(sig, option) if use_table else None
+            alias = MEASURED_AS.get(option, option)
+            measured = hardware.latency(sig, alias) if use_table else None
             if measured is not None:
-                row[option] = CostEntry(size, measured, f"measured:{hardware.label}")
+                note = "" if alias == option else f" ({alias} kernel)"
+                row[option] = CostEntry(size, measured, f"measured:{hardware.label}{note}")
             else:
                 row[option] = CostEntry(size, roofline_ms(layer, option, profile, batch, geometry=geo), "roofline")
         if row:

@@ -99,7 +99,7 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
     hardware = HardwareTable.for_profile(profile)
     cost = cost_table(layers, profile, t.options, hardware=hardware,
                       geometry=layer_geometry(fp32.path), bias_correction=cfg.bias_correction)
-    solve_budget, notes = _solver_budget(budget, cost, layers, t.uniform_artifact, fp32, calib)
+    solve_budget, notes = _solver_budget(budget, cost, t.uniform, t.uniform_artifact, fp32, calib)
     settings = _settings(t)
     build = t.build
     try:
@@ -122,6 +122,7 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
             plan, uniform_measured, t.sens, cost, solve_budget, solver=solver, profile=profile, model=model,
             layers=layers, fp32=fp32, calib=calib, work=work, build=build, settings=settings, evaluate=t.evaluate)
     analysis["cost"] = cost.to_dict()
+    analysis["pareto"] = _pareto(layers, profile, model, t, cost, plan)
     plan = replace(plan, budget={**plan.budget, **budget.to_dict(), **{k: v for k, v in notes.items() if v}})
     return plan, analysis
 
@@ -137,6 +138,22 @@ class _Tables:
     build: object  # (plan, path) -> Artifact
     evaluate: object  # measured scorer for evo, or None
     cfg: W8A8Config
+
+
+def _pareto(layers, profile, model, t: _Tables, cost: CostTable, plan: Plan) -> dict:
+    """The tables' predicted front with FP32, uniform int8, uniform 4-bit (where layers take it) and the plan marked."""
+    from edgekit.allocate import pareto_sweep
+
+    plans = {"FP32": uniform_plan(layers, profile, "fp32", model_sha256=model.sha256), "uniform int8": t.uniform}
+    four = tuple(LayerChoice(c.layer, "w4g32" if "w4g32" in t.options[c.layer] else c.option) for c in t.uniform.layers)
+    if any(c.option == "w4g32" for c in four):
+        plans["uniform 4-bit g32 (int8 elsewhere)"] = replace(t.uniform, layers=four)
+    plans["chosen"] = plan
+    try:
+        return pareto_sweep(layers, t.sens, cost, plans)
+    except ConfigError as exc:  # the front is for the report only
+        log.warning("no Pareto front for the report: %s", exc.message)
+        return {}
 
 
 def _settings(t: _Tables) -> dict:
@@ -175,10 +192,14 @@ def _tables(profile, model, fp32, layers, calib, work, cfg, ctx) -> _Tables:
     q_full = build(uniform, work / "uniform-int8.onnx")
     tables = []
     if family == "static":
-        static_opts = {n: [o for o in opts if o in ("fp32", "w8a8")] for n, opts in options.items()}
+        static_opts = {n: [o for o in opts if o in ("fp32", "w8a8", "w4a8")] for n, opts in options.items()}
+        extra = {}
+        if any("w4a8" in o for o in static_opts.values()):  # every layer that takes it at 4 bits, quantized once
+            four = tuple(LayerChoice(c.layer, "w4a8") if "w4a8" in options[c.layer] else c for c in uniform.layers)
+            extra["w4a8"] = build(replace(uniform, layers=four), work / "uniform-w4a8.onnx").path
         tables.append(measure_sensitivity(fp32.path, q_full.path, layers, sample, metric=metric,
                                           model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx,
-                                          options=static_opts))
+                                          options=static_opts, extra=extra))
     if quantizer is not None:
         tables.append(measure_feed_sensitivity(quantizer, options, feed_sample, metric=metric, ctx=ctx,
                                                model_sha256=model.sha256))
@@ -207,7 +228,7 @@ def _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx):
     return uniform, q_full, options, sens
 
 
-def _solver_budget(budget: Budget, cost: CostTable, layers, q_full: Artifact, fp32: Artifact, calib: Dataset):
+def _solver_budget(budget: Budget, cost: CostTable, uniform: Plan, q_full: Artifact, fp32: Artifact, calib: Dataset):
     """The budget the solver sees. Size: the whole artifact minus the bytes outside the weighted layers (graph,
     activation scales), which no per-layer choice changes. Latency: as a fraction of FP32 measured now, applied to
     the cost table's FP32 layer sum; the table may have been measured under another load, and the unweighted ops
@@ -215,18 +236,20 @@ def _solver_budget(budget: Budget, cost: CostTable, layers, q_full: Artifact, fp
     notes: dict = {"other_bytes": 0, "latency_ms": None, "fp32_ms": None}
     size = budget.size_bytes
     if size is not None:
-        weights = sum(min(e.bytes for e in cost.entries[layer.name].values()) for layer in layers)
+        # q_full is the uniform plan's artifact: what its layers weigh by the table, the rest is graph and scales
+        weights = sum(cost.entries[c.layer][c.option].bytes for c in uniform.layers if c.layer in cost.entries)
         notes["other_bytes"] = max(0, q_full.size - weights)
         size -= notes["other_bytes"]
         if size <= 0:
             raise ConfigError(f"size budget {budget.size_bytes} B is below the {notes['other_bytes']} B the model "
                               "needs besides its weights")
     latency = None
+    layers = [c.layer for c in uniform.layers]
     if budget.latency_ms is not None or budget.latency_ratio is not None:
         feeds = {k: v[:1] for k, v in calib.inputs.items()}
         whole = compare_latency({"fp32": OrtRuntime(fp32.path)}, feeds, rounds=3, per_round=20)["fp32"].median_ms
         target = budget.latency_ms if budget.latency_ms is not None else budget.latency_ratio * whole
-        layers_ms = sum(cost.entries[layer.name]["fp32"].latency_ms for layer in layers)
+        layers_ms = sum(cost.entries[name]["fp32"].latency_ms for name in layers if name in cost.entries)
         notes.update(fp32_ms=round(whole, 4), latency_ms=round(target, 4))
         latency = target / whole * layers_ms
         log.info("latency budget %.3f ms = %.2fx FP32 (which measures %.3f ms now); solving for %.3f ms of the "

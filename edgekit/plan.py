@@ -18,11 +18,13 @@ PLAN_SCHEMA_VERSION = 1
 
 # An option string names one way to compress one layer; later issues add more (sparse2:4+w8a8, rank=32, drop ...),
 # parsed by the same grammar. Weight-only options: w<bits>g<group>, asymmetric (zero points) unless suffixed "s".
-_OPTION_RE = re.compile(r"^(fp32|w8a8|w8a8d|w[2348]g(16|32|64|128|256)s?)$")
+_OPTION_RE = re.compile(r"^(fp32|w8a8|w4a8|w8a8d|w[2348]g(16|32|64|128|256)s?)$")
 
 OPTION_DESCRIPTIONS = {
     "fp32": "keep float32",
     "w8a8": "int8 weights (symmetric, per output channel) x uint8 activations (per tensor, calibrated)",
+    "w4a8": "4-bit weights (symmetric, per output channel, stored as int4, widened to int8 at load) x uint8 "
+            "activations (per tensor, calibrated): int8 speed at half the weight bytes",
     "w8a8d": "int8 weights (per output channel) x uint8 activations quantized per call (dynamic; Linear/MatMul)",
     "w<b>g<G>": "weight-only: <b>-bit weights (2, 3, 4, 8) in groups of <G> input columns with a float32 scale and a "
                 "zero point each (suffix s: symmetric, no zero points); float activations. GPTQ for Linear/MatMul, "

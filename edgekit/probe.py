@@ -40,7 +40,19 @@ from edgekit.inventory import layer_inventory
 
 log = logging.getLogger(__name__)
 
-PROBE_OPTIONS = ("fp32", "w8a8")
+PROBE_OPTIONS = ("fp32", "w8a8", "w8a8d")  # plus any weight-only w<bits>g<group>[s] (MatMul / Gemm layers)
+
+
+def applicable(option: str, op_type: str) -> bool:
+    """Whether the probe can time ``option`` on a layer of this op: dynamic int8 on MatMul, weight-only on
+    MatMul/Gemm, static int8 and float everywhere."""
+    from edgekit.wonly import weight_only
+
+    if option == "w8a8d":
+        return op_type == "MatMul"
+    if weight_only(option):
+        return op_type in ("MatMul", "Gemm")
+    return option in PROBE_OPTIONS
 
 
 # -- one-layer models -----------------------------------------------------------------------------------------------
@@ -213,6 +225,11 @@ def measure_unit(model, layer: str, geometry: LayerGeometry, options: list[str],
             log.warning("layer %s: no int8 boundary found in the quantized unit; timing it with float I/O", layer)
         onnx.save(core, str(tmp / "w8a8.onnx"))
         paths |= {"w8a8": tmp / "w8a8.onnx", "w8a8_float_io": qdq}
+    if "w8a8d" in options:
+        paths["w8a8d"] = _dynamic_unit(fp32, tmp / "w8a8d.onnx")
+    for option in options:
+        if option not in paths and option != "w8a8":
+            paths[option] = _weight_only_unit(fp32, tmp / f"{option}.onnx", option)
     units = {key: ProfiledUnit(path, threads=threads, tmp=tmp) for key, path in paths.items()}
     stats = compare_latency(units, {}, rounds=rounds, per_round=per_round, warmup=warmup)
     profiles = {key: unit.profile(skip=warmup) for key, unit in units.items()}
@@ -228,6 +245,41 @@ def measure_unit(model, layer: str, geometry: LayerGeometry, options: list[str],
     return out
 
 
+def _weighted(model) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+
+
+def _dynamic_unit(fp32_path: Path, out: Path) -> Path:
+    """The unit with dynamic int8 (``compress.quant.quantize_w8a8d``): float in and out, as in a dynamic graph."""
+    import onnx
+
+    from edgekit.compress.quant import quantize_w8a8d
+    from edgekit.plan import LayerChoice, Plan
+
+    names = _weighted(onnx.load(str(fp32_path)))
+    plan = Plan(model_sha256="probe", target="probe", precision="int8-dynamic",
+                layers=tuple(LayerChoice(n, "w8a8d") for n in names))
+    return quantize_w8a8d(fp32_path, out, plan)
+
+
+def _weight_only_unit(fp32_path: Path, out: Path, option: str) -> Path:
+    """The unit with weight-only low-bit weights (``export.lowbit``; RTN: timing does not depend on the values)."""
+    import onnx
+
+    from edgekit.compress.wquant import rtn
+    from edgekit.export.lowbit import apply_weight_only, weight_matrix
+    from edgekit.wonly import weight_only
+
+    bits, group, symmetric = weight_only(option)
+    model = onnx.load(str(fp32_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    weights = {n: rtn(weight_matrix(nodes[n], inits), bits, group, symmetric=symmetric, clip=False)
+               for n in _weighted(model)}
+    onnx.save(apply_weight_only(model, weights), str(out))
+    return out
+
+
 # -- probing --------------------------------------------------------------------------------------------------------
 def probe(model_path: Path, options: list[str] | tuple[str, ...] = PROBE_OPTIONS, *, rounds: int = 5,
           per_round: int = 20, threads: int | None = None, progress: Callable | None = None,
@@ -239,9 +291,12 @@ def probe(model_path: Path, options: list[str] | tuple[str, ...] = PROBE_OPTIONS
     """
     import onnx
 
-    bad = [o for o in options if o not in PROBE_OPTIONS]
+    from edgekit.wonly import weight_only
+
+    bad = [o for o in options if o not in PROBE_OPTIONS and not weight_only(o)]
     if bad or not options:
-        raise ConfigError(f"cannot probe options {bad or options}", hint=f"probe-able: {', '.join(PROBE_OPTIONS)}")
+        raise ConfigError(f"cannot probe options {bad or options}",
+                          hint=f"probe-able: {', '.join(PROBE_OPTIONS)} and weight-only w<bits>g<group>[s]")
     model_path = Path(model_path)
     model = onnx.load(str(model_path))
     geometry = layer_geometry(model)
@@ -262,7 +317,7 @@ def probe(model_path: Path, options: list[str] | tuple[str, ...] = PROBE_OPTIONS
                 log.warning("layer %s: input shape unknown, not measured", layer.name)
                 continue
             seen[layer.name] = sig
-            missing = [o for o in options if o not in result.entries.get(sig, {})]
+            missing = [o for o in options if o not in result.entries.get(sig, {}) and applicable(o, layer.op_type)]
             if not missing:
                 continue
             unit = Path(tempfile.mkdtemp(prefix="unit-", dir=tmp))

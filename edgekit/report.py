@@ -67,9 +67,31 @@ def _allocation_html(alloc: dict | None) -> str:
                      f"{add['pearson']:.3f}, mean relative error {100 * add['mean_rel_error']:.1f}% "
                      f"(sum of single-layer distortions vs measured joint distortion).</p>")
         parts.append(_scatter_svg(add["predicted"], add["measured"]))
+    parts.append(_pareto_html(alloc.get("pareto") or {}, alloc["metric"]))
     for rnd in alloc.get("latency_rounds") or []:
         parts.append(f"<p>measured: {_e(rnd)}</p>")
     return "".join(parts)
+
+
+def _pareto_html(pareto: dict, metric: str) -> str:
+    """Two Pareto plots from the tables: predicted distortion vs size and vs latency, the front (least distortion for
+    a grid of size budgets, each solved exactly) with the uniform plans and the chosen one marked."""
+    from edgekit.svgplot import scatter_svg
+
+    if not pareto.get("front"):
+        return ""
+    svgs = []
+    for key, label, scale in (("bytes", "weights, MB", 1e-6), ("latency_ms", "layer latency sum, ms", 1.0)):
+        series = [{"name": "front (solved)", "marker": "circle",
+                   "points": [(p[key] * scale, p["distortion"], "") for p in pareto["front"]]}]
+        series += [{"name": name, "marker": "square" if name != "chosen" else "diamond",
+                    "points": [(p[key] * scale, p["distortion"], name)]} for name, p in pareto["plans"].items()]
+        svgs.append(scatter_svg(series, title=f"predicted {metric} vs {label}", x_label=label,
+                                y_label=f"predicted {metric} (sum over layers)", maximize_y=False, highlight="chosen",
+                                width=440, height=320))
+    return ("<p>Predicted trade-offs from the tables (lower is better); the chosen plan is ringed. Verification below "
+            "measures the chosen plan for real.</p><div class=\"grid\">" + "".join(f"<div>{s}</div>" for s in svgs)
+            + "</div>")
 
 
 def _scatter_svg(xs: list[float], ys: list[float]) -> str:

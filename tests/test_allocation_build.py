@@ -42,7 +42,7 @@ def test_a_generous_budget_keeps_every_layer_float(run_cli, tmp_path, size_build
 
 def test_infeasible_budget_is_a_clear_error(run_cli, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=30KB", "--out", out, code=3)
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=8KB", "--out", out, code=3)
     assert "infeasible" in result.stderr or "below" in result.stderr
     assert not (out / "digits-cnn").exists()
 

@@ -558,7 +558,7 @@ def test_apply_refuses_plans_that_do_not_fit(run_cli, tiny_build, data, tmp_path
 def test_apply_refuses_an_option_the_target_lacks(run_cli, tiny_build, data, tmp_path):
     src = (Path(__file__).parents[1] / "targets" / "cpu-x86.toml").read_text()
     target = tmp_path / "cpu-x86.toml"  # a profile whose convolutions have no int8
-    target.write_text(src.replace("[ops.conv]\nfloat_types = [\"fp32\"]\nweight_bits = [8]\nactivation_bits = [8]",
+    target.write_text(src.replace("[ops.conv]\nfloat_types = [\"fp32\"]\nweight_bits = [8, 4]\nactivation_bits = [8]",
                                   "[ops.conv]\nfloat_types = [\"fp32\"]\nweight_bits = []\nactivation_bits = [32]"))
     path = _edited_plan(tiny_build, tmp_path, lambda p: None)
     result = run_cli("apply", path, "--model", TINY, "--input-shape", SHAPE, "--calib", data.calib,

@@ -97,8 +97,10 @@ def test_layer_bytes_formula_and_unknown_option():
     assert layer_bytes(mm, "w4g32") == 10 * 16 + 10 * 4 + 10 * 1
     assert layer_bytes(mm, "w4g32s") == 10 * 16 + 10 * 4
     assert layer_bytes(mm, "w8a8d") == 320 + 10 * 5
+    # w4a8: int4 weights two per byte, per channel an fp32 scale and an int4 zero point, the int32 bias as w8a8
+    assert layer_bytes(conv, "w4a8") == 16 * 72 // 2 + 16 * 4 + 8 + 16 * 12
     with pytest.raises(ConfigError):
-        layer_bytes(conv, "w4a8")
+        layer_bytes(conv, "w4a16")
 
 
 # -- roofline -------------------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def test_probe_measures_every_layer_and_option(fp32, profile):
     again = probe(fp32, ["fp32"], rounds=1, per_round=3, table=table)
     assert again.entries == table.entries
     with pytest.raises(ConfigError):
-        probe(fp32, ["w4g128"])
+        probe(fp32, ["w4a16"])  # not a probe-able option (weight-only is w<bits>g<group>)
 
 
 def test_geometry_dataclass_is_plain():

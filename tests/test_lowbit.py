@@ -231,3 +231,46 @@ def test_quantized_weights_are_cached_on_disk(mlp, tmp_path):
     assert (a.q == b.q).all() and np.array_equal(a.scales, b.scales)
     with pytest.raises(ConfigError):
         WeightOnlyConfig.from_dict({"method": "magic"})
+
+
+# -- w4a8: int4 storage, int8 compute -------------------------------------------------------------------------------
+def test_int4_per_channel_codes_and_error():
+    from edgekit.compress.int4 import int4_per_channel
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    q, s = int4_per_channel(w, 0)
+    assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7 and s.shape == (16,)
+    assert _sqnr(w, q * s[:, None, None, None]) > 15
+
+
+def test_w4a8_layers_are_stored_as_int4_and_widened_losslessly_at_load(tmp_path):
+    import onnxruntime as ort
+
+    from edgekit.agent.runtime import OrtRuntime, widen_int4
+    from edgekit.compress.quant import W8A8Config, quantize_w8a8
+    from edgekit.plan import LayerChoice, Plan
+
+    rng = np.random.default_rng(6)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Conv", ["r", "W2"], ["y"], name="c2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                          [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    data = Dataset("d", {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}, None, "test")
+    plan = Plan("m", "cpu-x86", "mixed", (LayerChoice("c1", "w8a8"), LayerChoice("c2", "w4a8")))
+    out = quantize_w8a8(tmp_path / "f.onnx", tmp_path / "q.onnx", plan, data, W8A8Config(calib_samples=16))
+    q = onnx.load(str(out))
+    types = {i.name: i.data_type for i in q.graph.initializer}
+    assert TensorProto.INT4 in types.values() and TensorProto.INT8 in types.values()  # c2 int4, c1 int8
+    raw = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": data.inputs["x"]})[0]
+    wide = OrtRuntime(out).run({"x": data.inputs["x"]})["y"]
+    np.testing.assert_allclose(wide, raw, rtol=1e-5, atol=1e-5)  # widening changes nothing but the kernels
+    fp = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(None, {
+        "x": data.inputs["x"]})[0]
+    assert _sqnr(fp, wide) > 10
+    assert widen_int4(onnx.load(str(tmp_path / "f.onnx")).SerializeToString()) == \
+        onnx.load(str(tmp_path / "f.onnx")).SerializeToString()  # nothing to widen: same bytes

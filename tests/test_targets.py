@@ -261,7 +261,7 @@ def test_source_key_in_file_is_rejected(tmp_path):
         ("rtx-4090", "[tolerances.bf16]\nmin_sqnr_db = 24.0\nmin_cosine = 0.998\nmin_top1_agreement = 0.97\n", "",
          "tolerances missing for supported precisions: bf16"),
         ("cpu-x86", "int8 = 665.6", "int8 = -1.0", "peak_gops must be positive"),
-        ("cpu-x86", "weight_bits = [8]", "weight_bits = [16]", "between 2 and 8"),
+        ("cpu-x86", "weight_bits = [8, 4]", "weight_bits = [16]", "between 2 and 8"),
         ("cpu-x86", "min_cosine = 0.97", "min_cosine = 1.5", "tolerances.int8.min_cosine"),
     ],
 )

@@ -80,17 +80,47 @@ def quantize_w8a8(
     the first pass gives the quantized weights, whose expected output shift is then folded into the float biases
     before the final pass. ``track`` (e.g. ``Context.track``) draws calibration progress.
     """
-    if not plan.layers_with("w8a8"):
+    quantized = static_layers(plan)
+    if not quantized:
         raise ExportError("quantize_w8a8 called with a plan that quantizes no layer")
     if len(calib) == 0:
         raise CalibrationError("calibration set is empty")
     calib = calib.take(config.calib_samples)
     if not config.bias_correction:
-        return _quantize_static(fp32_onnx, out_path, plan, calib, config, track)
+        return _with_int4(_quantize_static(fp32_onnx, out_path, plan, calib, config, track), fp32_onnx, plan)
     with tempfile.TemporaryDirectory(prefix="edgekit-bc-") as tmp:
-        first = _quantize_static(fp32_onnx, Path(tmp) / "first.onnx", plan, calib, config, track)
-        corrected = correct_biases(fp32_onnx, first, plan.layers_with("w8a8"), calib, Path(tmp) / "corrected.onnx")
-        return _quantize_static(corrected, out_path, plan, calib, config, None)
+        first = _with_int4(_quantize_static(fp32_onnx, Path(tmp) / "first.onnx", plan, calib, config, track),
+                           fp32_onnx, plan)
+        corrected = correct_biases(fp32_onnx, first, quantized, calib, Path(tmp) / "corrected.onnx")
+        return _with_int4(_quantize_static(corrected, out_path, plan, calib, config, None), corrected, plan)
+
+
+def static_layers(plan: Plan) -> list[str]:
+    """The layers ORT's static quantizer handles: ``w8a8`` and ``w4a8`` (int8 first, then rewritten to int4)."""
+    return [c.layer for c in plan.layers if c.option in ("w8a8", "w4a8")]
+
+
+def _with_int4(path: Path, fp32_onnx: Path, plan: Plan) -> Path:
+    """Rewrite the plan's ``w4a8`` layers of the QDQ model at ``path`` to int4 weights (``compress.int4``)."""
+    four = plan.layers_with("w4a8")
+    if not four:
+        return path
+    import onnx
+
+    from edgekit.compress.int4 import to_int4
+
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 21:  # int4 DequantizeLinear needs opset 21
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, 21)
+        except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
+            raise ExportError(f"cannot raise the graph to opset 21 for int4 weights: {exc}") from exc
+    to_int4(model, onnx.load(str(fp32_onnx)), four)
+    onnx.save(model, str(path))
+    return path
 
 
 DYNAMIC_SETTINGS = {"scheme": "w8a8d", "weights": "int8 symmetric per-channel",
