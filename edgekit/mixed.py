@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from edgekit.agent.runtime import OrtRuntime, compare_latency
 from edgekit.allocate import allocated_plan, fastest_plan, layer_options, quant_family, uniform_plan
 from edgekit.analyze import measure_sensitivity
@@ -243,6 +245,9 @@ def _solver_budget(budget: Budget, cost: CostTable, uniform: Plan, q_full: Artif
         if size <= 0:
             raise ConfigError(f"size budget {budget.size_bytes} B is below the {notes['other_bytes']} B the model "
                               "needs besides its weights")
+    bits = budget.avg_bits
+    if bits is not None:  # over every float weight of the model: what the layers do not cover stays float32
+        bits, notes["avg_bits_layers"] = _layer_bits(bits, fp32, cost, uniform)
     latency = None
     layers = [c.layer for c in uniform.layers]
     if budget.latency_ms is not None or budget.latency_ratio is not None:
@@ -254,7 +259,28 @@ def _solver_budget(budget: Budget, cost: CostTable, uniform: Plan, q_full: Artif
         latency = target / whole * layers_ms
         log.info("latency budget %.3f ms = %.2fx FP32 (which measures %.3f ms now); solving for %.3f ms of the "
                  "cost table's %.3f ms of layers", target, target / whole, whole, latency, layers_ms)
-    return Budget(size_bytes=size, latency_ms=latency, avg_bits=budget.avg_bits), notes
+    return Budget(size_bytes=size, latency_ms=latency, avg_bits=bits), notes
+
+
+def _layer_bits(bits: float, fp32: Artifact, cost: CostTable, uniform: Plan) -> tuple[float, float]:
+    """An average-bits budget counts every float weight of the model (biases and norms outside the weighted layers
+    included, at their 32 bits); the solver sees the equivalent budget over the layers' parameters alone."""
+    import onnx
+
+    model = onnx.load(str(fp32.path), load_external_data=False)
+    total = sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    fp32_bytes = {name: row["fp32"].bytes for name, row in cost.entries.items() if "fp32" in row}
+    layer_params = sum(b // 4 for b in fp32_bytes.values())
+    outside = max(total - layer_params, 0)
+    if layer_params <= 0:
+        return bits, bits
+    layer_bits = (bits * total - 32 * outside) / layer_params
+    if layer_bits <= 0:
+        raise ConfigError(f"avg-bits={bits:g} cannot be met: the {outside} float weights outside the weighted layers "
+                          "alone exceed it")
+    log.info("avg-bits %.3f over all %d float weights = %.3f over the %d in weighted layers", bits, total, layer_bits,
+             layer_params)
+    return layer_bits, round(layer_bits, 4)
 
 
 NO_REGRESSION_SLACK = 1.05  # measurement noise allowed before a plan counts as slower than FP32
