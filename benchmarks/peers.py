@@ -25,6 +25,9 @@ CLI (from the repository root; MiniLM needs ``HF_HUB_OFFLINE=1``, set here when 
     .venv/bin/python benchmarks/peers.py --model minilm --json benchmarks/results/peers_minilm.json
     .venv/bin/python benchmarks/peers.py --model efficientnet --json benchmarks/results/peers_efficientnet.json
 
+The host's 2 cores are shared: timing waits for quiet (``--idle-wait``) and summarises only the rounds in which other
+processes used under 10 % of the CPUs (the per-round load is printed and saved).
+
 MiniLM: all-MiniLM-L6-v2 from ``examples/minilm.py`` at sequence length 128, on the real sentences of its
 ``make-data`` (the first 8 calibrate, the next ``--samples``, default 32, evaluate). EfficientNet-Lite0: edgekit's
 built-in model with its built-in real photo crops (64 calibration crops, ``--samples`` evaluation crops, default 128,
@@ -280,7 +283,13 @@ def ort_nbits(fp32_path: Path, out_dir: Path, *, algo: str = "rtn", block_size: 
               quantize_embeddings: bool = False, name: str | None = None) -> Peer:
     """``MatMulNBitsQuantizer``, 4-bit weights: ``algo`` is ``rtn`` (the default blockwise round-to-nearest
     quantizer, asymmetric), ``gptq`` (needs ``calib_feeds``) or ``hqq``. Only MatMuls with a constant weight are
-    quantized unless ``quantize_embeddings`` adds ``Gather`` (RTN only)."""
+    quantized unless ``quantize_embeddings`` adds ``Gather`` (RTN only).
+
+    Seen with onnxruntime 1.32: its GPTQ (the neural_compressor port, ``weight_only.gptq``) feeds each column's
+    rounding error forward through ``Hinv1[i:, i]`` of an upper-triangular factor, which is zero below the diagonal,
+    so no error is propagated and the weights equal round-to-nearest's (the CLI reports the share of differing
+    bytes); its asymmetric zero-point packing also fails when K / block_size is odd (K=384, block 128). HQQ writes
+    float zero points, which take a slower MatMulNBits kernel."""
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 

@@ -108,6 +108,9 @@ def allocate(*, budget: Budget, solver: str, profile, model, fp32: Artifact, lay
         plan = allocated_plan(layers, profile, sensitivity=t.sens, cost=cost, budget=solve_budget, solver=solver,
                               model_sha256=model.sha256, activations=settings, evaluate=t.evaluate)
     except ConfigError as exc:
+        if notes.get("other_bytes"):
+            exc.message += (f" (of the size budget, {notes['other_bytes']} B go to what no layer choice changes: "
+                            "the graph, activation scales, norms)")
         if notes.get("latency_ms") is None or solve_budget.size_bytes is not None or budget.avg_bits is not None:
             raise
         log.warning("%s by the cost table; measuring the fastest plans instead", exc.message)

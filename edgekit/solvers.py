@@ -144,7 +144,8 @@ def _infeasible(p: Problem, joint: bool = False) -> ConfigError:
         parts.append(f"the smallest possible is {min_b} B{bits}")
     if p.budget.latency_ms is not None:
         parts.append(f"the fastest possible is {min_t:.4g} ms")
-    lead = f"no assignment meets {_budget_text(p.budget)} at once; " if joint else ""
+    lead = (f"no assignment meets {_budget_text(p.budget)} at once; " if joint
+            else f"{_budget_text(p.budget)} for the weighted layers, but ")
     return ConfigError(f"budget infeasible: {lead}{'; '.join(parts)}",
                        hint="relax the budget, or allow smaller/faster options for more layers")
 

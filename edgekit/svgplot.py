@@ -186,28 +186,80 @@ def _padded(vals: Sequence[float], frac: float = 0.04) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+_SPOTS = (  # (dx, dy of the text anchor from the marker centre, text-anchor), nearest ring first
+    ((7, -6, "start"), (7, 12, "start"), (-7, -6, "end"), (-7, 12, "end"), (0, -9, "middle"), (0, 18, "middle"),
+     (10, 3, "start"), (-10, 3, "end")),
+    ((16, -16, "start"), (16, 24, "start"), (-16, -16, "end"), (-16, 24, "end"), (0, -22, "middle"),
+     (0, 32, "middle"), (26, 3, "start"), (-26, 3, "end")),
+    ((28, -28, "start"), (28, 36, "start"), (-28, -28, "end"), (-28, 36, "end"), (0, -36, "middle"),
+     (0, 46, "middle"), (44, 3, "start"), (-44, 3, "end")),
+)
+
+
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def _place_label(cx: float, cy: float, text: str, taken: list[tuple[float, float, float, float]],
-                 bounds: tuple[float, float, float, float]) -> tuple[float, float, str]:
-    """Where to write a point's label: the first of eight spots around the marker whose box stays in ``bounds`` and
-    overlaps no label placed before (else the first spot that stays in bounds). Returns x, baseline y, anchor."""
+                 bounds: tuple[float, float, float, float]) -> tuple[float, float, str, bool]:
+    """Where to write a point's label: the first spot around the marker, nearest ring first, whose box stays in
+    ``bounds`` and overlaps nothing in ``taken`` (markers, labels, the legend); else the first spot in bounds.
+    Returns x, baseline y, text-anchor, and whether it sits away from the marker (wants a leader line)."""
     w, h = 5.6 * len(text) + 2, 10.0
-    spots = [(7, -6, "start"), (7, 12, "start"), (-7, -6, "end"), (-7, 12, "end"), (0, -9, "middle"),
-             (0, 18, "middle"), (10, 3, "start"), (-10, 3, "end")]
     fallback = None
-    for dx, dy, anchor in spots:
-        x, y = cx + dx, cy + dy
-        x_lo = x if anchor == "start" else x - w if anchor == "end" else x - w / 2
-        box = (x_lo, y - h + 2, x_lo + w, y + 2)
-        if box[0] < bounds[0] or box[2] > bounds[2] or box[1] < bounds[1] or box[3] > bounds[3]:
-            continue
-        if fallback is None:
-            fallback = (x, y, anchor, box)
-        if not any(box[0] < t[2] and t[0] < box[2] and box[1] < t[3] and t[1] < box[3] for t in taken):
-            taken.append(box)
-            return x, y, anchor
+    for ring, spots in enumerate(_SPOTS):
+        for dx, dy, anchor in spots:
+            x, y = cx + dx, cy + dy
+            x_lo = x if anchor == "start" else x - w if anchor == "end" else x - w / 2
+            box = (x_lo, y - h + 2, x_lo + w, y + 2)
+            if box[0] < bounds[0] or box[2] > bounds[2] or box[1] < bounds[1] or box[3] > bounds[3]:
+                continue
+            if fallback is None:
+                fallback = (x, y, anchor, box)
+            if not any(_overlaps(box, t) for t in taken):
+                taken.append(box)
+                return x, y, anchor, ring > 0
     x, y, anchor, box = fallback or (cx + 7, cy - 6, "start", (cx + 7, cy - 14, cx + 7 + w, cy - 4))
     taken.append(box)
-    return x, y, anchor
+    return x, y, anchor, False
+
+
+class _Frame:
+    """The plot area inside the canvas and the data-to-pixel mapping."""
+
+    def __init__(self, xs: list[float], ys: list[float], *, left: float, top: float, width: float, height: float,
+                 log_x: bool) -> None:
+        self.left, self.top, self.pw, self.ph, self.log_x = left, top, max(10.0, width), max(10.0, height), log_x
+        if log_x:
+            self.x0, self.x1, self.xt = _log_ticks(min(xs), max(xs)) if xs else (1.0, 10.0, [1.0, 10.0])
+        else:
+            self.x0, self.x1, self.xt = (nice_ticks(*_padded(xs), max(3, int(self.pw // 80))) if xs
+                                         else nice_ticks(0.0, 1.0))
+        self.y0, self.y1, self.yt = (nice_ticks(*_padded(ys), max(3, int(self.ph // 50))) if ys
+                                     else nice_ticks(0.0, 1.0))
+
+    def px(self, x: float) -> float:
+        if self.log_x:
+            span = math.log10(self.x1) - math.log10(self.x0)
+            return self.left + (math.log10(x) - math.log10(self.x0)) / span * self.pw
+        return self.left + (x - self.x0) / (self.x1 - self.x0) * self.pw
+
+    def py(self, y: float) -> float:
+        return self.top + self.ph - (y - self.y0) / (self.y1 - self.y0) * self.ph
+
+
+def _legend_rows(names: Sequence[str], avail: float) -> list[list[tuple[int, float]]]:
+    """Legend entries (index, x offset) wrapped into rows no wider than ``avail``."""
+    rows: list[list[tuple[int, float]]] = [[]]
+    x = 0.0
+    for i, n in enumerate(names):
+        w = 22 + 6.2 * len(n) + 14
+        if rows[-1] and x + w > avail:
+            rows.append([])
+            x = 0.0
+        rows[-1].append((i, x))
+        x += w
+    return rows
 
 
 def scatter_svg(
@@ -234,23 +286,37 @@ def scatter_svg(
     series = list(series)
     pts = _points(series, log_x)
     width, height = int(width), int(height)
-    left, right, top, bottom = 62.0, 16.0, 34.0 if title else 16.0, 46.0 if x_label else 30.0
-    pw, ph = max(10.0, width - left - right), max(10.0, height - top - bottom)
-
+    left, right, top = 62.0, 16.0, (34.0 if title else 16.0)
+    axis_bottom = 46.0 if x_label else 30.0  # tick labels and the axis label under the plot
     xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-    if log_x:
-        x0, x1, xt = _log_ticks(min(xs), max(xs)) if xs else (1.0, 10.0, [1.0, 10.0])
-    else:
-        x0, x1, xt = nice_ticks(*_padded(xs), max(3, int(pw // 80))) if xs else nice_ticks(0.0, 1.0)
-    y0, y1, yt = nice_ticks(*_padded(ys), max(3, int(ph // 50))) if ys else nice_ticks(0.0, 1.0)
+    names = [str(s.get("name", f"series {i + 1}")) for i, s in enumerate(series)]
+    colors = [s.get("color") or PALETTE[i % len(PALETTE)] for i, s in enumerate(series)]
+    kinds = [s.get("marker") if s.get("marker") in MARKERS else MARKERS[i % len(MARKERS)]
+             for i, s in enumerate(series)]
 
-    def px(x: float) -> float:
-        if log_x:
-            return left + (math.log10(x) - math.log10(x0)) / (math.log10(x1) - math.log10(x0)) * pw
-        return left + (x - x0) / (x1 - x0) * pw
+    def frame(bottom: float) -> _Frame:
+        return _Frame(xs, ys, left=left, top=top, width=width - left - right, height=height - top - bottom,
+                      log_x=log_x)
 
-    def py(y: float) -> float:
-        return top + ph - (y - y0) / (y1 - y0) * ph
+    # the legend goes in the plot corner that covers no point; when every corner does, in rows under the plot
+    f = frame(axis_bottom)
+    legend_box: tuple[float, float, float, float] | None = None
+    legend_rows: list[list[tuple[int, float]]] = []
+    if names:
+        lw, lh = 28 + 6.2 * max(len(n) for n in names), 8 + 16 * len(names)
+        corners = [(f.left + f.pw - lw - 6, f.top + 6), (f.left + 6, f.top + 6),
+                   (f.left + f.pw - lw - 6, f.top + f.ph - lh - 6), (f.left + 6, f.top + f.ph - lh - 6)]
+
+        def covered(c: tuple[float, float]) -> int:
+            return sum(c[0] - 8 <= f.px(x) <= c[0] + lw + 8 and c[1] - 8 <= f.py(y) <= c[1] + lh + 8
+                       for _, x, y, _ in pts)
+
+        best = min(corners, key=covered)  # min keeps the first of equals: deterministic
+        if covered(best) == 0 and lh <= f.ph:
+            legend_box = (best[0], best[1], best[0] + lw, best[1] + lh)
+        else:
+            legend_rows = _legend_rows(names, f.pw)
+            f = frame(axis_bottom + 16 * len(legend_rows) + 4)
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img">']
@@ -261,40 +327,42 @@ def scatter_svg(
                    f'font-weight="bold">{_esc(title)}</text>')
 
     # grid, ticks, axes
+    bottom_y = f.top + f.ph
     out.append('<g class="grid" stroke="#e3e3e3" stroke-width="1">')
-    for t in xt:
-        out.append(f'<line x1="{_num(px(t))}" y1="{_num(top)}" x2="{_num(px(t))}" y2="{_num(top + ph)}"/>')
-    for t in yt:
-        out.append(f'<line x1="{_num(left)}" y1="{_num(py(t))}" x2="{_num(left + pw)}" y2="{_num(py(t))}"/>')
+    for t in f.xt:
+        out.append(f'<line x1="{_num(f.px(t))}" y1="{_num(f.top)}" x2="{_num(f.px(t))}" y2="{_num(bottom_y)}"/>')
+    for t in f.yt:
+        out.append(f'<line x1="{_num(f.left)}" y1="{_num(f.py(t))}" x2="{_num(f.left + f.pw)}" '
+                   f'y2="{_num(f.py(t))}"/>')
     out.append("</g>")
     out.append('<g class="axes" stroke="#333333" stroke-width="1">')
-    out.append(f'<line x1="{_num(left)}" y1="{_num(top + ph)}" x2="{_num(left + pw)}" y2="{_num(top + ph)}"/>')
-    out.append(f'<line x1="{_num(left)}" y1="{_num(top)}" x2="{_num(left)}" y2="{_num(top + ph)}"/>')
+    out.append(f'<line x1="{_num(f.left)}" y1="{_num(bottom_y)}" x2="{_num(f.left + f.pw)}" y2="{_num(bottom_y)}"/>')
+    out.append(f'<line x1="{_num(f.left)}" y1="{_num(f.top)}" x2="{_num(f.left)}" y2="{_num(bottom_y)}"/>')
     out.append("</g>")
     out.append('<g class="ticks" fill="#333333">')
-    for t in xt:
-        lab = _tick_label(t, xt) if not log_x else f"{t:g}"
-        out.append(f'<text x="{_num(px(t))}" y="{_num(top + ph + 15)}" text-anchor="middle">{_esc(lab)}</text>')
-    for t in yt:
-        out.append(f'<text x="{_num(left - 6)}" y="{_num(py(t) + 4)}" text-anchor="end">'
-                   f"{_esc(_tick_label(t, yt))}</text>")
+    for t in f.xt:
+        lab = _tick_label(t, f.xt) if not log_x else f"{t:g}"
+        out.append(f'<text x="{_num(f.px(t))}" y="{_num(bottom_y + 15)}" text-anchor="middle">{_esc(lab)}</text>')
+    for t in f.yt:
+        out.append(f'<text x="{_num(f.left - 6)}" y="{_num(f.py(t) + 4)}" text-anchor="end">'
+                   f"{_esc(_tick_label(t, f.yt))}</text>")
     out.append("</g>")
     if x_label:
-        out.append(f'<text class="x-label" x="{_num(left + pw / 2)}" y="{_num(height - 10)}" '
+        out.append(f'<text class="x-label" x="{_num(f.left + f.pw / 2)}" y="{_num(bottom_y + 36)}" '
                    f'text-anchor="middle">{_esc(x_label + (" (log scale)" if log_x else ""))}</text>')
     if y_label:
-        cx, cy = 14.0, top + ph / 2
+        cx, cy = 14.0, f.top + f.ph / 2
         out.append(f'<text class="y-label" x="{_num(cx)}" y="{_num(cy)}" text-anchor="middle" '
                    f'transform="rotate(-90 {_num(cx)} {_num(cy)})">{_esc(y_label)}</text>')
     if not pts:
-        out.append(f'<text class="empty" x="{_num(left + pw / 2)}" y="{_num(top + ph / 2)}" text-anchor="middle" '
-                   f'fill="#777777">no data</text>')
+        out.append(f'<text class="empty" x="{_num(f.left + f.pw / 2)}" y="{_num(f.top + f.ph / 2)}" '
+                   f'text-anchor="middle" fill="#777777">no data</text>')
 
     # Pareto front over all points: from each front point across to the next one's x, then to the next point
     if front and pts:
         idx = pareto_front([(p[1], p[2]) for p in pts], minimize_x=minimize_x, maximize_y=maximize_y)
         if idx:
-            fp = [(px(pts[i][1]), py(pts[i][2])) for i in idx]
+            fp = [(f.px(pts[i][1]), f.py(pts[i][2])) for i in idx]
             d = f"M{_num(fp[0][0])},{_num(fp[0][1])}"
             for (_, ya), (xb, yb) in zip(fp, fp[1:]):
                 d += f"L{_num(xb)},{_num(ya)}L{_num(xb)},{_num(yb)}"
@@ -305,49 +373,50 @@ def scatter_svg(
     if highlight is not None:
         for _, x, y, label in pts:
             if label == str(highlight):
-                out.append(f'<circle class="highlight" cx="{_num(px(x))}" cy="{_num(py(y))}" r="10" '
+                out.append(f'<circle class="highlight" cx="{_num(f.px(x))}" cy="{_num(f.py(y))}" r="10" '
                            f'fill="#FFD54F" fill-opacity="0.55" stroke="#B8860B" stroke-width="1.5"/>')
 
-    # points and their labels
-    colors = [s.get("color") or PALETTE[i % len(PALETTE)] for i, s in enumerate(series)]
-    kinds = [s.get("marker") if s.get("marker") in MARKERS else MARKERS[i % len(MARKERS)]
-             for i, s in enumerate(series)]
+    # points, then their labels on top, placed clear of the markers, of one another and of the legend
     out.append('<g class="points">')
     for si, x, y, label in pts:
-        out.append(_marker(kinds[si], px(x), py(y), 4.5, colors[si], "marker", _tip(series, si, x, y, label)))
+        out.append(_marker(kinds[si], f.px(x), f.py(y), 4.5, colors[si], "marker", _tip(series, si, x, y, label)))
     out.append("</g>")
-    # labels after all markers (on top), placed so that they do not overlap one another
-    out.append('<g class="point-labels" font-size="10" fill="#222222">')
-    taken = [(px(x) - 4.5, py(y) - 4.5, px(x) + 4.5, py(y) + 4.5) for _, x, y, _label in pts]
+    taken = [(f.px(x) - 5, f.py(y) - 5, f.px(x) + 5, f.py(y) + 5) for _, x, y, _label in pts]
+    if legend_box is not None:
+        taken.append(legend_box)
+    leaders, labels = [], []
     for _, x, y, label in pts:
         if not label:
             continue
-        tx, ty, anchor = _place_label(px(x), py(y), label, taken, (left, top, float(width), top + ph + 4))
+        cx, cy = f.px(x), f.py(y)
+        tx, ty, anchor, far = _place_label(cx, cy, label, taken, (f.left, f.top, float(width), bottom_y + 4))
+        if far:
+            leaders.append(f'<line x1="{_num(cx)}" y1="{_num(cy)}" x2="{_num(tx)}" y2="{_num(ty - 4)}"/>')
         bold = ' font-weight="bold"' if highlight is not None and label == str(highlight) else ""
-        out.append(f'<text class="point-label" x="{_num(tx)}" y="{_num(ty)}" text-anchor="{anchor}"{bold}>'
-                   f"{_esc(label)}</text>")
-    out.append("</g>")
+        labels.append(f'<text class="point-label" x="{_num(tx)}" y="{_num(ty)}" text-anchor="{anchor}"{bold}>'
+                      f"{_esc(label)}</text>")
+    if leaders:
+        out += ['<g class="leaders" stroke="#9e9e9e" stroke-width="0.7">', *leaders, "</g>"]
+    out += ['<g class="point-labels" font-size="10" fill="#222222">', *labels, "</g>"]
 
-    # legend in the plot corner that covers the fewest points
-    if series:
-        names = [str(s.get("name", f"series {i + 1}")) for i, s in enumerate(series)]
-        lw = 28 + 6.2 * max(len(n) for n in names)
-        lh = 8 + 16 * len(names)
-        corners = [(left + pw - lw - 6, top + 6), (left + 6, top + 6), (left + pw - lw - 6, top + ph - lh - 6),
-                   (left + 6, top + ph - lh - 6)]
-
-        def covered(c: tuple[float, float]) -> int:
-            return sum(c[0] - 8 <= px(x) <= c[0] + lw + 8 and c[1] - 8 <= py(y) <= c[1] + lh + 8
-                       for _, x, y, _ in pts)
-
-        lx, ly = min(corners, key=covered)  # min keeps the first of equals: deterministic
+    # the legend
+    if legend_box is not None:
+        lx, ly = legend_box[0], legend_box[1]
         out.append('<g class="legend">')
-        out.append(f'<rect x="{_num(lx)}" y="{_num(ly)}" width="{_num(lw)}" height="{_num(lh)}" fill="#ffffff" '
-                   f'fill-opacity="0.85" stroke="#cccccc"/>')
+        out.append(f'<rect x="{_num(lx)}" y="{_num(ly)}" width="{_num(legend_box[2] - lx)}" '
+                   f'height="{_num(legend_box[3] - ly)}" fill="#ffffff" fill-opacity="0.85" stroke="#cccccc"/>')
         for i, n in enumerate(names):
             yy = ly + 12 + 16 * i
             out.append(_marker(kinds[i], lx + 12, yy, 4.5, colors[i], "legend-marker"))
             out.append(f'<text x="{_num(lx + 24)}" y="{_num(yy + 4)}">{_esc(n)}</text>')
+        out.append("</g>")
+    elif legend_rows:
+        out.append('<g class="legend">')
+        for r, row in enumerate(legend_rows):
+            yy = bottom_y + axis_bottom + 8 + 16 * r
+            for i, dx in row:
+                out.append(_marker(kinds[i], f.left + dx + 6, yy, 4.5, colors[i], "legend-marker"))
+                out.append(f'<text x="{_num(f.left + dx + 16)}" y="{_num(yy + 4)}">{_esc(names[i])}</text>')
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"

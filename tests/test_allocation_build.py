@@ -169,3 +169,25 @@ def test_max_drop_only_accepts_plans_that_pass_the_targets_tolerances(run_cli, t
     assert summary["verification"]["passed"]  # the drop limit alone would have taken uniform int8, which fails
     rounds = json.loads((out / "digits-cnn" / "report.json").read_text())["allocation"]["latency_rounds"]
     assert rounds[0]["float_layers"] > 0
+
+
+def test_a_tight_size_budget_uses_low_bit_options_and_apply_replays_it(run_cli, tmp_path):
+    """Below what int8 can reach, the solver takes int4 convolutions (w4a8, stored as int4) and weight-only low-bit
+    Linear layers (MatMulNBits); `edgekit apply` rebuilds the identical model from the plan."""
+    import onnx
+
+    out = tmp_path / "o"
+    run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=35KB", "--out", out, "--no-latency")
+    plan = json.loads((out / "digits-cnn" / "plan.json").read_text())
+    options = {c["option"] for c in plan["layers"]}
+    assert options & {"w4a8", "w4g32", "w4g64", "w4g128", "w2g32", "w2g64"}
+    model = out / "digits-cnn" / "model.onnx"
+    assert model.stat().st_size <= 35_000
+    graph = onnx.load(str(model)).graph
+    if "w4a8" in options:
+        assert onnx.TensorProto.INT4 in {i.data_type for i in graph.initializer}
+    if options & {"w4g32", "w4g64", "w4g128", "w2g32", "w2g64"}:
+        assert "MatMulNBits" in {n.op_type for n in graph.node}
+    again = tmp_path / "again"
+    run_cli("apply", out / "digits-cnn" / "plan.json", "--model", "builtin:digits-cnn", "--out", again, "--no-latency")
+    assert (again / "digits-cnn" / "model.onnx").read_bytes() == model.read_bytes()

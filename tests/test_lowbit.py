@@ -69,6 +69,19 @@ def test_gptq_beats_rtn_on_the_layer_output(correlated):
         assert e_gptq < 0.8 * e_rtn, (bits, group, e_gptq, e_rtn)
 
 
+def test_refit_scales_lowers_the_layer_output_error(correlated):
+    from edgekit.compress.wquant import refit_scales
+
+    x, w = correlated
+    h = hessian(x)
+    ref = x @ w.T
+    for q in (rtn(w, 4, 32), gptq(w, h, 3, 32)):
+        before = np.mean((x @ q.dequantize().T - ref) ** 2)
+        r = refit_scales(q, w, h)
+        assert (r.q == q.q).all()  # codes untouched, scales only
+        assert np.mean((x @ r.dequantize().T - ref) ** 2) < before
+
+
 def test_gptq_prepared_once_gives_the_same_weights(correlated):
     x, w = correlated
     h = hessian(x)
@@ -126,12 +139,29 @@ def test_matmulnbits_and_gather_block_quantized_match_numpy(bits, symmetric):
     assert not {"E", "W1", "W2"} & {i.name for i in exact.graph.initializer}  # float weights are gone
 
 
+def test_three_bit_layers_export_as_ai_edgekit_ops_and_run(tmp_path):
+    pytest.importorskip("onnxruntime_extensions")
+    from edgekit.agent.runtime import OrtRuntime
+
+    model = _tiny_model()
+    inits = {i.name: i for i in model.graph.initializer}
+    qs = {n: rtn(weight_matrix(node, inits), 3, 32) for n, node in (("fc1", model.graph.node[1]),
+                                                                       ("fc2", model.graph.node[2]))}
+    out = apply_weight_only(model, qs)
+    assert [n.op_type for n in out.graph.node].count("MatMulLowBit") == 2
+    ids = np.array([1, 2, 3], dtype=np.int64)
+    e = numpy_helper.to_array(inits["E"])[ids]
+    ref = e @ qs["fc1"].dequantize().T @ qs["fc2"].dequantize().T + numpy_helper.to_array(inits["b2"])
+    got = OrtRuntime(out.SerializeToString()).run({"ids": ids})["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_apply_weight_only_refuses_what_it_cannot_rewrite():
     model = _tiny_model()
     inits = {i.name: i for i in model.graph.initializer}
-    q = rtn(weight_matrix(model.graph.node[1], inits), 3, 32)
-    with pytest.raises(ExportError, match="2, 4, 8"):
-        apply_weight_only(model, {"fc1": q})
+    q = rtn(weight_matrix(model.graph.node[0], inits), 3, 32)
+    with pytest.raises(ExportError, match="4/8-bit"):
+        apply_weight_only(model, {"emb": q})  # no 3-bit gather
     with pytest.raises(ExportError, match="not in the graph"):
         apply_weight_only(model, {"nope": q})
 
@@ -247,7 +277,7 @@ def test_int4_per_channel_codes_and_error():
 def test_w4a8_layers_are_stored_as_int4_and_widened_losslessly_at_load(tmp_path):
     import onnxruntime as ort
 
-    from edgekit.agent.runtime import OrtRuntime, widen_int4
+    from edgekit.agent.runtime import OrtRuntime, prepare_model
     from edgekit.compress.quant import W8A8Config, quantize_w8a8
     from edgekit.plan import LayerChoice, Plan
 
@@ -272,5 +302,7 @@ def test_w4a8_layers_are_stored_as_int4_and_widened_losslessly_at_load(tmp_path)
     fp = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(None, {
         "x": data.inputs["x"]})[0]
     assert _sqnr(fp, wide) > 10
-    assert widen_int4(onnx.load(str(tmp_path / "f.onnx")).SerializeToString()) == \
-        onnx.load(str(tmp_path / "f.onnx")).SerializeToString()  # nothing to widen: same bytes
+    plain = onnx.load(str(tmp_path / "f.onnx")).SerializeToString()
+    assert prepare_model(plain, ort.SessionOptions()) is plain  # nothing to widen: the model as given
+    widened = onnx.load_from_string(prepare_model(out, ort.SessionOptions()))
+    assert TensorProto.INT4 not in {i.data_type for i in widened.graph.initializer}

@@ -152,3 +152,27 @@ def test_svgplot_imports_only_the_standard_library():
     mods = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     mods |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert mods - {"__future__"} <= set(sys.stdlib_module_names), mods
+
+
+def test_legend_moves_under_the_plot_when_every_corner_has_points():
+    corners = [(0, 0, "a"), (0, 1, "b"), (1, 0, "c"), (1, 1, "d"), (0.5, 0.5, "e")]
+    series = [{"name": f"series {i}", "points": [p]} for i, p in enumerate(corners)]
+    root = parse(scatter_svg(series, x_label="x", y_label="y"))
+    axis_y = max(float(e.get("y1")) for e in root.iter(f"{SVG}line") if e.get("x1") != e.get("x2"))
+    legend = [e for e in root.iter() if e.get("class") == "legend-marker"]
+    assert len(legend) == 5
+    assert all(float(e.get("cy") or e.get("y") or 0) > axis_y for e in legend if e.tag == f"{SVG}circle")
+    # a free corner keeps the legend inside the plot
+    root = parse(scatter_svg([{"name": "one", "points": [(0, 0, "a"), (1, 0.2, "b")]}]))
+    legend = [e for e in root.iter() if e.get("class") == "legend-marker"]
+    axis_y = max(float(e.get("y1")) for e in root.iter(f"{SVG}line") if e.get("x1") != e.get("x2"))
+    assert float(legend[0].get("cy")) < axis_y
+
+
+def test_crowded_labels_stay_on_the_canvas():
+    pts = [(1 + 0.01 * i, 0.5 + 0.001 * i, f"label number {i}") for i in range(12)]
+    svg = scatter_svg([{"name": "crowd", "points": pts}], width=300, height=200)
+    root = parse(svg)
+    labels = [e for e in root.iter(f"{SVG}text") if e.get("class") == "point-label"]
+    assert len(labels) == 12
+    assert all(0 <= float(e.get("x")) <= 300 and 0 <= float(e.get("y")) <= 200 for e in labels)

@@ -33,16 +33,14 @@ DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 INT4_TYPES = (22, 21)  # onnx.TensorProto.INT4, UINT4
 
 
-def widen_int4(model_bytes: bytes) -> bytes:
+def widen_int4(model) -> int:
     """Int4 weights are stored packed (half the bytes of int8) but ONNX Runtime's CPU kernels fuse only int8 Q/DQ
     groups into integer convolutions: the same graph with int4 weight DequantizeLinear runs several times slower.
-    Every int4/uint4 *initializer* read by a DequantizeLinear is widened here to int8/uint8, losslessly (same values,
-    scales and zero points), before the session is made; the stored artifact keeps its size and runs correctly
-    unwidened too. Models without int4 initializers come back unchanged (the same bytes)."""
-    import onnx
+    Every int4/uint4 *initializer* read by a DequantizeLinear of ``model`` (ModelProto, changed in place) is widened
+    to int8/uint8, losslessly (same values, scales and zero points); the stored artifact keeps its size and runs
+    correctly unwidened too. Returns how many were widened."""
     from onnx import numpy_helper
 
-    model = onnx.load_from_string(model_bytes)
     inits = {i.name: i for i in model.graph.initializer}
     dq_inputs = {t for n in model.graph.node if n.op_type == "DequantizeLinear" for t in n.input[:3] if t}
     widened = 0
@@ -50,21 +48,39 @@ def widen_int4(model_bytes: bytes) -> bytes:
         init = inits.get(name)
         if init is None or init.data_type not in INT4_TYPES:
             continue
-        a = numpy_helper.to_array(init)
-        wide = a.astype(np.int8 if init.data_type == 22 else np.uint8)
+        wide = numpy_helper.to_array(init).astype(np.int8 if init.data_type == 22 else np.uint8)
         init.CopyFrom(numpy_helper.from_array(wide, name))
         widened += 1
-    if not widened:
-        return model_bytes
-    log.debug("widened %d int4 initializers to 8 bits for ONNX Runtime's integer kernels", widened)
-    return model.SerializeToString()
+    return widened
 
 
-def _has_int4(path: Path) -> bool:
+def prepare_model(path: Path | bytes, opts) -> bytes | str:
+    """What the session loads: the model as given, unless it holds int4 weights (widened, ``widen_int4``) or
+    ``ai.edgekit`` ops (run through the onnxruntime-extensions Python fallback, ``edgekit.kernels.ort_python``,
+    until native kernels ship). The file is parsed once to tell."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(i.data_type in INT4_TYPES for i in model.graph.initializer)
+    model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
+    int4 = any(i.data_type in INT4_TYPES for i in model.graph.initializer)
+    custom = any(o.domain == "ai.edgekit" for o in model.opset_import)
+    if not int4 and not custom:
+        return path if isinstance(path, bytes) else str(path)
+    if not isinstance(path, bytes):
+        model = onnx.load(str(path))  # with its external data
+    if int4:
+        log.debug("widened %d int4 initializers to 8 bits for ONNX Runtime's integer kernels", widen_int4(model))
+    if custom:
+        try:
+            from edgekit.kernels.ort_python import register_python_op, to_contrib_domain
+
+            opts.register_custom_ops_library(register_python_op())
+        except ImportError as exc:
+            raise ExportError("this model uses ai.edgekit ops (3-bit weights), which need onnxruntime-extensions "
+                              "here", hint="pip install onnxruntime-extensions, or use a plan without 3-bit layers"
+                              ) from exc
+        log.warning("running ai.edgekit ops through the Python reference fallback (slow)")
+        model = to_contrib_domain(model)
+    return model.SerializeToString()
 
 
 class OrtRuntime:
@@ -86,11 +102,13 @@ class OrtRuntime:
             opts.inter_op_num_threads = 1
         if optimized_model_path is not None:  # for inspection: the graph as ORT will run it
             opts.optimized_model_filepath = str(optimized_model_path)
-        source: bytes | str = path if isinstance(path, bytes) else str(path)
-        if isinstance(path, bytes):
-            source = widen_int4(path)
-        elif Path(path).is_file() and _has_int4(Path(path)):
-            source = widen_int4(Path(path).read_bytes())
+        try:
+            source = prepare_model(path, opts)
+        except Exception as exc:
+            if isinstance(exc, ExportError):
+                raise
+            where = "the model" if isinstance(path, bytes) else path
+            raise ExportError(f"cannot read {where}: {exc}") from exc
         try:
             self.session = ort.InferenceSession(
                 source, opts, providers=providers or ["CPUExecutionProvider"],

@@ -216,6 +216,40 @@ def gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *, symmetri
     return QWeight(q=full.astype(np.uint8), scales=ref.scales, zeros=ref.zeros, bits=bits, group=group, k=k)
 
 
+def refit_scales(qw: QWeight, w: np.ndarray, h: np.ndarray, *, ridge: float = 1e-6) -> QWeight:
+    """Per-layer calibration of the scales (in the spirit of AdaQuant, Hubara et al. 2021, with the integer codes
+    fixed): for each output row, the group scales ``s`` that minimise the expected output error
+    ``(ŵ(s) − w)ᵀ H (ŵ(s) − w)`` with ``ŵ = s ⊙ (q − z)`` blockwise. The error is quadratic in ``s``, so each row is
+    one small linear solve (blocks × blocks). A row keeps its old scales unless the refit lowers its error."""
+    k, blocks, group = qw.k, qw.blocks, qw.group
+    kp = blocks * group
+    codes = np.zeros((qw.n, kp))
+    codes[:, :k] = (qw.q.astype(np.float64) - np.repeat(qw.zero_points().astype(np.float64), group, axis=1))[:, :k]
+    hp = np.zeros((kp, kp))
+    hp[:k, :k] = np.asarray(h, dtype=np.float64)
+    wp = np.zeros((qw.n, kp))
+    wp[:, :k] = np.asarray(w, dtype=np.float64)
+    hw = wp @ hp  # [N, Kp]: row n is (H w_n)ᵀ
+    scales = qw.scales.astype(np.float64).copy()
+    for n in range(qw.n):
+        c = codes[n]
+        hb = (hp * c[None, :]).reshape(kp, blocks, group).sum(-1)  # H @ basis, [Kp, blocks]
+        a = (hb * c[:, None]).reshape(blocks, group, blocks).sum(1)  # basisᵀ H basis
+        b = (hw[n] * c).reshape(blocks, group).sum(-1)  # basisᵀ H w
+        a[np.diag_indices(blocks)] += ridge * max(float(np.trace(a)) / blocks, 1e-30)
+        try:
+            s_new = np.linalg.solve(a, b)
+        except np.linalg.LinAlgError:
+            continue
+        if np.any(s_new <= 0):
+            continue
+        s_old = scales[n]
+        # error(s) = sᵀ A s − 2 sᵀ b + const: compare without forming the weights
+        if s_new @ a @ s_new - 2 * s_new @ b < s_old @ a @ s_old - 2 * s_old @ b:
+            scales[n] = s_new
+    return QWeight(q=qw.q, scales=scales.astype(np.float32), zeros=qw.zeros, bits=qw.bits, group=qw.group, k=k)
+
+
 def storage_bytes(n: int, k: int, bits: int, group: int, *, symmetric: bool) -> int:
     """Bytes of a group-wise weight as ONNX Runtime stores it (``MatMulNBits``): packed values (K padded to the
     group), one float32 scale per group, and (asymmetric) zero points packed at ``bits`` per value per row."""

@@ -3,6 +3,8 @@
 - A MatMul with a constant ``[K, N]`` weight, or a Gemm (``alpha = beta = 1``, no ``transA``) with a constant weight
   and an optional bias, becomes ``com.microsoft.MatMulNBits`` (2, 4 or 8 bits; ``accuracy_level`` 4 lets the CPU
   kernel quantize the activations per block to int8 and use its integer dot products).
+- Other bit-widths (3) become ``ai.edgekit::MatMulLowBit`` (``edgekit.kernels``; ONNX Runtime runs it through the
+  Python fallback until the native kernels of issue #7 exist).
 - A Gather from a constant ``[V, D]`` table along axis 0 (an embedding) becomes ``com.microsoft.GatherBlockQuantized``
   (4 or 8 bits; 2 bits symmetric only).
 
@@ -24,6 +26,7 @@ from edgekit.errors import ExportError
 from edgekit.kernels.lowbit import pack
 
 MS_DOMAIN = "com.microsoft"
+EDGEKIT_DOMAIN = "ai.edgekit"
 MATMUL_BITS = (2, 4, 8)
 GATHER_BITS = (4, 8)
 DEFAULT_ACCURACY_LEVEL = 4  # int8 compute on CPUs; measured faster than fp32 compute here (benchmarks/RESULTS.md)
@@ -57,6 +60,23 @@ def matmul_nbits(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = N
         inputs += [""] * (5 - len(inputs)) + [bias]
     node = helper.make_node("MatMulNBits", inputs, [y], name=name, domain=MS_DOMAIN, K=qw.k, N=qw.n, bits=qw.bits,
                             block_size=qw.group, accuracy_level=accuracy_level)
+    return node, inits
+
+
+def matmul_lowbit(name: str, x: str, y: str, qw: QWeight):
+    """An ``ai.edgekit::MatMulLowBit`` node (any of 2/3/4/8 bits; ``edgekit.kernels.lowbit``) and its initializers:
+    the format for bit-widths ONNX Runtime has no kernel for (3 bits). Zero points are one byte each."""
+    from onnx import numpy_helper
+
+    from edgekit.kernels import lowbit as spec
+
+    inits = [numpy_helper.from_array(pack(qw.q[:, : qw.k], qw.bits), f"{name}::B"),
+             numpy_helper.from_array(qw.scales.astype(np.float32), f"{name}::scales")]
+    inputs = [x, f"{name}::B", f"{name}::scales"]
+    if qw.zeros is not None:
+        inits.append(numpy_helper.from_array(qw.zeros.astype(np.uint8), f"{name}::zero_points"))
+        inputs.append(f"{name}::zero_points")
+    node = spec.make_node(inputs, [y], K=qw.k, N=qw.n, bits=qw.bits, group_size=qw.group, name=name)
     return node, inits
 
 
@@ -137,8 +157,15 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
                 b = numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32)
                 new_inits.append(numpy_helper.from_array(b, f"{node.name}::bias"))
                 bias = f"{node.name}::bias"
-            n, extra = matmul_nbits(node.name, node.input[0], node.output[0], qw, bias=bias,
-                                    accuracy_level=accuracy_level)
+            if qw.bits in MATMUL_BITS:
+                n, extra = matmul_nbits(node.name, node.input[0], node.output[0], qw, bias=bias,
+                                        accuracy_level=accuracy_level)
+            elif bias is None:
+                n, extra = matmul_lowbit(node.name, node.input[0], node.output[0], qw)
+            else:  # MatMulLowBit has no bias input: add it after
+                n, extra = matmul_lowbit(node.name, node.input[0], f"{node.name}::y", qw)
+                new_nodes.append(n)
+                n = helper.make_node("Add", [f"{node.name}::y", bias], [node.output[0]], name=f"{node.name}::bias")
         new_nodes.append(n)
         new_inits += extra
     missing = sorted(set(weights) - found)
@@ -150,6 +177,7 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
     used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
-    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    for domain in sorted({n.domain for n in g.node if n.domain in (MS_DOMAIN, EDGEKIT_DOMAIN)}):
+        if not any(o.domain == domain for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(domain, 1))
     return out
