@@ -32,6 +32,11 @@ from edgekit.wonly import LowBitQuantizer, WeightOnlyConfig, is_feed_option, mea
 log = logging.getLogger(__name__)
 
 SENSITIVITY_SAMPLES = 32
+# Output distortion for the sensitivity tables: mean squared error of the logits (or outputs) over their mean square,
+# for classifiers too. KL of the softmax under-weights argmax flips on low-confidence inputs: on EfficientNet-Lite0
+# at --budget size=5MB, the KL-driven plan gave the classifier 2-bit weights (KL 1e-4) and kept 75 % top-1 agreement;
+# the logit-MSE-driven plan at the same size kept 95.3 % (benchmarks/RESULTS.md).
+SENSITIVITY_METRIC = "mse"
 FEED_SENSITIVITY_SAMPLES = 16  # weight-only/dynamic sensitivities: two model runs per layer on these samples
 REFINE_ROUNDS = 3
 LATENCY_SLACK = 1.05  # measured within 5 % of the latency budget counts as met
@@ -176,7 +181,7 @@ def _tables(profile, model, fp32, layers, calib, work, cfg, ctx) -> _Tables:
 
     family = quant_family(layers, profile)
     options = layer_options(layers, profile, family)
-    metric = "kl" if model.task == "classification" else "mse"
+    metric = SENSITIVITY_METRIC
     sample = calib.take(SENSITIVITY_SAMPLES)
     feed_sample = calib.take(FEED_SENSITIVITY_SAMPLES)
     feed_layers = [layer for layer in layers if any(is_feed_option(o) for o in options[layer.name])]
@@ -226,7 +231,7 @@ def _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx):
     """Uniform static INT8 and its sensitivity table (the max-drop search walks from it back towards FP32)."""
     uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
     q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
-    metric = "kl" if model.task == "classification" else "mse"
+    metric = SENSITIVITY_METRIC
     options = {n: [o for o in opts if o in ("fp32", "w8a8")] for n, opts in layer_options(layers, profile).items()}
     sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
                                model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)

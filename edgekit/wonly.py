@@ -197,11 +197,22 @@ def _load(path: Path) -> QWeight | None:
         return None
 
 
-def anchor_option(options: Sequence[str]) -> str | None:
-    """The weight-only option measured through the model for a layer; the others are scaled from it. The middle
-    of the layer's weight-only options by bits then group (e.g. ``w4g64`` among w4g32/64/128 and w2g32)."""
-    wonly = sorted((o for o in options if weight_only(o)), key=lambda o: (-weight_only(o)[0], weight_only(o)[1]))
-    return wonly[len(wonly) // 2] if wonly else None
+def anchor_options(options: Sequence[str]) -> dict[str, str]:
+    """For each weight-only option of a layer, the option of the same bit-width measured through the model (the
+    middle group size of that width, e.g. ``w4g64`` among w4g32/64/128); the others are scaled from it. Scaling
+    stays within a bit-width: across widths the output distortion is far from proportional to the local error
+    (a classifier's KL grows much faster than linearly once 2-bit errors flip predictions)."""
+    by_bits: dict[int, list[str]] = {}
+    for o in options:
+        parsed = weight_only(o)
+        if parsed:
+            by_bits.setdefault(parsed[0], []).append(o)
+    out = {}
+    for group in by_bits.values():
+        group = sorted(group, key=lambda o: weight_only(o)[1])
+        anchor = group[len(group) // 2]
+        out.update({o: anchor for o in group})
+    return out
 
 
 def local_error(quantizer: LowBitQuantizer, layer: str, option: str) -> float:
@@ -219,10 +230,10 @@ def measure_feed_sensitivity(quantizer: LowBitQuantizer, options: dict[str, list
     """Sensitivity of every feed option (weight-only, dynamic int8) of every layer, one layer at a time, and an
     additivity check over random multi-layer assignments of all options; cached like the static table.
 
-    Measured through the model: dynamic int8, and per layer one weight-only *anchor* option (``anchor_option``).
-    The layer's other weight-only options are scaled from the anchor by their local output error
+    Measured through the model: dynamic int8, and per layer and bit-width one weight-only *anchor* option
+    (``anchor_options``). The other group sizes of that width are scaled from the anchor by their local output error
     (``local_error``): for one layer, the model's output distortion grows in proportion to the energy of the
-    perturbation of that layer's output. That cuts the model runs from (layers × options) to about two per layer;
+    perturbation of that layer's output. That cuts the model runs from (layers × options) to one per bit-width;
     the additivity check, which draws every option, measures the scaled entries as well. ``full=True`` measures
     every option instead.
     """
@@ -230,7 +241,8 @@ def measure_feed_sensitivity(quantizer: LowBitQuantizer, options: dict[str, list
 
     feed = {n: [o for o in opts if is_feed_option(o)] for n, opts in options.items()}
     feed = {n: o for n, o in feed.items() if o}
-    key = cache_key(model_sha256, data, feed, {"feed": quantizer.config.to_dict(), "full": full}, metric)
+    key = cache_key(model_sha256, data, feed, {"feed": quantizer.config.to_dict(), "full": full,
+                                               "anchors": "per-bit-width"}, metric)
     cached = ctx.cache("sensitivity") / f"feed-{key}.json"
     if cached.exists():
         try:
@@ -243,21 +255,20 @@ def measure_feed_sensitivity(quantizer: LowBitQuantizer, options: dict[str, list
     sim = quantizer.sim
     ref = sim.output(data)
     values: dict[str, dict[str, float]] = {}
-    anchors = {n: anchor_option(opts) for n, opts in feed.items()}
-    measured = [(n, o) for n, opts in feed.items() for o in opts if full or o == anchors[n] or not weight_only(o)]
+    anchors = {n: anchor_options(opts) for n, opts in feed.items()}
+    measured = [(n, o) for n, opts in feed.items() for o in opts
+                if full or not weight_only(o) or anchors[n][o] == o]
     for n, o in ctx.track(measured, "sensitivity (weight-only, dynamic int8)", total=len(measured)):
         weights, gates = quantizer.feeds({n: o})
         values.setdefault(n, {"fp32": 0.0})[o] = distortion(ref, sim.output(data, weights, gates), metric)
-    scaled = {}
+    scaled: dict[str, dict[str, str]] = {}
     for n, opts in feed.items():
-        rest = [o for o in opts if o not in values.get(n, {})]
-        if not rest:
-            continue
-        base = local_error(quantizer, n, anchors[n])
-        for o in rest:
+        for o in [o for o in opts if o not in values.get(n, {})]:
+            anchor = anchors[n][o]
+            base = local_error(quantizer, n, anchor)
             ratio = local_error(quantizer, n, o) / base if base > 0 else 1.0
-            values[n][o] = values[n][anchors[n]] * ratio
-        scaled[n] = anchors[n]
+            values[n][o] = values[n][anchor] * ratio
+            scaled.setdefault(n, {})[o] = anchor
     additivity = _additivity(quantizer, feed, values, data, ref, metric, additivity_samples, ctx.seed)
     additivity["scaled_from_anchor"] = scaled
     table = SensitivityTable(model_sha256=model_sha256, data_sha256=data.sha256(), metric=metric, values=values,

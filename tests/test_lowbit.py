@@ -15,7 +15,7 @@ from edgekit.data import Dataset
 from edgekit.errors import ConfigError, ExportError
 from edgekit.export.lowbit import apply_weight_only, weight_matrix
 from edgekit.inventory import layer_inventory
-from edgekit.wonly import LowBitQuantizer, WeightOnlyConfig, anchor_option, measure_feed_sensitivity, weight_only
+from edgekit.wonly import LowBitQuantizer, WeightOnlyConfig, anchor_options, measure_feed_sensitivity, weight_only
 from edgekit.wsim import FeedSimulator, int8_per_channel, to_graph_layout
 
 
@@ -233,12 +233,13 @@ def test_feed_sensitivity_measures_anchors_scales_the_rest_and_caches(mlp, tmp_p
     q = LowBitQuantizer(model, layers, data, WeightOnlyConfig(calib_samples=40), model_sha256="m", ctx=ctx,
                         dynamic=["fc1", "fc2"])
     table = measure_feed_sensitivity(q, opts, data, metric="mse", ctx=ctx, model_sha256="m", additivity_samples=6)
-    assert anchor_option(opts["fc2"]) == "w4g64" and weight_only("w4g64s") == (4, 64, True)
+    assert anchor_options(opts["fc2"]) == {"w4g32": "w4g64", "w4g64": "w4g64", "w2g32": "w2g32"}
+    assert weight_only("w4g64s") == (4, 64, True)
     for name in ("fc1", "fc2"):
         row = table.values[name]
         assert set(row) == set(opts[name]) and row["fp32"] == 0
         assert row["w2g32"] > row["w4g32"] > 0  # fewer bits, more distortion
-    assert table.additivity["scaled_from_anchor"] == {"fc1": "w2g32", "fc2": "w4g64"}
+    assert table.additivity["scaled_from_anchor"] == {"fc2": {"w4g32": "w4g64"}}  # one option per width: measured
     # the directly measured anchor equals a fresh measurement through the model
     from edgekit.analyze import distortion
 
