@@ -404,28 +404,26 @@ def _ov_save(model, out_dir: Path, name: str, *, fp16: bool) -> Path:
     return xml
 
 
-def openvino_fp32(fp32_path: Path, out_dir: Path, *, name: str = "ov-fp32") -> Peer:
-    """The FP32 model in OpenVINO, IR with FP32 weights, INFERENCE_PRECISION_HINT=f32."""
+def _openvino(fp32_path: Path, out_dir: Path, name: str, *, fp16: bool, tool: str, hint: str | None) -> Peer:
     try:
         with _quiet():
-            xml = _ov_save(_ov_read(fp32_path), out_dir, name, fp16=False)
+            xml = _ov_save(_ov_read(fp32_path), out_dir, name, fp16=fp16)
     except Exception as exc:  # noqa: BLE001
         return _failed(name, exc, "openvino")
-    notes = {"tool": "openvino.convert_model + save_model(compress_to_fp16=False)",
-             "settings": {"INFERENCE_PRECISION_HINT": "f32"}}
-    return Peer(name, xml, _ir_size(xml), notes, "openvino", {"precision": "f32"})
+    notes = {"tool": tool, "settings": {"INFERENCE_PRECISION_HINT": hint or "plugin default"}}
+    return Peer(name, xml, _ir_size(xml), notes, "openvino", {"precision": hint})
+
+
+def openvino_fp32(fp32_path: Path, out_dir: Path, *, name: str = "ov-fp32") -> Peer:
+    """The FP32 model in OpenVINO, IR with FP32 weights, INFERENCE_PRECISION_HINT=f32."""
+    return _openvino(fp32_path, out_dir, name, fp16=False, hint="f32",
+                     tool="openvino.convert_model + save_model(compress_to_fp16=False)")
 
 
 def openvino_default(fp32_path: Path, out_dir: Path, *, name: str = "ov-default") -> Peer:
     """OpenVINO with its defaults: ``save_model`` (FP16 weights in the IR) and no precision hint (bf16 on this CPU)."""
-    try:
-        with _quiet():
-            xml = _ov_save(_ov_read(fp32_path), out_dir, name, fp16=True)
-    except Exception as exc:  # noqa: BLE001
-        return _failed(name, exc, "openvino")
-    notes = {"tool": "openvino.convert_model + save_model (defaults: compress_to_fp16=True)",
-             "settings": {"INFERENCE_PRECISION_HINT": "plugin default"}}
-    return Peer(name, xml, _ir_size(xml), notes, "openvino", {"precision": None})
+    return _openvino(fp32_path, out_dir, name, fp16=True, hint=None,
+                     tool="openvino.convert_model + save_model (defaults: compress_to_fp16=True)")
 
 
 def nncf_int8(fp32_path: Path, out_dir: Path, calib_feeds: Sequence[Mapping[str, np.ndarray]], *,

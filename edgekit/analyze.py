@@ -102,19 +102,33 @@ def check_additivity(fp32, q_full, values, calib, ref, metric, samples: int, see
     from edgekit.compress.qdq import insert
 
     names = [n for n, row in values.items() if "w8a8" in row]
+
+    def measure(subset: list[str]) -> tuple[float, float]:
+        return (sum(values[n]["w8a8"] for n in subset),
+                distortion(ref, _run(insert(fp32, q_full, sorted(subset)), calib), metric))
+
+    return additivity(names, measure, samples, seed, what="static int8")
+
+
+def additivity(names: Sequence[str], measure, samples: int, seed: int, *, what: str) -> dict:
+    """Draw ``samples`` random subsets of ``names`` (2 to half of them) and compare, for each,
+    ``measure(subset) -> (sum of single-layer distortions, measured joint distortion)``: Pearson correlation and
+    mean relative error, plus the points (for the report's scatter)."""
+    names = list(names)
     if len(names) < 2 or samples <= 0:
         return {"samples": 0}
     rng = np.random.default_rng(seed)
-    predicted, measured, subsets = [], [], []
+    predicted, measured, sizes = [], [], []
     for _ in range(samples):
         k = int(rng.integers(2, max(3, len(names) // 2 + 1)))
-        subset = sorted(rng.choice(names, size=min(k, len(names)), replace=False).tolist())
-        predicted.append(sum(values[n]["w8a8"] for n in subset))
-        measured.append(distortion(ref, _run(insert(fp32, q_full, subset), calib), metric))
-        subsets.append(len(subset))
+        subset = rng.choice(names, size=min(k, len(names)), replace=False).tolist()
+        pred, meas = measure(subset)
+        predicted.append(pred)
+        measured.append(meas)
+        sizes.append(len(subset))
     p, m = np.asarray(predicted), np.asarray(measured)
     r = float(np.corrcoef(p, m)[0, 1]) if np.std(p) > 0 and np.std(m) > 0 else float("nan")
     rel = float(np.mean(np.abs(m - p) / np.maximum(m, 1e-12)))
-    log.info("additivity: pearson %.3f, mean relative error %.1f%% over %d subsets", r, 100 * rel, samples)
-    return {"samples": samples, "pearson": r, "mean_rel_error": rel, "subset_sizes": subsets,
+    log.info("%s additivity: pearson %.3f, mean relative error %.1f%% over %d mixes", what, r, 100 * rel, samples)
+    return {"samples": samples, "pearson": r, "mean_rel_error": rel, "subset_sizes": sizes,
             "predicted": [float(x) for x in p], "measured": [float(x) for x in m]}

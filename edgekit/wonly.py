@@ -278,28 +278,18 @@ def measure_feed_sensitivity(quantizer: LowBitQuantizer, options: dict[str, list
 
 
 def _additivity(quantizer, feed, values, data, ref, metric, samples: int, seed: int) -> dict:
-    from edgekit.analyze import distortion
+    """The additivity check over random layer subsets, each layer with a random one of its feed options."""
+    from edgekit.analyze import additivity, distortion
 
-    names = sorted(feed)
-    if len(names) < 2 or samples <= 0:
-        return {"samples": 0}
-    rng = np.random.default_rng(seed)
-    predicted, measured, sizes = [], [], []
-    for _ in range(samples):
-        k = int(rng.integers(2, max(3, len(names) // 2 + 1)))
-        subset = rng.choice(names, size=min(k, len(names)), replace=False).tolist()
+    rng = np.random.default_rng(seed + 1)
+
+    def measure(subset: list[str]) -> tuple[float, float]:
         choice = {n: feed[n][int(rng.integers(len(feed[n])))] for n in subset}
-        predicted.append(sum(values[n][o] for n, o in choice.items()))
         weights, gates = quantizer.feeds(choice)
-        measured.append(distortion(ref, quantizer.sim.output(data, weights, gates), metric))
-        sizes.append(len(subset))
-    p, m = np.asarray(predicted), np.asarray(measured)
-    r = float(np.corrcoef(p, m)[0, 1]) if np.std(p) > 0 and np.std(m) > 0 else float("nan")
-    rel = float(np.mean(np.abs(m - p) / np.maximum(m, 1e-12)))
-    log.info("weight-only additivity: pearson %.3f, mean relative error %.1f%% over %d assignments", r, 100 * rel,
-             samples)
-    return {"samples": samples, "pearson": r, "mean_rel_error": rel, "subset_sizes": sizes,
-            "predicted": [float(x) for x in p], "measured": [float(x) for x in m]}
+        return (sum(values[n][o] for n, o in choice.items()),
+                distortion(ref, quantizer.sim.output(data, weights, gates), metric))
+
+    return additivity(sorted(feed), measure, samples, seed, what="weight-only")
 
 
 def measured_scorer(quantizer: LowBitQuantizer, data: Dataset, metric: str):
