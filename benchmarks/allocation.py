@@ -28,6 +28,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import measure  # noqa: E402
 from benchmarks import peers as P  # noqa: E402
 
 log = logging.getLogger("allocation")
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += P.build_peers(prep.fp32_path, prep.calib.feeds()[:32], work / "peers", family=family,
                                   only=PEERS[args.model])
         feeds = {k: v[:1] for k, v in prep.evaluation.inputs.items()}
-        results = P.evaluate(rows, prep.fp32_path, prep.evaluation.feeds(), classification=prep.classification,
+        results = measure.evaluate(rows, prep.fp32_path, prep.evaluation.feeds(), classification=prep.classification,
                              latency_feeds=feeds, rounds=args.rounds, per_round=args.per_round)
     metric = "top1_agreement" if prep.classification else "mean_cosine"
     print(f"\n{prep.description}: {len(prep.evaluation)} held-out samples, {metric}; ratios vs FP32 in this run\n")

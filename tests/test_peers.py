@@ -33,6 +33,9 @@ def _load_peers():
 
 
 peers = _load_peers()
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks import measure  # noqa: E402
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
@@ -86,9 +89,9 @@ def x_feeds(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
 
 
 def cosine(peer, fp32_path: Path, feeds) -> float:
-    ref = peers.run_samples(OrtRuntime(fp32_path), feeds)
-    out = peers.run_samples(peers.make_runtime(peer), feeds)
-    return peers.fidelity(out, ref, classification=False)["mean_cosine"]
+    ref = measure.run_samples(OrtRuntime(fp32_path), feeds)
+    out = measure.run_samples(peers.make_runtime(peer), feeds)
+    return measure.fidelity(out, ref, classification=False)["mean_cosine"]
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -152,23 +155,23 @@ def test_quantize_static_on_a_cnn(fp32, tmp_path):
     assert p.ok, p.notes
     assert p.notes["settings"]["activation_type"] == "QUInt8" and p.notes["settings"]["per_channel"]
     assert not (tmp_path / "ort-static-pre.onnx").exists()
-    ref = peers.run_samples(OrtRuntime(fp32), calib)
-    out = peers.run_samples(peers.make_runtime(p), calib)
-    f = peers.fidelity(out, ref, classification=True)
+    ref = measure.run_samples(OrtRuntime(fp32), calib)
+    out = measure.run_samples(peers.make_runtime(p), calib)
+    f = measure.fidelity(out, ref, classification=True)
     assert f["mean_cosine"] > 0.95 and f["top1_agreement"] is not None
 
 
 def test_fidelity_metrics():
     rng = np.random.default_rng(0)
     ref = rng.normal(0, 1, (32, 10)).astype(np.float32)
-    same = peers.fidelity(ref, ref, classification=True)
+    same = measure.fidelity(ref, ref, classification=True)
     assert same == {"mean_cosine": pytest.approx(1.0), "sqnr_db": 200.0, "top1_agreement": 1.0}
     noisy = ref + rng.normal(0, 0.1, ref.shape).astype(np.float32)
-    f = peers.fidelity({"y": noisy}, {"logits": ref}, classification=True)
+    f = measure.fidelity({"y": noisy}, {"logits": ref}, classification=True)
     assert 0.99 < f["mean_cosine"] < 1.0 and 15 < f["sqnr_db"] < 25 and 0.5 < f["top1_agreement"] <= 1.0
-    assert peers.fidelity(noisy, ref, classification=False)["top1_agreement"] is None
+    assert measure.fidelity(noisy, ref, classification=False)["top1_agreement"] is None
     with pytest.raises(ValueError, match="shape"):
-        peers.fidelity(noisy[:4], ref, classification=False)
+        measure.fidelity(noisy[:4], ref, classification=False)
 
 
 def test_build_evaluate_and_table(mlp_path, tmp_path):
@@ -177,7 +180,7 @@ def test_build_evaluate_and_table(mlp_path, tmp_path):
                               only=["ort-dynamic-pc", "ort-nbits4-rtn-b32"])
     assert [p.name for p in built] == ["ort-dynamic-pc", "ort-nbits4-rtn-b32"]
     load: list[dict] = []
-    res = peers.evaluate(built, mlp_path, feeds, classification=False, latency_feeds=feeds[0], rounds=2,
+    res = measure.evaluate(built, mlp_path, feeds, classification=False, latency_feeds=feeds[0], rounds=2,
                          per_round=3, idle_wait_s=0.5, load_log=load)
     assert [x["round"] for x in load] == [0, 1] and sum(x["waited_s"] for x in load) <= 2.5
     assert list(res) == ["fp32", "ort-dynamic-pc", "ort-nbits4-rtn-b32"]
@@ -198,12 +201,12 @@ def test_build_evaluate_and_table(mlp_path, tmp_path):
 
 
 def test_cpu_monitor_and_idle_wait():
-    mon = peers.CpuMonitor()
+    mon = measure.CpuMonitor()
     sum(i * i for i in range(200_000))  # some CPU time of our own, which does not count as foreign
     f = mon.foreign()
     assert f is None or 0.0 <= f <= 1.0
-    assert peers.wait_for_idle(0) == 0.0
-    assert peers.wait_for_idle(0.2, threshold=2.0, window_s=0.05) < 0.2  # always "idle" below a 200 % threshold
+    assert measure.wait_for_idle(0) == 0.0
+    assert measure.wait_for_idle(0.2, threshold=2.0, window_s=0.05) < 0.2  # always "idle" below a 200 % threshold
 
 
 def test_latency_keeps_only_quiet_rounds(monkeypatch):
@@ -216,15 +219,15 @@ def test_latency_keeps_only_quiet_rounds(monkeypatch):
             return {"y": np.zeros((1, 1), np.float32)}
 
     shares = iter([0.5, 0.02, 0.0, 0.4])
-    monkeypatch.setattr(peers.CpuMonitor, "foreign", lambda self: next(shares))
+    monkeypatch.setattr(measure.CpuMonitor, "foreign", lambda self: next(shares))
     log: list[dict] = []
-    lat = peers.interleaved_latency({"fp32": Sleeper(0.002), "fast": Sleeper(0.001)}, {}, rounds=4, per_round=2,
+    lat = measure.interleaved_latency({"fp32": Sleeper(0.002), "fast": Sleeper(0.001)}, {}, rounds=4, per_round=2,
                                     load_log=log)
     assert lat["fp32"]["rounds_used"] == [1, 2] and lat["fast"]["runs"] == 4
     assert len(lat["fast"]["round_medians_ms"]) == 4 and 0.3 < lat["fast"]["ratio_vs_fp32"] < 0.9
     assert [x["foreign_cpu_share"] for x in log] == [0.5, 0.02, 0.0, 0.4]
     shares = iter([0.5, 0.02, 0.3])  # fewer than two quiet rounds: all are summarised
-    assert peers.interleaved_latency({"fp32": Sleeper(0.001)}, {}, rounds=3, per_round=1)["fp32"]["rounds_used"] \
+    assert measure.interleaved_latency({"fp32": Sleeper(0.001)}, {}, rounds=3, per_round=1)["fp32"]["rounds_used"] \
         == [0, 1, 2]
 
 
@@ -239,8 +242,8 @@ def test_openvino_runtime_matches_ort_and_times_interleaved(mlp_path, tmp_path):
     assert rt.precision == "f32" and rt.threads == 2 and rt.output_names == ["y"]
     out = rt.run(feeds[0])
     assert set(out) == {"y"} and out["y"].shape == (1, 32)
-    ref = peers.run_samples(OrtRuntime(mlp_path), feeds)
-    assert peers.fidelity(peers.run_samples(rt, feeds), ref, classification=False)["sqnr_db"] > 60
+    ref = measure.run_samples(OrtRuntime(mlp_path), feeds)
+    assert measure.fidelity(measure.run_samples(rt, feeds), ref, classification=False)["sqnr_db"] > 60
     stats = compare_latency({"ort": OrtRuntime(mlp_path, threads=2), "ov": rt}, feeds[0], rounds=1, per_round=3,
                             warmup=1)
     assert set(stats) == {"ort", "ov"} and stats["ov"].runs == 3
