@@ -75,14 +75,6 @@ class WeightOnlyConfig:
         return cfg
 
 
-def _mask_rows(batch: dict[str, np.ndarray]) -> np.ndarray | None:
-    """Which [batch, sequence] positions are real tokens: an integer input named like ``*mask*``."""
-    for name, v in batch.items():
-        if "mask" in name.lower() and v.ndim == 2 and v.dtype.kind in "iub":
-            return v != 0
-    return None
-
-
 class LowBitQuantizer:
     """Quantizes (layer, option) pairs of one float model for the feed simulator and the exporter."""
 
@@ -106,26 +98,8 @@ class LowBitQuantizer:
         if self._hessians is None:
             linear = [n for n, node in self.nodes.items() if node.op_type != "Gather"]
             log.info("collecting input Hessians of %d layers on %d calibration samples", len(linear), len(self.calib))
-            self._hessians = self._masked_hessians(linear)
+            self._hessians = self.sim.hessians(self.calib, linear)
         return self._hessians
-
-    def _masked_hessians(self, names: list[str]) -> dict[str, np.ndarray]:
-        sim = self.sim
-        tensors = sorted({sim.input_of[n] for n in names})
-        sums: dict[str, np.ndarray] = {}
-        rows: dict[str, int] = {}
-        for batch in self.calib.batches(sim.batch):
-            computed = [t for t in tensors if t not in batch]
-            outs = sim.run(Dataset("b", batch, None, "batch"), outputs=computed) if computed else {}
-            mask = _mask_rows(batch)
-            for t in tensors:
-                x = np.asarray(outs[t] if t in outs else batch[t], dtype=np.float64)
-                if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                    x = x[mask]
-                x = x.reshape(-1, x.shape[-1])
-                sums[t] = sums.get(t, 0) + x.T @ x
-                rows[t] = rows.get(t, 0) + len(x)
-        return {n: 2.0 * sums[sim.input_of[n]] / max(rows[sim.input_of[n]], 1) for n in names}
 
     # -- quantization -----------------------------------------------------------------------------------------
     def _cache_path(self, layer: str, option: str) -> Path:

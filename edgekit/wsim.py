@@ -149,20 +149,30 @@ class FeedSimulator:
         return self.run(data, weights, gates)[self.model_outputs[0]]
 
     def hessians(self, data: Dataset, layers: Iterable[str]) -> dict[str, np.ndarray]:
-        """``2·XᵀX/n`` of each layer's input over ``data`` (rows = every sample and position), float64."""
+        """``2·XᵀX/n`` of each layer's input over ``data``, float64. Rows are every sample and position, except
+        padded positions when the model has an attention-mask input (``mask_rows``): they do not reach the output
+        of a masked model, and short sentences padded to the full length would otherwise dominate."""
         wanted = {n: self.input_of[n] for n in layers if n in self.input_of}
+        tensors = sorted(set(wanted.values()))
         sums: dict[str, np.ndarray] = {}
         rows: dict[str, int] = {}
         for batch in data.batches(self.batch):
-            tensors = sorted(set(wanted.values()))
-            graph_inputs = [t for t in tensors if t in batch]
-            outs = dict(zip([t for t in tensors if t not in batch],
-                            self.runtime.session.run([t for t in tensors if t not in batch], {
-                                **batch, **{WEIGHT_PREFIX + n: self.float_weights[n] for n in self.names},
-                                **{GATE_PREFIX + n: np.array(0.0, dtype=np.float32) for n in self.dynamic}})))
-            outs.update({t: batch[t] for t in graph_inputs})
-            for t, x in outs.items():
-                x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+            computed = [t for t in tensors if t not in batch]
+            outs = self.run(Dataset("batch", batch, None, data.source), outputs=computed) if computed else {}
+            mask = mask_rows(batch)
+            for t in tensors:
+                x = np.asarray(outs[t] if t in outs else batch[t], dtype=np.float64)
+                if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+                    x = x[mask]
+                x = x.reshape(-1, x.shape[-1])
                 sums[t] = sums.get(t, 0) + x.T @ x
                 rows[t] = rows.get(t, 0) + len(x)
         return {n: 2.0 * sums[t] / max(rows[t], 1) for n, t in wanted.items() if t in sums}
+
+
+def mask_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Which [batch, sequence] positions are real tokens: an integer input named like ``*mask*``, else None."""
+    for name, v in batch.items():
+        if "mask" in name.lower() and v.ndim == 2 and v.dtype.kind in "iub":
+            return v != 0
+    return None

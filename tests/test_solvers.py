@@ -85,7 +85,8 @@ def test_brute_force_by_hand():
     sol = brute_force(p)
     assert sol.choice == {"a": "w8a8", "b": "fp32"} and sol.bytes == 500 and sol.distortion == pytest.approx(0.1)
     assert sol.avg_bits == pytest.approx(20.0) and sol.latency_ms == pytest.approx(1.5)
-    with pytest.raises(ConfigError, match="budget infeasible: size<=199B for the weighted layers, but the smallest possible is 200 B"):
+    with pytest.raises(ConfigError, match="budget infeasible: size<=199B for the weighted layers, but the smallest "
+                                          "possible is 200 B"):
         brute_force(replace(p, budget=Budget(size_bytes=199)))
 
 
