@@ -173,7 +173,7 @@ def _settings(t: _Tables) -> dict:
     return base
 
 
-def _tables(profile, model, fp32, layers, calib, work, cfg, ctx) -> _Tables:
+def _tables(profile, model, fp32, layers, calib, work, cfg, ctx, *, weight_only: bool = True) -> _Tables:
     """The option space of this model on this target, the uniform int8 baseline (quantized once), and the
     sensitivity table: static int8 measured through simulated QDQ models, weight-only and dynamic int8 options by
     feeding their weights (``edgekit.wsim``); both as output distortion against FP32 on the same samples."""
@@ -181,6 +181,8 @@ def _tables(profile, model, fp32, layers, calib, work, cfg, ctx) -> _Tables:
 
     family = quant_family(layers, profile)
     options = layer_options(layers, profile, family)
+    if not weight_only:  # int8 of the family only
+        options = {n: [o for o in opts if o in ("fp32", "w8a8", "w8a8d")] for n, opts in options.items()}
     metric = SENSITIVITY_METRIC
     sample = calib.take(SENSITIVITY_SAMPLES)
     feed_sample = calib.take(FEED_SENSITIVITY_SAMPLES)
@@ -228,14 +230,10 @@ def _tables(profile, model, fp32, layers, calib, work, cfg, ctx) -> _Tables:
 
 
 def _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx):
-    """Uniform static INT8 and its sensitivity table (the max-drop search walks from it back towards FP32)."""
-    uniform = uniform_plan(layers, profile, "int8", model_sha256=model.sha256, activations=cfg.to_dict())
-    q_full = apply_plan(uniform, fp32, calib, work / "uniform-int8.onnx", cfg, ctx)
-    metric = SENSITIVITY_METRIC
-    options = {n: [o for o in opts if o in ("fp32", "w8a8")] for n, opts in layer_options(layers, profile).items()}
-    sens = measure_sensitivity(fp32.path, q_full.path, layers, calib.take(SENSITIVITY_SAMPLES), metric=metric,
-                               model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx, options=options)
-    return uniform, q_full, options, sens
+    """Uniform int8 of the model's family (static, or dynamic for transformers) and the sensitivity table: the
+    max-drop search walks from it back towards FP32."""
+    t = _tables(profile, model, fp32, layers, calib, work, cfg, ctx, weight_only=False)
+    return t.uniform, t.uniform_artifact, t.options, t.sens
 
 
 def _solver_budget(budget: Budget, cost: CostTable, uniform: Plan, q_full: Artifact, fp32: Artifact, calib: Dataset):
@@ -433,12 +431,13 @@ def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, 
     uniform, q_full, _, sens = _quantize_once(profile, model, fp32, layers, calib, work, cfg, ctx)
     from edgekit.cost import layer_bytes
 
-    quantized = [c.layer for c in uniform.layers if c.option == "w8a8"]
+    option = {c.layer: c.option for c in uniform.layers}
+    quantized = [c.layer for c in uniform.layers if c.option != "fp32"]
     by_name = {layer.name: layer for layer in layers}
 
     def harm(name: str) -> float:  # distortion per byte saved by quantizing this layer
-        saved = layer_bytes(by_name[name], "fp32") - layer_bytes(by_name[name], "w8a8")
-        return sens.values[name]["w8a8"] / max(saved, 1)
+        saved = layer_bytes(by_name[name], "fp32") - layer_bytes(by_name[name], option[name])
+        return sens.values[name][option[name]] / max(saved, 1)
 
     order = sorted(quantized, key=harm, reverse=True)
     tried: dict[int, tuple[Plan, Artifact, float, bool]] = {}
@@ -449,8 +448,8 @@ def search_max_drop(*, max_drop: float, profile, model, fp32: Artifact, layers, 
             LayerChoice(c.layer, "fp32", f"fp32: among the {k} layers with the most distortion per byte saved, kept "
                                          f"float to stay within a verified drop of {max_drop:.2%}")
             if c.layer in back else
-            (LayerChoice(c.layer, c.option, f"w8a8: quantized; the verified drop stays within {max_drop:.2%}")
-             if c.option == "w8a8" else c)
+            (LayerChoice(c.layer, c.option, f"{c.option}: quantized; the verified drop stays within {max_drop:.2%}")
+             if c.option != "fp32" else c)
             for c in uniform.layers)
         return replace(uniform, layers=choices, precision=precision_label(choices), solver="max-drop",
                        budget={"max_drop": max_drop})
