@@ -198,7 +198,7 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
 
         packed = work / archive.name
         with staging_dir(bundle_dir) as stage:  # nothing appears in OUT unless every step succeeds
-            manifest = _write_bundle(stage, req, profile, model, name, chosen, report, signing_key)
+            manifest = _write_bundle(stage, req, profile, model, name, chosen, report, signing_key, calib, evald)
             pack(stage, packed)
         os.replace(packed, archive)
     log.info("bundle written: %s and %s", bundle_dir, archive)
@@ -391,8 +391,20 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
     }
 
 
+def _reference(stage: Path, model: LoadedModel, chosen: Candidate, calib: Dataset, evald: Dataset) -> dict:
+    """The agent's reference: score sketch on held-out data, and the adaptable normalization layers."""
+    from edgekit import reference
+    from edgekit.model import batch_size, example_inputs
+
+    bs = batch_size(chosen.artifact.inputs, 32)
+    doc = reference.sketch(chosen.artifact.path, evald, model.task, bs)
+    convs = reference.norm_convs(model.module, example_inputs(model.inputs)) if model.module is not None else []
+    layers = reference.adapt_table(chosen.artifact.path, convs, calib, bs)
+    return reference.write(stage, doc, layers, len(calib))
+
+
 def _write_bundle(stage: Path, req: BuildRequest, profile, model: LoadedModel, name: str, chosen: Candidate,
-                  report: dict, signing_key) -> dict:
+                  report: dict, signing_key, calib: Dataset, evald: Dataset) -> dict:
     from edgekit.bundle import seal
     from edgekit.report import write_report
 
@@ -401,6 +413,7 @@ def _write_bundle(stage: Path, req: BuildRequest, profile, model: LoadedModel, n
     chosen.verification.save(stage / "verification.json")
     write_report(report, stage)
     artifact = describe(stage / ARTIFACT_NAME)
+    refs = _reference(stage, model, chosen, calib, evald)
     manifest = {
         "name": name,
         "version": req.bundle_version if req.bundle_version is not None else int(time.time()),
@@ -412,6 +425,7 @@ def _write_bundle(stage: Path, req: BuildRequest, profile, model: LoadedModel, n
         "preprocessing": model.preprocessing.to_dict() if model.preprocessing else None,
         "task": model.task,
         "plan": chosen.plan.to_dict(),
+        "reference": refs,
         "verification": {"passed": chosen.verification.passed, "summary": chosen.verification.summary(),
                          "failures": list(chosen.verification.failures), "file": "verification.json"},
         "lineage": {"source_model": model.source, "source_sha256": model.sha256,

@@ -449,6 +449,15 @@ def plan_show(path: Path, as_json: bool) -> None:
         click.echo(f"  {c.layer:<{width}}  {c.option:<6}  {c.reason}")
 
 
+def _register() -> None:
+    from edgekit.cli_agent import agent
+
+    cli.add_command(agent)
+
+
+_register()
+
+
 def main() -> None:
     cli(prog_name="edgekit")
 

@@ -72,3 +72,13 @@ class BundleError(EdgekitError):
 
 class SignatureError(BundleError):
     """A bundle's signature is missing, invalid, or made by a key that is not trusted."""
+
+
+class AgentError(EdgekitError):
+    """The on-device agent cannot do what was asked: bad request, no model installed, unreadable state."""
+
+    exit_code = 10
+
+
+class UpdateError(AgentError):
+    """An update could not be fetched, verified or installed; the serving model is unchanged."""

@@ -90,9 +90,12 @@ class OrtRuntime:
 
     def __init__(
         self, path: Path | bytes, *, threads: int | None = None, providers: list[str] | None = None,
-        optimized_model_path: Path | None = None,
+        optimized_model_path: Path | None = None, overrides: Mapping[str, np.ndarray] | None = None,
+        custom_op_libraries: Iterable[Path] = (),
     ) -> None:
-        """``path`` is a model file, or the serialized model itself."""
+        """``path`` is a model file, or the serialized model itself. ``overrides`` replace initializers of the same
+        name when the session is created (they stay constants to the graph optimizer, so fused integer kernels
+        stay fused); ``custom_op_libraries`` are native libraries of custom ops to register first."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -102,6 +105,18 @@ class OrtRuntime:
             opts.inter_op_num_threads = 1
         if optimized_model_path is not None:  # for inspection: the graph as ORT will run it
             opts.optimized_model_filepath = str(optimized_model_path)
+        for lib in custom_op_libraries:
+            try:
+                opts.register_custom_ops_library(str(lib))
+            except Exception as exc:
+                raise ExportError(f"cannot load the custom-op library {lib}: {exc}") from exc
+        self._pinned = []  # add_initializer does not copy: the values must outlive the session
+        for name, value in (overrides or {}).items():
+            arr = np.ascontiguousarray(value)
+            self._pinned.append(arr)
+            ortvalue = ort.OrtValue.ortvalue_from_numpy(arr)
+            self._pinned.append(ortvalue)
+            opts.add_initializer(name, ortvalue)
         try:
             source = prepare_model(path, opts)
         except Exception as exc:
@@ -118,6 +133,7 @@ class OrtRuntime:
             where = "the model" if isinstance(path, bytes) else path
             raise ExportError(f"ONNX Runtime cannot load {where}: {exc}") from exc
         self.path = None if isinstance(path, bytes) else Path(path)
+        self.providers = self.session.get_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = [i.name for i in self.session.get_inputs()]
 

@@ -1,0 +1,175 @@
+"""Choosing and opening the runtime for a bundle on this device.
+
+Every backend has the ``Runtime`` protocol of ``edgekit.agent.runtime`` (``run(feeds) -> outputs``, plus
+``input_names``/``output_names``):
+- ``onnx`` artifacts run in ONNX Runtime with the best execution provider present (TensorRT, CUDA, then CPU, in
+  the order the config or the target profile prefers). Native custom-op libraries a bundle ships (manifest
+  ``artifact.custom_op_libraries``) are registered first; ``ai.edgekit`` ops without one fall back to the Python
+  reference (``runtime.prepare_model``).
+- ``tflite`` artifacts run in LiteRT (``ai-edge-litert``).
+- ``tensorrt`` runs an engine built on this device from the bundle's TensorRT-ready ONNX with the TensorRT Python
+  API and cached by (artifact hash, GPU, TensorRT version). Written against TensorRT's documented API; it cannot
+  run on machines without an NVIDIA GPU and is untested here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.agent.runtime import OrtRuntime
+from edgekit.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def ort_providers(preferred: Sequence[str] | None = None) -> list[str]:
+    """The execution providers to ask for, best first, among those this ONNX Runtime build has."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    order = list(preferred) if preferred else list(PROVIDER_ORDER)
+    chosen = [p for p in order if p in have]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class LiteRtRuntime:
+    """A ``.tflite`` artifact in the LiteRT interpreter."""
+
+    name = "litert"
+
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as exc:
+            raise AgentError("this bundle is a TFLite model and needs LiteRT",
+                             hint="pip install 'edgekit[tflite]' (ai-edge-litert)") from exc
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self._in = self.interpreter.get_input_details()
+        self._out = self.interpreter.get_output_details()
+        self.input_names = [d["name"] for d in self._in]
+        self.output_names = [d["name"] for d in self._out]
+        self.providers = ["litert-cpu"]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for d in self._in:
+            x = np.asarray(feeds[d["name"]], d["dtype"])
+            if tuple(d["shape"]) != x.shape:
+                self.interpreter.resize_tensor_input(d["index"], x.shape)
+                self.interpreter.allocate_tensors()
+            self.interpreter.set_tensor(d["index"], x)
+        self.interpreter.invoke()
+        return {d["name"]: self.interpreter.get_tensor(d["index"]).copy() for d in self._out}
+
+
+class TensorRtRuntime:
+    """A TensorRT engine built on this device from TensorRT-ready ONNX, cached under ``cache_dir``.
+
+    Follows the TensorRT 10 Python API (``Builder``/``OnnxParser``/``IRuntime``, ``execute_async_v3`` with tensor
+    addresses); device memory through CuPy. Untested here: no machine this project builds on has TensorRT.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, onnx_path: Path, cache_dir: Path, *, fp16: bool = True, int8: bool = False) -> None:
+        try:
+            import cupy as cp
+            import tensorrt as trt
+        except ImportError as exc:
+            raise AgentError("TensorRT engines need the tensorrt and cupy packages and an NVIDIA GPU",
+                             hint="install TensorRT from NVIDIA's index, or run the bundle with ONNX Runtime") from exc
+        self._cp, self._trt = cp, trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        key = hashlib.sha256(Path(onnx_path).read_bytes() + gpu.encode() + trt.__version__.encode()).hexdigest()[:24]
+        engine_path = Path(cache_dir) / f"{key}.engine"
+        runtime = trt.Runtime(logger)
+        if engine_path.exists():
+            engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        else:
+            builder = trt.Builder(logger)
+            network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse(Path(onnx_path).read_bytes()):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise AgentError(f"TensorRT cannot parse {onnx_path}: {errors}")
+            config = builder.create_builder_config()
+            if fp16:
+                config.set_flag(trt.BuilderFlag.FP16)
+            if int8:  # explicit quantization: the QDQ nodes carry the scales
+                config.set_flag(trt.BuilderFlag.INT8)
+            blob = builder.build_serialized_network(network, config)
+            if blob is None:
+                raise AgentError(f"TensorRT could not build an engine from {onnx_path}")
+            engine_path.parent.mkdir(parents=True, exist_ok=True)
+            engine_path.write_bytes(bytes(blob))
+            engine = runtime.deserialize_cuda_engine(blob)
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.providers = ["tensorrt"]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cp, trt = self._cp, self._trt
+        keep = []
+        for name in self.input_names:
+            x = cp.asarray(np.ascontiguousarray(feeds[name]))
+            self.context.set_input_shape(name, x.shape)
+            self.context.set_tensor_address(name, x.data.ptr)
+            keep.append(x)
+        outs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = trt.nptype(self.engine.get_tensor_dtype(name))
+            y = cp.empty(shape, dtype)
+            self.context.set_tensor_address(name, y.data.ptr)
+            outs[name] = y
+        self.context.execute_async_v3(self.stream.ptr)
+        self.stream.synchronize()
+        return {k: cp.asnumpy(v) for k, v in outs.items()}
+
+
+def open_runtime(manifest: Mapping, root: Path, *, providers: Sequence[str] | None = None,
+                 threads: int | None = None, overrides: Mapping[str, np.ndarray] | None = None,
+                 cache_dir: Path | None = None, extra_outputs: Sequence[str] = ()):
+    """The runtime for a bundle's artifact on this device (``root`` is the unpacked bundle)."""
+    art = manifest.get("artifact") or {}
+    fmt = art.get("format", "onnx")
+    path = Path(root) / art.get("path", "model.onnx")
+    if fmt == "tflite":
+        return LiteRtRuntime(path, threads=threads)
+    if fmt == "tensorrt-onnx" or (providers and "tensorrt" in providers):
+        return TensorRtRuntime(path, cache_dir or Path(root) / ".engines")
+    if fmt != "onnx":
+        raise AgentError(f"this agent cannot run artifacts of format {fmt!r}", hint="upgrade edgekit on the device")
+    libs = [Path(root) / lib for lib in art.get("custom_op_libraries", [])]
+    source: Path | bytes = path
+    if extra_outputs:
+        source = with_outputs(path, extra_outputs)
+    return OrtRuntime(source, threads=threads, providers=ort_providers(providers), overrides=overrides,
+                      custom_op_libraries=libs)
+
+
+def with_outputs(path: Path, names: Sequence[str]) -> bytes:
+    """The model with extra graph outputs (e.g. the classifier's input features, for LAME)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()

@@ -1,0 +1,94 @@
+"""The agent's settings, saved as ``config.json`` in the state folder so that a restart behaves the same."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from edgekit.agent.adapt import GuardConfig
+from edgekit.agent.monitor import MonitorConfig
+from edgekit.agent.probation import ProbationConfig
+from edgekit.agent.select import SelectConfig
+from edgekit.errors import ConfigError
+from edgekit.fsutil import atomic_write_text
+
+CONFIG_FILE = "config.json"
+TIERS = ("norm", "lame", "tent")
+WHEN = ("drift", "always", "never")
+_NESTED = {"monitor": MonitorConfig, "select": SelectConfig, "guard": GuardConfig, "probation": ProbationConfig}
+
+
+@dataclass
+class AgentConfig:
+    adapt: tuple[str, ...] = ("norm",)  # tiers: norm (statistics), lame (outputs), tent (entropy, needs torch)
+    adapt_when: str = "drift"  # adapt while the drift alarm is on | always | never
+    adapt_every: int = 16  # requests between adaptation updates
+    adapt_window: int = 64  # recent inputs the statistics come from
+    adapt_min_samples: int = 16
+    adapt_prior: float = 16.0  # weight of the source statistics, in samples
+    upload: bool = True
+    skip_similar: float | None = None  # reuse the last answer when the input's cosine to the last one is above
+    threads: int | None = None
+    providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, best first
+    trusted_keys: tuple[str, ...] = ()  # public key files; bundles must be signed by one of them
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    probation: ProbationConfig = field(default_factory=ProbationConfig)
+
+    def __post_init__(self) -> None:
+        self.adapt = tuple(self.adapt)
+        bad = [t for t in self.adapt if t not in TIERS]
+        if bad:
+            raise ConfigError(f"unknown adaptation tier(s) {bad}", hint=f"choose from {', '.join(TIERS)}")
+        if self.adapt_when not in WHEN:
+            raise ConfigError(f"adapt_when must be one of {', '.join(WHEN)}, not {self.adapt_when!r}")
+        if self.adapt_every < 1 or self.adapt_window < 2 or self.adapt_min_samples < 1:
+            raise ConfigError("adapt_every, adapt_window and adapt_min_samples must be positive (window ≥ 2)")
+        if self.skip_similar is not None and not 0 < self.skip_similar <= 1:
+            raise ConfigError("skip_similar is a cosine similarity in (0, 1]")
+        self.trusted_keys = tuple(str(k) for k in self.trusted_keys)
+        if self.providers is not None:
+            self.providers = tuple(self.providers)
+
+    def public_keys(self):
+        if not self.trusted_keys:
+            return None
+        from edgekit.keys import load_public_key
+
+        return [load_public_key(Path(k)) for k in self.trusted_keys]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AgentConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown agent setting(s): {', '.join(unknown)}")
+        kw = dict(d)
+        for key, typ in _NESTED.items():
+            if key in kw and isinstance(kw[key], dict):
+                sub = kw[key]
+                names = {f.name for f in fields(typ)}
+                if set(sub) - names:
+                    raise ConfigError(f"unknown {key} setting(s): {', '.join(sorted(set(sub) - names))}")
+                if "band" in sub:
+                    sub = {**sub, "band": tuple(sub["band"])}
+                kw[key] = typ(**sub)
+        return cls(**kw)
+
+    def save(self, root: Path) -> None:
+        atomic_write_text(Path(root) / CONFIG_FILE, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, root: Path) -> AgentConfig:
+        path = Path(root) / CONFIG_FILE
+        if not path.exists():
+            return cls()
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a valid agent config: {exc}") from None
