@@ -1,4 +1,7 @@
-"""Built-in models: real pretrained EfficientNet-Lite0, and a small CNN trained on first use on sklearn digits.
+"""Built-in models: real pretrained EfficientNet-Lite0, and small CNNs trained on first use on sklearn digits.
+
+``digits-cnn`` is a plain Conv/ReLU network; ``digits-bn`` is the same architecture with a BatchNorm2d after every
+convolution (Conv -> BN -> ReLU), for methods that adapt normalisation statistics (test-time adaptation).
 
 Each entry says how to make the ``nn.Module``, its input, its preprocessing and its default data.
 """
@@ -50,19 +53,23 @@ def _efficientnet_lite0(ctx: Context):
 
 
 DIGITS_CNN_VERSION = 1
+DIGITS_BN_VERSION = 1
 
 
-def make_digits_cnn():
+def _digits_layers(batchnorm: bool):
     import torch.nn as nn
 
+    def conv(cin: int, cout: int) -> list:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1)]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(cout))
+        return [*layers, nn.ReLU()]
+
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
+        *conv(1, 16),
+        *conv(16, 32),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
+        *conv(32, 64),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(64, 64),
@@ -71,8 +78,17 @@ def make_digits_cnn():
     )
 
 
-def train_digits_cnn(seed: int = 0, epochs: int = 40):
-    """Train the digits CNN on the training split of sklearn's digits (deterministic for a seed)."""
+def make_digits_cnn():
+    return _digits_layers(batchnorm=False)
+
+
+def make_digits_bn():
+    """``make_digits_cnn`` with a BatchNorm2d after every Conv2d (Conv -> BN -> ReLU)."""
+    return _digits_layers(batchnorm=True)
+
+
+def train_digits_cnn(seed: int = 0, epochs: int = 40, make: Callable[[], object] = make_digits_cnn):
+    """Train a digits CNN (``make()``) on the training split of sklearn's digits (deterministic for a seed)."""
     import torch
 
     from edgekit.datasets import digits
@@ -82,7 +98,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 40):
     y = torch.from_numpy(labels)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = make_digits_cnn()
+    model = make()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     model.train()
@@ -98,23 +114,29 @@ def train_digits_cnn(seed: int = 0, epochs: int = 40):
     model.eval()
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())
-    log.info("trained digits-cnn: train accuracy %.3f", acc)
+    log.info("trained %s: train accuracy %.3f", getattr(make, "__name__", "digits model"), acc)
     return model
 
 
-def _digits_cnn(ctx: Context):
+def _digits_cnn(
+    ctx: Context,
+    *,
+    name: str = "digits-cnn",
+    version: int = DIGITS_CNN_VERSION,
+    make: Callable[[], object] = make_digits_cnn,
+):
     import torch
 
-    path = ctx.cache("models") / f"digits-cnn-v{DIGITS_CNN_VERSION}-seed0.pt"
-    model = make_digits_cnn()
+    path = ctx.cache("models") / f"{name}-v{version}-seed0.pt"
+    model = make()
     if path.exists():
         try:
             model.load_state_dict(torch.load(path, weights_only=True))
             return model.eval()
         except Exception as exc:  # a corrupt cache is rebuilt, never trusted
-            log.warning("cached digits-cnn at %s is unreadable (%s); retraining", path, exc)
-    log.info("training the built-in digits-cnn on sklearn digits (first use; cached in %s)", path)
-    model = train_digits_cnn(seed=0)
+            log.warning("cached %s at %s is unreadable (%s); retraining", name, path, exc)
+    log.info("training the built-in %s on sklearn digits (first use; cached in %s)", name, path)
+    model = train_digits_cnn(seed=0, make=make)
     import io
 
     from edgekit.fsutil import atomic_write_bytes
@@ -123,6 +145,10 @@ def _digits_cnn(ctx: Context):
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(path, buf.getvalue())
     return model
+
+
+def _digits_bn(ctx: Context):
+    return _digits_cnn(ctx, name="digits-bn", version=DIGITS_BN_VERSION, make=make_digits_bn)
 
 
 _IMAGENET_PRE = Preprocessing(size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -144,6 +170,18 @@ BUILTINS: dict[str, BuiltinModel] = {
         name="digits-cnn",
         description="small CNN trained on first use on sklearn digits (8x8 grayscale), cached",
         make=_digits_cnn,
+        inputs=(TensorSpec("input", ("batch", 1, 8, 8)),),
+        output_names=("logits",),
+        preprocessing=_DIGITS_PRE,
+        task="classification",
+        calib_data="builtin:digits",
+        eval_data="builtin:digits",
+    ),
+    "digits-bn": BuiltinModel(
+        name="digits-bn",
+        description="digits-cnn with BatchNorm after every conv (Conv-BN-ReLU), trained on first use on sklearn "
+        "digits, cached; for test-time adaptation",
+        make=_digits_bn,
         inputs=(TensorSpec("input", ("batch", 1, 8, 8)),),
         output_names=("logits",),
         preprocessing=_DIGITS_PRE,

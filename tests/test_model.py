@@ -98,3 +98,27 @@ def test_agent_and_bundle_import_without_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_digits_bn_builtin(tmp_path):
+    import torch
+
+    from edgekit import zoo
+
+    bn, cnn = zoo.make_digits_bn(), zoo.make_digits_cnn()
+    kinds = [type(m).__name__ for m in bn]
+    assert [kinds[i + 1] for i, k in enumerate(kinds) if k == "Conv2d"] == ["BatchNorm2d"] * 3  # Conv -> BN -> ReLU
+    assert [kinds[i + 2] for i, k in enumerate(kinds) if k == "Conv2d"] == ["ReLU"] * 3
+    assert "BatchNorm2d" not in {type(m).__name__ for m in cnn}
+    # digits-cnn keeps its layer indices, so caches written before digits-bn existed still load
+    assert list(cnn.state_dict()) == [f"{i}.{p}" for i in (0, 2, 5, 9, 11) for p in ("weight", "bias")]
+    a, b = zoo.BUILTINS["digits-bn"], zoo.BUILTINS["digits-cnn"]
+    same = ("inputs", "output_names", "preprocessing", "task", "calib_data", "eval_data")
+    assert all(getattr(a, f) == getattr(b, f) for f in same)
+    ctx = Context(cache_dir=tmp_path)  # a cached digits-bn is loaded from its own file, not retrained
+    torch.manual_seed(1)
+    saved = zoo.make_digits_bn().state_dict()
+    torch.save(saved, ctx.cache("models") / "digits-bn-v1-seed0.pt")
+    loaded = zoo._digits_bn(ctx)
+    assert not loaded.training
+    assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
