@@ -14,7 +14,7 @@ _STATE = click.option("--state", "state_dir", type=click.Path(file_okay=False, p
                       help="The agent's state folder (slots, queue, counters), e.g. /var/lib/edgekit.")
 
 
-def _open(state_dir: Path, pubkeys=(), adapt: str | None = None, when: str | None = None):
+def _open(state_dir: Path, pubkeys=(), adapt: str | None = None, when: str | None = None, *, boot: bool = False):
     from edgekit.agent import Agent, AgentConfig
 
     config = AgentConfig.load(state_dir)
@@ -29,7 +29,7 @@ def _open(state_dir: Path, pubkeys=(), adapt: str | None = None, when: str | Non
     if when is not None:
         config = AgentConfig.from_dict({**config.to_dict(), "adapt_when": when})
         changed = True
-    return Agent.open(state_dir, config if changed else None)
+    return Agent.open(state_dir, config if changed else None, boot=boot)
 
 
 _PUBKEY = click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -118,7 +118,7 @@ def agent_run(state_dir: Path, pubkeys, port: int, host: str, install_bundle: st
     """Serve POST /infer, GET /health, GET /metrics (Prometheus) and GET /status over HTTP until interrupted."""
     from edgekit.agent.server import make_server
 
-    a = _open(state_dir, pubkeys, adapt, adapt_when)
+    a = _open(state_dir, pubkeys, adapt, adapt_when, boot=True)
     if install_bundle:
         res = a.install(install_bundle)
         log.info("installed version %s", res.get("version"))

@@ -69,7 +69,7 @@ class Served:
 
 
 class Agent:
-    def __init__(self, root: Path, config: AgentConfig) -> None:
+    def __init__(self, root: Path, config: AgentConfig, *, boot: bool = True) -> None:
         self.root = Path(root)
         self.config = config
         self.state = State(self.root)
@@ -88,22 +88,23 @@ class Agent:
         self._since_adapt = 0
         self._last_input: np.ndarray | None = None
         self._last_output: dict | None = None
-        slots, opened = self.slots.recover()
+        slots, opened = self.slots.recover(count_boot=boot)
         if opened is not None:
             self._serve(self._open(slots.active, opened), restore=True)
             if slots.probation is not None:
                 self._start_probation(slots.previous)
 
     @classmethod
-    def open(cls, state_dir: str | Path, config: AgentConfig | None = None) -> Agent:
+    def open(cls, state_dir: str | Path, config: AgentConfig | None = None, *, boot: bool = True) -> Agent:
         """Open (or create) the agent state in ``state_dir``. A config given here is saved there for the next
-        start; without one the saved config (or the defaults) is used."""
+        start; without one the saved config (or the defaults) is used. ``boot=False`` for short-lived tools
+        (status, install from the command line): they do not count as a restart during probation."""
         root = Path(state_dir)
         if config is None:
             config = AgentConfig.load(root)
         else:
             config.save(root)
-        return cls(root, config)
+        return cls(root, config, boot=boot)
 
     def close(self) -> None:
         with self._lock:

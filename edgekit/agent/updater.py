@@ -165,12 +165,13 @@ class Slotted:
         self.state.set_slots(new, ("rollback", f"back to slot {slots.previous}: {reason}"))
         return new
 
-    def recover(self, max_boots: int = 2) -> tuple[Slots, OpenedBundle | None]:
-        """At start: count a boot during probation (roll back after ``max_boots``), check the active slot and fall
-        back to the previous one if it is unreadable. Returns the pointer and the opened active bundle."""
+    def recover(self, max_boots: int = 2, *, count_boot: bool = True) -> tuple[Slots, OpenedBundle | None]:
+        """At start: count a boot during probation (roll back after ``max_boots``: the new model keeps taking the
+        agent down), check the active slot and fall back to the previous one if it is unreadable. Returns the
+        pointer and the opened active bundle."""
         self.cleanup()
         slots = self.state.slots()
-        if slots.probation is not None:
+        if slots.probation is not None and count_boot:
             boots = int(slots.probation.get("boots", 0)) + 1
             if boots >= max_boots and slots.previous is not None:
                 slots = self.rollback(f"the agent restarted {boots} times during probation")
