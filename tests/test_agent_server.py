@@ -120,7 +120,8 @@ for name in ("torch", "onnxscript", "sklearn", "skimage"):
     sys.modules[name] = None
 import numpy as np
 from edgekit.agent import Agent, AgentConfig
-a = Agent.open({str(tmp_path / 'state')!r}, AgentConfig(adapt_when="always", adapt_every=4, adapt=("norm", "lame", "tent")))
+cfg = AgentConfig(adapt_when="always", adapt_every=4, adapt=("norm", "lame", "tent"))
+a = Agent.open({str(tmp_path / 'state')!r}, cfg)
 a.install({str(bundles['v1'])!r})
 a.install({str(bundles['v2'])!r})
 rng = np.random.default_rng(0)
