@@ -45,6 +45,26 @@ def norm_convs(module, example: tuple) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+_PASS_THROUGH = ("DequantizeLinear", "QuantizeLinear", "Identity", "Reshape", "Flatten", "Squeeze")
+_CLASSIFIER_OPS = ("Gemm", "MatMul", "MatMulNBits", "MatMulInteger")
+
+
+def feature_tensor(model) -> str | None:
+    """The input of the classifier layer behind the first output (the penultimate features), if there is one."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    name = model.graph.output[0].name
+    for _ in range(16):
+        node = prod.get(name)
+        if node is None:
+            return None
+        if node.op_type in _CLASSIFIER_OPS:
+            return node.input[0]
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        name = node.input[0]
+    return None
+
+
 def _runtime(path: Path | bytes):
     from edgekit.agent.runtime import OrtRuntime
 
@@ -70,8 +90,11 @@ def sketch(artifact: Path, data: Dataset, task: str | None, batch: int) -> dict:
         k = int(np.asarray(rt.run(next(data.batches(1)))[first]).shape[-1])
         counts = np.bincount(np.concatenate(preds), minlength=k)
         classes = [round(float(c) / counts.sum(), 6) for c in counts]
+    import onnx
+
+    feature = feature_tensor(onnx.load(str(artifact))) if task == "classification" else None
     return {"schema_version": SKETCH_SCHEMA, "task": task, "samples": len(data), "source": data.source,
-            "scores": scores, "classes": classes}
+            "scores": scores, "classes": classes, "feature": feature}
 
 
 def adapt_table(artifact: Path, conv_names: list[str], calib: Dataset, batch: int) -> list[NormLayer]:

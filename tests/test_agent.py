@@ -46,13 +46,22 @@ def test_bundle_ships_sketch_and_adapt_table(v1_dir):
     assert all(la.weight_kind == "qdq" and la.bias_kind == "qdq" for la in layers)
 
 
+@pytest.fixture(scope="module")
+def v2_dir(bundles, tmp_path_factory):
+    return open_bundle(bundles["v2"], workdir=tmp_path_factory.mktemp("v2") / "b").root
+
+
 @pytest.mark.parametrize("which", [0, 1])
-def test_overrides_make_the_layer_compute_the_affine(v1_dir, which):
-    """scale * y + shift, written into the weight scale and int32 bias, is what the stats session then sees."""
+@pytest.mark.parametrize("kind", ["int8", "fp32"])
+def test_overrides_make_the_layer_compute_the_affine(v1_dir, v2_dir, which, kind):
+    """scale * y + shift, written into the weight scale and int32 bias (INT8) or the float weight and bias (FP32),
+    is what the model then computes."""
     import onnx
 
-    layers = load_table(v1_dir / "adapt.json")
-    adapter = NormAdapter(onnx.load(str(v1_dir / "model.onnx")), layers)
+    root = v1_dir if kind == "int8" else v2_dir
+    layers = load_table(root / "adapt.json")
+    assert {la.weight_kind for la in layers} == {"qdq" if kind == "int8" else "float"}
+    adapter = NormAdapter(onnx.load(str(root / "model.onnx")), layers)
     window = InputWindow(64)
     for x in inputs(32, seed=3):
         window.add({"input": x[None]})
@@ -64,6 +73,17 @@ def test_overrides_make_the_layer_compute_the_affine(v1_dir, which):
     m1, v1 = adapter._stats(state, window)[which]
     np.testing.assert_allclose(m1, s * m0 + t, atol=1e-3)
     np.testing.assert_allclose(v1, s * s * v0, rtol=1e-3)
+    # the serving path (the real Conv, NCHWc-optimized for FP32) sees the same change as the stats copy
+    x = inputs(4, seed=5)
+    src = OrtRuntime(root / "model.onnx").run({"input": x})
+    adapted = OrtRuntime(root / "model.onnx", overrides=adapter.overrides(state)).run({"input": x})
+    edited = onnx.load(str(root / "model.onnx"))
+    for init in edited.graph.initializer:
+        if init.name in adapter.overrides(state):
+            init.CopyFrom(onnx.numpy_helper.from_array(adapter.overrides(state)[init.name], init.name))
+    ref = OrtRuntime(edited.SerializeToString()).run({"input": x})
+    np.testing.assert_allclose(adapted["output"], ref["output"], atol=1e-5)
+    assert not np.allclose(adapted["output"], src["output"], atol=1e-3)
 
 
 def test_norm_adaptation_moves_statistics_back_to_source(v1_dir):

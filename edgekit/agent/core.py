@@ -88,6 +88,7 @@ class Agent:
         self._since_adapt = 0
         self._last_input: np.ndarray | None = None
         self._last_output: dict | None = None
+        self._warned_torch = False
         slots, opened = self.slots.recover(count_boot=boot)
         if opened is not None:
             self._serve(self._open(slots.active, opened), restore=True)
@@ -122,12 +123,19 @@ class Agent:
                       outputs=tuple(TensorSpec.from_dict(d) for d in m.get("outputs", [])),
                       task=m.get("task"), sketch=sketch, layers=layers)
 
+    def _feature(self, served: Served) -> str | None:
+        """The penultimate-feature output LAME uses (None: it uses the logits)."""
+        if "lame" not in self.config.adapt or served.sketch is None:
+            return None
+        return served.sketch.feature
+
     def _runtime(self, served: Served, overrides=None):
         cfg = self.config
+        feature = self._feature(served)
         try:
             return backends.open_runtime(served.manifest, served.bundle.root, providers=cfg.providers,
                                          threads=cfg.threads, overrides=overrides,
-                                         cache_dir=self.root / "engines")
+                                         cache_dir=self.root / "engines", extra_outputs=[feature] if feature else ())
         except EdgekitError:
             raise
         except Exception as exc:
@@ -275,7 +283,8 @@ class Agent:
             if logits is not None:
                 probs = softmax(logits)
                 if "lame" in self.config.adapt:
-                    probs = self.lame(logits)
+                    feature = self._feature(served)
+                    probs = self.lame(logits, out.pop(feature) if feature in out else None)
                     out[served.outputs[0].name] = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)
                 self._select(feeds, probs)
                 self._adapt_step(served, feeds, probs)
@@ -363,9 +372,7 @@ class Agent:
         except ImportError:
             log.warning("tier (b) adaptation needs torch; using forward-only adaptation")
             return state
-        import onnx
-
-        model = onnx.load(str(served.bundle.root / served.manifest["artifact"]["path"]))
+        model = (served.bundle.root / served.manifest["artifact"]["path"]).read_bytes()
         layers = [la.to_dict() for la in served.layers]
         ones = {la.name: np.ones(la.channels, np.float32) for la in served.layers}
         zeros = {la.name: np.zeros(la.channels, np.float32) for la in served.layers}
@@ -375,12 +382,18 @@ class Agent:
         batch = self.window.batch()
         try:
             new_scale, new_shift, info = adapt_entropy(model, layers, scale, shift, batch)
+        except ImportError as exc:  # no torch on this device: tier (a) only, said once
+            if not self._warned_torch:
+                log.warning("tier (b) adaptation is off: %s", exc)
+                self._warned_torch = True
+            return state
         except Exception as exc:  # adaptation must never stop serving
             log.warning("entropy adaptation failed (%s); keeping the forward-only state", exc)
             return state
         back = {v: k for k, v in by_tensor.items()}
+        summary = f"entropy minimization on {info.get('selected')} of {info.get('samples')} samples"
         return AdaptState(state.version + 1, {back[k]: v for k, v in new_scale.items()},
-                          {back[k]: v for k, v in new_shift.items()}, f"entropy minimization: {info}")
+                          {back[k]: v for k, v in new_shift.items()}, summary)
 
     def _apply_adaptation(self, served: Served, new: AdaptState) -> None:
         try:

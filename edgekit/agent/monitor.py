@@ -26,8 +26,8 @@ SKETCH_SCHEMA = 1
 @dataclass
 class MonitorConfig:
     latency_window: int = 2048
-    window: int = 200  # samples per drift check
-    check_every: int = 50
+    window: int = 100  # samples per drift check
+    check_every: int = 25
     p_on: float = 1e-3
     p_off: float = 0.05
     on_checks: int = 2
@@ -42,6 +42,7 @@ class Sketch:
     samples: int
     classes: list[float] | None  # share of each predicted class on the reference data
     task: str | None
+    feature: str | None = None  # the classifier's input tensor (penultimate features), for LAME
 
     @classmethod
     def load(cls, path: Path) -> Sketch:
@@ -49,7 +50,7 @@ class Sketch:
         if doc.get("schema_version", 0) > SKETCH_SCHEMA:
             raise ValueError(f"{path}: sketch schema {doc.get('schema_version')} is newer than this agent's")
         return cls(scores=doc["scores"], samples=int(doc["samples"]), classes=doc.get("classes"),
-                   task=doc.get("task"))
+                   task=doc.get("task"), feature=doc.get("feature"))
 
     def median(self, score: str) -> float | None:
         vals = self.scores.get(score)

@@ -4,7 +4,7 @@ A BatchNorm is folded into the Conv before it at export, so in the artifact a "n
 channels were normalized. Re-estimating normalization statistics on new data is then a per-channel affine
 correction of that Conv's output, ``y' = scale * y + shift``, which the agent writes into the Conv's own
 parameters: the float weight and bias, or, in an int8 QDQ graph, the per-channel weight scale and the int32 bias.
-Those initializers are *overridden when the session is created* (``SessionOptions.add_initializer``), so ONNX
+Those initializers are *overridden in the model the session is created from* (``runtime.prepare_model``), so ONNX
 Runtime still sees constants and still fuses the integer kernels; graph inputs would not fuse.
 
 The bundle ships the table (``adapt.json``): for each layer its Conv, the initializers to override and the source

@@ -54,19 +54,30 @@ def widen_int4(model) -> int:
     return widened
 
 
-def prepare_model(path: Path | bytes, opts) -> bytes | str:
-    """What the session loads: the model as given, unless it holds int4 weights (widened, ``widen_int4``) or
+def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] | None = None) -> bytes | str:
+    """What the session loads: the model as given, unless it holds int4 weights (widened, ``widen_int4``),
     ``ai.edgekit`` ops (run through the onnxruntime-extensions Python fallback, ``edgekit.kernels.ort_python``,
-    until native kernels ship). The file is parsed once to tell."""
+    until native kernels ship) or initializers to override (written into the model, so that they stay constants to
+    the graph optimizer; ``SessionOptions.add_initializer`` is not used because ONNX Runtime's NCHWc transformer
+    repacks Conv weights from the original values and ignores it). The file is parsed once to tell."""
     import onnx
 
     model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
     int4 = any(i.data_type in INT4_TYPES for i in model.graph.initializer)
     custom = any(o.domain == "ai.edgekit" for o in model.opset_import)
-    if not int4 and not custom:
+    if not int4 and not custom and not overrides:
         return path if isinstance(path, bytes) else str(path)
     if not isinstance(path, bytes):
         model = onnx.load(str(path))  # with its external data
+    if overrides:
+        from onnx import numpy_helper
+
+        inits = {i.name: i for i in model.graph.initializer}
+        missing = sorted(set(overrides) - set(inits))
+        if missing:
+            raise ExportError(f"cannot override {missing}: the model has no such initializers")
+        for name, value in overrides.items():
+            inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
     if int4:
         log.debug("widened %d int4 initializers to 8 bits for ONNX Runtime's integer kernels", widen_int4(model))
     if custom:
@@ -94,8 +105,8 @@ class OrtRuntime:
         custom_op_libraries: Iterable[Path] = (),
     ) -> None:
         """``path`` is a model file, or the serialized model itself. ``overrides`` replace initializers of the same
-        name when the session is created (they stay constants to the graph optimizer, so fused integer kernels
-        stay fused); ``custom_op_libraries`` are native libraries of custom ops to register first."""
+        name in the model the session is made from (they stay constants to the graph optimizer, so fused integer
+        kernels stay fused); ``custom_op_libraries`` are native libraries of custom ops to register first."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -110,15 +121,8 @@ class OrtRuntime:
                 opts.register_custom_ops_library(str(lib))
             except Exception as exc:
                 raise ExportError(f"cannot load the custom-op library {lib}: {exc}") from exc
-        self._pinned = []  # add_initializer does not copy: the values must outlive the session
-        for name, value in (overrides or {}).items():
-            arr = np.ascontiguousarray(value)
-            self._pinned.append(arr)
-            ortvalue = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._pinned.append(ortvalue)
-            opts.add_initializer(name, ortvalue)
         try:
-            source = prepare_model(path, opts)
+            source = prepare_model(path, opts, overrides)
         except Exception as exc:
             if isinstance(exc, ExportError):
                 raise
