@@ -266,15 +266,22 @@ def test_lame_fixes_noisy_predictions_on_clusters():
 
 
 def test_skip_similar_frames(bundles, tmp_path):
-    agent = _agent(tmp_path, skip_similar=0.999, upload=False)
+    agent = _agent(tmp_path, skip_similar=0.9995, upload=False)
     agent.install(bundles["v1"])
     x = inputs(2, seed=13)
     a = agent.infer({"input": x[:1]})
     b = agent.infer({"input": x[:1] * 1.0001})
     c = agent.infer({"input": x[1:]})
-    np.testing.assert_array_equal(a["output"], b["output"])
-    assert not np.allclose(a["output"], c["output"])
+    np.testing.assert_array_equal(a["output"], b["output"])  # cosine 1: skipped with probability 1
+    assert not np.allclose(a["output"], c["output"])  # a different input is run
     assert agent.status()["counters"]["skipped"] == 1
+    rng = np.random.default_rng(0)  # a slowly drifting input: skipped often, never all the time
+    frame = x[:1].copy()
+    for _ in range(200):
+        frame = frame + rng.standard_normal(frame.shape).astype(np.float32) * 0.003
+        agent.infer({"input": frame})
+    skipped = agent.status()["counters"]["skipped"] - 1
+    assert 20 < skipped < 190
 
 
 def test_agent_config_round_trip_and_errors(tmp_path):

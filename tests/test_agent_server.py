@@ -137,3 +137,71 @@ print("OK", st["model"]["version"])
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("OK 2")
+
+
+def test_install_from_url_resumes_a_partial_download(bundles, tmp_path):
+    """Updates can come over HTTP; an interrupted download continues with a Range request."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served_dir = bundles["v1"].parent
+    ranges = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def send_head(self):
+            rng = self.headers.get("Range")
+            ranges.append(rng)
+            if not rng:
+                return super().send_head()
+            start = int(rng.split("=")[1].rstrip("-"))
+            data = (served_dir / self.path.lstrip("/")).read_bytes()
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            return io.BytesIO(data[start:])
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served_dir)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        agent = Agent.open(tmp_path / "state", AgentConfig(adapt_when="never"))
+        data = bundles["v1"].read_bytes()
+        part = tmp_path / "state" / "downloads" / f"{bundles['v1'].name}.part"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[: len(data) // 2])  # a download cut off halfway
+        url = f"http://127.0.0.1:{srv.server_address[1]}/{bundles['v1'].name}"
+        assert agent.install(url)["version"] == 1
+        assert ranges == [f"bytes={len(data) // 2}-"]
+        assert not any((tmp_path / "state" / "downloads").iterdir())  # cleaned up once installed
+        from edgekit.errors import UpdateError
+
+        with pytest.raises(UpdateError, match="HTTP 404"):
+            agent.install(url + ".missing")
+        assert agent.status()["model"]["version"] == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_runtime_choice_for_other_formats(tmp_path):
+    """TFLite needs LiteRT and TensorRT needs tensorrt + a GPU: without them, a clear AgentError."""
+    from edgekit.agent.backends import open_runtime, ort_providers
+    from edgekit.errors import AgentError
+
+    assert ort_providers()[-1] == "CPUExecutionProvider"
+    assert ort_providers(["NoSuchProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(AgentError, match="cannot run artifacts of format 'coreml'"):
+        open_runtime({"artifact": {"format": "coreml", "path": "m"}}, tmp_path)
+    try:
+        import ai_edge_litert  # noqa: F401
+    except ImportError:
+        with pytest.raises(AgentError, match="LiteRT"):
+            open_runtime({"artifact": {"format": "tflite", "path": "m.tflite"}}, tmp_path)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(AgentError, match="TensorRT"):
+            open_runtime({"artifact": {"format": "tensorrt-onnx", "path": "m.onnx"}}, tmp_path)

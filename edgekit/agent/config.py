@@ -28,7 +28,7 @@ class AgentConfig:
     adapt_min_samples: int = 16
     adapt_prior: float = 16.0  # weight of the source statistics, in samples
     upload: bool = True
-    skip_similar: float | None = None  # reuse the last answer when the input's cosine to the last one is above
+    skip_similar: float | None = None  # similarity filter threshold (cosine of the input to the last one run)
     threads: int | None = None
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, best first
     trusted_keys: tuple[str, ...] = ()  # public key files; bundles must be signed by one of them

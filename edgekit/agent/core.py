@@ -89,6 +89,7 @@ class Agent:
         self._last_input: np.ndarray | None = None
         self._last_output: dict | None = None
         self._warned_torch = False
+        self._skip_rng = np.random.default_rng(0)
         slots, opened = self.slots.recover(count_boot=boot)
         if opened is not None:
             self._serve(self._open(slots.active, opened), restore=True)
@@ -294,19 +295,22 @@ class Agent:
             return out
 
     def _skip(self, feeds) -> dict | None:
-        """Near-duplicate frames (optional): reuse the last answer when the input barely changed."""
+        """Near-duplicate frames (optional): StreamDiffusion's stochastic similarity filter. With cosine ``c`` between
+        this input and the last one that was run, the last answer is reused with probability
+        ``(c - threshold) / (1 - threshold)``, so a static scene is skipped while slow changes still get through."""
         thr = self.config.skip_similar
         if thr is None or len(feeds) != 1:
             return None
         x = next(iter(feeds.values())).astype(np.float64).ravel()
-        last, self._last_input = self._last_input, x
+        last = self._last_input
         if last is None or self._last_output is None or last.shape != x.shape:
+            self._last_input = x
             return None
         cos = float(x @ last / (np.linalg.norm(x) * np.linalg.norm(last) + 1e-12))
-        if cos < thr:
+        if cos <= thr or self._skip_rng.random() >= (cos - thr) / (1 - thr + 1e-12):
+            self._last_input = x
             return None
         self._pending["skipped"] += 1
-        self._last_input = last  # compare with the frame that was actually run
         return {k: v.copy() for k, v in self._last_output.items()}
 
     def _failed(self, exc: Exception, feeds) -> dict[str, np.ndarray]:

@@ -79,7 +79,8 @@ class Slotted:
     # -- install ----------------------------------------------------------------------------------------------
     def stage(self, source: str | Path) -> tuple[Path, OpenedBundle]:
         """Fetch (a URL) or read (a path) a bundle, verify it and unpack it into a new staging folder."""
-        local = self.fetch(source) if str(source).startswith(("http://", "https://")) else Path(source)
+        fetched = str(source).startswith(("http://", "https://"))
+        local = self.fetch(str(source)) if fetched else Path(source)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.dir))
         try:
             if local.is_dir():
@@ -90,6 +91,8 @@ class Slotted:
                 target = staging / "bundle"
                 opened = open_bundle(local, trusted_keys=self.trusted_keys, workdir=target)
             _fsync_tree(staging)
+            if fetched:
+                local.unlink(missing_ok=True)
             return target, opened
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
