@@ -1,0 +1,68 @@
+"""benchmarks/agent.py's timing and goal check, on stand-in functions (no model, no build)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    name = "edgekit_bench_agent"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "agent.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _busy(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def test_interleaved_walks_the_stream_and_ratios_the_baseline():
+    bench = _load()
+    feeds = [{"x": np.full((1, 2), i, np.float32)} for i in range(5)]
+    seen: dict[str, list[int]] = {"raw": [], "slow": []}
+
+    def raw(f):
+        seen["raw"].append(int(f["x"][0, 0]))
+        _busy(0.5)
+
+    def slow(f):
+        seen["slow"].append(int(f["x"][0, 0]))
+        _busy(1.0)
+
+    res = bench.interleaved({"raw": raw, "slow": slow}, feeds, rounds=3, per_round=4, warmup=2,
+                            inner={"slow": lambda: 0.5})  # half of slow's call is "inside the model"
+    # each walks the same stream in order: 2 warm-up calls, then per round 2 settling calls and 4 timed ones
+    assert seen["raw"] == seen["slow"] == [i % 5 for i in range(2 + 3 * (2 + 4))]
+    v = res["variants"]
+    assert v["raw"]["ratio_median"] == 1.0 and v["raw"]["calls"] == 12
+    assert 1.5 < v["slow"]["ratio_median"] < 2.6 and len(v["slow"]["rounds"]) == 3
+    assert len(res["foreign_cpu_share"]) == 3
+    assert 0.3 < v["slow"]["outside_median_ms"] < 1.0 and 1.5 < v["slow"]["direct_median"] < 2.6
+    assert "direct_median" not in v["raw"]
+
+
+def test_goal_is_on_the_default_agent_median_and_mean():
+    bench = _load()
+
+    def result(median, mean, direct=1.01):
+        return {"efficientnet-lite0": {"variants": {"agent": {"ratio_median": median, "ratio_mean": mean,
+                                                              "direct_mean": direct}}}}
+
+    assert bench.check_goal(result(1.02, 1.029)) == []
+    assert len(bench.check_goal(result(1.05, 1.01))) == 1
+    assert len(bench.check_goal(result(1.02, 1.01, 1.04))) == 1
+    assert len(bench.check_goal(result(1.05, 1.30))) == 2
+    assert bench.check_goal({"digits-cnn": {}}) == []
