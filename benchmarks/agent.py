@@ -196,8 +196,8 @@ def _direct(rec: list[dict], base: list[dict]) -> dict:
 def adapt_update_cost(agent, feeds: Sequence[Mapping[str, np.ndarray]], repeats: int) -> dict | None:
     """One forward-only adaptation update, timed directly, the way ``Agent._adapt_step`` makes it: the statistics of
     the input window (``NormAdapter.update``: a stats session for the current state, built when the state changed,
-    and one pass over the window), then ``_apply_adaptation`` (a new serving session with the initializer overrides,
-    and the state saved to SQLite)."""
+    and one pass over the window), then what ``Agent._update`` does after it (a new serving session with the initializer
+    overrides, and the state saved to SQLite); by default that runs in a background thread."""
     from edgekit.agent.runtime import OrtRuntime
 
     served = agent.model
@@ -217,7 +217,9 @@ def adapt_update_cost(agent, feeds: Sequence[Mapping[str, np.ndarray]], repeats:
         new = adapter.update(agent.adapt_state, agent.window)  # rebuilds its stats session: the version changed
         t_update = time.perf_counter() - t0
         t0 = time.perf_counter()
-        agent._apply_adaptation(served, new)
+        served.runtime = agent._runtime(served, agent._overrides(served, new))  # what Agent._update swaps in
+        agent.adapt_state = new
+        agent.state.save_adapt(new.version, served.sha, new.reason, new.to_npz_dict())
         t_apply = time.perf_counter() - t0
         rows.append({"update_ms": t_update * 1e3, "stats_session_ms": t_stats_session * 1e3,
                      "apply_ms": t_apply * 1e3})
@@ -255,11 +257,14 @@ def bench_model(model: str, bundle: Path, work: Path, args) -> dict:
     per_round = args.per_round or cfg["per_round"]
     agents = {"agent": open_agent(bundle, work, f"{model}-default", args.threads),
               "agent-serve": open_agent(bundle, work, f"{model}-serve", args.threads, upload=False,
-                                        adapt_when="never")}
+                                        adapt_when="never"),
+              "agent-sampled": open_agent(bundle, work, f"{model}-sampled", args.threads, input_check="sampled")}
     main = agents["agent"]
     if main.model.layers:
+        # updates inside the requests (adapt_async=False): with the default background thread, their CPU time
+        # would land in the other variants' measurements
         agents["agent-adapt16"] = open_agent(bundle, work, f"{model}-adapt", args.threads, upload=False,
-                                             adapt_when="always", adapt_every=16)
+                                             adapt_when="always", adapt_every=16, adapt_async=False)
     model_path = main.model.bundle.root / main.model.manifest["artifact"]["path"]
     raw = OrtRuntime(model_path, threads=main.config.threads, providers=ort_providers(main.config.providers))
     feeds = eval_feeds(model, main.model.manifest, cfg["samples"])

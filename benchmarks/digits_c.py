@@ -51,7 +51,9 @@ def build_bundle(out: Path) -> Path:
 def run_stream(bundle: Path, tier: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict]:
     """Feed ``x`` one sample at a time to a fresh agent; returns per-sample correctness and the queue stats."""
     with tempfile.TemporaryDirectory() as tmp:
-        agent = Agent.open(tmp, AgentConfig(**TIERS[tier], select=SelectConfig(budget_bytes_per_day=1 << 30)))
+        config = AgentConfig(**TIERS[tier], adapt_async=False,  # updates inside the request: reproducible
+                             select=SelectConfig(budget_bytes_per_day=1 << 30, every=1))
+        agent = Agent.open(tmp, config)
         agent.install(bundle)
         name = agent.model.outputs[0].name
         correct = np.empty(len(x), bool)

@@ -128,6 +128,7 @@ rng = np.random.default_rng(0)
 for _ in range(30):
     out = a.infer({{"input": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}})
 assert np.isfinite(out["output"]).all()
+a.wait_adaptation()
 st = a.status()
 assert st["adaptation"]["version"] > 0, st["adaptation"]
 assert "torch" not in sys.modules or sys.modules["torch"] is None

@@ -27,7 +27,13 @@ class AgentConfig:
     adapt_window: int = 64  # recent inputs the statistics come from
     adapt_min_samples: int = 16
     adapt_prior: float = 16.0  # weight of the source statistics, in samples
+    adapt_async: bool = True  # updates run in a background thread (False: inside the request, reproducible)
+    adapt_duty: float = 0.25  # at most this share of the time goes to adaptation updates (1: no limit)
     upload: bool = True
+    # "full": every float input is checked for NaN/Inf (one pass over it per request); "sampled": only the requests
+    # that measure input statistics (one in 8) are, which saves that pass, and an int8 model may then answer a NaN
+    # input with a finite but meaningless output
+    input_check: str = "full"
     skip_similar: float | None = None  # similarity filter threshold (cosine of the input to the last one run)
     threads: int | None = None
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, best first
@@ -46,6 +52,10 @@ class AgentConfig:
             raise ConfigError(f"adapt_when must be one of {', '.join(WHEN)}, not {self.adapt_when!r}")
         if self.adapt_every < 1 or self.adapt_window < 2 or self.adapt_min_samples < 1:
             raise ConfigError("adapt_every, adapt_window and adapt_min_samples must be positive (window ≥ 2)")
+        if self.input_check not in ("full", "sampled"):
+            raise ConfigError(f"input_check must be 'full' or 'sampled', not {self.input_check!r}")
+        if not 0 < self.adapt_duty <= 1:
+            raise ConfigError("adapt_duty is a share of the time in (0, 1]")
         if self.skip_similar is not None and not 0 < self.skip_similar <= 1:
             raise ConfigError("skip_similar is a cosine similarity in (0, 1]")
         self.trusted_keys = tuple(str(k) for k in self.trusted_keys)

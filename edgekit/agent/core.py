@@ -9,8 +9,12 @@ No torch here (tier (b) adaptation imports it lazily where it exists).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import math
 import threading
+import weakref
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,17 +28,21 @@ from edgekit.agent.config import AgentConfig
 from edgekit.agent.monitor import SKETCH_FILE, Monitor, Sketch
 from edgekit.agent.normtable import ADAPT_FILE, load_table
 from edgekit.agent.probation import Probation
-from edgekit.agent.scores import sample_scores, softmax
-from edgekit.agent.select import Selector, day_of, encode_sample
+from edgekit.agent.scores import input_moments, output_scores, softmax
+from edgekit.agent.select import Selector, day_of
 from edgekit.agent.state import State
 from edgekit.agent.updater import Slotted
+from edgekit.agent.uploads import UploadWriter
 from edgekit.bundle import OpenedBundle
 from edgekit.errors import AgentError, EdgekitError, UpdateError
 from edgekit.iospec import TensorSpec
 
 log = logging.getLogger(__name__)
 
-FLUSH_EVERY = 100  # requests between writes of the request counters (a power loss loses at most these counts)
+FLUSH_EVERY = 2000  # requests between writes of the request counters (a power loss loses at most these counts)
+FLUSH_SECONDS = 30.0  # ... or this long, whichever comes first
+OBSERVE_BATCH = 16  # requests whose scores go to the monitor together
+MOMENTS_EVERY = 8  # one request in this many (at random) measures the input statistics; enough for KS tests
 
 
 @dataclass
@@ -67,6 +75,27 @@ class Served:
     def classifier(self) -> bool:
         return self.task == "classification"
 
+    @functools.cached_property
+    def first_output(self) -> str:
+        return self.outputs[0].name if self.outputs else self.runtime.output_names[0]
+
+    @functools.cached_property
+    def checks(self) -> list[tuple[str, np.dtype, int, tuple[tuple[int, int], ...]]]:
+        """Per input: name, dtype, rank and the fixed dimensions, prepared once for the request path."""
+        return [(s.name, s.np_dtype, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if isinstance(d, int)))
+                for s in self.inputs]
+
+
+_OPEN_AGENTS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_background_work() -> None:
+    """Background threads running ONNX Runtime must not be cut off at interpreter exit (it aborts the process)."""
+    for agent in list(_OPEN_AGENTS):
+        agent.wait_adaptation(timeout=60)
+        agent.upload_writer.drain()
+
 
 class Agent:
     def __init__(self, root: Path, config: AgentConfig, *, boot: bool = True) -> None:
@@ -85,11 +114,25 @@ class Agent:
         self.guard = Guard(config.guard, None, None)
         self.probation: Probation | None = None
         self._pending = {"requests": 0, "errors": 0, "skipped": 0}
+        self.upload_writer = UploadWriter(self.state, config.select.budget_bytes_per_day)
+        self._rows: list[np.ndarray] = []
+        self._moments: list = []
+        self._adapting: threading.Thread | None = None
+        self._adapt_not_before = 0.0
+        self._flushed_at = time.monotonic()
+        # per-request switches, fixed by the config
+        self._lame_on = "lame" in config.adapt
+        self._adapt_on = bool({"norm", "tent"} & set(config.adapt)) and config.adapt_when != "never"
+        self._upload_on = config.upload
+        self._select_every = max(1, int(config.select.every))
+        self._full_check = config.input_check == "full"
         self._since_adapt = 0
         self._last_input: np.ndarray | None = None
         self._last_output: dict | None = None
         self._warned_torch = False
         self._skip_rng = np.random.default_rng(0)
+        self._rng = np.random.default_rng(1)  # which requests are sampled for input statistics and upload
+        _OPEN_AGENTS.add(self)
         slots, opened = self.slots.recover(count_boot=boot)
         if opened is not None:
             self._serve(self._open(slots.active, opened), restore=True)
@@ -109,6 +152,9 @@ class Agent:
         return cls(root, config, boot=boot)
 
     def close(self) -> None:
+        """Finish background work (adaptation, queued uploads), write the counters, close the state."""
+        self.wait_adaptation()
+        self.upload_writer.close()
         with self._lock:
             self._flush()
             self.state.close()
@@ -237,62 +283,111 @@ class Agent:
             return {"slot": slots.active, "version": served.version, "reason": reason}
 
     # -- inference ---------------------------------------------------------------------------------------------
-    def _check(self, feeds: Mapping[str, np.ndarray], served: Served) -> dict[str, np.ndarray]:
-        names = [s.name for s in served.inputs]
-        if set(feeds) != set(names):
-            raise AgentError(f"the model takes inputs {names}, got {sorted(feeds)}")
+    def _check(self, feeds: Mapping[str, np.ndarray], served: Served):
+        """The feeds as arrays of the model's dtypes, and, on a random quarter of the requests, the per-sample moments
+        of the first float input (the monitor's input features). Every float input is proven finite."""
+        checks = served.checks
+        if len(feeds) != len(checks):
+            raise AgentError(f"the model takes inputs {[c[0] for c in checks]}, got {sorted(feeds)}")
         out = {}
-        for spec in served.inputs:
+        moments = None
+        for name, dtype, ndim, fixed in checks:
             try:
-                x = np.asarray(feeds[spec.name], dtype=spec.np_dtype)
+                x = np.asarray(feeds[name], dtype=dtype)
+            except KeyError:
+                raise AgentError(f"the model takes inputs {[c[0] for c in checks]}, got {sorted(feeds)}") from None
             except (TypeError, ValueError) as exc:
-                raise AgentError(f"input {spec.name!r} is not a {spec.dtype} array: {exc}") from None
-            if x.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, x.shape)):
-                raise AgentError(f"input {spec.name!r} has shape {list(x.shape)}; the model takes {list(spec.shape)}")
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
-                raise AgentError(f"input {spec.name!r} holds NaN or Inf values")
-            out[spec.name] = x
-        return out
+                raise AgentError(f"input {name!r} is not a {dtype} array: {exc}") from None
+            shape = x.shape
+            if len(shape) != ndim or any(shape[i] != d for i, d in fixed):
+                spec = next(s for s in served.inputs if s.name == name)
+                raise AgentError(f"input {name!r} has shape {list(shape)}; the model takes {list(spec.shape)}")
+            if dtype.kind == "f":
+                if moments is None and len(x) == 1 and self._rng.random() * MOMENTS_EVERY < 1:
+                    mean, std, finite = input_moments(x)  # the monitor's input features, on a random subsample
+                    moments = (mean, std)
+                elif self._full_check and len(x) == 1:  # one BLAS pass, no temporary: NaN/Inf propagate into it
+                    v = x.reshape(-1)
+                    finite = bool(np.isfinite(np.dot(v, v)))
+                elif len(x) == 1:  # input_check="sampled": the monitor's sampled requests only
+                    finite = True
+                else:
+                    mean, std, finite = input_moments(x)
+                    moments = moments or (mean, std)
+                if not finite:
+                    raise AgentError(f"input {name!r} holds NaN or Inf values (or values beyond 1e19)")
+            out[name] = x
+        return out, moments
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the serving model (adaptation applied); classifier logits come back as log-probabilities when LAME
-        output adaptation is on."""
+        output adaptation is on. Per request the agent only checks the input, runs the model and records; scores,
+        drift tests, upload selection and adaptation run in batches or in the background."""
         with self._lock:
             served = self.model
             if served is None:
                 raise AgentError("no model is installed", hint="install one with `edgekit agent install BUNDLE`")
-            feeds = self._check(feeds, served)
-            cached = self._skip(feeds)
-            if cached is not None:
-                return cached
+            feeds, moments = self._check(feeds, served)
+            skip = self.config.skip_similar is not None
+            if skip:
+                cached = self._skip(feeds)
+                if cached is not None:
+                    return cached
             t0 = time.perf_counter()
             try:
                 out = served.runtime.run(feeds)
-                bad = [k for k, v in out.items() if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all()]
-                if bad:
-                    raise AgentError(f"the model produced NaN/Inf in {bad}")
             except Exception as exc:
                 return self._failed(exc, feeds)
             latency = (time.perf_counter() - t0) * 1e3
-            self._pending["requests"] += 1
-            logits = out[served.outputs[0].name] if served.classifier and served.outputs else None
+            first = out[served.first_output]
+            if first.dtype.kind == "f" and not math.isfinite(first.sum()):
+                return self._failed(AgentError("the model produced NaN/Inf"), feeds)
+            n = self._pending["requests"] = self._pending["requests"] + 1
+            self.monitor.latency.append(latency)
+            logits = first if served.classifier else None
             if self.probation is not None:
-                verdict = self.probation.observe(feeds, out, latency, served.outputs[0].name, served.classifier)
+                verdict = self.probation.observe(feeds, out, latency, served.first_output, served.classifier)
                 if verdict is not None:
                     self._decide(verdict)
-            self.monitor.observe(latency, sample_scores(feeds, logits))
+            if logits is not None and self._lame_on:
+                feature = self._feature(served)
+                probs = self.lame(logits, out.pop(feature) if feature in out else None)
+                out[served.first_output] = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)
+            self._observe(logits, moments)
             if logits is not None:
-                probs = softmax(logits)
-                if "lame" in self.config.adapt:
-                    feature = self._feature(served)
-                    probs = self.lame(logits, out.pop(feature) if feature in out else None)
-                    out[served.outputs[0].name] = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)
-                self._select(feeds, probs)
-                self._adapt_step(served, feeds, probs)
-            if self._pending["requests"] >= FLUSH_EVERY:
+                if self._upload_on and n % self._select_every == 0:
+                    self._select(served, feeds, logits)
+                if self._adapt_on and served.layers:
+                    self._adapt_step(served, feeds)
+            if n >= FLUSH_EVERY or (n % 64 == 0 and time.monotonic() - self._flushed_at > FLUSH_SECONDS):
                 self._flush()
-            self._last_output = out
+            if skip:
+                self._last_output = out
             return out
+
+    def _observe(self, logits, moments) -> None:
+        """Queue this request's scores; every ``OBSERVE_BATCH`` requests they go to the monitor and the guard."""
+        if logits is not None:
+            self._rows.append(logits.copy())
+        if moments is not None:
+            self._moments.append(moments)
+        if len(self._rows) < OBSERVE_BATCH and len(self._moments) < OBSERVE_BATCH:
+            return
+        scores = {}
+        if self._rows:
+            z = np.concatenate([r.reshape(len(r), -1) for r in self._rows]).astype(np.float64)
+            scores = output_scores(z)
+            if not self.adapt_state.is_source():  # collapse can only follow adaptation
+                self.guard.observe(softmax(z))
+        if self._moments:
+            scores["input_mean"] = np.concatenate([m for m, _ in self._moments])
+            scores["input_std"] = np.concatenate([s for _, s in self._moments])
+        self._rows, self._moments = [], []
+        self.monitor.observe_scores(scores)
+        if not self.adapt_state.is_source():
+            reason = self.guard.collapsed()
+            if reason is not None:
+                self.reset_adaptation(reason)
 
     def _skip(self, feeds) -> dict | None:
         """Near-duplicate frames (optional): StreamDiffusion's stochastic similarity filter. With cosine ``c`` between
@@ -331,46 +426,78 @@ class Agent:
         else:
             self.rollback(f"probation failed: {detail}")
 
-    def _select(self, feeds, probs: np.ndarray) -> None:
-        if not self.config.upload:
+    def _select(self, served: Served, feeds, logits: np.ndarray) -> None:
+        """Upload selection for this request's first sample (one request in ``select.every`` gets here)."""
+        if not self.upload_writer.open_today():
             return
         from edgekit.agent.scores import entropy
 
-        served = self.model
-        for i, e in enumerate(entropy(probs)):
-            sample = {k: v[i:i + 1] for k, v in feeds.items()}
-            feature = self.selector.consider(sample, float(e))
-            if feature is None:
-                continue
-            meta = {"entropy": float(e), "prediction": int(np.argmax(probs[i])), "version": served.version}
-            qid = self.state.enqueue(encode_sample(sample), meta, model=served.sha, day=day_of(),
-                                     budget=self.config.select.budget_bytes_per_day)
-            self.selector.over_budget() if qid is None else self.selector.accepted(feature)
+        p = softmax(np.asarray(logits).reshape(len(logits), -1)[:1])
+        e = float(entropy(p)[0])
+        sample = {k: v[:1] for k, v in feeds.items()}
+        feature = self.selector.consider(sample, e)
+        if feature is None:
+            return
+        meta = {"entropy": e, "prediction": int(np.argmax(p[0])), "version": served.version}
+        if self.upload_writer.submit(sample, meta, served.sha):
+            self.selector.accepted(feature)
 
-    def _adapt_step(self, served: Served, feeds, probs: np.ndarray) -> None:
-        tiers = self.config.adapt
-        if not served.layers or not ({"norm", "tent"} & set(tiers)):
-            return
-        self.guard.observe(probs)
-        for i in range(len(probs)):
-            self.window.add({k: v[i:i + 1] for k, v in feeds.items()})
-        self._since_adapt += len(probs)
-        reason = self.guard.collapsed()
-        if reason is not None and not self.adapt_state.is_source():
-            self.reset_adaptation(reason)
-            return
+    def _adapt_step(self, served: Served, feeds) -> None:
         when = self.config.adapt_when
-        due = self._since_adapt >= self.config.adapt_every and len(self.window) >= self.config.adapt_min_samples
-        if not due or when == "never" or (when == "drift" and not self.monitor.drifting):
+        # "drift": adaptation starts with the drift alarm and then goes on (the adapted model's own scores no longer
+        # compare with the source's reference, so the alarm cannot tell when to stop); collapse resets it.
+        if when == "never" or (when == "drift" and self.adapt_state.is_source() and not self.monitor.drifting):
             return
+        n = len(next(iter(feeds.values())))
+        for i in range(n):  # the window fills only while adaptation can follow
+            self.window.add({k: v[i:i + 1] for k, v in feeds.items()})
+        self._since_adapt += n
+        if self._since_adapt < self.config.adapt_every or len(self.window) < self.config.adapt_min_samples:
+            return
+        if self._adapting is not None and self._adapting.is_alive():
+            return  # one update at a time; this one starts after it
+        if time.perf_counter() < self._adapt_not_before:
+            return  # duty cycle: updates take at most ``adapt_duty`` of the time
         self._since_adapt = 0
-        adapter = self._adapter(served)
-        new = adapter.update(self.adapt_state, self.window) if "norm" in tiers else self.adapt_state
-        if "tent" in tiers:
-            new = self._tent(served, new)
-        self._apply_adaptation(served, new)
+        window = InputWindow(self.config.adapt_window)
+        for sample in self.window.samples():
+            window.add(sample)
+        state = self.adapt_state
+        if self.config.adapt_async:
+            self._adapting = threading.Thread(target=self._update, args=(served, state, window),
+                                              name="edgekit-adapt", daemon=True)
+            self._adapting.start()
+        else:
+            self._update(served, state, window)
 
-    def _tent(self, served: Served, state: AdaptState) -> AdaptState:
+    def _update(self, served: Served, state: AdaptState, window: InputWindow) -> None:
+        """One adaptation update (in the background by default); the new session is swapped in under the lock."""
+        t0 = time.perf_counter()
+        try:
+            new = self._adapter(served).update(state, window) if "norm" in self.config.adapt else state
+            if "tent" in self.config.adapt:
+                new = self._tent(served, new, window)
+            runtime = self._runtime(served, self._overrides(served, new))
+        except Exception as exc:  # noqa: BLE001 - adaptation must never stop serving
+            log.warning("adaptation update failed (%s); keeping the current model", exc)
+            return
+        took = time.perf_counter() - t0
+        with self._lock:
+            if self.config.adapt_async:  # inside requests (sync) the cadence is adapt_every alone: reproducible
+                self._adapt_not_before = time.perf_counter() + took * (1 / self.config.adapt_duty - 1)
+            if self.model is not served or self.adapt_state is not state:
+                return  # the model changed or adaptation was reset meanwhile
+            served.runtime = runtime
+            self.adapt_state = new
+            self.state.save_adapt(new.version, served.sha, new.reason, new.to_npz_dict())
+
+    def wait_adaptation(self, timeout: float | None = None) -> None:
+        """Wait for an adaptation update running in the background (tests, benchmarks, shutdown)."""
+        t = self._adapting
+        if t is not None:
+            t.join(timeout)
+
+    def _tent(self, served: Served, state: AdaptState, window: InputWindow) -> AdaptState:
         try:
             from edgekit.agent.tent import adapt_entropy
         except ImportError:
@@ -383,7 +510,7 @@ class Agent:
         by_tensor = {la.name: la.tensor for la in served.layers}
         scale = {by_tensor[k]: v for k, v in {**ones, **state.scale}.items()}
         shift = {by_tensor[k]: v for k, v in {**zeros, **state.shift}.items()}
-        batch = self.window.batch()
+        batch = window.batch()
         try:
             new_scale, new_shift, info = adapt_entropy(model, layers, scale, shift, batch)
         except ImportError as exc:  # no torch on this device: tier (a) only, said once
@@ -398,16 +525,6 @@ class Agent:
         summary = f"entropy minimization on {info.get('selected')} of {info.get('samples')} samples"
         return AdaptState(state.version + 1, {back[k]: v for k, v in new_scale.items()},
                           {back[k]: v for k, v in new_shift.items()}, summary)
-
-    def _apply_adaptation(self, served: Served, new: AdaptState) -> None:
-        try:
-            runtime = self._runtime(served, self._overrides(served, new))
-        except EdgekitError as exc:
-            log.warning("adapted model does not load (%s); keeping the current one", exc.message)
-            return
-        served.runtime = runtime
-        self.adapt_state = new
-        self.state.save_adapt(new.version, served.sha, new.reason, new.to_npz_dict())
 
     def reset_adaptation(self, reason: str) -> None:
         """Back to the source model's parameters."""
@@ -427,11 +544,11 @@ class Agent:
     # -- reporting -----------------------------------------------------------------------------------------------
     def _flush(self) -> None:
         pending, self._pending = self._pending, {k: 0 for k in self._pending}
-        for name, n in pending.items():
-            if n:
-                self.state.bump(name, n)
+        self._flushed_at = time.monotonic()
+        self.state.bump_many(pending)
 
     def status(self) -> dict:
+        self.upload_writer.drain()
         with self._lock:
             self._flush()
             served = self.model
@@ -454,7 +571,8 @@ class Agent:
                                "version": self.adapt_state.version, "state": self.adapt_state.reason,
                                "layers": 0 if served is None else len(served.layers)},
                 "queue": {"size": self.state.queue_size(), "bytes_today": self.state.budget_used(day_of()),
-                          "budget_per_day": self.config.select.budget_bytes_per_day, **self.selector.stats},
+                          "budget_per_day": self.config.select.budget_bytes_per_day, **self.selector.stats,
+                          **self.upload_writer.stats},
                 "counters": self.state.counters(),
                 "events": self.state.events(10),
             }

@@ -9,7 +9,6 @@ borderline stream does not flap). numpy only.
 from __future__ import annotations
 
 import json
-import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ SKETCH_SCHEMA = 1
 class MonitorConfig:
     latency_window: int = 2048
     window: int = 100  # samples per drift check
-    check_every: int = 25
+    check_every: int = 50
     p_on: float = 1e-3
     p_off: float = 0.05
     on_checks: int = 2
@@ -90,13 +89,16 @@ class Monitor:
 
     def observe(self, latency_ms: float, scores: Mapping[str, np.ndarray]) -> None:
         self.latency.append(float(latency_ms))
+        self.observe_scores(scores)
+
+    def observe_scores(self, scores: Mapping[str, np.ndarray]) -> None:
+        """Per-sample scores of one or more samples (each value an array with one entry per sample)."""
         n = 0
         for name, values in scores.items():
             dq = self.recent.setdefault(name, deque(maxlen=self.cfg.window))
-            for v in np.atleast_1d(values):
-                if math.isfinite(v):
-                    dq.append(float(v))
-            n = len(np.atleast_1d(values))
+            vals = np.atleast_1d(np.asarray(values, np.float64))
+            dq.extend(vals[np.isfinite(vals)].tolist())
+            n = len(vals)
         before = self.seen
         self.seen += n
         if self.sketch is not None and self.seen // self.cfg.check_every != before // self.cfg.check_every:

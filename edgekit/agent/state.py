@@ -127,8 +127,15 @@ class State:
 
     # -- counters and events ------------------------------------------------------------------------------------
     def bump(self, name: str, by: int = 1) -> None:
-        self._tx([("INSERT INTO counters(name, value) VALUES (?, ?) "
-                   "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, int(by)))])
+        self.bump_many({name: by})
+
+    def bump_many(self, counts: Mapping[str, int]) -> None:
+        """Add to several counters in one transaction (zeros skipped)."""
+        stmts = [("INSERT INTO counters(name, value) VALUES (?, ?) "
+                  "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, int(n)))
+                 for name, n in counts.items() if n]
+        if stmts:
+            self._tx(stmts)
 
     def counters(self) -> dict[str, int]:
         with self._lock:
