@@ -14,8 +14,8 @@ import functools
 import logging
 import math
 import threading
-import weakref
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
