@@ -102,7 +102,8 @@ def _emit_json(data) -> None:
 # ---------------------------------------------------------------------------------------------- build
 _BUILD_OPTIONS = [
     click.option("--model", "-m", default="builtin:efficientnet-lite0", show_default=True,
-                 help="builtin:NAME (efficientnet-lite0, digits-cnn), package.module:factory, FILE.pt2 or FILE.onnx."),
+                 help="builtin:NAME (efficientnet-lite0, digits-cnn, digits-bn), package.module:factory, FILE.pt2 or "
+                      "FILE.onnx."),
     click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
                  show_default=True, help="Output folder; the bundle is written to OUT/NAME/ and OUT/NAME.ekb."),
     click.option("--input-shape", "input_shapes", multiple=True, metavar="N,C,H,W",
