@@ -97,6 +97,16 @@ def test_effnet_archive_manifest_and_lineage(effnet, tmp_path):
     assert SHA256.match(lineage["source_sha256"]) and lineage["source_sha256"] == effnet.report["model"]["sha256"]
     assert SHA256.match(lineage["calibration_sha256"]) and SHA256.match(lineage["evaluation_sha256"])
     assert {"edgekit", "torch", "onnx", "onnxruntime", "numpy"} <= set(lineage["versions"])
+    # what the agent reads: the drift reference and the BatchNorm-folded convolutions it may re-normalize
+    assert m["reference"] == {"sketch": "sketch.json", "adapt": "adapt.json"}
+    from edgekit.agent.monitor import Sketch
+    from edgekit.agent.normtable import load_table
+
+    sketch = Sketch.load(opened.root / "sketch.json")
+    assert sketch.samples == len(sketch.scores["entropy"]) and sketch.feature is not None
+    layers = load_table(opened.root / "adapt.json")
+    assert len(layers) >= 40 and {la.weight_kind for la in layers} <= {"qdq", "float"}
+    assert all(len(la.src_mean) == la.channels and min(la.src_std) > 0 for la in layers)
 
 
 def test_effnet_verify_reloads_source_from_lineage(run_cli, effnet):

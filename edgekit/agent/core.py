@@ -13,6 +13,7 @@ import atexit
 import functools
 import logging
 import math
+import random
 import threading
 import time
 import weakref
@@ -131,7 +132,7 @@ class Agent:
         self._last_output: dict | None = None
         self._warned_torch = False
         self._skip_rng = np.random.default_rng(0)
-        self._rng = np.random.default_rng(1)  # which requests are sampled for input statistics and upload
+        self._rng = random.Random(1)  # which requests measure input statistics (cheaper per call than numpy's)
         _OPEN_AGENTS.add(self)
         slots, opened = self.slots.recover(count_boot=boot)
         if opened is not None:
@@ -293,7 +294,9 @@ class Agent:
         moments = None
         for name, dtype, ndim, fixed in checks:
             try:
-                x = np.asarray(feeds[name], dtype=dtype)
+                x = feeds[name]
+                if type(x) is not np.ndarray or x.dtype != dtype:
+                    x = np.asarray(x, dtype=dtype)
             except KeyError:
                 raise AgentError(f"the model takes inputs {[c[0] for c in checks]}, got {sorted(feeds)}") from None
             except (TypeError, ValueError) as exc:
@@ -303,12 +306,12 @@ class Agent:
                 spec = next(s for s in served.inputs if s.name == name)
                 raise AgentError(f"input {name!r} has shape {list(shape)}; the model takes {list(spec.shape)}")
             if dtype.kind == "f":
-                if moments is None and len(x) == 1 and self._rng.random() * MOMENTS_EVERY < 1:
+                if moments is None and len(x) == 1 and self._rng.random() * MOMENTS_EVERY < 1.0:
                     mean, std, finite = input_moments(x)  # the monitor's input features, on a random subsample
                     moments = (mean, std)
                 elif self._full_check and len(x) == 1:  # one BLAS pass, no temporary: NaN/Inf propagate into it
                     v = x.reshape(-1)
-                    finite = bool(np.isfinite(np.dot(v, v)))
+                    finite = math.isfinite(v.dot(v))
                 elif len(x) == 1:  # input_check="sampled": the monitor's sampled requests only
                     finite = True
                 else:
