@@ -118,6 +118,7 @@ class Agent:
         self.upload_writer = UploadWriter(self.state, config.select.budget_bytes_per_day)
         self._rows: list[np.ndarray] = []
         self._moments: list = []
+        self._rms: list[float] = []
         self._adapting: threading.Thread | None = None
         self._adapt_not_before = 0.0
         self._flushed_at = time.monotonic()
@@ -292,6 +293,7 @@ class Agent:
             raise AgentError(f"the model takes inputs {[c[0] for c in checks]}, got {sorted(feeds)}")
         out = {}
         moments = None
+        rms = None
         for name, dtype, ndim, fixed in checks:
             try:
                 x = feeds[name]
@@ -309,17 +311,27 @@ class Agent:
                 if moments is None and len(x) == 1 and self._rng.random() * MOMENTS_EVERY < 1.0:
                     mean, std, finite = input_moments(x)  # the monitor's input features, on a random subsample
                     moments = (mean, std)
+                    if finite and rms is None:
+                        rms = math.sqrt(float(mean[0]) ** 2 + float(std[0]) ** 2)
                 elif self._full_check and len(x) == 1:  # one BLAS pass, no temporary: NaN/Inf propagate into it
                     v = x.reshape(-1)
-                    finite = math.isfinite(v.dot(v))
+                    ss = v.dot(v)
+                    finite = math.isfinite(ss)
+                    if finite and rms is None:
+                        rms = math.sqrt(ss / v.size)  # a free input feature on every request
                 elif len(x) == 1:  # input_check="sampled": the monitor's sampled requests only
                     finite = True
                 else:
                     mean, std, finite = input_moments(x)
-                    moments = moments or (mean, std)
+                    if moments is None:
+                        moments = (mean, std)
+                        if finite:
+                            self._rms.extend(np.sqrt(mean * mean + std * std).tolist())
                 if not finite:
                     raise AgentError(f"input {name!r} holds NaN or Inf values (or values beyond 1e19)")
             out[name] = x
+        if rms is not None:
+            self._rms.append(rms)
         return out, moments
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -374,7 +386,7 @@ class Agent:
             self._rows.append(logits.copy())
         if moments is not None:
             self._moments.append(moments)
-        if len(self._rows) < OBSERVE_BATCH and len(self._moments) < OBSERVE_BATCH:
+        if len(self._rows) < OBSERVE_BATCH and len(self._moments) < OBSERVE_BATCH and len(self._rms) < OBSERVE_BATCH:
             return
         scores = {}
         if self._rows:
@@ -385,7 +397,9 @@ class Agent:
         if self._moments:
             scores["input_mean"] = np.concatenate([m for m, _ in self._moments])
             scores["input_std"] = np.concatenate([s for _, s in self._moments])
-        self._rows, self._moments = [], []
+        if self._rms:
+            scores["input_rms"] = np.asarray(self._rms)
+        self._rows, self._moments, self._rms = [], [], []
         self.monitor.observe_scores(scores)
         if not self.adapt_state.is_source():
             reason = self.guard.collapsed()

@@ -15,7 +15,7 @@ import numpy as np
 # energy = -logsumexp(logits) (Liu et al. 2020): lower = more in-distribution.
 OUTPUT_SCORES = ("max_softmax", "entropy", "energy")
 # Input feature statistics per sample (any tensor): its mean and standard deviation.
-INPUT_FEATURES = ("input_mean", "input_std")
+INPUT_FEATURES = ("input_mean", "input_std", "input_rms")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,9 +40,10 @@ def output_scores(logits: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def input_features(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean and standard deviation of each sample of a batch ``[N, ...]``."""
+    """Mean, standard deviation and root mean square of each sample of a batch ``[N, ...]``."""
     flat = np.asarray(x, np.float64).reshape(len(x), -1)
-    return {"input_mean": flat.mean(axis=1), "input_std": flat.std(axis=1)}
+    return {"input_mean": flat.mean(axis=1), "input_std": flat.std(axis=1),
+            "input_rms": np.sqrt((flat * flat).mean(axis=1))}
 
 
 _ONES: dict[int, np.ndarray] = {}
