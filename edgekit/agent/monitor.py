@@ -82,6 +82,7 @@ class Monitor:
         self.alarms: dict[str, Alarm] = {}
         self.seen = 0
         self.alarm_changes = 0
+        self.drifting = False  # any alarm on (kept as an attribute: the request path reads it)
 
     def reset(self, sketch: Sketch | None) -> None:
         """A new model: new reference, fresh windows."""
@@ -114,10 +115,7 @@ class Monitor:
             was = alarm.on
             if alarm.update(d, p) != was:
                 self.alarm_changes += 1
-
-    @property
-    def drifting(self) -> bool:
-        return any(a.on for a in self.alarms.values())
+        self.drifting = any(a.on for a in self.alarms.values())
 
     def latency_percentiles(self) -> dict[str, float | None]:
         if not self.latency:

@@ -28,7 +28,7 @@ class SelectConfig:
     warmup: int = 50  # samples considered before anything is uploaded (the band needs a distribution)
     redundancy: float = 0.98  # cosine of the input to a recent upload above which a sample is redundant
     recent: int = 64
-    every: int = 4  # consider one request in this many (the budget allows few uploads; requests stay cheap)
+    every: int = 8  # consider one request in this many (the budget allows few uploads; requests stay cheap)
     feature_size: int = 1024  # inputs are compared through an evenly strided subsample of this many values
 
 
