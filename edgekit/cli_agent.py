@@ -122,7 +122,14 @@ def agent_run(state_dir: Path, pubkeys, port: int, host: str, install_bundle: st
     if install_bundle:
         res = a.install(install_bundle)
         log.info("installed version %s", res.get("version"))
-    server = make_server(a, host, port)
+    try:
+        server = make_server(a, host, port)
+    except OSError as exc:
+        a.close()
+        from edgekit.errors import AgentError
+
+        raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                         hint="choose another --port, or stop what is using it") from None
     click.echo(f"edgekit agent listening on http://{host}:{server.server_address[1]} (state {state_dir})", err=True)
     try:
         server.serve_forever()

@@ -206,3 +206,14 @@ def test_runtime_choice_for_other_formats(tmp_path):
     except ImportError:
         with pytest.raises(AgentError, match="TensorRT"):
             open_runtime({"artifact": {"format": "tensorrt-onnx", "path": "m.onnx"}}, tmp_path)
+
+
+def test_agent_run_reports_a_busy_port(run_cli, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        res = run_cli("agent", "run", "--state", tmp_path / "st", "--port", port, code=10)
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
