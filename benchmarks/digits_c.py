@@ -95,9 +95,9 @@ def main() -> None:
         try:
             import torch  # noqa: F401
 
-            import edgekit.agent.tent  # noqa: F401
+            import edgekit.agent_torch.tent  # noqa: F401
         except ImportError:
-            print("tent needs torch and edgekit.agent.tent; skipping it")
+            print("tent needs torch and edgekit.agent_torch.tent; skipping it")
             tiers.remove("tent")
     work = Path(tempfile.mkdtemp(prefix="digits-c-"))
     bundle = args.bundle or build_bundle(work)

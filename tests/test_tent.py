@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from edgekit.agent.onnx_torch import TorchGraph, UnsupportedOpError  # noqa: E402
-from edgekit.agent.tent import TorchRequiredError, adapt_entropy, torch_graph  # noqa: E402
+from edgekit.agent_torch.onnx_torch import TorchGraph, UnsupportedOpError  # noqa: E402
+from edgekit.agent_torch.tent import TorchRequiredError, adapt_entropy, torch_graph  # noqa: E402
 from edgekit.datasets import digits  # noqa: E402
 from edgekit.errors import ConfigError  # noqa: E402
 
@@ -414,7 +414,7 @@ def test_adapt_entropy_caches_the_graph_and_checks_its_arguments(bn_models):
 
 def test_tent_module_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import edgekit.agent, edgekit.agent.tent as t\n"
+            "import edgekit.agent, edgekit.agent_torch.tent as t\n"
             "try:\n"
             "    t.adapt_entropy(b'', [], {}, {}, None)\n"
             "except t.TorchRequiredError as e:\n"

@@ -10,7 +10,7 @@ Tier (a), forward-only:
   class assignment of the current sample is solved jointly with a window of recent ones under a kNN affinity of
   their features, with the model's probabilities as the prior. No parameter changes, so it cannot drift.
 Tier (b), where torch is present: entropy minimization of the same per-channel affine parameters (TENT/EATA,
-``edgekit.agent.tent``).
+``edgekit.agent_torch.tent``).
 
 Guardrails (``Guard``): adaptation state is versioned and bounded (a fixed window of inputs); on collapse signals
 (mean entropy far below the source's, or predictions concentrating on one class) the model is reset to source.

@@ -31,7 +31,7 @@ on the other side of a rounding boundary (float summation order), and the one-st
 int8: cosine 0.99999, top-1 100 %; EfficientNet-Lite0 int8 on 64 photos: mean per-sample cosine 0.9993, min 0.9988,
 top-1 100 %).
 
-Needs torch and onnx (this module imports torch at import time; ``edgekit.agent.tent`` imports it lazily).
+Needs torch and onnx (this module imports torch at import time; ``edgekit.agent_torch.tent`` imports it lazily).
 """
 
 from __future__ import annotations

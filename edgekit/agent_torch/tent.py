@@ -3,7 +3,7 @@
 The agent's adaptation state is, per norm layer (a Conv with a BatchNorm folded into it), a correction of that
 Conv's output tensor ``y' = scale[c] * y + shift[c]`` (``edgekit.agent.normtable``). The forward-only tier estimates
 ``scale``/``shift`` from statistics; this module is the gradient tier, used where torch is present: it runs the
-artifact in torch (``edgekit.agent.onnx_torch.TorchGraph``, QDQ graphs as fake-quant with a straight-through
+artifact in torch (``edgekit.agent_torch.onnx_torch.TorchGraph``, QDQ graphs as fake-quant with a straight-through
 gradient), takes the gradient of the prediction entropy with respect to ``scale`` and ``shift`` only, and returns
 updated values, which the agent then writes into the ONNX Runtime session as before.
 
@@ -73,7 +73,7 @@ def _model_bytes(model) -> bytes:
 def torch_graph(model):
     """The ``TorchGraph`` of ``model`` (ModelProto or bytes), converted once per distinct model and cached."""
     _require_torch()
-    from edgekit.agent.onnx_torch import TorchGraph
+    from edgekit.agent_torch.onnx_torch import TorchGraph
 
     data = _model_bytes(model)
     key = hashlib.sha256(data).hexdigest()
