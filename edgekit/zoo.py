@@ -154,6 +154,14 @@ def _digits_bn(ctx: Context):
 _IMAGENET_PRE = Preprocessing(size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 _DIGITS_PRE = Preprocessing(size=(8, 8), mean=(0.5,), std=(0.5,), channels=1)
 
+def _digits_entry(name: str, description: str, make: Callable[[Context], object]) -> BuiltinModel:
+    """A built-in on sklearn digits: one 8x8 grayscale input, its preprocessing, the built-in digits data."""
+    return BuiltinModel(name=name, description=description, make=make,
+                        inputs=(TensorSpec("input", ("batch", 1, 8, 8)),), output_names=("logits",),
+                        preprocessing=_DIGITS_PRE, task="classification", calib_data="builtin:digits",
+                        eval_data="builtin:digits")
+
+
 BUILTINS: dict[str, BuiltinModel] = {
     "efficientnet-lite0": BuiltinModel(
         name="efficientnet-lite0",
@@ -166,29 +174,11 @@ BUILTINS: dict[str, BuiltinModel] = {
         calib_data="builtin:photos",
         eval_data="builtin:photos",
     ),
-    "digits-cnn": BuiltinModel(
-        name="digits-cnn",
-        description="small CNN trained on first use on sklearn digits (8x8 grayscale), cached",
-        make=_digits_cnn,
-        inputs=(TensorSpec("input", ("batch", 1, 8, 8)),),
-        output_names=("logits",),
-        preprocessing=_DIGITS_PRE,
-        task="classification",
-        calib_data="builtin:digits",
-        eval_data="builtin:digits",
-    ),
-    "digits-bn": BuiltinModel(
-        name="digits-bn",
-        description="digits-cnn with BatchNorm after every conv (Conv-BN-ReLU), trained on first use on sklearn "
-        "digits, cached; for test-time adaptation",
-        make=_digits_bn,
-        inputs=(TensorSpec("input", ("batch", 1, 8, 8)),),
-        output_names=("logits",),
-        preprocessing=_DIGITS_PRE,
-        task="classification",
-        calib_data="builtin:digits",
-        eval_data="builtin:digits",
-    ),
+    "digits-cnn": _digits_entry(
+        "digits-cnn", "small CNN trained on first use on sklearn digits (8x8 grayscale), cached", _digits_cnn),
+    "digits-bn": _digits_entry(
+        "digits-bn", "digits-cnn with BatchNorm after every conv (Conv-BN-ReLU), trained on first use on sklearn "
+        "digits, cached; for test-time adaptation", _digits_bn),
 }
 
 DEFAULT_MODEL = "builtin:efficientnet-lite0"

@@ -14,6 +14,7 @@ Every backend has the ``Runtime`` protocol of ``edgekit.agent.runtime`` (``run(f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -157,10 +158,15 @@ def open_runtime(manifest: Mapping, root: Path, *, providers: Sequence[str] | No
         raise AgentError(f"this agent cannot run artifacts of format {fmt!r}", hint="upgrade edgekit on the device")
     libs = [Path(root) / lib for lib in art.get("custom_op_libraries", [])]
     source: Path | bytes = path
-    if extra_outputs:
-        source = with_outputs(path, extra_outputs)
+    if extra_outputs:  # cached: adaptation updates rebuild the session with the same extra outputs
+        source = _with_outputs_cached(str(path), tuple(extra_outputs), path.stat().st_mtime_ns)
     return OrtRuntime(source, threads=threads, providers=ort_providers(providers), overrides=overrides,
                       custom_op_libraries=libs)
+
+
+@functools.lru_cache(maxsize=4)
+def _with_outputs_cached(path: str, names: tuple[str, ...], mtime_ns: int) -> bytes:
+    return with_outputs(Path(path), names)
 
 
 def with_outputs(path: Path, names: Sequence[str]) -> bytes:

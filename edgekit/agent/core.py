@@ -77,6 +77,11 @@ class Served:
         return self.task == "classification"
 
     @functools.cached_property
+    def artifact_bytes(self) -> bytes:
+        """The artifact, read once: adaptation updates rebuild sessions from it."""
+        return (self.bundle.root / self.manifest["artifact"]["path"]).read_bytes()
+
+    @functools.cached_property
     def first_output(self) -> str:
         return self.outputs[0].name if self.outputs else self.runtime.output_names[0]
 
@@ -218,7 +223,7 @@ class Agent:
         if served.adapter is None:
             import onnx
 
-            model = onnx.load(str(served.bundle.root / served.manifest["artifact"]["path"]))
+            model = onnx.load_from_string(served.artifact_bytes)
             batched = all(isinstance(s.shape[0], str) for s in served.inputs if s.shape)
             served.adapter = NormAdapter(model, served.layers, prior=self.config.adapt_prior, batched=batched)
         return served.adapter
@@ -516,11 +521,11 @@ class Agent:
 
     def _tent(self, served: Served, state: AdaptState, window: InputWindow) -> AdaptState:
         try:
-            from edgekit.agent.tent import adapt_entropy
+            from edgekit.agent_torch.tent import adapt_entropy
         except ImportError:
             log.warning("tier (b) adaptation needs torch; using forward-only adaptation")
             return state
-        model = (served.bundle.root / served.manifest["artifact"]["path"]).read_bytes()
+        model = served.artifact_bytes
         layers = [la.to_dict() for la in served.layers]
         ones = {la.name: np.ones(la.channels, np.float32) for la in served.layers}
         zeros = {la.name: np.zeros(la.channels, np.float32) for la in served.layers}
