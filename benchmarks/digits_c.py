@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgekit import corrupt  # noqa: E402
 from edgekit.agent import Agent, AgentConfig  # noqa: E402
+from edgekit.agent.monitor import MonitorConfig  # noqa: E402
 from edgekit.agent.select import SelectConfig  # noqa: E402
 from edgekit.datasets import digits  # noqa: E402
 from edgekit.zoo import get_builtin  # noqa: E402
@@ -51,8 +52,10 @@ def build_bundle(out: Path) -> Path:
 def run_stream(bundle: Path, tier: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict]:
     """Feed ``x`` one sample at a time to a fresh agent; returns per-sample correctness and the queue stats."""
     with tempfile.TemporaryDirectory() as tmp:
-        config = AgentConfig(**TIERS[tier], adapt_async=False,  # updates inside the request: reproducible
-                             select=SelectConfig(budget_bytes_per_day=1 << 30, every=1))
+        # updates inside the request (reproducible); every request watched and considered for upload: on a model
+        # this small the agent's own cost is not the question here (the defaults watch a time-bounded sample)
+        config = AgentConfig(**TIERS[tier], adapt_async=False, monitor=MonitorConfig(time_share=None),
+                             select=SelectConfig(budget_bytes_per_day=1 << 30, every=1, time_share=None))
         agent = Agent.open(tmp, config)
         agent.install(bundle)
         name = agent.model.outputs[0].name

@@ -10,9 +10,11 @@ import pytest
 
 from edgekit.agent import Agent, AgentConfig
 from edgekit.agent.adapt import AdaptState, InputWindow, NormAdapter
+from edgekit.agent.monitor import MonitorConfig
 from edgekit.agent.normtable import load_table
 from edgekit.agent.probation import ProbationConfig
 from edgekit.agent.runtime import OrtRuntime
+from edgekit.agent.state import State
 from edgekit.bundle import open_bundle
 from edgekit.errors import AgentError, SignatureError
 from tests.agent_bundles import build_bundles, inputs
@@ -32,6 +34,7 @@ def _agent(tmp_path, **kw) -> Agent:
     kw.setdefault("adapt_when", "never")
     kw.setdefault("adapt_async", False)  # reproducible; test_background_adaptation covers the default
     kw.setdefault("probation", ProbationConfig(requests=20))
+    kw.setdefault("monitor", MonitorConfig(time_share=None))  # watch every request: deterministic tests
     return Agent.open(tmp_path / "state", AgentConfig(**kw))
 
 
@@ -124,11 +127,16 @@ def test_install_and_infer_match_the_runtime(bundles, v1_dir, tmp_path):
         agent.infer({"input": np.zeros((1, 3, 8, 8), np.float32)})
     with pytest.raises(AgentError, match="takes inputs"):
         agent.infer({"x": inputs(1)})
-    with pytest.raises(AgentError, match="NaN"):
-        agent.infer({"input": np.full((1, 3, 16, 16), np.nan, np.float32)})
+    nan = np.full((1, 3, 16, 16), np.nan, np.float32)
+    agent.infer({"input": nan})  # answered (as a raw session would); counted when watched (here: every request)
     st = agent.status()
-    assert st["counters"]["requests"] == 5 and st["latency_ms"]["p50"] > 0
+    assert st["counters"]["requests"] == 6 and st["latency_ms"]["p50"] > 0
     agent.close()
+    assert State(tmp_path / "state").counters()["nonfinite_inputs"] == 1  # the pending batch is scored at close
+    checking = Agent.open(tmp_path / "state", AgentConfig(check_inputs=True))
+    with pytest.raises(AgentError, match="NaN"):
+        checking.infer({"input": nan})
+    checking.close()
 
 
 def test_update_passes_probation_and_commits(bundles, tmp_path):
@@ -201,7 +209,8 @@ def test_untrusted_bundle_is_refused_and_serving_continues(bundles, tmp_path):
 def test_upload_selection_queue_and_budget(bundles, tmp_path):
     from edgekit.agent.select import SelectConfig
 
-    agent = _agent(tmp_path, select=SelectConfig(warmup=20, band=(0.2, 0.95), budget_bytes_per_day=20000, every=1))
+    agent = _agent(tmp_path, select=SelectConfig(warmup=20, band=(0.2, 0.95), budget_bytes_per_day=20000, every=1,
+                                                  time_share=None))
     agent.install(bundles["v1"])
     for x in inputs(120, seed=8):
         agent.infer({"input": x[None]})
@@ -238,11 +247,35 @@ def test_selector_band_and_redundancy():
     assert sel.consider({"x": x["x"] * 1.01 + 0.001}, 0.7) is None and sel.stats["redundant"] == 1  # a near-copy
 
 
+def test_sampler_keeps_a_task_within_its_time_share():
+    from edgekit.agent.sampler import FLOOR, Sampler
+
+    s = Sampler(every=4, time_share=0.01, seed=0)
+    assert s.p == 0.25  # at most one in `every` before any cost is known
+    for _ in range(3):
+        s.ran(cost_s=200e-6, latency_s=2.5e-3)  # 200 us of work per 2.5 ms run: 1 % allows one in eight
+    assert s.p == pytest.approx(0.01 * 2.5e-3 / 200e-6)
+    s.ran(cost_s=1.0, latency_s=2.5e-3)  # one slow call (a cold start) does not starve the task: the median rules
+    assert s.p == pytest.approx(0.01 * 2.5e-3 / 200e-6)
+    for _ in range(20):
+        s.ran(cost_s=1.0, latency_s=1e-3)
+    assert s.p == FLOOR  # never below the floor
+    for _ in range(20):
+        s.ran(cost_s=1e-6, latency_s=1e-3)
+    assert s.p == 0.25  # never above one in `every`
+    due = sum(s.due() for _ in range(40000))
+    assert 0.23 < due / 40000 < 0.27
+    free = Sampler(every=1, time_share=None)
+    free.ran(cost_s=1.0, latency_s=1e-6)
+    assert free.p == 1.0 and all(free.due() for _ in range(100))
+
+
 def test_drift_alarm_and_adaptation_on_shifted_stream(bundles, tmp_path):
     from edgekit.agent.monitor import MonitorConfig
 
     agent = _agent(tmp_path, adapt_when="drift", adapt_every=8,
-                   monitor=MonitorConfig(window=60, check_every=20, on_checks=2, off_checks=2))
+                   monitor=MonitorConfig(window=60, check_every=20, on_checks=2, off_checks=2,
+                                                 time_share=None))
     agent.install(bundles["v1"])
     for x in inputs(100, seed=10):
         agent.infer({"input": x[None]})

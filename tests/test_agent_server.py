@@ -90,7 +90,7 @@ def test_http_endpoints(server, bundles):
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             metrics[name] = float(value)
-    assert metrics["edgekit_requests_total"] == 3
+    assert metrics["edgekit_requests_total"] == 3 and metrics["edgekit_nonfinite_inputs_total"] == 0
     assert metrics['edgekit_model_info{name="tiny",version="1",slot="a",runtime="onnxruntime"}'] == 1
     assert "edgekit_latency_ms{quantile=\"50\"}" in metrics
     code, body, _ = _get(url + "/status")

@@ -28,7 +28,7 @@ import numpy as np
 
 from edgekit.agent import normtable
 from edgekit.agent.normtable import NormLayer
-from edgekit.agent.scores import entropy, softmax
+from edgekit.agent.scores import softmax
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,10 @@ class Guard:
         self.entropies.clear()
         self.preds.clear()
 
-    def observe(self, probs: np.ndarray) -> None:
-        probs = np.atleast_2d(probs)
-        for e, c in zip(entropy(probs), probs.argmax(axis=1)):
-            self.entropies.append(float(e))
-            self.preds.append(int(c))
+    def observe(self, entropies: np.ndarray, predictions: np.ndarray) -> None:
+        """Per-sample entropies and predicted classes of recent requests."""
+        self.entropies.extend(np.asarray(entropies, float).tolist())
+        self.preds.extend(np.asarray(predictions).astype(int).tolist())
 
     def collapsed(self) -> str | None:
         """A reason when the recent predictions show a collapse, else None (needs a full window)."""

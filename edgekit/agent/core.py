@@ -13,7 +13,6 @@ import atexit
 import functools
 import logging
 import math
-import random
 import threading
 import time
 import weakref
@@ -29,7 +28,8 @@ from edgekit.agent.config import AgentConfig
 from edgekit.agent.monitor import SKETCH_FILE, Monitor, Sketch
 from edgekit.agent.normtable import ADAPT_FILE, load_table
 from edgekit.agent.probation import Probation
-from edgekit.agent.scores import input_moments, output_scores, softmax
+from edgekit.agent.sampler import Sampler
+from edgekit.agent.scores import entropy, input_moments, output_scores, softmax
 from edgekit.agent.select import Selector, day_of
 from edgekit.agent.state import State
 from edgekit.agent.updater import Slotted
@@ -42,8 +42,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 2000  # requests between writes of the request counters (a power loss loses at most these counts)
 FLUSH_SECONDS = 30.0  # ... or this long, whichever comes first
-OBSERVE_BATCH = 16  # requests whose scores go to the monitor together
-MOMENTS_EVERY = 8  # one request in this many (at random) measures the input statistics; enough for KS tests
+OBSERVE_BATCH = 32  # watched requests whose scores go to the monitor together
 
 
 @dataclass
@@ -72,7 +71,7 @@ class Served:
     def sha(self) -> str:
         return self.manifest["artifact"]["sha256"]
 
-    @property
+    @functools.cached_property
     def classifier(self) -> bool:
         return self.task == "classification"
 
@@ -86,10 +85,21 @@ class Served:
         return self.outputs[0].name if self.outputs else self.runtime.output_names[0]
 
     @functools.cached_property
-    def checks(self) -> list[tuple[str, np.dtype, int, tuple[tuple[int, int], ...]]]:
-        """Per input: name, dtype, rank and the fixed dimensions, prepared once for the request path."""
-        return [(s.name, s.np_dtype, len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if isinstance(d, int)))
-                for s in self.inputs]
+    def checks(self) -> list[tuple[str, np.dtype, int, tuple[int, ...] | None, tuple[tuple[int, int], ...]]]:
+        """Per input, prepared once for the request path: name, dtype, rank, the dimensions after the first when
+        they are all fixed (one tuple comparison per request), else the fixed dimensions as (axis, size)."""
+        out = []
+        for s in self.inputs:
+            fixed = tuple((i, d) for i, d in enumerate(s.shape) if isinstance(d, int))
+            tail = tuple(s.shape[1:]) if all(isinstance(d, int) for d in s.shape[1:]) else None
+            out.append((s.name, s.np_dtype, len(s.shape), tail, () if tail is not None else fixed))
+        return out
+
+    @functools.cached_property
+    def tap_columns(self) -> tuple[int, int, int]:
+        """Where a classifier's tap row holds logsumexp, sum(p z) and argmax."""
+        return self.taps.column("lse"), self.taps.column("sum_pz"), self.taps.column("argmax")
+
 
 
 _OPEN_AGENTS: weakref.WeakSet = weakref.WeakSet()
@@ -119,11 +129,13 @@ class Agent:
         self.adapt_state = AdaptState()
         self.guard = Guard(config.guard, None, None)
         self.probation: Probation | None = None
-        self._pending = {"requests": 0, "errors": 0, "skipped": 0}
+        self._pending = {"requests": 0, "errors": 0, "skipped": 0, "nonfinite_inputs": 0, "nonfinite_outputs": 0}
         self.upload_writer = UploadWriter(self.state, config.select.budget_bytes_per_day)
+        # watched requests not yet scored: logits copies, input moments (mean, std, finite), output-finite flags
         self._rows: list[np.ndarray] = []
         self._moments: list = []
-        self._rms: list[float] = []
+        self._outputs_ok: list[bool] = []
+        self._watched_count = 0
         self._adapting: threading.Thread | None = None
         self._adapt_not_before = 0.0
         self._flushed_at = time.monotonic()
@@ -131,14 +143,17 @@ class Agent:
         self._lame_on = "lame" in config.adapt
         self._adapt_on = bool({"norm", "tent"} & set(config.adapt)) and config.adapt_when != "never"
         self._upload_on = config.upload
-        self._select_every = max(1, int(config.select.every))
-        self._full_check = config.input_check == "full"
+        self._check_inputs = config.check_inputs
+        self._skip_on = config.skip_similar is not None
+        self._adapt_always = config.adapt_when == "always"
+        # optional per-request work, on a sample of the requests within a share of the run time
+        self._watch = Sampler(config.monitor.every, config.monitor.time_share, seed=1)
+        self._select_sampler = Sampler(config.select.every, config.select.time_share, seed=2)
         self._since_adapt = 0
         self._last_input: np.ndarray | None = None
         self._last_output: dict | None = None
         self._warned_torch = False
         self._skip_rng = np.random.default_rng(0)
-        self._rng = random.Random(1)  # which requests measure input statistics (cheaper per call than numpy's)
         _OPEN_AGENTS.add(self)
         slots, opened = self.slots.recover(count_boot=boot)
         if opened is not None:
@@ -163,6 +178,8 @@ class Agent:
         self.wait_adaptation()
         self.upload_writer.close()
         with self._lock:
+            if self._watched_count:
+                self._observe()
             self._flush()
             self.state.close()
 
@@ -206,6 +223,7 @@ class Agent:
         served.runtime = self._runtime(served, self._overrides(served, self.adapt_state))
         self.model = served
         self.monitor.reset(served.sketch)
+        self._rows, self._moments, self._outputs_ok, self._watched_count = [], [], [], 0
         self.window.clear()
         self.lame.reset()
         ref_e = served.sketch.median("entropy") if served.sketch else None
@@ -290,16 +308,25 @@ class Agent:
             return {"slot": slots.active, "version": served.version, "reason": reason}
 
     # -- inference ---------------------------------------------------------------------------------------------
-    def _check(self, feeds: Mapping[str, np.ndarray], served: Served):
-        """The feeds as arrays of the model's dtypes, and, on a random quarter of the requests, the per-sample moments
-        of the first float input (the monitor's input features). Every float input is proven finite."""
+    def _check(self, feeds: Mapping[str, np.ndarray], served: Served) -> Mapping[str, np.ndarray]:
+        """The feeds as arrays of the model's dtypes and shapes (and, with ``check_inputs``, finite). The common
+        case (arrays of the right dtype and fixed trailing dimensions) takes one tight loop and returns ``feeds``."""
+        checks = served.checks
+        if len(feeds) == len(checks) and not self._check_inputs:
+            for name, dtype, ndim, tail, _ in checks:
+                x = feeds.get(name)
+                if type(x) is not np.ndarray or x.dtype is not dtype or x.shape[1:] != tail or x.ndim != ndim:
+                    break
+            else:
+                return feeds
+        return self._check_each(feeds, served)
+
+    def _check_each(self, feeds: Mapping[str, np.ndarray], served: Served) -> dict[str, np.ndarray]:
         checks = served.checks
         if len(feeds) != len(checks):
             raise AgentError(f"the model takes inputs {[c[0] for c in checks]}, got {sorted(feeds)}")
         out = {}
-        moments = None
-        rms = None
-        for name, dtype, ndim, fixed in checks:
+        for name, dtype, ndim, tail, fixed in checks:
             try:
                 x = feeds[name]
                 if type(x) is not np.ndarray or x.dtype != dtype:
@@ -309,46 +336,32 @@ class Agent:
             except (TypeError, ValueError) as exc:
                 raise AgentError(f"input {name!r} is not a {dtype} array: {exc}") from None
             shape = x.shape
-            if len(shape) != ndim or any(shape[i] != d for i, d in fixed):
+            if len(shape) != ndim or (shape[1:] != tail if tail is not None else any(shape[i] != d for i, d in fixed)):
                 spec = next(s for s in served.inputs if s.name == name)
                 raise AgentError(f"input {name!r} has shape {list(shape)}; the model takes {list(spec.shape)}")
-            if dtype.kind == "f":
-                if moments is None and len(x) == 1 and self._rng.random() * MOMENTS_EVERY < 1.0:
-                    mean, std, finite = input_moments(x)  # the monitor's input features, on a random subsample
-                    moments = (mean, std)
-                    if finite and rms is None:
-                        rms = math.sqrt(float(mean[0]) ** 2 + float(std[0]) ** 2)
-                elif self._full_check and len(x) == 1:  # one BLAS pass, no temporary: NaN/Inf propagate into it
-                    v = x.reshape(-1)
-                    ss = v.dot(v)
-                    finite = math.isfinite(ss)
-                    if finite and rms is None:
-                        rms = math.sqrt(ss / v.size)  # a free input feature on every request
-                elif len(x) == 1:  # input_check="sampled": the monitor's sampled requests only
-                    finite = True
-                else:
-                    mean, std, finite = input_moments(x)
-                    if moments is None:
-                        moments = (mean, std)
-                        if finite:
-                            self._rms.extend(np.sqrt(mean * mean + std * std).tolist())
-                if not finite:
+            if self._check_inputs and dtype.kind == "f":
+                v = x.reshape(-1)
+                if not math.isfinite(v.dot(v)):  # one BLAS pass; NaN/Inf propagate into it
                     raise AgentError(f"input {name!r} holds NaN or Inf values (or values beyond 1e19)")
             out[name] = x
-        if rms is not None:
-            self._rms.append(rms)
-        return out, moments
+        return out
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the serving model (adaptation applied); classifier logits come back as log-probabilities when LAME
-        output adaptation is on. Per request the agent only checks the input, runs the model and records; scores,
-        drift tests, upload selection and adaptation run in batches or in the background."""
+        output adaptation is on.
+
+        Every request: the inputs' dtypes and shapes are checked (and their values, with ``check_inputs``), the
+        model runs, its latency is recorded. The monitor watches a sample of the requests (``monitor.every`` and
+        ``monitor.time_share``: its scores, input statistics and NaN counts cost at most that share of the run
+        time) and the upload selection considers another (``select.every``, ``select.time_share``); drift tests run
+        on batches of watched requests, adaptation updates in the background. During a probation every output is
+        checked."""
         with self._lock:
             served = self.model
             if served is None:
                 raise AgentError("no model is installed", hint="install one with `edgekit agent install BUNDLE`")
-            feeds, moments = self._check(feeds, served)
-            skip = self.config.skip_similar is not None
+            feeds = self._check(feeds, served)
+            skip = self._skip_on
             if skip:
                 cached = self._skip(feeds)
                 if cached is not None:
@@ -358,26 +371,28 @@ class Agent:
                 out = served.runtime.run(feeds)
             except Exception as exc:
                 return self._failed(exc, feeds)
-            latency = (time.perf_counter() - t0) * 1e3
-            first = out[served.first_output]
-            if first.dtype.kind == "f" and not math.isfinite(first.sum()):
-                return self._failed(AgentError("the model produced NaN/Inf"), feeds)
+            latency = time.perf_counter() - t0
             n = self._pending["requests"] = self._pending["requests"] + 1
-            self.monitor.latency.append(latency)
-            logits = first if served.classifier else None
+            self.monitor.latency.append(latency * 1e3)
             if self.probation is not None:
-                verdict = self.probation.observe(feeds, out, latency, served.first_output, served.classifier)
-                if verdict is not None:
-                    self._decide(verdict)
-            if logits is not None and self._lame_on:
-                feature = self._feature(served)
-                probs = self.lame(logits, out.pop(feature) if feature in out else None)
-                out[served.first_output] = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)
-            self._observe(logits, moments)
-            if logits is not None:
-                if self._upload_on and n % self._select_every == 0:
-                    self._select(served, feeds, logits)
-                if self._adapt_on and served.layers:
+                if not self._probation_step(served, feeds, out, latency):
+                    return self.infer(feeds)  # rolled back: the previous model answers
+            first = out[served.first_output]
+            if self._watch.due():
+                t1 = time.perf_counter()
+                self._watched(served, feeds, first)
+                self._watch.ran(time.perf_counter() - t1, latency)
+            if served.classifier:
+                if self._upload_on and self._select_sampler.due() and self.upload_writer.open_today():
+                    t1 = time.perf_counter()
+                    self._select(served, feeds, first)
+                    self._select_sampler.ran(time.perf_counter() - t1, latency)
+                if self._lame_on:
+                    feature = self._feature(served)
+                    probs = self.lame(first, out.pop(feature) if feature in out else None)
+                    out[served.first_output] = np.log(np.clip(probs, 1e-12, 1.0)).astype(np.float32)
+                if self._adapt_on and served.layers and (self.monitor.drifting or self._adapt_always
+                                                         or not self.adapt_state.is_source()):
                     self._adapt_step(served, feeds)
             if n >= FLUSH_EVERY or (n % 64 == 0 and time.monotonic() - self._flushed_at > FLUSH_SECONDS):
                 self._flush()
@@ -385,26 +400,58 @@ class Agent:
                 self._last_output = out
             return out
 
-    def _observe(self, logits, moments) -> None:
-        """Queue this request's scores; every ``OBSERVE_BATCH`` requests they go to the monitor and the guard."""
-        if logits is not None:
-            self._rows.append(logits.copy())
-        if moments is not None:
-            self._moments.append(moments)
-        if len(self._rows) < OBSERVE_BATCH and len(self._moments) < OBSERVE_BATCH and len(self._rms) < OBSERVE_BATCH:
-            return
-        scores = {}
-        if self._rows:
-            z = np.concatenate([r.reshape(len(r), -1) for r in self._rows]).astype(np.float64)
-            scores = output_scores(z)
-            if not self.adapt_state.is_source():  # collapse can only follow adaptation
-                self.guard.observe(softmax(z))
+    def _probation_step(self, served: Served, feeds, out, latency: float) -> bool:
+        """During a probation every output is checked: NaN/Inf from finite inputs fails the new model (False: it
+        was rolled back, and the request must be answered again)."""
+        first = out[served.first_output]
+        if first.dtype.kind == "f" and not math.isfinite(first.sum()):
+            for name, x in feeds.items():
+                if x.dtype.kind == "f" and not np.isfinite(x).all():
+                    raise AgentError(f"input {name!r} holds NaN or Inf values")
+            self._pending["errors"] += 1
+            self.rollback("inference failed on probation: the model produced NaN/Inf")
+            return False
+        verdict = self.probation.observe(feeds, out, latency * 1e3, served.first_output, served.classifier)
+        if verdict is not None:
+            self._decide(verdict)
+        return True
+
+    def _watched(self, served: Served, feeds, first: np.ndarray) -> None:
+        """Record a watched request: a copy of a classifier's logits (or whether another model's output is finite)
+        and the moments of its first float input. They are scored in batches (``_observe``)."""
+        if served.classifier:
+            self._rows.append(np.array(first, np.float64).reshape(len(first), -1))
+        elif first.dtype.kind == "f":
+            ok = math.isfinite(first.sum())
+            self._outputs_ok.append(ok)
+        x = next((v for v in feeds.values() if v.dtype.kind == "f"), None)
+        if x is not None:
+            self._moments.append(input_moments(x))
+        self._watched_count += 1
+        if self._watched_count >= OBSERVE_BATCH:
+            self._observe()
+
+    def _observe(self) -> None:
+        """The watched requests' scores go to the monitor and the guard; NaN/Inf inputs and outputs are counted."""
+        scores: dict[str, np.ndarray] = {}
         if self._moments:
-            scores["input_mean"] = np.concatenate([m for m, _ in self._moments])
-            scores["input_std"] = np.concatenate([s for _, s in self._moments])
-        if self._rms:
-            scores["input_rms"] = np.asarray(self._rms)
-        self._rows, self._moments, self._rms = [], [], []
+            finite = np.concatenate([np.full(len(m), f) for m, _, f in self._moments])
+            mean = np.concatenate([m for m, _, _ in self._moments])[finite]
+            std = np.concatenate([s for _, s, _ in self._moments])[finite]
+            self._pending["nonfinite_inputs"] += int((~finite).sum())
+            scores.update(input_mean=mean, input_std=std, input_rms=np.sqrt(mean * mean + std * std))
+        bad_out = self._outputs_ok.count(False)
+        if self._rows:
+            z = np.concatenate(self._rows)
+            ok = np.isfinite(z).all(axis=1)
+            bad_out += int((~ok).sum())
+            z = z[ok]
+            if len(z):
+                scores.update(output_scores(z))
+                if not self.adapt_state.is_source():  # collapse can only follow adaptation
+                    self.guard.observe(scores["entropy"], z.argmax(axis=1))
+        self._pending["nonfinite_outputs"] += bad_out
+        self._rows, self._moments, self._outputs_ok, self._watched_count = [], [], [], 0
         self.monitor.observe_scores(scores)
         if not self.adapt_state.is_source():
             reason = self.guard.collapsed()
@@ -449,18 +496,20 @@ class Agent:
             self.rollback(f"probation failed: {detail}")
 
     def _select(self, served: Served, feeds, logits: np.ndarray) -> None:
-        """Upload selection for this request's first sample (one request in ``select.every`` gets here)."""
-        if not self.upload_writer.open_today():
+        """Upload selection of this request's first sample: the entropy band, then the redundancy test, then the
+        hand-over to the upload writer (which copies the sample)."""
+        z = np.asarray(logits, np.float64).reshape(len(logits), -1)[:1]
+        if not np.isfinite(z).all():
             return
-        from edgekit.agent.scores import entropy
-
-        p = softmax(np.asarray(logits).reshape(len(logits), -1)[:1])
+        p = softmax(z)
         e = float(entropy(p)[0])
+        if not self.selector.admit(e):
+            return
         sample = {k: v[:1] for k, v in feeds.items()}
-        feature = self.selector.consider(sample, e)
+        feature = self.selector.novel(sample)
         if feature is None:
             return
-        meta = {"entropy": e, "prediction": int(np.argmax(p[0])), "version": served.version}
+        meta = {"entropy": e, "prediction": int(p[0].argmax()), "version": served.version}
         if self.upload_writer.submit(sample, meta, served.sha):
             self.selector.accepted(feature)
 

@@ -31,6 +31,10 @@ class MonitorConfig:
     p_off: float = 0.05
     on_checks: int = 2
     off_checks: int = 3
+    # the requests the monitor watches (scores, input statistics, NaN counts): at most one in `every`, and within
+    # `time_share` of the model's run time (edgekit.agent.sampler; None: every request in `every`)
+    every: int = 1
+    time_share: float | None = 0.005
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ class Monitor:
             dq = self.recent.setdefault(name, deque(maxlen=self.cfg.window))
             vals = np.atleast_1d(np.asarray(values, np.float64))
             dq.extend(vals[np.isfinite(vals)].tolist())
-            n = len(vals)
+            n = max(n, len(vals))  # sampled features (input spread) have fewer values than the others
         before = self.seen
         self.seen += n
         if self.sketch is not None and self.seen // self.cfg.check_every != before // self.cfg.check_every:

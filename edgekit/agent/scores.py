@@ -52,7 +52,7 @@ _ONES: dict[int, np.ndarray] = {}
 def input_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """Per-sample mean and standard deviation of a float batch ``[N, ...]`` from two BLAS dot products per sample
     (with ones, and with itself), and whether every value is finite (NaN/Inf propagate into both). The agent runs
-    this on every request, so it is kept to the two fastest passes numpy has."""
+    this on the requests its monitor watches, so it is kept to the two fastest passes numpy has."""
     flat = x.reshape(len(x), -1)
     n = flat.shape[1]
     ones = _ONES.get(n)

@@ -11,6 +11,7 @@ accepted samples go to the durable queue (``state.State.enqueue``). numpy only.
 
 from __future__ import annotations
 
+import calendar
 import io
 import time
 from collections import deque
@@ -28,12 +29,18 @@ class SelectConfig:
     warmup: int = 50  # samples considered before anything is uploaded (the band needs a distribution)
     redundancy: float = 0.98  # cosine of the input to a recent upload above which a sample is redundant
     recent: int = 64
-    every: int = 8  # consider one request in this many (the budget allows few uploads; requests stay cheap)
+    every: int = 8  # consider at most one request in this many (at random; the budget allows few uploads anyway)
+    time_share: float | None = 0.0025  # ... and within this share of the model's run time (None: no time limit)
     feature_size: int = 1024  # inputs are compared through an evenly strided subsample of this many values
 
 
 def day_of(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(time.time() if t is None else t))
+
+
+def next_day(day: str) -> float:
+    """The time (``time.time()``) at which the UTC day after ``day`` (``YYYY-MM-DD``) starts."""
+    return calendar.timegm(time.strptime(day, "%Y-%m-%d")) + 86400.0
 
 
 def encode_sample(feeds: Mapping[str, np.ndarray]) -> bytes:
@@ -71,20 +78,25 @@ class Selector:
         x = x - x.mean()
         return x / (np.linalg.norm(x) + 1e-12)
 
-    def consider(self, feeds: Mapping[str, np.ndarray], entropy: float) -> np.ndarray | None:
-        """Whether to upload this sample (one sample): returns its feature vector when it should be queued (pass
-        it to ``accepted`` once it is), else None."""
+    def admit(self, entropy: float) -> bool:
+        """The entropy test (cheap; the request path runs it inline): records ``entropy`` in the running
+        distribution and says whether it lies in the band."""
         self.stats["seen"] += 1
         band = self.band()
-        self.entropies.append(float(entropy))
+        self.entropies.append(entropy)
         if band is None:
-            return None
+            return False
         if entropy < band[0]:
             self.stats["band_low"] += 1
-            return None
+            return False
         if entropy > band[1]:
             self.stats["band_high"] += 1
-            return None
+            return False
+        return True
+
+    def novel(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The redundancy test of an admitted sample: its feature vector when it is not too similar to a recent
+        upload (pass it to ``accepted`` once the sample is queued), else None."""
         x = self._feature(feeds)
         if self._filled and (self._feats.shape[1] != len(x) or
                              float(np.max(self._feats[: self._filled] @ x)) > self.cfg.redundancy):
@@ -93,6 +105,11 @@ class Selector:
                 return None
             self._feats, self._filled, self._next = None, 0, 0  # a model with another input: start over
         return x
+
+    def consider(self, feeds: Mapping[str, np.ndarray], entropy: float) -> np.ndarray | None:
+        """Whether to upload this sample (one sample): its feature vector when it should be queued (pass it to
+        ``accepted`` once it is), else None."""
+        return self.novel(feeds) if self.admit(float(entropy)) else None
 
     def accepted(self, feature: np.ndarray) -> None:
         if self._feats is None:

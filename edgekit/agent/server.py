@@ -49,6 +49,10 @@ def metrics_text(status: dict) -> str:
     metric("errors_total", "counter", "Inference requests that failed.", [({}, c.get("errors", 0))])
     metric("skipped_total", "counter", "Near-duplicate frames answered from the last result.",
            [({}, c.get("skipped", 0))])
+    metric("nonfinite_inputs_total", "counter", "Watched requests whose float input held NaN/Inf.",
+           [({}, c.get("nonfinite_inputs", 0))])
+    metric("nonfinite_outputs_total", "counter", "Watched requests whose output held NaN/Inf.",
+           [({}, c.get("nonfinite_outputs", 0))])
     metric("rollbacks_total", "counter", "Rollbacks to the previous model.", [({}, c.get("rollbacks", 0))])
     metric("adapt_resets_total", "counter", "Adaptation resets on collapse signals.", [({}, c.get("adapt_resets", 0))])
     lat = status["latency_ms"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
 
-from edgekit.agent.select import day_of, encode_sample
+from edgekit.agent.select import day_of, encode_sample, next_day
 from edgekit.agent.state import State
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,15 @@ class UploadWriter:
         self.state = state
         self.budget = int(budget_per_day)
         self._q: queue.Queue = queue.Queue(maxsize=backlog)
-        self._exhausted_day: str | None = None
+        self._closed_until = 0.0  # time.time() before which today's budget is known to be spent
         self.stats = {"dropped": 0, "over_budget": 0, "acknowledged": 0}
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def open_today(self) -> bool:
-        """False once today's budget is known to be spent (the day is UTC)."""
-        return self._exhausted_day != day_of()
+        """False once today's budget is known to be spent (the day is UTC). One float comparison: the request
+        path asks."""
+        return time.time() >= self._closed_until
 
     def submit(self, sample: Mapping[str, np.ndarray], meta: dict, model: str | None) -> bool:
         """Hand a sample (copied) to the writer; False when it was dropped because the writer is behind."""
@@ -63,7 +65,7 @@ class UploadWriter:
                 qid = self.state.enqueue(encode_sample(sample), meta, model=model, day=day, budget=self.budget)
                 if qid is None:
                     self.stats["over_budget"] += 1
-                    self._exhausted_day = day
+                    self._closed_until = next_day(day)
                 else:
                     self.stats["acknowledged"] += 1
             except Exception:  # noqa: BLE001 - the writer must survive a bad moment (disk full, ...)
