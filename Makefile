@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[build,agent,examples,dev]'
+	$(PY) -m pip install -q -e '.[build,agent,examples,sync,dev]'
 	touch $(STAMP)
 
 demo: install

@@ -452,8 +452,10 @@ def plan_show(path: Path, as_json: bool) -> None:
 
 def _register() -> None:
     from edgekit.cli_agent import agent
+    from edgekit.cli_sync import sync
 
     cli.add_command(agent)
+    cli.add_command(sync)
 
 
 _register()

@@ -131,10 +131,63 @@ def agent_run(state_dir: Path, pubkeys, port: int, host: str, install_bundle: st
         raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
                          hint="choose another --port, or stop what is using it") from None
     click.echo(f"edgekit agent listening on http://{host}:{server.server_address[1]} (state {state_dir})", err=True)
+    import threading
+
+    from edgekit.sync.client import SyncClient, enrolled
+
+    stop = threading.Event()
+    syncing = None
+    if enrolled(state_dir):  # enrolled with a sync server: heartbeats, installs and uploads in the background
+        syncing = threading.Thread(target=SyncClient(state_dir).run, args=(a, stop), name="edgekit-sync", daemon=True)
+        syncing.start()
+        click.echo("syncing with the enrolled server", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        stop.set()
         server.server_close()
+        if syncing is not None:
+            syncing.join(timeout=30)
+        a.close()
+
+
+@agent.command("enroll")
+@click.option("--server", required=True, help="The sync service's URL, e.g. http://host:8400.")
+@click.option("--token", required=True, help="A single-use enrollment token (`edgekit sync token --fleet F`).")
+@_STATE
+@click.option("--name", default="", help="A name for this device in the fleet's status.")
+def agent_enroll(server: str, token: str, state_dir: Path, name: str) -> None:
+    """Register this device with a sync server: it keeps its own key and pins the fleet's TUF root."""
+    from edgekit.sync.client import SyncClient
+
+    c = SyncClient.enroll(server, token, state_dir, name=name)
+    click.echo(f"enrolled as device {c.info['device_id'][:12]} in fleet {c.info['fleet']} ({server})")
+
+
+@agent.command("sync")
+@_STATE
+@click.option("--once", is_flag=True, help="One heartbeat (install the desired release, upload samples), then exit.")
+@click.option("--json", "as_json", is_flag=True)
+def agent_sync(state_dir: Path, once: bool, as_json: bool) -> None:
+    """Talk to the sync server this state is enrolled with: heartbeats, verified installs, sample uploads."""
+    from edgekit.sync.client import SyncClient
+
+    client = SyncClient(state_dir)
+    a = _open(state_dir)
+    try:
+        if once:
+            res = client.sync_once(a)
+            if as_json:
+                click.echo(json.dumps(res, indent=2, default=str))
+            else:
+                click.echo(f"serving {res['version']}, desired {res['desired']}, installed {res['installed']}, "
+                           f"uploaded {res['uploaded']} samples")
+        else:
+            try:
+                client.run(a)
+            except KeyboardInterrupt:
+                pass
+    finally:
         a.close()

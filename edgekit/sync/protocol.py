@@ -1,0 +1,183 @@
+"""The wire schemas the sync service and the device client share (pydantic; no torch, no server dependencies).
+
+Every request body is bounded (string lengths, list sizes) so that a malformed or hostile body is a 422 before any
+work is done. Versioned under ``/v1``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+API = "/v1"
+HEX64 = r"^[0-9a-f]{64}$"
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # fleet names: URL- and path-safe
+
+Hex64 = Annotated[str, Field(pattern=HEX64)]
+FleetName = Annotated[str, Field(pattern=NAME)]
+ShortText = Annotated[str, Field(max_length=500)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    hint: str | None = None
+
+
+# -- enrollment and device authentication -------------------------------------------------------------------------
+class EnrollRequest(_Strict):
+    token: Annotated[str, Field(min_length=16, max_length=128)]
+    public_key: Hex64  # the device's own ed25519 public key, raw, hex
+    name: Annotated[str, Field(max_length=100)] = ""
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    fleet: str
+    trusted_root: str  # the fleet's TUF root metadata (JSON text): the device pins it
+    metadata_path: str  # where the fleet's TUF metadata is served, relative to the server
+    blobs_path: str
+
+
+class ChallengeRequest(_Strict):
+    device_id: Hex64
+
+
+class ChallengeResponse(BaseModel):
+    nonce: str
+    expires_at: dt.datetime
+
+
+class TokenRequest(_Strict):
+    device_id: Hex64
+    nonce: Annotated[str, Field(max_length=1000)]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]  # ed25519 over the nonce's bytes
+
+
+class TokenResponse(BaseModel):
+    token: str
+    expires_at: dt.datetime
+
+
+# -- heartbeat, desired state -------------------------------------------------------------------------------------
+class Telemetry(_Strict):
+    requests: Annotated[int, Field(ge=0, le=10**15)] = 0  # since the device started counting
+    errors: Annotated[int, Field(ge=0, le=10**15)] = 0
+    latency_p50_ms: Annotated[float, Field(ge=0, le=1e7)] | None = None
+    latency_p90_ms: Annotated[float, Field(ge=0, le=1e7)] | None = None
+    drift_alarm: bool = False
+
+
+class Event(_Strict):
+    kind: Literal["installed", "install_failed", "rolled_back"]
+    version: Annotated[str, Field(max_length=64)] = ""
+    detail: ShortText = ""
+
+
+class Heartbeat(_Strict):
+    version: Annotated[str, Field(max_length=64)] | None = None  # the model version the device serves
+    telemetry: Telemetry = Field(default_factory=Telemetry)
+    events: Annotated[list[Event], Field(max_length=100)] = Field(default_factory=list)
+
+
+class Desired(BaseModel):
+    release_id: int
+    name: str
+    version: str
+    target: str  # the TUF target path: verify against the fleet's signed targets metadata
+    sha256: str
+    size: int
+
+
+class HeartbeatResponse(BaseModel):
+    desired: Desired | None
+    poll_after_s: int
+    etag: str
+
+
+# -- administration -----------------------------------------------------------------------------------------------
+class EnrollTokenCreate(_Strict):
+    ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 3600
+
+
+class EnrollTokenResponse(BaseModel):
+    token: str
+    fleet: str
+    expires_at: dt.datetime
+
+
+class Gates(_Strict):
+    """A stage advances only while every gate holds on the devices already running the new release."""
+
+    max_install_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.2
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_latency_ratio: Annotated[float, Field(gt=0, le=100)] = 1.5  # p90 vs the devices on the previous release
+    max_drift_share: Annotated[float, Field(ge=0, le=1)] = 0.5  # share of devices with the drift alarm on
+    min_reports: Annotated[int, Field(ge=0, le=10**6)] = 1  # healthy reports needed before a stage advances
+
+
+class RolloutCreate(_Strict):
+    release_id: Annotated[int, Field(ge=1)]
+    stages: Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(min_length=1, max_length=20)] = [1, 10, 50, 100]
+    gates: Gates = Field(default_factory=Gates)
+    stage_minutes: Annotated[float, Field(ge=0, le=7 * 1440)] = 10.0  # minimum time in a stage
+    stage_timeout_minutes: Annotated[float, Field(gt=0, le=30 * 1440)] = 24 * 60.0  # no progress: abort
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing_to_100(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])) or v[-1] != 100:
+            raise ValueError("stages must increase and end at 100")
+        return v
+
+
+class ReleaseInfo(BaseModel):
+    id: int
+    fleet: str
+    name: str
+    version: str
+    target: str
+    sha256: str
+    size: int
+    created_at: dt.datetime
+
+
+class RolloutInfo(BaseModel):
+    id: int
+    release_id: int
+    previous_id: int | None
+    version: str
+    stages: list[int]
+    stage: int
+    percent: int
+    status: str
+    reason: str
+    stage_started_at: dt.datetime
+
+
+class DeviceInfo(BaseModel):
+    id: str
+    name: str
+    version: str | None
+    last_seen: dt.datetime | None
+    online: bool
+
+
+class FleetStatus(BaseModel):
+    fleet: str
+    devices: list[DeviceInfo]
+    versions: dict[str, int]
+    current_release: ReleaseInfo | None
+    rollout: RolloutInfo | None
+
+
+class SampleAck(BaseModel):
+    id: int
+    sha256: str
+    size: int
+    bytes_left_today: int

@@ -1,0 +1,330 @@
+"""The sync service's state and operations, independent of HTTP: configuration, the database, the blob store, the
+TUF repositories (one per fleet, metadata in the database), enrollment, device sessions, heartbeats, publishing.
+``edgekit.sync.app`` puts HTTP in front of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from edgekit.errors import EdgekitError
+from edgekit.sync import auth, rollout
+from edgekit.sync.blobs import BlobTooLarge, open_store
+from edgekit.sync.db import (
+    AdminToken,
+    Device,
+    DeviceEvent,
+    EnrollToken,
+    Fleet,
+    Release,
+    Rollout,
+    Sample,
+    Setting,
+    TufMetadata,
+    make_engine,
+    migrate,
+    sessions,
+    utcnow,
+)
+from edgekit.sync.protocol import Desired, Heartbeat, RolloutCreate
+from edgekit.sync.tuf_repo import FleetRepository, Keyring
+
+log = logging.getLogger(__name__)
+
+
+class SyncError(EdgekitError):
+    """A request the service refuses; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+@dataclass
+class ServiceConfig:
+    db: str = "sqlite:///edgekit-sync/sync.db"
+    store: str = "edgekit-sync/blobs"
+    keys: Path = Path("edgekit-sync/keys")
+    admin_token: str | None = None  # registered (its hash) at start when given
+    max_bundle_bytes: int = 2 << 30
+    max_sample_bytes: int = 16 << 20
+    sample_bytes_per_day: int = 256 << 20  # per device
+    heartbeat_s: int = 30  # what devices are told to wait between heartbeats
+    online_s: int = 120  # a device seen this recently is online
+    tick_s: float = 5.0  # rollout gates and TUF expiry are checked this often
+
+
+class DbMetadataStore:
+    """TUF metadata of one fleet in the database, inside the caller's transaction."""
+
+    def __init__(self, session: Session, fleet: str) -> None:
+        self.s, self.fleet = session, fleet
+
+    def get(self, name: str) -> bytes | None:
+        row = self.s.get(TufMetadata, (self.fleet, name))
+        return None if row is None else bytes(row.data)
+
+    def put(self, name: str, data: bytes) -> None:
+        row = self.s.get(TufMetadata, (self.fleet, name))
+        if row is None:
+            self.s.add(TufMetadata(fleet=self.fleet, name=name, data=data))
+        else:
+            row.data = data
+        self.s.flush()
+
+
+TARGET_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class Service:
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        if cfg.db.startswith("sqlite:///") and not cfg.db.startswith("sqlite:///:memory:"):
+            Path(cfg.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(cfg.db)
+        migrate(self.engine)
+        self.sessions = sessions(self.engine)
+        self.store = open_store(cfg.store)
+        self.keys = Keyring.load_or_create(Path(cfg.keys))
+        with self.sessions.begin() as s:
+            self.macs = auth.Macs(bytes.fromhex(self._setting(s, "token_secret", lambda: secrets.token_hex(32))))
+            if cfg.admin_token:
+                h = auth.token_hash(cfg.admin_token)
+                if s.get(AdminToken, h) is None:
+                    s.add(AdminToken(token_hash=h, note="registered at start"))
+        self._fleet_cache: dict[str, tuple[float, tuple]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _setting(s: Session, key: str, make) -> str:  # noqa: ANN001 - a zero-argument factory
+        row = s.get(Setting, key)
+        if row is None:
+            try:
+                with s.begin_nested():
+                    s.add(Setting(key=key, value=make()))
+            except IntegrityError:  # another replica created it first
+                pass
+            row = s.get(Setting, key)
+        return row.value
+
+    # -- admin ------------------------------------------------------------------------------------------------------
+    def admin_ok(self, token: str | None) -> bool:
+        if not token:
+            return False
+        with self.sessions() as s:
+            return s.get(AdminToken, auth.token_hash(token)) is not None
+
+    def ensure_fleet(self, s: Session, name: str) -> Fleet:
+        fleet = s.get(Fleet, name)
+        if fleet is None:
+            fleet = Fleet(name=name)
+            s.add(fleet)
+            s.flush()
+            FleetRepository(DbMetadataStore(s, name), self.keys).init()
+        return fleet
+
+    def enroll_token(self, fleet: str, ttl_s: int) -> tuple[str, dt.datetime]:
+        token = auth.new_token("ekt_")
+        expires = utcnow() + dt.timedelta(seconds=ttl_s)
+        with self.sessions.begin() as s:
+            self.ensure_fleet(s, fleet)
+            s.add(EnrollToken(token_hash=auth.token_hash(token), fleet=fleet, expires_at=expires))
+        return token, expires
+
+    # -- devices ----------------------------------------------------------------------------------------------------
+    def enroll(self, token: str, public_key: str, name: str) -> tuple[Device, str]:
+        """Register a device key with a single-use token; returns the device and its fleet's trusted TUF root."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            row = s.get(EnrollToken, auth.token_hash(token), with_for_update=True)
+            if row is None or row.used_at is not None or row.expires_at < now:
+                raise SyncError(
+                    "the enrollment token is unknown, used or expired",
+                    403,
+                    hint="ask an admin for a new one: edgekit sync token --fleet NAME",
+                )
+            device_id = auth.device_id_for(public_key)
+            device = s.get(Device, device_id)
+            if device is not None and device.fleet != row.fleet:
+                raise SyncError("this device key is enrolled in another fleet", 409)
+            if device is None:
+                device = Device(id=device_id, fleet=row.fleet, public_key=public_key, name=name, telemetry={})
+                s.add(device)
+            row.used_at, row.device_id = now, device_id
+            root = FleetRepository(DbMetadataStore(s, row.fleet), self.keys).trusted_root()
+        return device, root.decode()
+
+    def challenge(self, device_id: str) -> tuple[str, dt.datetime]:
+        return self.macs.issue("challenge", device_id, auth.CHALLENGE_TTL, utcnow())
+
+    def device_token(self, device_id: str, nonce: str, signature: str) -> tuple[str, dt.datetime]:
+        now = utcnow()
+        if self.macs.check(nonce, "challenge", now) != device_id:
+            raise SyncError("the challenge is invalid or expired", 401, hint="ask for a new challenge")
+        with self.sessions() as s:
+            device = s.get(Device, device_id)
+        if device is None or not auth.signature_ok(device.public_key, auth.challenge_message(nonce), signature):
+            raise SyncError("the signature does not match the enrolled device key", 401)
+        return self.macs.issue("device", device_id, auth.DEVICE_TOKEN_TTL, now)
+
+    def device_for(self, token: str | None) -> str:
+        device_id = self.macs.check(token or "", "device", utcnow())
+        if device_id is None:
+            raise SyncError("a valid device token is required", 401, hint="authenticate with a signed challenge")
+        return device_id
+
+    def _fleet_state(self, s: Session, fleet: str) -> tuple:
+        """(current release id, active rollout as (id, percent, release id, previous id) or None), cached 1 s: the
+        heartbeat path reads it for every request."""
+        hit = self._fleet_cache.get(fleet)
+        if hit is not None and time.monotonic() - hit[0] < 1.0:
+            return hit[1]
+        f = s.get(Fleet, fleet)
+        r = rollout.latest_rollout(s, fleet)
+        active = None
+        if r is not None and r.status == "active":
+            active = (r.id, r.stages[r.stage], r.release_id, r.previous_id)
+        state = (f.current_release if f else None, active)
+        self._fleet_cache[fleet] = (time.monotonic(), state)
+        return state
+
+    def desired(self, s: Session, device: Device) -> Desired | None:
+        current, active = self._fleet_state(s, device.fleet)
+        rid = current
+        if active is not None:
+            rid = active[2] if rollout.cohort(device.id, active[0]) < active[1] else active[3]
+        if rid is None:
+            return None
+        r = s.get(Release, rid)
+        return Desired(release_id=r.id, name=r.name, version=r.version, target=r.target, sha256=r.sha256, size=r.size)
+
+    def heartbeat(self, device_id: str, hb: Heartbeat) -> Desired | None:
+        now = utcnow()
+        with self.sessions.begin() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                raise SyncError("unknown device", 404)
+            device.last_seen = now
+            t = hb.telemetry
+            prev = device.telemetry or {}
+            same = prev.get("version") == hb.version
+            device.version = hb.version
+            device.telemetry = {
+                "version": hb.version,
+                "at": now.isoformat(),
+                "requests": (prev.get("requests", 0) if same else 0) + t.requests,
+                "errors": (prev.get("errors", 0) if same else 0) + t.errors,
+                "latency_p50_ms": t.latency_p50_ms,
+                "latency_p90_ms": t.latency_p90_ms,
+                "drift_alarm": t.drift_alarm,
+            }
+            for e in hb.events:
+                s.add(DeviceEvent(device_id=device_id, kind=e.kind, version=e.version, detail=e.detail, at=now))
+            return self.desired(s, device)
+
+    def touch(self, device_id: str) -> Device:
+        with self.sessions.begin() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                raise SyncError("unknown device", 404)
+            device.last_seen = utcnow()
+            return device
+
+    def device_may_read(self, device: Device, sha256: str) -> bool:
+        with self.sessions() as s:
+            return (
+                s.scalars(
+                    select(Release.id).where(Release.fleet == device.fleet, Release.sha256 == sha256).limit(1)
+                ).first()
+                is not None
+            )
+
+    def add_sample(self, device_id: str, stream: BinaryIO, meta: dict) -> tuple[int, str, int, int]:
+        with self.sessions() as s:
+            device = s.get(Device, device_id)
+            day = utcnow().date().isoformat()
+            used = device.samples_bytes if device.samples_day == day else 0
+        left = self.cfg.sample_bytes_per_day - used
+        if left <= 0:
+            raise SyncError("this device's sample quota for today is used up", 429, hint="retry tomorrow (UTC)")
+        try:
+            sha, size = self.store.put_stream(stream, max_bytes=min(self.cfg.max_sample_bytes, left))
+        except BlobTooLarge:
+            if left < self.cfg.max_sample_bytes:
+                raise SyncError(f"this sample would pass the device's daily quota ({left:,} bytes left)", 429,
+                                hint="retry tomorrow (UTC)") from None
+            raise
+        with self.sessions.begin() as s:
+            device = s.get(Device, device_id, with_for_update=True)
+            if device.samples_day != day:
+                device.samples_day, device.samples_bytes = day, 0
+            device.samples_bytes += size
+            row = Sample(device_id=device_id, sha256=sha, size=size, meta=meta)
+            s.add(row)
+            s.flush()
+            return row.id, sha, size, self.cfg.sample_bytes_per_day - device.samples_bytes
+
+    # -- releases and rollouts --------------------------------------------------------------------------------------
+    def publish(self, fleet: str, stream: BinaryIO, name: str, version: str) -> Release:
+        """Store a bundle (streamed, size-limited) and add it to the fleet's signed TUF targets."""
+        sha, size = self.store.put_stream(stream, max_bytes=self.cfg.max_bundle_bytes)
+        target = TARGET_SAFE.sub("_", f"{name}-{version}.ekb")[:200]
+        with self.sessions.begin() as s:
+            f = self.ensure_fleet(s, fleet)
+            s.refresh(f, with_for_update=True)  # one publisher per fleet at a time: TUF versions stay monotonic
+            dup = s.scalars(select(Release).where(Release.fleet == fleet, Release.version == version)).first()
+            if dup is not None:
+                raise SyncError(
+                    f"fleet {fleet!r} already has a release with version {version!r}",
+                    409,
+                    hint="bump the bundle's version",
+                )
+            release = Release(fleet=fleet, name=name, version=version, target=target, sha256=sha, size=size)
+            s.add(release)
+            s.flush()
+            FleetRepository(DbMetadataStore(s, fleet), self.keys).add_target(
+                target, size, sha, {"version": version, "name": name, "release_id": release.id}
+            )
+        return release
+
+    def start_rollout(self, fleet: str, req: RolloutCreate) -> Rollout:
+        with self.sessions.begin() as s:
+            f = s.get(Fleet, fleet)
+            release = s.get(Release, req.release_id)
+            if f is None or release is None or release.fleet != fleet:
+                raise SyncError(f"fleet {fleet!r} has no release {req.release_id}", 404)
+            r = rollout.start(s, f, release, req.stages, req.gates, req.stage_minutes, req.stage_timeout_minutes)
+        self._fleet_cache.pop(fleet, None)
+        return r
+
+    def abort_rollout(self, fleet: str, reason: str) -> Rollout:
+        with self.sessions.begin() as s:
+            r = rollout.latest_rollout(s, fleet)
+            if r is None or r.status != "active":
+                raise SyncError(f"fleet {fleet!r} has no active rollout", 409)
+            rollout.abort(s, r, reason)
+        self._fleet_cache.pop(fleet, None)
+        return r
+
+    def tick(self, now: dt.datetime | None = None) -> dict[str, str]:
+        """Evaluate every active rollout's gates and keep every fleet's TUF timestamp/snapshot from expiring."""
+        results = {}
+        with self._lock, self.sessions.begin() as s:
+            for r in s.scalars(select(Rollout).where(Rollout.status == "active").with_for_update()).all():
+                results[r.fleet] = rollout.evaluate(s, r, now)
+                self._fleet_cache.pop(r.fleet, None)
+            for name in s.scalars(select(Fleet.name)).all():
+                FleetRepository(DbMetadataStore(s, name), self.keys).refresh()
+        return results
