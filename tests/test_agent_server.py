@@ -113,13 +113,16 @@ def test_agent_cli(run_cli, bundles, tmp_path):
 
 
 def test_agent_runs_without_torch(bundles, tmp_path):
-    """Devices may not have torch: import, install, infer and report with torch (and onnxscript) unimportable."""
+    """Devices may not have torch: import, install, infer and report with torch (and onnxscript, and the sync
+    service's packages) unimportable."""
     script = f"""
 import sys
-for name in ("torch", "onnxscript", "sklearn", "skimage"):
+for name in ("torch", "onnxscript", "sklearn", "skimage", "fastapi", "sqlalchemy"):
     sys.modules[name] = None
 import numpy as np
 from edgekit.agent import Agent, AgentConfig
+from edgekit.sync.client import SyncClient  # the device's sync client: no torch, no server packages
+from edgekit.sync.tuf_client import ReleaseVerifier
 cfg = AgentConfig(adapt_when="always", adapt_every=4, adapt=("norm", "lame", "tent"))
 a = Agent.open({str(tmp_path / 'state')!r}, cfg)
 a.install({str(bundles['v1'])!r})

@@ -223,3 +223,53 @@ def test_sample_uploads_quota_and_oversize(bundles, tmp_path):
                             {"Authorization": "Bearer wrong"})
         assert status == 401 and json.loads(body)["error"]
         assert _req(f"{srv.url}/v1/fleets/f/releases?name=x&version=..%2Fetc", "POST", b"y", admin)[0] == 422
+
+
+def test_sync_serve_command_starts_embedded(tmp_path):
+    """`edgekit sync serve` with nothing set up: SQLite and blobs in the data folder, an admin token written 0600,
+    the OpenAPI spec served; a second start reuses the token."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.sync_server import free_port
+
+    def start():
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "EDGEKIT_SYNC_ADMIN_TOKEN"}
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "sync", "serve", "--data", str(tmp_path / "d"),
+                                 "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if _req(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    return proc, port
+            except OSError:
+                time.sleep(0.2)
+        proc.kill()
+        raise AssertionError(proc.communicate()[1])
+
+    proc, port = start()
+    try:
+        token_file = tmp_path / "d" / "admin.token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        status, spec = _req(f"http://127.0.0.1:{port}/openapi.json")
+        assert status == 200 and "/v1/heartbeat" in json.loads(spec)["paths"]
+        assert _req(f"http://127.0.0.1:{port}/v1/fleets/x/tokens", "POST", b'{"ttl_s": 600}',
+                    {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})[0] == 200
+        assert (tmp_path / "d" / "sync.db").exists() and (tmp_path / "d" / "keys" / "root.pem").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "admin token" in err and "Traceback" not in err
+    proc, port = start()  # the same data folder: same token, schema already migrated
+    try:
+        assert _req(f"http://127.0.0.1:{port}/v1/fleets/x", headers={"Authorization": f"Bearer {token}"})[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "admin token" not in err and "Traceback" not in err
