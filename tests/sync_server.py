@@ -19,13 +19,14 @@ def free_port() -> int:
 class LiveServer:
     """``with LiveServer(tmp, db=...) as srv:`` → ``srv.url``, ``srv.service`` (call ``tick()`` to run the gates)."""
 
-    def __init__(self, data: Path, db: str | None = None, **cfg) -> None:
+    def __init__(self, data: Path, db: str | None = None, *, store: str | None = None, keys: Path | None = None,
+                 **cfg) -> None:
         from edgekit.sync.app import create_app
         from edgekit.sync.service import Service, ServiceConfig
 
         data.mkdir(parents=True, exist_ok=True)
-        self.config = ServiceConfig(db=db or f"sqlite:///{data / 'sync.db'}", store=str(data / "blobs"),
-                                    keys=data / "keys", admin_token=ADMIN, tick_s=3600, **cfg)
+        self.config = ServiceConfig(db=db or f"sqlite:///{data / 'sync.db'}", store=store or str(data / "blobs"),
+                                    keys=keys or data / "keys", admin_token=ADMIN, tick_s=3600, **cfg)
         self.service = Service(self.config)
         self.app = create_app(service=self.service)
         self.port = free_port()

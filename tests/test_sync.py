@@ -273,3 +273,28 @@ def test_sync_serve_command_starts_embedded(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert "admin token" not in err and "Traceback" not in err
+
+
+def test_two_replicas_share_one_postgres(bundles, tmp_path, request):
+    """Stateless replicas: two service instances on one PostgreSQL, one blob store and one set of keys. A device
+    enrolled through one is served by the other; a release published through one is signed metadata on both."""
+    url = fresh_database(request.getfixturevalue("pg_server").url)
+    try:
+        shared = {"db": url, "store": str(tmp_path / "blobs"), "keys": tmp_path / "keys"}  # S3 in production
+        with LiveServer(tmp_path / "a", **shared) as a, LiveServer(tmp_path / "b", **shared) as b:
+            tok = a.service.enroll_token("f", 600)[0]
+            client = SyncClient.enroll(a.url, tok, tmp_path / "dev")
+            blob = bundles["v1"].read_bytes()
+            status, body = _req(f"{b.url}/v1/fleets/f/releases?name=tiny&version=1", "POST", blob,
+                                {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/octet-stream"})
+            assert status == 200, body
+            rel = json.loads(body)
+            body = json.dumps({"release_id": rel["id"], "stages": [100]}).encode()
+            assert _req(f"{a.url}/v1/fleets/f/rollouts", "POST", body,
+                        {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})[0] == 200
+            client.server = b.url  # the device's next requests land on the other replica
+            hb = client.heartbeat(None, {"requests": 0}, [])
+            assert hb.desired is not None and hb.desired.sha256 == rel["sha256"]
+            assert client.download(hb.desired, tmp_path / "dl").read_bytes() == blob
+    finally:
+        drop_database(url)

@@ -268,6 +268,7 @@ class Service:
             raise
         with self.sessions.begin() as s:
             device = s.get(Device, device_id, with_for_update=True)
+            device.last_seen = utcnow()
             if device.samples_day != day:
                 device.samples_day, device.samples_bytes = day, 0
             device.samples_bytes += size
