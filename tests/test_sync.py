@@ -298,3 +298,29 @@ def test_two_replicas_share_one_postgres(bundles, tmp_path, request):
             assert client.download(hb.desired, tmp_path / "dl").read_bytes() == blob
     finally:
         drop_database(url)
+
+
+def test_client_retries_with_backoff_and_jitter_then_resumes(bundles, tmp_path):
+    """An unreachable server: the client retries with exponential backoff and full jitter, then gives up with a clear
+    error; events wait on disk and reach the server with the next heartbeat that gets through."""
+    with LiveServer(tmp_path / "server") as srv:
+        tok = srv.service.enroll_token("f", 600)[0]
+        SyncClient.enroll(srv.url, tok, tmp_path / "dev")
+        client = SyncClient(tmp_path / "dev")
+        client._auth()
+    delays: list[float] = []
+    client = SyncClient(tmp_path / "dev", attempts=4, backoff=0.5, sleep=delays.append)
+    client._token = ("stale", 1e12)  # skip authentication: the heartbeat itself must retry
+    client._queue_event({"kind": "install_failed", "version": "9", "detail": "disk full"})
+    with pytest.raises(SyncClientError, match="after 4 attempts"):
+        client.heartbeat(None, {"requests": 1}, client._events())
+    assert len(delays) == 3 and all(0 <= d <= 0.5 * 2 ** i for i, d in enumerate(delays))
+    assert client._events()[0]["detail"] == "disk full"  # still queued
+    with LiveServer(tmp_path / "server") as srv:  # the server is back (same data, new port)
+        client.server = srv.url
+        client._token = None
+        client.heartbeat(None, {"requests": 1}, client._events())
+        with srv.service.sessions() as s:
+            from edgekit.sync.db import DeviceEvent
+
+            assert [e.detail for e in s.query(DeviceEvent).all()] == ["disk full"]
