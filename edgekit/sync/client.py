@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -37,6 +38,7 @@ from edgekit.sync.protocol import API, Desired, HeartbeatResponse
 log = logging.getLogger(__name__)
 
 SYNC_DIR = "sync"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 CHALLENGE = b"edgekit-sync-challenge:"  # what auth.challenge_message prefixes (the server checks the same bytes)
 
 
@@ -271,7 +273,8 @@ class SyncClient:
         events = self._events()
         installed = self.info.get("installed")
         if installed and version != installed["version"]:  # the agent's probation rolled it back
-            events.append({"kind": "rolled_back", "version": installed["version"], "detail": "probation failed"})
+            self._queue_event({"kind": "rolled_back", "version": installed["version"], "detail": "probation failed"})
+            events = self._events()
             self.info.setdefault("refused", []).append(installed["sha256"])
             self.info["installed"] = None
         counters = st["counters"]
@@ -339,7 +342,10 @@ class SyncClient:
         atomic_write_text(self.dir / "events.json", json.dumps(events[-100:]))
 
     def _queue_event(self, event: dict) -> None:
-        self._save_events([*self._events(), event])
+        """Queue an event for the next heartbeat; its text is made what the protocol accepts (no control characters,
+        bounded), so that one odd error message can never block the heartbeats."""
+        clean = {k: _CONTROL.sub(" ", str(v))[: 64 if k == "version" else 500] for k, v in event.items()}
+        self._save_events([*self._events(), clean])
 
 
 def _http(method: str, url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, dict, bytes]:

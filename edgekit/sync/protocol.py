@@ -15,9 +15,12 @@ API = "/v1"
 HEX64 = r"^[0-9a-f]{64}$"
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # fleet names: URL- and path-safe
 
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"  # free text: no NUL (PostgreSQL refuses it) and no control characters
+
 Hex64 = Annotated[str, Field(pattern=HEX64)]
 FleetName = Annotated[str, Field(pattern=NAME)]
-ShortText = Annotated[str, Field(max_length=500)]
+ShortText = Annotated[str, Field(max_length=500, pattern=NO_CONTROL)]
+Version = Annotated[str, Field(max_length=64, pattern=NO_CONTROL)]
 
 
 class _Strict(BaseModel):
@@ -33,7 +36,7 @@ class ErrorBody(BaseModel):
 class EnrollRequest(_Strict):
     token: Annotated[str, Field(min_length=16, max_length=128)]
     public_key: Hex64  # the device's own ed25519 public key, raw, hex
-    name: Annotated[str, Field(max_length=100)] = ""
+    name: Annotated[str, Field(max_length=100, pattern=NO_CONTROL)] = ""
 
 
 class EnrollResponse(BaseModel):
@@ -66,8 +69,8 @@ class TokenResponse(BaseModel):
 
 # -- heartbeat, desired state -------------------------------------------------------------------------------------
 class Telemetry(_Strict):
-    requests: Annotated[int, Field(ge=0, le=10**15)] = 0  # since the device started counting
-    errors: Annotated[int, Field(ge=0, le=10**15)] = 0
+    requests: Annotated[int, Field(ge=0, le=10**15)] = 0  # since the last heartbeat
+    errors: Annotated[int, Field(ge=0, le=10**15)] = 0  # since the last heartbeat
     latency_p50_ms: Annotated[float, Field(ge=0, le=1e7)] | None = None
     latency_p90_ms: Annotated[float, Field(ge=0, le=1e7)] | None = None
     drift_alarm: bool = False
@@ -75,12 +78,12 @@ class Telemetry(_Strict):
 
 class Event(_Strict):
     kind: Literal["installed", "install_failed", "rolled_back"]
-    version: Annotated[str, Field(max_length=64)] = ""
+    version: Version = ""
     detail: ShortText = ""
 
 
 class Heartbeat(_Strict):
-    version: Annotated[str, Field(max_length=64)] | None = None  # the model version the device serves
+    version: Version | None = None  # the model version the device serves
     telemetry: Telemetry = Field(default_factory=Telemetry)
     events: Annotated[list[Event], Field(max_length=100)] = Field(default_factory=list)
 
