@@ -73,8 +73,10 @@ class Macs:
 
     def check(self, token: str, kind: str, now: dt.datetime) -> str | None:
         """The subject of a valid, unexpired token of this kind, else None."""
+        if len(token) > 1000 or not token.isascii():
+            return None
         body, _, mac = token.partition(".")
-        if not body or not mac or len(token) > 1000 or not hmac.compare_digest(mac, self._mac(body)):
+        if not body or not mac or not hmac.compare_digest(mac, self._mac(body)):
             return None
         try:
             payload = json.loads(_unb64(body))

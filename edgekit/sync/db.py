@@ -13,7 +13,9 @@ from pathlib import Path
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -93,7 +95,13 @@ class Device(Base):
     enrolled_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     last_seen: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the model version it serves
-    telemetry: Mapped[dict] = mapped_column(JSON, default=dict)  # its last report
+    # telemetry of the version it serves, accumulated by the service (columns, so that a heartbeat is one UPDATE)
+    tel_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tel_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    tel_errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    tel_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tel_p90_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tel_drift: Mapped[bool] = mapped_column(Boolean, default=False)
     samples_day: Mapped[str] = mapped_column(String(10), default="")
     samples_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # uploaded on samples_day
 
@@ -160,7 +168,8 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # a short busy timeout: the heartbeat route runs in the event loop, and must not wait long on the lock
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 5})
 
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _record) -> None:  # noqa: ANN001 - DBAPI connection

@@ -125,7 +125,7 @@ class Gates(_Strict):
 
 
 class RolloutCreate(_Strict):
-    release_id: Annotated[int, Field(ge=1)]
+    release_id: Annotated[int, Field(ge=1, le=2**31 - 1)]
     stages: Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(min_length=1, max_length=20)] = [1, 10, 50, 100]
     gates: Gates = Field(default_factory=Gates)
     stage_minutes: Annotated[float, Field(ge=0, le=7 * 1440)] = 10.0  # minimum time in a stage

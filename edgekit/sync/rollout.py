@@ -98,22 +98,13 @@ def stage_health(s: Session, rollout: Rollout) -> dict:
         )
         or 0
     )
-    reporting = [
-        d
-        for d in on_new
-        if (d.telemetry or {}).get("version") == release.version and (d.telemetry or {}).get("requests", 0) > 0
-    ]
-    requests = sum(d.telemetry.get("requests", 0) for d in reporting)
-    errors = sum(d.telemetry.get("errors", 0) for d in reporting)
-    p90_new = [d.telemetry["latency_p90_ms"] for d in reporting if d.telemetry.get("latency_p90_ms")]
-    p90_old = [
-        d.telemetry["latency_p90_ms"]
-        for d in devices
-        if previous is not None
-        and d.version == previous.version
-        and (d.telemetry or {}).get("version") == previous.version
-        and d.telemetry.get("latency_p90_ms")
-    ]
+    reporting = [d for d in on_new if d.tel_version == release.version and d.tel_requests > 0]
+    requests = sum(d.tel_requests for d in reporting)
+    errors = sum(d.tel_errors for d in reporting)
+    p90_new = [d.tel_p90_ms for d in reporting if d.tel_p90_ms]
+    p90_old = [d.tel_p90_ms for d in devices if previous is not None and d.version == previous.version
+               and d.tel_version == previous.version and d.tel_p90_ms]
+    drift_share = sum(d.tel_drift for d in reporting) / len(reporting) if reporting else 0.0
     return {
         "percent": pct,
         "targeted": len(targeted),
@@ -123,9 +114,7 @@ def stage_health(s: Session, rollout: Rollout) -> dict:
         "install_failure_rate": failed / max(1, len(on_new) + failed),
         "error_rate": errors / requests if requests else 0.0,
         "latency_ratio": (statistics.median(p90_new) / statistics.median(p90_old)) if p90_new and p90_old else None,
-        "drift_share": (
-            sum(bool(d.telemetry.get("drift_alarm")) for d in reporting) / len(reporting) if reporting else 0.0
-        ),
+        "drift_share": drift_share,
     }
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ from edgekit.sync.db import (
     Sample,
     Setting,
     TufMetadata,
+    UtcDateTime,
     make_engine,
     migrate,
     sessions,
@@ -88,6 +89,22 @@ class DbMetadataStore:
 TARGET_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def _heartbeat_statement():
+    """The heartbeat's UPDATE, built once (SQLAlchemy caches its compiled form): telemetry counts add up while the
+    device serves the same version and restart with a new one."""
+    d = Device.__table__
+    same = d.c.tel_version.is_not_distinct_from(bindparam("v", type_=String()))
+    return (update(d).where(d.c.id == bindparam("did")).values(
+        last_seen=bindparam("now", type_=UtcDateTime()), version=bindparam("v"), tel_version=bindparam("v"),
+        tel_requests=case((same, d.c.tel_requests + bindparam("r")), else_=bindparam("r")),
+        tel_errors=case((same, d.c.tel_errors + bindparam("e")), else_=bindparam("e")),
+        tel_p50_ms=bindparam("p50"), tel_p90_ms=bindparam("p90"), tel_drift=bindparam("drift"),
+    ).returning(d.c.fleet))
+
+
+_HEARTBEAT = _heartbeat_statement()
+
+
 class Service:
     def __init__(self, cfg: ServiceConfig) -> None:
         self.cfg = cfg
@@ -105,6 +122,7 @@ class Service:
                 if s.get(AdminToken, h) is None:
                     s.add(AdminToken(token_hash=h, note="registered at start"))
         self._fleet_cache: dict[str, tuple[float, tuple]] = {}
+        self._releases: dict[int, Desired] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -160,7 +178,7 @@ class Service:
             if device is not None and device.fleet != row.fleet:
                 raise SyncError("this device key is enrolled in another fleet", 409)
             if device is None:
-                device = Device(id=device_id, fleet=row.fleet, public_key=public_key, name=name, telemetry={})
+                device = Device(id=device_id, fleet=row.fleet, public_key=public_key, name=name)
                 s.add(device)
             row.used_at, row.device_id = now, device_id
             root = FleetRepository(DbMetadataStore(s, row.fleet), self.keys).trusted_root()
@@ -201,38 +219,40 @@ class Service:
         return state
 
     def desired(self, s: Session, device: Device) -> Desired | None:
-        current, active = self._fleet_state(s, device.fleet)
+        return self._desired(s, device.fleet, device.id)
+
+    def _desired(self, s: Session, fleet: str, device_id: str) -> Desired | None:
+        current, active = self._fleet_state(s, fleet)
         rid = current
         if active is not None:
-            rid = active[2] if rollout.cohort(device.id, active[0]) < active[1] else active[3]
+            rid = active[2] if rollout.cohort(device_id, active[0]) < active[1] else active[3]
         if rid is None:
             return None
-        r = s.get(Release, rid)
-        return Desired(release_id=r.id, name=r.name, version=r.version, target=r.target, sha256=r.sha256, size=r.size)
+        hit = self._releases.get(rid)  # release rows never change: cached
+        if hit is None:
+            r = s.get(Release, rid)
+            hit = self._releases[rid] = Desired(release_id=r.id, name=r.name, version=r.version, target=r.target,
+                                                sha256=r.sha256, size=r.size)
+        return hit
 
     def heartbeat(self, device_id: str, hb: Heartbeat) -> Desired | None:
+        """Record a heartbeat in one prepared UPDATE (telemetry accumulates per served version) and answer the
+        desired release from cached fleet state: the path every device takes every ``heartbeat_s``, so it skips the
+        ORM."""
         now = utcnow()
-        with self.sessions.begin() as s:
-            device = s.get(Device, device_id)
-            if device is None:
+        t = hb.telemetry
+        params = {"did": device_id, "now": now, "v": hb.version, "r": t.requests, "e": t.errors,
+                  "p50": t.latency_p50_ms, "p90": t.latency_p90_ms, "drift": t.drift_alarm}
+        with self.engine.begin() as conn:
+            fleet = conn.execute(_HEARTBEAT, params).scalar()
+            if fleet is None:
                 raise SyncError("unknown device", 404)
-            device.last_seen = now
-            t = hb.telemetry
-            prev = device.telemetry or {}
-            same = prev.get("version") == hb.version
-            device.version = hb.version
-            device.telemetry = {
-                "version": hb.version,
-                "at": now.isoformat(),
-                "requests": (prev.get("requests", 0) if same else 0) + t.requests,
-                "errors": (prev.get("errors", 0) if same else 0) + t.errors,
-                "latency_p50_ms": t.latency_p50_ms,
-                "latency_p90_ms": t.latency_p90_ms,
-                "drift_alarm": t.drift_alarm,
-            }
-            for e in hb.events:
-                s.add(DeviceEvent(device_id=device_id, kind=e.kind, version=e.version, detail=e.detail, at=now))
-            return self.desired(s, device)
+            if hb.events:
+                conn.execute(DeviceEvent.__table__.insert(), [
+                    {"device_id": device_id, "kind": e.kind, "version": e.version, "detail": e.detail, "at": now}
+                    for e in hb.events])
+            with Session(bind=conn) as s:  # only used when the fleet's cached state is older than a second
+                return self._desired(s, fleet, device_id)
 
     def touch(self, device_id: str) -> Device:
         with self.sessions.begin() as s:
@@ -254,6 +274,8 @@ class Service:
     def add_sample(self, device_id: str, stream: BinaryIO, meta: dict) -> tuple[int, str, int, int]:
         with self.sessions() as s:
             device = s.get(Device, device_id)
+            if device is None:
+                raise SyncError("unknown device", 404)
             day = utcnow().date().isoformat()
             used = device.samples_bytes if device.samples_day == day else 0
         left = self.cfg.sample_bytes_per_day - used

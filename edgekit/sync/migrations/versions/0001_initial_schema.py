@@ -52,7 +52,12 @@ def upgrade() -> None:
         sa.Column("enrolled_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_seen", sa.DateTime(timezone=True), nullable=True),
         sa.Column("version", sa.String(length=64), nullable=True),
-        sa.Column("telemetry", sa.JSON(), nullable=False),
+        sa.Column("tel_version", sa.String(length=64), nullable=True),
+        sa.Column("tel_requests", sa.BigInteger(), nullable=False),
+        sa.Column("tel_errors", sa.BigInteger(), nullable=False),
+        sa.Column("tel_p50_ms", sa.Float(), nullable=True),
+        sa.Column("tel_p90_ms", sa.Float(), nullable=True),
+        sa.Column("tel_drift", sa.Boolean(), nullable=False),
         sa.Column("samples_day", sa.String(length=10), nullable=False),
         sa.Column("samples_bytes", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
