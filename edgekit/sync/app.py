@@ -72,7 +72,7 @@ def _fleet_name(fleet: str) -> str:
 async def _spool(request: Request, limit: int) -> tempfile.SpooledTemporaryFile:
     """The request body in a spooled temporary file (on disk past 1 MiB), refused as soon as it passes ``limit``."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise SyncError(f"the body is {int(declared):,} bytes; the limit is {limit:,}", 413)
     f = tempfile.SpooledTemporaryFile(max_size=1 << 20)
     size = 0
@@ -84,6 +84,10 @@ async def _spool(request: Request, limit: int) -> tempfile.SpooledTemporaryFile:
         f.write(chunk)
     f.seek(0)
     return f
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -237,7 +241,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         request: Request, device_id: str = Depends(device), meta: str = Query("{}", max_length=4000)
     ) -> SampleAck:
         try:
-            meta_obj = json.loads(meta)
+            meta_obj = json.loads(meta, parse_constant=_no_constants)  # NaN/Infinity: PostgreSQL's json refuses them
         except (ValueError, RecursionError):
             raise SyncError("meta must be a JSON object", 422) from None
         if not isinstance(meta_obj, dict):
@@ -253,6 +257,8 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
     def tuf_reader(fleet: str, authorization: str | None = Header(None)) -> str:
         token = _bearer(authorization)
         if svc.admin_ok(token):
+            if not FLEET.fullmatch(fleet):  # never reaches a query (PostgreSQL refuses NUL in text)
+                raise SyncError("no such fleet", 404)
             return fleet
         dev = svc.touch(svc.device_for(token))
         if dev.fleet != fleet:
