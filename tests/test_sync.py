@@ -324,3 +324,46 @@ def test_client_retries_with_backoff_and_jitter_then_resumes(bundles, tmp_path):
             from edgekit.sync.db import DeviceEvent
 
             assert [e.detail for e in s.query(DeviceEvent).all()] == ["disk full"]
+
+
+@pytest.mark.e2e
+def test_agent_run_syncs_in_the_background(bundles, tmp_path, run_cli):
+    """`edgekit agent run` on an enrolled state installs the fleet's desired release by itself and reports it."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.sync_server import free_port
+
+    with LiveServer(tmp_path / "server") as srv:
+        common = ["--server", srv.url, "--admin-token", ADMIN]
+        token = run_cli("sync", "token", "--fleet", "cameras", *common).stdout.strip()
+        state = tmp_path / "device"
+        run_cli("agent", "enroll", "--server", srv.url, "--token", token, "--state", state)
+        run_cli("sync", "publish", bundles["v1"], "--fleet", "cameras", "--stages", "100", "--stage-minutes", "0",
+                *common)
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "agent", "run", "--state", str(state),
+                                 "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline, version = time.monotonic() + 90, None
+            while time.monotonic() < deadline and version != 1:
+                time.sleep(0.5)
+                try:
+                    status, body = _req(f"http://127.0.0.1:{port}/status")
+                except OSError:
+                    continue
+                model = json.loads(body).get("model") if status == 200 else None
+                version = model and model.get("version")
+            assert version == 1, "the agent did not install the published release"
+            x = inputs(1, seed=5)
+            status, body = _req(f"http://127.0.0.1:{port}/infer", "POST",
+                                json.dumps({"inputs": {"input": x.tolist()}}).encode(),
+                                {"Content-Type": "application/json"})
+            assert status == 200, body
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+        assert "syncing with the enrolled server" in err and "Traceback" not in err
+        st = json.loads(run_cli("sync", "status", "--fleet", "cameras", "--json", *common).stdout)
+        assert st["devices"][0]["version"] == "1"

@@ -16,6 +16,7 @@ python-tuf's updater (``tuf_client``) for release metadata.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -310,6 +311,13 @@ class SyncClient:
                 self.info.setdefault("refused", []).append(d.sha256)
                 self._queue_event({"kind": "install_failed", "version": d.version, "detail": exc.message[:400]})
                 log.warning("release %s not installed: %s", d.version, exc.message)
+            # tell the server at once (the rollout's gates wait for it), not a heartbeat interval later
+            st = agent.status()
+            now_serving = None if st["model"] is None else str(st["model"]["version"])
+            with contextlib.suppress(SyncClientError):  # not delivered: the events wait for the next heartbeat
+                self.heartbeat(now_serving, {"requests": 0}, self._events())
+                self._save_events([])
+                out["version"] = now_serving
         atomic_write_text(self.dir / "sync.json", json.dumps(self.info, indent=1))
         out["uploaded"] = self.upload_samples(agent)
         return out
