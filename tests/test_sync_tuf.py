@@ -346,6 +346,8 @@ def test_keyring_files_reload_and_online_only(tmp_path: Path, fetcher: RepoFetch
     (keys_dir / "root.pem").unlink()  # the offline key leaves the service
     online = Keyring.load(keys_dir)
     assert online.root is None and online.keyids()["targets"] == first.keyids()["targets"]
+    assert Keyring.load_or_create(keys_dir).root is None  # a service start does not make a new root key
+    assert not (keys_dir / "root.pem").exists()
     service = FleetRepository(store, online)
     assert publish(service, fetcher, "a.bin", b"hello") == 2
     with pytest.raises(TufRepoError, match="offline root key"):

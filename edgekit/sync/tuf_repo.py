@@ -125,10 +125,14 @@ class Keyring:
 
     @classmethod
     def load_or_create(cls, keys_dir: Path) -> Keyring:
-        """Load ``root.pem``, ``targets.pem``, ``snapshot.pem``, ``timestamp.pem`` from ``keys_dir``, creating any that
-        are missing (0600, atomic). Idempotent: the second call loads the same keys."""
+        """Load ``root.pem``, ``targets.pem``, ``snapshot.pem``, ``timestamp.pem`` from ``keys_dir``; a new folder gets
+        all four (0600, atomic). Idempotent: the second call loads the same keys. Once the online keys exist, a
+        missing ``root.pem`` is not re-created: the root key was taken offline (an online-only keyring; creating a
+        fleet then needs the root key back)."""
         keys_dir = Path(keys_dir)
         keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if all((keys_dir / f"{r}.pem").exists() for r in ONLINE_ROLES):
+            return cls.load(keys_dir)
         for role in ROLES:
             path = keys_dir / f"{role}.pem"
             if not path.exists():
