@@ -12,7 +12,7 @@ Per model (the EfficientNet-Lite0 INT8 bundle ``edgekit build --target cpu-x86``
   agent's thread count and execution providers;
 - **agent**: ``Agent.open(tmp, AgentConfig())`` + ``install(bundle, probation=False)``, the default config: input
   dtype/shape checks on every request; the monitor (scores, input statistics, NaN counts, KS drift checks) on the
-  requests it watches, within 0.5 % of the run time; upload selection into SQLite within 0.25 %; norm adaptation
+  requests it watches, within 0.3 % of the run time; upload selection into SQLite within 0.15 %; norm adaptation
   while the drift alarm is on;
 - **agent-serve**: the same with ``upload=False, adapt_when="never"`` (serving + monitor only);
 - **agent-check**: the default plus ``check_inputs=True`` (every request's input checked for NaN/Inf: one pass);

@@ -13,6 +13,7 @@ import atexit
 import functools
 import logging
 import math
+import random
 import threading
 import time
 import weakref
@@ -129,7 +130,8 @@ class Agent:
         self.adapt_state = AdaptState()
         self.guard = Guard(config.guard, None, None)
         self.probation: Probation | None = None
-        self._pending = {"requests": 0, "errors": 0, "skipped": 0, "nonfinite_inputs": 0, "nonfinite_outputs": 0}
+        self._pending = {"errors": 0, "skipped": 0, "nonfinite_inputs": 0, "nonfinite_outputs": 0}
+        self._requests = 0  # answered since the last flush (an int: the request path counts it)
         self.upload_writer = UploadWriter(self.state, config.select.budget_bytes_per_day)
         # watched requests not yet scored: logits copies, input moments (mean, std, finite), output-finite flags
         self._rows: list[np.ndarray] = []
@@ -147,7 +149,8 @@ class Agent:
         self._skip_on = config.skip_similar is not None
         self._adapt_always = config.adapt_when == "always"
         # optional per-request work, on a sample of the requests within a share of the run time
-        self._watch = Sampler(config.monitor.every, config.monitor.time_share, seed=1)
+        self._watch = Sampler(config.monitor.every, config.monitor.time_share)
+        self._rand = random.Random(1).random  # the request path's draws for both samplers
         self._select_sampler = Sampler(config.select.every, config.select.time_share, seed=2)
         self._since_adapt = 0
         self._last_input: np.ndarray | None = None
@@ -372,21 +375,23 @@ class Agent:
             except Exception as exc:
                 return self._failed(exc, feeds)
             latency = time.perf_counter() - t0
-            n = self._pending["requests"] = self._pending["requests"] + 1
+            n = self._requests = self._requests + 1  # merged into the counters at each flush
             self.monitor.latency.append(latency * 1e3)
             if self.probation is not None:
                 if not self._probation_step(served, feeds, out, latency):
                     return self.infer(feeds)  # rolled back: the previous model answers
             first = out[served.first_output]
-            if self._watch.due():
+            watch = self._watch
+            if watch.p >= 1.0 or self._rand() < watch.p:  # Sampler.due, inlined: the request path
                 t1 = time.perf_counter()
                 self._watched(served, feeds, first)
-                self._watch.ran(time.perf_counter() - t1, latency)
+                watch.ran(time.perf_counter() - t1, latency)
             if served.classifier:
-                if self._upload_on and self._select_sampler.due() and self.upload_writer.open_today():
+                sel = self._select_sampler
+                if self._upload_on and (sel.p >= 1.0 or self._rand() < sel.p) and self.upload_writer.open_today():
                     t1 = time.perf_counter()
                     self._select(served, feeds, first)
-                    self._select_sampler.ran(time.perf_counter() - t1, latency)
+                    sel.ran(time.perf_counter() - t1, latency)
                 if self._lame_on:
                     feature = self._feature(served)
                     probs = self.lame(first, out.pop(feature) if feature in out else None)
@@ -615,6 +620,7 @@ class Agent:
     # -- reporting -----------------------------------------------------------------------------------------------
     def _flush(self) -> None:
         pending, self._pending = self._pending, {k: 0 for k in self._pending}
+        pending["requests"], self._requests = self._requests, 0
         self._flushed_at = time.monotonic()
         self.state.bump_many(pending)
 

@@ -34,7 +34,7 @@ class MonitorConfig:
     # the requests the monitor watches (scores, input statistics, NaN counts): at most one in `every`, and within
     # `time_share` of the model's run time (edgekit.agent.sampler; None: every request in `every`)
     every: int = 1
-    time_share: float | None = 0.005
+    time_share: float | None = 0.003
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ class SelectConfig:
     redundancy: float = 0.98  # cosine of the input to a recent upload above which a sample is redundant
     recent: int = 64
     every: int = 8  # consider at most one request in this many (at random; the budget allows few uploads anyway)
-    time_share: float | None = 0.0025  # ... and within this share of the model's run time (None: no time limit)
+    time_share: float | None = 0.0015  # ... and within this share of the model's run time (None: no time limit)
     feature_size: int = 1024  # inputs are compared through an evenly strided subsample of this many values
 
 
