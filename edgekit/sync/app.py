@@ -207,8 +207,9 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
     ) -> Response:
         """Long poll: with ``If-None-Match`` and ``wait``, answers 304 after ``wait`` seconds without a change."""
         loop_until = asyncio.get_running_loop().time() + wait
+        fleet = (await run_in_threadpool(svc.touch, device_id)).fleet  # last-seen: once per poll, not per check
         while True:
-            d = await run_in_threadpool(_desired_of, device_id)
+            d = await run_in_threadpool(_desired_of, fleet, device_id)
             tag = _etag(d)
             if tag != (if_none_match or "").strip('"') or asyncio.get_running_loop().time() >= loop_until:
                 break
@@ -218,10 +219,9 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         body = HeartbeatResponse(desired=d, poll_after_s=svc.cfg.heartbeat_s, etag=tag)
         return JSONResponse(body.model_dump(mode="json"), headers={"ETag": f'"{tag}"'})
 
-    def _desired_of(device_id: str):  # noqa: ANN202
-        dev = svc.touch(device_id)
-        with svc.sessions() as s:
-            return svc.desired(s, dev)
+    def _desired_of(fleet: str, device_id: str):  # noqa: ANN202 - Desired | None
+        with svc.sessions() as s:  # read-only; mostly answered from the fleet state cached for a second
+            return svc.desired_of(s, fleet, device_id)
 
     @app.get(
         f"{API}/blobs/{{sha256}}", responses={206: {"description": "partial"}, 416: {"model": ErrorBody}, **ERRORS}

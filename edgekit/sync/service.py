@@ -219,9 +219,10 @@ class Service:
         return state
 
     def desired(self, s: Session, device: Device) -> Desired | None:
-        return self._desired(s, device.fleet, device.id)
+        return self.desired_of(s, device.fleet, device.id)
 
-    def _desired(self, s: Session, fleet: str, device_id: str) -> Desired | None:
+    def desired_of(self, s: Session, fleet: str, device_id: str) -> Desired | None:
+        """The release a device of ``fleet`` should run now (None: none yet)."""
         current, active = self._fleet_state(s, fleet)
         rid = current
         if active is not None:
@@ -252,7 +253,7 @@ class Service:
                     {"device_id": device_id, "kind": e.kind, "version": e.version, "detail": e.detail, "at": now}
                     for e in hb.events])
             with Session(bind=conn) as s:  # only used when the fleet's cached state is older than a second
-                return self._desired(s, fleet, device_id)
+                return self.desired_of(s, fleet, device_id)
 
     def touch(self, device_id: str) -> Device:
         with self.sessions.begin() as s:
