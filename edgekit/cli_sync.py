@@ -35,7 +35,7 @@ def _admin_token(token: str | None, data: Path) -> str:
 
 def _admin_call(server: str, token: str, method: str, path: str, body=None, *,  # noqa: ANN001
                 headers: dict | None = None) -> dict:
-    from edgekit.sync.client import _error, _http
+    from edgekit.sync.client import http_call, http_error
 
     hdrs = {"Authorization": f"Bearer {token}", **(headers or {})}
     data = body
@@ -43,13 +43,13 @@ def _admin_call(server: str, token: str, method: str, path: str, body=None, *,  
         data = json.dumps(body).encode()
         hdrs["Content-Type"] = "application/json"
     try:
-        status, _, resp = _http(method, server.rstrip("/") + path, data, hdrs, 600)
+        status, _, resp = http_call(method, server.rstrip("/") + path, data, hdrs, 600)
     except OSError as exc:
         from edgekit.sync.client import SyncClientError
 
         raise SyncClientError(f"cannot reach {server}: {exc}", hint="is `edgekit sync serve` running there?") from None
     if status != 200:
-        raise _error(status, resp, f"{method} {path}")
+        raise http_error(status, resp, f"{method} {path}")
     return json.loads(resp)
 
 

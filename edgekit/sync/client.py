@@ -90,11 +90,11 @@ class SyncClient:
             key = Ed25519PrivateKey.generate()
         pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
         body = json.dumps({"token": token, "public_key": pub, "name": name}).encode()
-        status, _, data = _http(
+        status, _, data = http_call(
             "POST", server.rstrip("/") + f"{API}/enroll", body, {"Content-Type": "application/json"}, timeout
         )
         if status != 200:
-            raise _error(status, data, "enrollment refused")
+            raise http_error(status, data, "enrollment refused")
         resp = json.loads(data)
         if not key_path.exists():
             pem = key.private_bytes(
@@ -158,7 +158,7 @@ class SyncClient:
             if auth:
                 hdrs["Authorization"] = f"Bearer {self._auth()}"
             try:
-                status, rh, resp = _http(method, self.server + path, data, hdrs, self.timeout)
+                status, rh, resp = http_call(method, self.server + path, data, hdrs, self.timeout)
             except OSError as exc:
                 status, rh, resp = None, {}, str(exc).encode()
             if status in ok:
@@ -167,7 +167,7 @@ class SyncClient:
                 self._token, reauthed = None, True
                 continue
             if status is not None and status < 500 and status != 429:
-                raise _error(status, resp, f"{method} {path}")
+                raise http_error(status, resp, f"{method} {path}")
             if attempt + 1 < self.attempts:
                 self._sleep(self._rng.uniform(0, self.backoff * (2**attempt)))
         raise SyncClientError(
@@ -356,7 +356,8 @@ class SyncClient:
         self._save_events([*self._events(), clean])
 
 
-def _http(method: str, url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, dict, bytes]:
+def http_call(method: str, url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, dict, bytes]:
+    """One HTTP request with the standard library: (status, headers, body); HTTP errors are answers, not raised."""
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - http(s) to the configured server
@@ -372,7 +373,7 @@ def _stream_to(url: str, headers: dict, part: Path, timeout: float, chunk: int =
     try:
         r = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - the configured server
     except urllib.error.HTTPError as e:
-        raise _error(e.code, e.read() or b"", "download") from None
+        raise http_error(e.code, e.read() or b"", "download") from None
     with r, open(part, "ab" if r.status == 206 else "wb") as f:
         try:
             while True:
@@ -385,7 +386,8 @@ def _stream_to(url: str, headers: dict, part: Path, timeout: float, chunk: int =
             os.fsync(f.fileno())
 
 
-def _error(status: int, data: bytes, what: str) -> HttpError:
+def http_error(status: int, data: bytes, what: str) -> HttpError:
+    """The error for a refused request, with the service's ``error`` and ``hint`` when the body has them."""
     try:
         body = json.loads(data)
         return HttpError(status, f"{what}: {body.get('error')}", body.get("hint"))
