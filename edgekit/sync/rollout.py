@@ -4,12 +4,12 @@ A rollout moves a fleet from its current release (the last completed rollout's) 
 percentages (1 → 10 → 50 → 100 %). A device takes part in a stage when its cohort — a hash of its id and the
 rollout's, 0–99, stable for the rollout and independent between rollouts — is below the stage's percentage.
 
-A stage advances once it has lasted ``stage_minutes`` and enough devices report healthy on the new release, while
-every gate holds on those devices: install failures, error rate (requests and errors counted per device and version
-by the service), p90 latency against the devices still on the previous release, and the share of devices whose drift
-alarm is on. A broken gate aborts the rollout, and every device's desired release falls back to the previous one (the
-agents install it: rollback). A stage without progress for ``stage_timeout_minutes`` aborts too, so nothing stays
-"in progress" forever.
+A stage advances once it has lasted ``stage_minutes`` and enough of its devices heartbeat on the new release
+(``min_reports``), while every gate holds: install failures, and on the devices that served requests on it the error
+rate (requests and errors counted per device and version by the service), the p90 latency against the devices still
+on the previous release, and the share of devices whose drift alarm is on. A broken gate aborts the rollout, and
+every device's desired release falls back to the previous one (the agents install it: rollback). A stage without
+progress for ``stage_timeout_minutes`` aborts too, so nothing stays "in progress" forever.
 """
 
 from __future__ import annotations
@@ -98,18 +98,22 @@ def stage_health(s: Session, rollout: Rollout) -> dict:
         )
         or 0
     )
-    reporting = [d for d in on_new if d.tel_version == release.version and d.tel_requests > 0]
-    requests = sum(d.tel_requests for d in reporting)
-    errors = sum(d.tel_errors for d in reporting)
-    p90_new = [d.tel_p90_ms for d in reporting if d.tel_p90_ms]
+    # a device reports once it heartbeats on the new release (installed and alive, even without traffic yet); the
+    # error, latency and drift gates read the ones that served requests on it
+    reporting = [d for d in on_new if d.tel_version == release.version]
+    serving = [d for d in reporting if d.tel_requests > 0]
+    requests = sum(d.tel_requests for d in serving)
+    errors = sum(d.tel_errors for d in serving)
+    p90_new = [d.tel_p90_ms for d in serving if d.tel_p90_ms]
     p90_old = [d.tel_p90_ms for d in devices if previous is not None and d.version == previous.version
                and d.tel_version == previous.version and d.tel_p90_ms]
-    drift_share = sum(d.tel_drift for d in reporting) / len(reporting) if reporting else 0.0
+    drift_share = sum(d.tel_drift for d in serving) / len(serving) if serving else 0.0
     return {
         "percent": pct,
         "targeted": len(targeted),
         "on_new": len(on_new),
         "reporting": len(reporting),
+        "serving": len(serving),
         "install_failures": int(failed),
         "install_failure_rate": failed / max(1, len(on_new) + failed),
         "error_rate": errors / requests if requests else 0.0,
@@ -132,7 +136,7 @@ def evaluate(s: Session, rollout: Rollout, now: dt.datetime | None = None) -> st
         broken.append(f"error rate {h['error_rate']:.1%} > {g['max_error_rate']:.1%}")
     if h["latency_ratio"] is not None and h["latency_ratio"] > g["max_latency_ratio"]:
         broken.append(f"p90 latency {h['latency_ratio']:.2f}x the previous release's")
-    if h["reporting"] and h["drift_share"] > g["max_drift_share"]:
+    if h["serving"] and h["drift_share"] > g["max_drift_share"]:
         broken.append(f"drift alarm on {h['drift_share']:.0%} of devices")
     if broken:
         abort(s, rollout, f"stage {h['percent']} %: " + "; ".join(broken))
