@@ -9,6 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from edgekit.sync.auth import device_id_for as auth_device_id
 from edgekit.sync.client import SyncClient, SyncClientError
 from tests.agent_bundles import build_bundles, inputs
 from tests.sync_pg import drop_database, fresh_database, pg_server  # noqa: F401 - a fixture
@@ -160,6 +161,12 @@ def test_stage_timeout_aborts(bundles, tmp_path, db_url):
     svc.start_rollout("f", RolloutCreate(release_id=r1.id, stages=[100], stage_minutes=0, stage_timeout_minutes=30))
     assert svc.tick() == {"f": "waiting"}  # the device never reports
     assert svc.tick(utcnow() + dt.timedelta(minutes=31)) == {"f": "aborted"}
+    # an idle device (no requests yet) that heartbeats on the new release lets a stage pass
+    from edgekit.sync.protocol import Heartbeat
+
+    svc.start_rollout("f", RolloutCreate(release_id=r1.id, stages=[100], stage_minutes=0))
+    svc.heartbeat(auth_device_id("ab" * 32), Heartbeat(version="1"))
+    assert svc.tick() == {"f": "completed"}
     svc.engine.dispose()
 
 
