@@ -3,29 +3,19 @@ live run against a real replica process on SQLite."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_benchmark
 
 
 def _load():
-    name = "edgekit_bench_sync"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "sync.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sync")
 
 
 def test_percentile_matches_numpy_linear():

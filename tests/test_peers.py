@@ -3,7 +3,6 @@ the FP32 ones; OpenVINO runs behind the same ``run(feeds)`` protocol as OrtRunti
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -15,21 +14,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.agent.runtime import OrtRuntime, compare_latency
+from tests.bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_peers():
-    """benchmarks/ is no package: load benchmarks/peers.py from its path (it puts the repository root on sys.path
-    for its own imports of benchmarks.build_cpu and examples.minilm)."""
-    name = "edgekit_bench_peers"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("peers")
 
 
 peers = _load_peers()

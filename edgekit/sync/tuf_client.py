@@ -200,8 +200,7 @@ class ReleaseVerifier:
 
     def _targetinfo(self, path: str) -> tuple[Updater, TargetFile]:
         if self._updater is None:
-            self.refresh()
-        assert self._updater is not None
+            self.refresh()  # sets it, or raises TufRefused
         try:
             info = self._updater.get_targetinfo(path)
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:

@@ -253,7 +253,8 @@ class FleetRepository:
         if version == 0:
             raise TufRepoError("the release metadata repository is not initialized", hint="call init() first")
         data = self.store.get(f"{version}.root.json")
-        assert data is not None
+        if data is None:
+            raise TufRepoError(f"root metadata version {version} disappeared from the store")
         return data
 
     def targets(self) -> dict[str, dict[str, Any]]:
