@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekit.compress.sparsity import nm_mask, sparsegpt, sparsity_of, unstructured_mask, wanda_scores
+from edgekit.compress.sparsity import nm_mask, pq_index, sparsegpt, sparsity_of, unstructured_mask, wanda_scores
 from edgekit.compress.wquant import hessian
 from edgekit.errors import ConfigError
 
@@ -90,3 +90,18 @@ def test_sparsegpt_refuses_bad_arguments():
         nm_mask(np.ones((2, 8)), 4, 4)
     with pytest.raises(ConfigError, match="features"):
         wanda_scores(w, np.ones((3, 31)))
+
+
+def test_pq_index_measures_how_concentrated_a_weight_is():
+    d = 256
+    assert abs(pq_index(np.full(d, 0.3))) < 1e-12  # all equal: nothing to prune
+    one = np.zeros(d)
+    one[7] = -2.0
+    assert pq_index(one) == pytest.approx(1 - d ** (1 - 1 / 0.5))  # the most concentrated vector
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(d)
+    values = [pq_index(w * unstructured_mask(np.abs(w)[None, :], s)[0]) for s in (0.0, 0.3, 0.6, 0.9)]
+    assert values == sorted(values) and values[0] > 0  # pruning small weights concentrates the rest
+    assert pq_index(np.zeros(5)) == 0.0
+    with pytest.raises(ConfigError):
+        pq_index(w, p=1.0, q=0.5)

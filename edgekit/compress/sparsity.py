@@ -13,8 +13,8 @@ A weight ``W`` is ``[N, K]`` (one row per output, as in ``wquant``); calibration
   inverse Hessian of the layer's inputs (the same Cholesky factor GPTQ uses, ``wquant.gptq_prepare``); the mask is
   chosen per block of columns by ``w² / [H⁻¹]_jj²``, or per group of ``m`` for N:M.
 
-Masks are boolean "keep" arrays of ``W``'s shape. These are the building blocks; choosing a layer's sparsity inside
-the allocation's option space is the rest of issue 6.
+``pq_index`` measures how compressible a weight is. Masks are boolean "keep" arrays of ``W``'s shape. These are
+the building blocks; choosing a layer's sparsity inside the allocation's option space is the rest of issue 6.
 """
 
 from __future__ import annotations
@@ -117,6 +117,22 @@ def sparsegpt(w: np.ndarray, h: np.ndarray, *, sparsity: float | None = None, nm
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w.astype(np.float32)
+
+
+def pq_index(w: np.ndarray, p: float = 0.5, q: float = 1.0) -> float:
+    """The PQ Index of a weight (Diao et al., "Pruning Deep Neural Networks from a Sparsity Perspective"):
+    ``1 − d^(1/q − 1/p) · ‖w‖_p / ‖w‖_q`` for ``0 < p < q``: 0 when every magnitude is equal (nothing to prune),
+    rising towards ``1 − d^(1/q − 1/p)`` as the mass concentrates in few weights (much to prune): the per-layer
+    compressibility figure of the report."""
+    if not 0 < p < q:
+        raise ConfigError(f"the PQ Index needs 0 < p < q, got p={p}, q={q}")
+    a = np.abs(np.asarray(w, np.float64)).ravel()
+    d = a.size
+    norm_q = float((a ** q).sum() ** (1 / q))
+    if d == 0 or norm_q == 0:
+        return 0.0
+    norm_p = float((a ** p).sum() ** (1 / p))
+    return float(1.0 - d ** (1 / q - 1 / p) * norm_p / norm_q)
 
 
 def sparsity_of(w: np.ndarray) -> float:
