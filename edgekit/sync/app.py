@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekit.errors import EdgekitError
 from edgekit.sync.blobs import BlobNotFound, BlobTooLarge
-from edgekit.sync.db import Device, Fleet, Release
+from edgekit.sync.db import Device, Fleet, Release, utcnow
 from edgekit.sync.protocol import (
     API,
     NAME,
@@ -228,7 +228,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
     )
     def blob(sha256: str, device_id: str = Depends(device), range_: str | None = Header(None, alias="range")):
         dev = svc.touch(device_id)
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256) or not svc.device_may_read(dev, sha256):
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256) or not svc.fleet_has_blob(dev.fleet, sha256):
             raise SyncError("no such release blob for this device's fleet", 404)
         return _send(sha256, range_)
 
@@ -270,9 +270,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         m = TARGET_NAME.match(name)
         if not m:
             raise SyncError("not a target of this repository", 404)
-        with svc.sessions() as s:
-            ok = s.query(Release.id).filter(Release.fleet == fleet, Release.sha256 == m.group(1)).first()
-        if ok is None:
+        if not svc.fleet_has_blob(fleet, m.group(1)):
             raise SyncError("not a target of this repository", 404)
         return _send(m.group(1), range_)
 
@@ -356,8 +354,6 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
 
     @app.get(f"{API}/fleets/{{fleet}}", response_model=FleetStatus, dependencies=[Depends(admin)], responses=ERRORS)
     def fleet_status(fleet: str) -> FleetStatus:
-        from edgekit.sync.db import utcnow
-
         _fleet_name(fleet)
         with svc.sessions() as s:
             f = s.get(Fleet, fleet)

@@ -263,14 +263,11 @@ class Service:
             device.last_seen = utcnow()
             return device
 
-    def device_may_read(self, device: Device, sha256: str) -> bool:
+    def fleet_has_blob(self, fleet: str, sha256: str) -> bool:
+        """Whether ``sha256`` is a release of ``fleet`` (what its devices may download)."""
         with self.sessions() as s:
-            return (
-                s.scalars(
-                    select(Release.id).where(Release.fleet == device.fleet, Release.sha256 == sha256).limit(1)
-                ).first()
-                is not None
-            )
+            stmt = select(Release.id).where(Release.fleet == fleet, Release.sha256 == sha256).limit(1)
+            return s.scalars(stmt).first() is not None
 
     def add_sample(self, device_id: str, stream: BinaryIO, meta: dict) -> tuple[int, str, int, int]:
         with self.sessions() as s:
