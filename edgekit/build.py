@@ -26,7 +26,7 @@ from edgekit.iospec import Artifact
 from edgekit.mixed import allocate as allocate_mixed
 from edgekit.mixed import apply_plan, search_max_drop
 from edgekit.model import LoadedModel, load_model
-from edgekit.plan import PRECISIONS, Plan, tolerance_class
+from edgekit.plan import PRECISIONS, Plan, parse_option, tolerance_class
 from edgekit.tables import Budget
 from edgekit.targets import TargetProfile, load_target
 from edgekit.verify import VerificationReport, require_pass, run_reference, verify_artifact
@@ -61,6 +61,8 @@ class BuildRequest:
     task: str | None = None  # classification | embedding | generic; None: as guessed from the model
     max_drop: float | None = None  # accuracy budget: the most compressed plan whose verified drop is within this
     solver: str = "auto"
+    space: str = "bits"  # the --budget option space: "bits" (precision per layer) or "joint" (+ pruning, rank, drop)
+    recover_steps: int = 0  # --recover: distillation steps after structural changes (joint space)
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,9 @@ def check_plan(plan: Plan, layers: list[LayerInfo], profile: TargetProfile, mode
                     plan.model_sha256[:12], model.sha256[:12])
     kinds = {layer.name: layer.kind for layer in layers}
     for c in plan.layers:
-        if c.option != "fp32" and not profile.supports(kinds[c.layer], c.option):
+        parts = parse_option(c.option)
+        scheme = parts.base if parts.sparsity is None else f"{parts.sparsity}+{parts.base}"
+        if parts.base not in ("fp32", "drop") and not profile.supports(kinds[c.layer], scheme):
             raise UnsupportedOnTarget(f"the plan asks {c.option} for layer {c.layer!r} ({kinds[c.layer]}), "
                                       f"which target {profile.name} does not support")
     return plan
@@ -248,6 +252,12 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
     tried: list[dict] = []
     last: Candidate | None = None
     def allocate():
+        if req.space == "joint":
+            from edgekit.joint import allocate_joint
+
+            return allocate_joint(budget=req.budget, solver=req.solver, profile=profile, model=model, fp32=fp32,
+                                  layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx,
+                                  recover_steps=req.recover_steps)
         return allocate_mixed(budget=req.budget, solver=req.solver, profile=profile, model=model, fp32=fp32,
                               layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from edgekit import __version__
-from edgekit.errors import EdgekitError
+from edgekit.errors import ConfigError, EdgekitError
 
 log = logging.getLogger("edgekit")
 
@@ -190,9 +190,17 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
 @click.option("--solver", type=click.Choice(["auto", "ilp", "dp", "evo"]), default="auto", show_default=True,
               help="Solver for --budget: ilp (exact integer program), dp (multiple-choice knapsack), evo "
                    "(evolutionary, scored by the additive model), auto (ilp).")
+@click.option("--space", type=click.Choice(["bits", "joint"]), default="bits", show_default=True,
+              help="Option space for --budget: bits (a precision per layer) or joint (also structured channel "
+                   "pruning, low rank and removal of residual blocks / attention or FFN sub-layers, each priced by "
+                   "the target's measured cost).")
+@click.option("--recover", "recover_steps", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="With --space joint: N knowledge-distillation steps from the original model on the calibration "
+                   "data after structural changes (0: off). The report shows the loss before and after.")
 @_build_options
-def build(target, precision, budgets, max_drop, solver, model, out, input_shapes, calib, eval_, key, allow_unverified,
-          name, bundle_version, calib_samples, eval_samples, no_latency, seed, task, as_json) -> None:
+def build(target, precision, budgets, max_drop, solver, space, recover_steps, model, out, input_shapes, calib, eval_,
+          key, allow_unverified, name, bundle_version, calib_samples, eval_samples, no_latency, seed, task,
+          as_json) -> None:
     """Compress, export, verify and bundle a model for a target.
 
     \b
@@ -201,6 +209,7 @@ def build(target, precision, budgets, max_drop, solver, model, out, input_shapes
       edgekit build --target cpu-x86 --budget latency=0.6x         # per-layer allocation, 0.6x FP32
       edgekit build --model builtin:digits-cnn --budget size=60KB
       edgekit build --model builtin:digits-cnn --max-drop 0.1%      # accuracy budget
+      edgekit build --budget latency=0.4x --space joint --recover 200  # + pruning, low rank, removal
       edgekit build --model builtin:digits-cnn --precision int8
       edgekit build --model mypkg.models:make_net --input-shape 1,3,224,224 --calib calib.npz --out out/
       edgekit build --model model.onnx --calib calib.npy --precision int8
@@ -210,8 +219,13 @@ def build(target, precision, budgets, max_drop, solver, model, out, input_shapes
 
     budget = parse_budget(budgets) if budgets else None
     drop = parse_drop(max_drop) if max_drop is not None else None
+    if (space != "bits" or recover_steps) and not budget:
+        raise ConfigError("--space joint and --recover choose options under a --budget",
+                          hint="add e.g. --budget latency=0.4x")
+    if recover_steps and space != "joint":
+        raise ConfigError("--recover repairs structural changes, which only --space joint makes")
     _run_build(as_json, seed, input_shapes, target=target, precision=precision, budget=budget, solver=solver,
-               max_drop=drop,
+               max_drop=drop, space=space, recover_steps=recover_steps,
                **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
                          eval_samples, no_latency, task))
 

@@ -11,6 +11,7 @@ the least-distortion one that meets the budget wins; if none does, the fastest i
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
     if not plan.is_quantized:
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
+    if plan.is_structural:  # prune / factorize / drop the float graph first, then quantize the result
+        fp32, plan = _apply_structure(plan, fp32, calib, out, ctx)
+        quantizer = None
+        if not plan.is_quantized:
+            os.replace(fp32.path, out)
+            return describe(out)
     wonly = {c.layer: c.option for c in plan.layers if weight_only(c.option)}
     int8 = replace(plan, layers=tuple(LayerChoice(c.layer, "fp32", c.reason) if c.layer in wonly else c
                                       for c in plan.layers)) if wonly else plan
@@ -82,6 +89,22 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
         if base != Path(fp32.path):
             base.unlink(missing_ok=True)
     return describe(out)
+
+
+def _apply_structure(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx: Context) -> tuple[Artifact, Plan]:
+    """The edited float graph (``edgekit.structure``) beside ``out`` and the precision-only plan over its layers."""
+    import onnx
+
+    from edgekit.structure import apply_structure
+
+    steps = int(plan.activations.get("structure", {}).get("recover_steps", 0))
+    model, precision_plan, summary = apply_structure(Path(fp32.path), plan, calib, recover_steps=steps,
+                                                     progress=ctx.track if steps else None)
+    log.info("structure: %s", summary)
+    path = out.with_name(out.stem + ".structure.onnx")
+    onnx.save(model, str(path))
+    edited = describe(path)
+    return edited, replace(precision_plan, model_sha256=edited.sha256)
 
 
 def plan_quantizer(plan: Plan, fp32: Artifact, calib: Dataset, ctx: Context, *, layers: list[str]) -> LowBitQuantizer:

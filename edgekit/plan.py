@@ -16,9 +16,15 @@ from edgekit.errors import ConfigError
 
 PLAN_SCHEMA_VERSION = 1
 
-# An option string names one way to compress one layer; later issues add more (sparse2:4+w8a8, rank=32, drop ...),
-# parsed by the same grammar. Weight-only options: w<bits>g<group>, asymmetric (zero points) unless suffixed "s".
-_OPTION_RE = re.compile(r"^(fp32|w8a8|w4a8|w8a8d|w[2348]g(16|32|64|128|256)s?)$")
+# An option string names one way to compress one layer. Precision options: fp32, w8a8, w4a8, w8a8d, and weight-only
+# w<bits>g<group> (asymmetric unless suffixed "s"). Structural modifiers follow a "+" (the joint option space,
+# ``edgekit.joint``): "+ch<N>" keeps N channels of the channel group the layer belongs to (structured pruning: every
+# layer of the group carries the same N), "+r<R>" replaces the layer by a rank-R factorization (both factors take the
+# precision), "sparse2:4+" / "sparse4:8+" in front prunes the weights to that N:M pattern. "drop" removes the layer
+# together with the residual branch it belongs to (every layer of the branch says "drop").
+_BASE = r"(?:fp32|w8a8|w4a8|w8a8d|w[2348]g(?:16|32|64|128|256)s?)"
+_OPTION_RE = re.compile(rf"^(?:drop|(?:sparse(?:2:4|4:8)\+)?{_BASE}(?:\+ch[1-9]\d*)?(?:\+r[1-9]\d*)?)$")
+_MOD_RE = re.compile(r"^(?:(?P<sparse>sparse(?:2:4|4:8))\+)?(?P<base>[^+]+)(?:\+ch(?P<ch>\d+))?(?:\+r(?P<r>\d+))?$")
 
 OPTION_DESCRIPTIONS = {
     "fp32": "keep float32",
@@ -29,7 +35,47 @@ OPTION_DESCRIPTIONS = {
     "w<b>g<G>": "weight-only: <b>-bit weights (2, 3, 4, 8) in groups of <G> input columns with a float32 scale and a "
                 "zero point each (suffix s: symmetric, no zero points); float activations. GPTQ for Linear/MatMul, "
                 "MSE-clipped rounding for embeddings",
+    "<p>+ch<N>": "structured pruning: the layer's channel group keeps its N most important channels (a real "
+                 "smaller layer), then precision <p>",
+    "<p>+r<R>": "low rank: the layer becomes two layers of rank R (truncated SVD in the eigenspace of its inputs), "
+                "each at precision <p>",
+    "sparse2:4+<p>": "N:M sparsity (2:4 or 4:8, SparseGPT-pruned) for targets with sparse kernels, then precision <p>",
+    "drop": "remove the layer with the residual branch (block, attention or FFN sub-layer) it belongs to",
 }
+
+
+@dataclass(frozen=True)
+class OptionParts:
+    """An option string taken apart: the precision, and the structural changes made before it is applied."""
+
+    base: str  # the precision option (fp32, w8a8, w4g32 ...); "drop" for a removed layer
+    channels: int | None = None  # "+ch<N>": channels kept in the layer's group
+    rank: int | None = None  # "+r<R>": low-rank factorization
+    sparsity: str | None = None  # "sparse2:4+": N:M pattern
+
+    @property
+    def structural(self) -> bool:
+        return self.base == "drop" or self.channels is not None or self.rank is not None or self.sparsity is not None
+
+    @property
+    def kind(self) -> str:
+        """What the report shows: drop, prune, low-rank, sparse, quantize or float (the first that applies)."""
+        if self.base == "drop":
+            return "drop"
+        kinds = [k for k, on in (("prune", self.channels), ("low-rank", self.rank), ("sparse", self.sparsity)) if on]
+        kinds.append("float" if self.base == "fp32" else "quantize")
+        return "+".join(kinds)
+
+
+def parse_option(option: str) -> OptionParts:
+    """Split a (checked) option string into its precision and structural modifiers."""
+    check_option(option)
+    if option == "drop":
+        return OptionParts("drop")
+    m = _MOD_RE.match(option)
+    assert m is not None  # the grammar above guarantees it
+    return OptionParts(m["base"], int(m["ch"]) if m["ch"] else None, int(m["r"]) if m["r"] else None, m["sparse"])
+
 
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "auto")
 
@@ -39,7 +85,8 @@ def check_option(option: str) -> str:
     if not _OPTION_RE.match(option):
         raise ConfigError(
             f"unknown layer option {option!r}",
-            hint=f"known options: {', '.join(OPTION_DESCRIPTIONS)} (e.g. w4g32, w4g128s, w2g64)",
+            hint=f"known options: {', '.join(OPTION_DESCRIPTIONS)} (e.g. w4g32, w4g128s, w2g64, w8a8+ch96, "
+                 "w8a8d+r64, drop)",
         )
     return option
 
@@ -85,7 +132,12 @@ class Plan:
 
     @property
     def is_quantized(self) -> bool:
+        """Whether the plan changes the model at all (any option other than fp32, structural ones included)."""
         return any(c.option != "fp32" for c in self.layers)
+
+    @property
+    def is_structural(self) -> bool:
+        return any(parse_option(c.option).structural for c in self.layers)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -147,5 +199,6 @@ class Plan:
 
 def tolerance_class(plan: Plan) -> str:
     """The precision class whose verification floors apply: that of the fewest weight bits in the plan."""
-    bits = [int(c.option[1]) for c in plan.layers if c.option != "fp32" and c.option.startswith("w")]
+    bases = [parse_option(c.option).base for c in plan.layers]
+    bits = [int(b[1]) for b in bases if b.startswith("w")]
     return "fp32" if not bits else f"int{min(bits)}"

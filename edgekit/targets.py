@@ -43,6 +43,8 @@ class Hardware(_Frozen):
     isa: list[str] = []
     sm: str | None = Field(default=None, pattern=r"^\d+\.\d+$")  # CUDA compute capability
     dla_cores: int = Field(default=0, ge=0)
+    # Channel counts the kernels prefer: structured pruning rounds a channel group's width to a multiple of this.
+    channel_multiple: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _positive_peaks(self) -> Hardware:

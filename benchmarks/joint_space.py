@@ -1,0 +1,332 @@
+"""The joint option space (bits × channel pruning × low rank × removal) against the bits-only space, in one run.
+
+    .venv/bin/python benchmarks/joint_space.py --model all --json benchmarks/results/joint_space.json \
+        --svg benchmarks/results/joint_space
+
+For each model (the digits CNN on sklearn digits, EfficientNet-Lite0 on the built-in real photos, MiniLM on real
+sentences) both spaces are solved by ``edgekit.joint.JointAllocator`` under the same grid of latency budgets (fractions
+of FP32, measured) and size budgets (fractions of the FP32 file); each plan is built and then every artifact is
+evaluated on the same held-out samples and timed at batch 1 interleaved with FP32 in one session
+(``benchmarks.measure.evaluate``). The Pareto fronts (fidelity vs measured latency, and vs size) of the two spaces are
+compared: the joint front must be at least as good as the bits-only front everywhere (within the measurement
+tolerance) and strictly better somewhere.
+
+EfficientNet-Lite0 adds the issue's two fixed checks: structured pruning alone asked for a 1.3× speed-up (at FP32 and
+at INT8, each against the unpruned model of the same precision in the same timing), and ``latency=0.4x`` in the joint
+space against ONNX Runtime's uniform INT8 (``quantize_static``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import peers as P  # noqa: E402
+
+log = logging.getLogger("joint_space")
+
+LATENCY = {"digits": [0.5, 0.7], "efficientnet": [0.35, 0.4, 0.45, 0.55, 0.7], "minilm": [0.3, 0.4, 0.5, 0.7]}
+SIZE = {"digits": [0.1, 0.2, 0.3], "efficientnet": [0.12, 0.18, 0.25], "minilm": [0.1, 0.15, 0.2, 0.3]}
+EVAL = {"digits": 360, "efficientnet": 128, "minilm": 64}
+LAT_TOL = 0.05  # measured latency ratios within 5 % count as equal (same-run noise)
+FID_TOL = 0.005  # fidelity within half a point counts as equal
+SPEEDUP = 1.3
+
+
+def prepare(name: str, work: Path, ctx):
+    from edgekit.fsutil import sha256_file
+    from edgekit.inventory import layer_inventory
+
+    if name == "minilm":
+        from benchmarks.allocation import prepare as alloc_prepare
+
+        prep, model, layers = alloc_prepare("minilm", work, ctx)
+        return prep, model, layers
+    if name == "efficientnet":
+        prep = P.prepare_efficientnet(work, EVAL[name], ctx)
+    else:
+        from edgekit.data import load_data
+        from edgekit.export.onnx import export_onnx
+        from edgekit.model import load_model
+
+        m = load_model("builtin:digits-cnn", ctx=ctx)
+        fp32 = export_onnx(m, work / "digits-fp32.onnx")
+        calib = load_data(m.default_calib, m.inputs, m.preprocessing, role="calibration", limit=128, seed=ctx.seed)
+        evald = load_data(m.default_eval, m.inputs, m.preprocessing, role="evaluation", limit=EVAL[name],
+                          seed=ctx.seed)
+        prep = P.Prepared(fp32.path, calib, evald, True, "digits CNN (builtin:digits-cnn), sklearn digits")
+    model = SimpleNamespace(sha256=sha256_file(prep.fp32_path), task="classification")
+    return prep, model, layer_inventory(prep.fp32_path)
+
+
+def allocators(prep, model, layers, work: Path, ctx, *, spaces=("bits", "joint")):
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.export.onnx import describe
+    from edgekit.joint import JointAllocator
+    from edgekit.targets import load_target
+
+    profile = load_target("cpu-x86")
+    fp32 = describe(prep.fp32_path)
+    common = {"profile": profile, "model": model, "fp32": fp32, "layers": layers, "calib": prep.calib,
+              "cfg": W8A8Config(), "ctx": ctx}
+    out = {}
+    for space in spaces:
+        t0 = time.perf_counter()
+        out[space] = JointAllocator(**common, work=work / space, structure=space == "joint")
+        log.info("%s space: %d options over %d rows in %.0f s", space,
+                 sum(len(r) for r in out[space].space.rows.values()), len(out[space].space.rows),
+                 time.perf_counter() - t0)
+    return out, common
+
+
+def plan_rows(name: str, allocs: dict, fp32_size: int) -> list:
+    from edgekit.tables import parse_budget
+
+    rows = []
+    specs = [f"latency={x}x" for x in LATENCY[name]] + [f"size={int(x * fp32_size)}B" for x in SIZE[name]]
+    for spec in specs:
+        for space, alloc in allocs.items():
+            t0 = time.perf_counter()
+            try:
+                plan, analysis = alloc.allocate(parse_budget([spec]), tag=spec.replace("=", "-").replace(".", "_"))
+            except Exception as exc:  # noqa: BLE001 - an infeasible budget is a result, not a crash
+                log.warning("%s %s: %s", space, spec, exc)
+                continue
+            art = analysis["applied"][1]
+            kinds: dict[str, int] = {}
+            from edgekit.plan import parse_option
+
+            for c in plan.layers:
+                k = parse_option(c.option).kind
+                kinds[k] = kinds.get(k, 0) + 1
+            rows.append(P.Peer(f"{space} {spec}", Path(art.path), art.size,
+                               {"space": space, "budget": spec, "kinds": kinds, "rounds": analysis["latency_rounds"],
+                                "options": {c.layer: c.option for c in plan.layers},
+                                "make_s": round(time.perf_counter() - t0, 1)}))
+    return rows
+
+
+def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pareto front (minimise x, maximise y), sorted by x."""
+    best: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not best or y > best[-1][1]:
+            best.append((x, y))
+    return best
+
+
+def best_at(fr: list[tuple[float, float]], x: float) -> float | None:
+    """The best fidelity a front reaches at cost ≤ x."""
+    ys = [fy for fx, fy in fr if fx <= x]
+    return max(ys) if ys else None
+
+
+def compare_fronts(bits: list[tuple[float, float]], joint: list[tuple[float, float]], *, xtol: float,
+                   ytol: float = FID_TOL) -> dict:
+    """Whether the joint front is at least as good as the bits front at every bits point (a joint point with cost
+    within ``xtol`` and fidelity within ``ytol``) and strictly better somewhere (a joint point that no bits point
+    reaches: fidelity higher by more than ``ytol`` at no more cost, or below the cheapest bits cost)."""
+    fb, fj = front(bits), front(joint)
+    worse = []
+    for x, y in fb:
+        reach = best_at(fj, x * (1 + xtol))
+        if reach is None or reach < y - ytol:
+            worse.append({"x": round(x, 4), "bits": round(y, 4), "joint": None if reach is None else round(reach, 4)})
+    better = []
+    for x, y in fj:
+        reach = best_at(fb, x)
+        if reach is None or y > reach + ytol:
+            better.append({"x": round(x, 4), "joint": round(y, 4), "bits": None if reach is None else round(reach, 4)})
+    return {"bits_front": fb, "joint_front": fj, "joint_worse_at": worse, "joint_better_at": better,
+            "at_least_as_good": not worse, "strictly_better_somewhere": bool(better)}
+
+
+def _metric(rec: dict, classification: bool) -> float | None:
+    return rec.get("top1_agreement") if classification else rec.get("mean_cosine")
+
+
+def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int) -> dict:
+    from benchmarks.measure import evaluate
+
+    t0 = time.perf_counter()
+    prep, model, layers = prepare(name, work, ctx)
+    allocs, common = allocators(prep, model, layers, work, ctx)
+    fp32_size = Path(prep.fp32_path).stat().st_size
+    rows = plan_rows(name, allocs, fp32_size)
+    extra = _issue_checks(name, prep, model, layers, allocs, common, work, ctx) if name == "efficientnet" else []
+    eval_feeds = prep.evaluation.feeds()
+    results = evaluate(rows + extra, prep.fp32_path, eval_feeds, classification=prep.classification,
+                       latency_feeds=eval_feeds[0], rounds=rounds, per_round=per_round)
+    pts = {"bits": {"latency": [], "size": []}, "joint": {"latency": [], "size": []}}
+    for rec in results.values():
+        space = rec.get("notes", {}).get("space")
+        y = _metric(rec, prep.classification)
+        lat = (rec.get("latency_batch1") or {}).get("ratio_vs_fp32")
+        if space not in pts or y is None:
+            continue
+        if lat is not None:
+            pts[space]["latency"].append((lat, y))
+        pts[space]["size"].append((rec["size_ratio_vs_fp32"], y))
+    out = {"model": name, "description": prep.description, "classification": prep.classification,
+           "variants": results, "seconds": round(time.perf_counter() - t0, 1),
+           "fronts": {axis: compare_fronts(pts["bits"][axis], pts["joint"][axis],
+                                           xtol=LAT_TOL if axis == "latency" else 0.0)
+                      for axis in ("latency", "size")}}
+    if name == "efficientnet":
+        out["checks"] = _issue_verdicts(results)
+    return out
+
+
+def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) -> list:
+    """Structured pruning alone for 1.3x at FP32 and at INT8, uniform INT8 and ORT's quantize_static, and the joint
+    space at latency=0.4x (already among the rows)."""
+    from edgekit.joint import JointAllocator
+    from edgekit.mixed import apply_plan
+    from edgekit.tables import parse_budget
+
+    rows = []
+    t = allocs["joint"].t
+    uniform = apply_plan(t.uniform, common["fp32"], prep.calib, work / "uniform-int8.onnx", common["cfg"], ctx,
+                         t.quantizer)
+    rows.append(P.Peer("uniform int8", Path(uniform.path), uniform.size, {"tool": "edgekit uniform"}))
+    rows += [p for p in P.build_peers(prep.fp32_path, prep.calib.feeds(), work / "peers", family="static",
+                                      only=["ort-static"])]
+    for precision, opts in (("fp32", ["fp32"]), ("int8", ["w8a8"])):
+        options = {layer.name: opts for layer in layers}
+        alloc = JointAllocator(**common, work=work / f"prune-{precision}", structure=True, options=options)
+        base = 1.0 if precision == "fp32" else _int8_ratio(common, t, prep)
+        spec = f"latency={base / SPEEDUP:.4f}x"
+        plan, analysis = alloc.allocate(parse_budget([spec]), tag=f"prune{precision}")
+        art = analysis["applied"][1]
+        rows.append(P.Peer(f"pruned {precision} for {SPEEDUP}x", Path(art.path), art.size,
+                           {"budget": spec, "options": {c.layer: c.option for c in plan.layers},
+                            "rounds": analysis["latency_rounds"]}))
+    return rows
+
+
+def _int8_ratio(common, t, prep) -> float:
+    from edgekit.agent.runtime import OrtRuntime, compare_latency
+
+    feeds = {k: v[:1] for k, v in prep.calib.inputs.items()}
+    stats = compare_latency({"fp32": OrtRuntime(common["fp32"].path), "int8": OrtRuntime(t.uniform_artifact.path)},
+                            feeds, rounds=5, per_round=20)
+    return stats["int8"].median_ms / stats["fp32"].median_ms
+
+
+def _issue_verdicts(results: dict) -> dict:
+    def ratio(name):
+        return (results.get(name, {}).get("latency_batch1") or {}).get("ratio_vs_fp32")
+
+    checks = {}
+    fp = ratio("pruned fp32 for 1.3x")
+    i8, u8 = ratio("pruned int8 for 1.3x"), ratio("uniform int8")
+    if fp:
+        checks["prune_fp32_speedup"] = round(1 / fp, 3)
+    if i8 and u8:
+        checks["prune_int8_speedup_vs_uniform_int8"] = round(u8 / i8, 3)
+    joint = results.get("joint latency=0.4x", {})
+    ort = results.get("ort-static", {})
+    if ratio("joint latency=0.4x") is not None:
+        checks["joint_0.4x_measured_ratio"] = ratio("joint latency=0.4x")
+        checks["joint_0.4x_within_15pct"] = ratio("joint latency=0.4x") <= 0.4 * 1.15
+    if joint.get("top1_agreement") is not None and ort.get("top1_agreement") is not None:
+        checks["joint_0.4x_top1"] = joint["top1_agreement"]
+        checks["ort_int8_top1"] = ort["top1_agreement"]
+        checks["joint_0.4x_top1_within_5pts"] = joint["top1_agreement"] >= ort["top1_agreement"] - 0.05
+    return checks
+
+
+def plots(res: dict, prefix: str) -> list[Path]:
+    from edgekit.svgplot import scatter_svg
+
+    written = []
+    for axis, key, xlabel in (("latency", "latency_batch1", "latency x FP32 (batch 1, same run)"),
+                              ("size", None, "size x FP32")):
+        series = {"bits-only space": [], "joint space": [], "references": []}
+        for vname, rec in res["variants"].items():
+            y = _metric(rec, res["classification"])
+            x = (rec.get(key) or {}).get("ratio_vs_fp32") if key else rec.get("size_ratio_vs_fp32")
+            if y is None or x is None or vname == "fp32":
+                continue
+            space = rec.get("notes", {}).get("space")
+            group = {"bits": "bits-only space", "joint": "joint space"}.get(space, "references")
+            series[group].append((x, y, vname.split(" ", 1)[-1] if space else vname))
+        svg = scatter_svg([{"name": g, "points": pts, "marker": m} for (g, pts), m in
+                           zip(series.items(), ("square", "circle", "triangle"), strict=True) if pts],
+                          title=f"{res['model']}: {'top-1 agreement' if res['classification'] else 'cosine'} vs "
+                                f"{axis}", x_label=xlabel,
+                          y_label="top-1 agreement with FP32" if res["classification"] else "mean cosine to FP32")
+        path = Path(f"{prefix}_{res['model']}_{axis}.svg")
+        path.write_text(svg)
+        written.append(path)
+    return written
+
+
+def summary(res: dict) -> str:
+    lines = [f"## {res['model']} ({res['seconds']:.0f} s)"]
+    for axis, cmp in res["fronts"].items():
+        lines.append(f"- {axis}: joint at least as good everywhere: {cmp['at_least_as_good']}; strictly better "
+                     f"somewhere: {cmp['strictly_better_somewhere']} (better at {cmp['joint_better_at'][:4]}; worse "
+                     f"at {cmp['joint_worse_at'][:4]})")
+    for k, v in res.get("checks", {}).items():
+        lines.append(f"- {k}: {v}")
+    for vname, rec in res["variants"].items():
+        lat = (rec.get("latency_batch1") or {}).get("ratio_vs_fp32")
+        y = _metric(rec, res["classification"])
+        kinds = rec.get("notes", {}).get("kinds", "")
+        lines.append(f"  {vname:32s} size {rec.get('size_ratio_vs_fp32', 0):.3f}x  latency "
+                     f"{'-' if lat is None else f'{lat:.3f}x'}  fidelity {'-' if y is None else f'{y:.4f}'}  {kinds}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="all", choices=["all", "digits", "efficientnet", "minilm"])
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--svg", help="write PREFIX_<model>_latency.svg and PREFIX_<model>_size.svg")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="one latency and one size budget per model (for tests)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from edgekit.context import Context
+
+    if args.quick:
+        for table in (LATENCY, SIZE):
+            for k in table:
+                table[k] = table[k][-1:]
+    ctx = Context(progress=False)
+    names = ["digits", "efficientnet", "minilm"] if args.model == "all" else [args.model]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="edgekit-joint-bench-") as tmp:
+        for name in names:
+            work = Path(tmp) / name
+            work.mkdir(parents=True)
+            results[name] = run_model(name, work, ctx, rounds=args.rounds, per_round=args.per_round)
+            print(summary(results[name]), flush=True)
+            if args.svg:
+                for p in plots(results[name], args.svg):
+                    print(f"wrote {p}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(["benchmarks/joint_space.py", *(argv or sys.argv[1:])]),
+                                         "environment": P.environment(), "results": results}, indent=1,
+                                        default=str) + "\n")
+        print(f"wrote {args.json}")
+    ok = all(r["fronts"][a]["at_least_as_good"] for r in results.values() for a in r["fronts"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

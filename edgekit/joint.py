@@ -1,0 +1,503 @@
+"""The joint option space: bit-width × channel pruning × low rank × removal, chosen per layer by the same solvers.
+
+Precision options keep their tables (``mixed._tables``: measured output distortion; ``cost.cost_table``: exact bytes,
+measured latency). Structural options add rows to the same tables:
+
+- **Units.** Layers whose choices are tied are solved as one row: a channel group (``compress.channels``: a producer,
+  its depthwise layers and the consumers of its channels) and a removable residual branch
+  (``compress.graphedit``: an MBConv block, an attention or FFN sub-layer) join their layers into one unit. A layer
+  tied to nothing is its own unit. A unit's options are *structures* (every group at full width; groups at reduced
+  widths; the branch dropped) times the members' precision options; combinations that another combination beats in
+  distortion, bytes and latency at once are left out (they can never be optimal), so rows stay small.
+- **Distortion** of a unit option = the structure's distortion (the FP32 model with only that group narrowed, or only
+  that branch removed, or only that layer factorized, measured on calibration data with the allocation's metric) +
+  the members' precision distortions. The additive model of the bits-only tables, extended.
+- **Cost** of a member at a reduced width is looked up in the target's hardware table under the narrowed layer's
+  signature (``edgekit hardware probe`` on a pruned model measures them); where that signature was not measured, the
+  unpruned layer's measured latency is scaled by the roofline ratio (source ``scaled:``), else the roofline stands.
+  Channel counts are rounded to ``profile.channel_multiple``: the block size the target's kernels prefer.
+- **Low rank**: linear layers (and 1×1 convolutions outside groups) with both dimensions ≥ ``MIN_RANK_DIM`` get
+  ``+r<R>`` options at fractions of the break-even rank NK/(N+K), each at the layer's float and int8 options.
+
+``JointSpace.problem(budget)`` is an ordinary ``solvers.Problem`` over unit rows; ``JointSpace.plan(solution)`` expands
+the chosen rows back to one option per layer (``w8a8+ch72``, ``w8a8d+r96``, ``drop``), which ``mixed.apply_plan``
+applies (structure first, ``edgekit.structure``). No torch here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from edgekit.analyze import distortion
+from edgekit.cost import HardwareTable, LayerGeometry, cost_table, roofline_ms
+from edgekit.inventory import LayerInfo
+from edgekit.plan import LayerChoice, Plan
+from edgekit.solvers import Problem, Solution
+from edgekit.tables import Budget, CostEntry, CostTable, SensitivityTable
+
+log = logging.getLogger(__name__)
+
+KEEP_FRACTIONS = (0.75, 0.5, 0.25)  # channel-group widths tried (of the original)
+RANK_FRACTIONS = (0.5, 0.25)  # ranks tried, as fractions of the break-even rank NK/(N+K)
+RANK_MULTIPLE = 16
+MIN_RANK_DIM = 128
+RANK_BASES = ("fp32", "w8a8", "w8a8d")  # precisions a factorized layer's two factors may take
+MAX_STRUCTURES = 64  # per unit: beyond it, only uniform widths across the unit's groups and one group at a time
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    layers: tuple[str, ...]
+    groups: tuple = ()  # compress.channels.ChannelGroup
+    removable: object | None = None  # compress.graphedit.RemovableUnit whose layers are exactly this unit's
+
+
+@dataclass
+class Entry:
+    choice: dict[str, str]  # layer -> option
+    distortion: float
+    bytes: int
+    latency_ms: float
+
+
+@dataclass
+class JointSpace:
+    units: list[Unit]
+    rows: dict[str, dict[str, Entry]]  # unit name -> option name -> entry
+    params: dict[str, int]
+    metric: str
+    structure: dict = field(default_factory=dict)  # measured structural distortions, for the report
+
+    def problem(self, budget: Budget) -> Problem:
+        names = tuple(u.name for u in self.units)
+        return Problem(names, {u: tuple(self.rows[u]) for u in names},
+                       {u: {o: e.distortion for o, e in self.rows[u].items()} for u in names},
+                       {u: {o: e.bytes for o, e in self.rows[u].items()} for u in names},
+                       {u: {o: e.latency_ms for o, e in self.rows[u].items()} for u in names},
+                       self.params, budget, self.metric)
+
+    def fastest(self) -> Solution:
+        """Each unit's fastest option by the tables (for latency budgets the tables say are out of reach)."""
+        choice = {u: min(row, key=lambda o, row=row: (row[o].latency_ms, row[o].distortion)) for u, row in
+                  self.rows.items()}
+        entries = [self.rows[u][o] for u, o in choice.items()]
+        return Solution(choice, math.fsum(e.distortion for e in entries), sum(e.bytes for e in entries),
+                        math.fsum(e.latency_ms for e in entries), 0.0, "fastest")
+
+    def plan(self, sol: Solution, layers: list[LayerInfo], *, target: str, model_sha256: str, activations: dict,
+             budget: Budget) -> Plan:
+        """One LayerChoice per layer (inventory order) from the chosen unit rows, each with the unit's reason."""
+        chosen: dict[str, tuple[str, str]] = {}
+        for u in self.units:
+            e = self.rows[u.name][sol.choice[u.name]]
+            why = (f"{u.name}: distortion {e.distortion:.3g}, {e.bytes} B, {e.latency_ms:.4g} ms by the tables"
+                   if len(u.layers) > 1 else f"{e.distortion:.3g} {self.metric}, {e.bytes} B, {e.latency_ms:.4g} ms")
+            for layer, option in e.choice.items():
+                chosen[layer] = (option, why)
+        choices = tuple(LayerChoice(layer.name, chosen[layer.name][0], f"{chosen[layer.name][0]}: "
+                                    f"{chosen[layer.name][1]}") for layer in layers)
+        predicted = {"distortion": sol.distortion, "bytes": sol.bytes, "latency_ms": sol.latency_ms,
+                     "metric": self.metric}
+        from edgekit.allocate import precision_label
+
+        return Plan(model_sha256=model_sha256, target=target, precision=precision_label(choices), layers=choices,
+                    activations=dict(activations), budget={**budget.to_dict(), "predicted": predicted},
+                    solver=f"joint-{sol.solver}")
+
+
+# -- units ----------------------------------------------------------------------------------------------------------
+def find_units(model, layers: list[LayerInfo]) -> list[Unit]:
+    """Channel groups and removable branches of the graph, merged where they share layers; the rest one per layer."""
+    from edgekit.compress.channels import channel_groups
+    from edgekit.compress.graphedit import removable_units
+
+    names = [layer.name for layer in layers]
+    parent = {n: n for n in names}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    def union(members) -> None:
+        members = [m for m in members if m in parent]
+        for m in members[1:]:
+            parent[find(m)] = find(members[0])
+
+    groups = channel_groups(model)
+    branches = removable_units(model)
+    for g in groups:
+        union(g.layers)
+    for b in branches:
+        union(b.layers)
+    members: dict[str, list[str]] = {}
+    for n in names:
+        members.setdefault(find(n), []).append(n)
+    units = []
+    for ls in members.values():
+        unit_groups = tuple(g for g in groups if g.producer in ls)
+        branch = next((b for b in branches if set(b.layers) == set(ls)), None)
+        name = branch.name if branch is not None else (unit_groups[0].name if len(unit_groups) == 1 else ls[0])
+        units.append(Unit(name if len(ls) > 1 else ls[0], tuple(ls), unit_groups, branch))
+    return units
+
+
+# -- narrowed layers --------------------------------------------------------------------------------------------------
+def narrowed(layer: LayerInfo, geo: LayerGeometry | None, cin: int | None, cout: int | None
+             ) -> tuple[LayerInfo, LayerGeometry | None]:
+    """The layer with ``cin`` input and ``cout`` output channels (None: unchanged): shapes, params and MACs."""
+    w = list(layer.weight_shape)
+    depthwise = layer.kind == "depthwise_conv"
+    if layer.op_type == "Conv":
+        if depthwise:
+            c = cout or cin or w[0]
+            w[0] = c
+        else:
+            w[0], w[1] = cout or w[0], cin or w[1]
+    elif layer.op_type == "MatMul":
+        w[0], w[1] = cin or w[0], cout or w[1]
+    elif layer.op_type == "Gemm":
+        trans = geo is not None and geo.attr("transB", 0)
+        n_ax, k_ax = (0, 1) if trans or geo is None else (1, 0)
+        w[n_ax], w[k_ax] = cout or w[n_ax], cin or w[k_ax]
+    old = int(np.prod(layer.weight_shape))
+    new = int(np.prod(w))
+    out_old = int(layer.weight_shape[0] if layer.op_type in ("Conv",) else (geo.out_channels if geo else w[-1]))
+    bias = layer.params - old
+    new_bias = bias * (w[0] if layer.op_type == "Conv" else (cout or out_old)) // max(out_old, 1) if bias else 0
+    info = replace(layer, weight_shape=tuple(w), params=new + new_bias, macs=layer.macs * new // max(old, 1))
+    if geo is None:
+        return info, None
+    ins, outs = list(geo.input_shape), list(geo.output_shape)
+    axis = 0 if layer.op_type == "Conv" else -1
+    if ins and (cin or (depthwise and cout)):
+        ins[axis] = cin or cout
+    if outs and (cout or (depthwise and cin)):
+        outs[axis] = cout or cin
+    attrs = dict(geo.attrs)
+    if depthwise:
+        attrs["group"] = w[0]
+    return info, replace(geo, weight_shape=tuple(w), input_shape=tuple(ins), output_shape=tuple(outs),
+                         attrs=tuple(sorted(attrs.items())))
+
+
+def narrowed_cost(original: LayerInfo, geo: LayerGeometry | None, layer: LayerInfo, new_geo: LayerGeometry | None,
+                  options, profile, hardware: HardwareTable | None, base: dict[str, CostEntry], *,
+                  bias_correction: bool = True) -> dict[str, CostEntry]:
+    """Cost entries of ``layer`` (a narrowed ``original``, or one factor of it) under ``options``. A latency the
+    hardware table has not measured is the original's measured latency scaled by the roofline ratio."""
+    row = cost_table([layer], profile, {layer.name: list(options)}, hardware=hardware,
+                     geometry={layer.name: new_geo} if new_geo is not None else None,
+                     bias_correction=bias_correction).entries.get(layer.name, {})
+    out = {}
+    for o, e in row.items():
+        ref = base.get(o)
+        if e.source == "roofline" and ref is not None and ref.source.startswith("measured"):
+            scale = e.latency_ms / max(roofline_ms(original, o, profile, geometry=geo), 1e-12)
+            out[o] = CostEntry(e.bytes, ref.latency_ms * scale, "scaled:" + ref.source.removeprefix("measured:"))
+        else:
+            out[o] = e
+    return out
+
+
+def pareto(entries: list[Entry]) -> list[Entry]:
+    """The entries no other entry beats in distortion, bytes and latency at once (ties: the first kept)."""
+    if len(entries) <= 1:
+        return entries
+    a = np.array([(e.distortion, e.bytes, e.latency_ms) for e in entries], dtype=np.float64)
+    keep = []
+    for i in range(len(a)):
+        le = np.all(a <= a[i], axis=1)
+        lt = np.any(a < a[i], axis=1)
+        dominated = np.any(le & lt) or np.any(np.all(a == a[i], axis=1)[:i])
+        if not dominated:
+            keep.append(entries[i])
+    return keep
+
+
+def _combine(parts: list[list[Entry]], base_distortion: float) -> list[Entry]:
+    """The cross product of members' options, pruned to its Pareto set member by member."""
+    front = [Entry({}, base_distortion, 0, 0.0)]
+    for options in parts:
+        front = pareto([Entry({**f.choice, **o.choice}, f.distortion + o.distortion, f.bytes + o.bytes,
+                              f.latency_ms + o.latency_ms) for f in front for o in options])
+    return front
+
+
+# -- building the space -----------------------------------------------------------------------------------------------
+def _channel_options(unit: Unit, widths: dict[str, int]) -> dict[str, int | None]:
+    """Per layer of a unit, the +ch<N> its options carry under ``widths`` (group name -> kept channels)."""
+    out: dict[str, int | None] = dict.fromkeys(unit.layers)
+    for g in unit.groups:  # consumers first, so a layer that also produces another group takes that group's count
+        if g.name in widths:
+            for c in g.consumers:
+                out[c] = widths[g.name]
+    for g in unit.groups:
+        if g.name in widths:
+            for layer in (g.producer, *g.passthrough):
+                out[layer] = widths[g.name]
+    return out
+
+
+def _io_channels(unit: Unit, widths: dict[str, int], layer: str) -> tuple[int | None, int | None]:
+    cin = cout = None
+    for g in unit.groups:
+        n = widths.get(g.name)
+        if n is None:
+            continue
+        if layer == g.producer:
+            cout = n
+        if layer in g.passthrough:
+            cin = cout = n
+        if layer in g.consumers:
+            cin = n
+    return cin, cout
+
+
+def _structures(unit: Unit, counts: dict[str, list[int]]) -> list[dict[str, int]]:
+    """Width assignments to try for a unit: the product of its groups' widths, or (when that is too many) the same
+    width fraction everywhere plus one group at a time."""
+    names = [g.name for g in unit.groups]
+    choices = [[None, *counts.get(n, [])] for n in names]
+    if math.prod(len(c) for c in choices) <= MAX_STRUCTURES:
+        combos = list(itertools.product(*choices))
+    else:
+        depth = max(len(c) for c in choices)
+        combos = [tuple(c[min(i, len(c) - 1)] for c in choices) for i in range(depth)]
+        for k, c in enumerate(choices):
+            combos += [tuple(x if j == k else None for j in range(len(names))) for x in c[1:]]
+    out = []
+    for combo in dict.fromkeys(combos):
+        out.append({n: w for n, w in zip(names, combo, strict=True) if w is not None})
+    return out
+
+
+def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list[str]], sens: SensitivityTable,
+                cost: CostTable, hardware: HardwareTable | None, sample, feeds: list[dict], *,
+                structure: bool = True, bias_correction: bool = True, progress=None) -> JointSpace:
+    """The rows of the joint problem (see the module docstring); ``structure=False`` gives the bits-only space in
+    the same form. ``sample`` (a Dataset) measures structural distortions; ``feeds`` (per-sample dicts) give channel
+    importance and the inputs low-rank factors are fitted to."""
+    from edgekit.analyze import _run
+    from edgekit.compress import channels, graphedit
+    from edgekit.cost import layer_geometry
+
+    info = {layer.name: layer for layer in layers}
+    geometry = layer_geometry(model)
+    metric = sens.metric
+    units = find_units(model, layers) if structure else [Unit(layer.name, (layer.name,)) for layer in layers]
+    struct: dict = {"groups": {}, "drops": {}, "ranks": {}}
+    ref = _run(model, sample) if structure else None
+    groups = [g for u in units for g in u.groups]
+    importance = channels.channel_importance(model, groups, feeds) if groups else {}
+    multiple = int(getattr(profile.hardware, "channel_multiple", None) or 1)
+
+    def measured(edited) -> float:
+        return distortion(ref, _run(edited, sample), metric)
+
+    def precision_entries(layer: str, cin, cout, ch) -> list[Entry]:
+        base = cost.entries[layer]
+        row = base
+        if cin is not None or cout is not None:
+            new, geo = narrowed(info[layer], geometry.get(layer), cin, cout)
+            row = narrowed_cost(info[layer], geometry.get(layer), new, geo, options[layer], profile, hardware, base,
+                                bias_correction=bias_correction)
+        suffix = f"+ch{ch}" if ch is not None else ""
+        return [Entry({layer: o + suffix}, float(sens.values[layer][o]), row[o].bytes, row[o].latency_ms)
+                for o in options[layer] if o in row and o in sens.values[layer]]
+
+    track = progress(units, "measuring structural options", total=len(units)) if progress and structure else units
+    rows: dict[str, dict[str, Entry]] = {}
+    for unit in track:
+        counts: dict[str, list[int]] = {}
+        for g in unit.groups:
+            widths = sorted({channels.round_channels(math.ceil(f * g.channels), g.channels, multiple)
+                             for f in KEEP_FRACTIONS} - {g.channels})
+            order = np.argsort(-importance[g.name], kind="stable")
+            for n in widths:
+                d = measured(channels.prune_channels(model, {g.name: np.sort(order[:n])}, feeds))
+                struct["groups"].setdefault(g.name, {})[n] = d
+            counts[g.name] = widths
+        entries: list[Entry] = []
+        for widths in _structures(unit, counts) if unit.groups else [{}]:
+            d0 = sum(struct["groups"][g][n] for g, n in widths.items())
+            ch = _channel_options(unit, widths)
+            parts = [precision_entries(layer, *_io_channels(unit, widths, layer), ch[layer]) for layer in unit.layers]
+            entries += _combine(parts, d0)
+        if unit.removable is not None:
+            d = measured(graphedit.remove_units(model, [unit.removable.name]))
+            struct["drops"][unit.name] = d
+            entries.append(Entry(dict.fromkeys(unit.layers, "drop"), d, 0, 0.0))
+        if structure and len(unit.layers) == 1:
+            entries += _rank_entries(model, info[unit.layers[0]], geometry, profile, options, sens, cost, hardware,
+                                     feeds, measured, struct, bias_correction)
+        entries = pareto(entries)
+        if len(unit.layers) == 1:
+            rows[unit.name] = {next(iter(e.choice.values())): e for e in entries}
+        else:
+            rows[unit.name] = {"|".join(e.choice[layer] for layer in unit.layers): e for e in entries}
+    params = {u.name: sum(info[layer].params for layer in u.layers) for u in units}
+    return JointSpace(units, rows, params, metric, struct)
+
+
+def rank_candidates(layer: LayerInfo, geo: LayerGeometry | None) -> list[int]:
+    """Ranks worth trying: fractions of the break-even rank NK/(N+K), rounded to RANK_MULTIPLE; none for small or
+    non-linear layers (1x1 convolutions included, outside channel groups)."""
+    w = layer.weight_shape
+    if layer.op_type == "Conv" and (len(w) != 4 or w[2:] != (1, 1) or layer.kind == "depthwise_conv"):
+        return []
+    if layer.op_type not in ("MatMul", "Gemm", "Conv"):
+        return []
+    n, k = (w[0], int(np.prod(w[1:]))) if layer.op_type == "Conv" else (w[1], w[0]) if layer.op_type == "MatMul" \
+        else ((w[0], w[1]) if geo is not None and geo.attr("transB", 0) else (w[1], w[0]))
+    if min(n, k) < MIN_RANK_DIM:
+        return []
+    even = n * k / (n + k)
+    return sorted({max(RANK_MULTIPLE, int(round(f * even / RANK_MULTIPLE)) * RANK_MULTIPLE) for f in RANK_FRACTIONS})
+
+
+def _rank_entries(model, layer: LayerInfo, geometry, profile, options, sens, cost, hardware, feeds, measured, struct,
+                  bias_correction) -> list[Entry]:
+    from edgekit.compress import graphedit
+    from edgekit.structure import layer_inputs
+
+    geo = geometry.get(layer.name)
+    ranks = rank_candidates(layer, geo)
+    bases = [o for o in options[layer.name] if o in RANK_BASES and o in sens.values[layer.name]]
+    if not ranks or not bases:
+        return []
+    x = layer_inputs(model, [layer.name], feeds)[layer.name]
+    out = []
+    for r in ranks:
+        a, b = graphedit.lowrank_factors(model, layer.name, r, x)
+        d = measured(graphedit.factorize(model, layer.name, a, b))
+        struct["ranks"].setdefault(layer.name, {})[r] = d
+        total: dict[str, list] = {o: [0, 0.0] for o in bases}
+        for i, (cin, cout) in enumerate(((None, r), (r, None))):
+            part, pgeo = narrowed(replace(layer, name=f"{layer.name}.lr{i + 1}"), geo, cin, cout)
+            if i == 0:  # the first factor has no bias
+                part = replace(part, params=int(np.prod(part.weight_shape)))
+                pgeo = replace(pgeo, has_bias=False) if pgeo is not None else None
+            row = narrowed_cost(layer, geo, part, pgeo, bases, profile, hardware, cost.entries[layer.name],
+                                bias_correction=bias_correction)
+            for o in bases:
+                total[o][0] += row[o].bytes
+                total[o][1] += row[o].latency_ms
+        out += [Entry({layer.name: f"{o}+r{r}"}, d + float(sens.values[layer.name][o]), int(total[o][0]),
+                      float(total[o][1])) for o in bases]
+    return out
+
+
+# -- allocation -------------------------------------------------------------------------------------------------------
+JOINT_ROUNDS = 4  # solve → build → measure rounds while the measured latency or size misses the budget
+
+
+class JointAllocator:
+    """The tables of one model on one target, made once (``mixed._tables``, the cost table, ``build_space``), and
+    ``allocate(budget)``: the least-distortion plan that meets ``budget`` as *measured*. Each solved plan is built, its
+    size read and its latency timed interleaved with FP32; while it misses, the solver's budget is tightened by the
+    measured shortfall and the plan solved again. ``structure=False`` gives the bits-only space, solved the same way;
+    ``options`` (layer -> allowed precision options) narrows the precisions (e.g. ``fp32`` only: pruning alone)."""
+
+    def __init__(self, *, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg, ctx, structure: bool = True,
+                 recover_steps: int = 0, options: dict[str, list[str]] | None = None) -> None:
+        import onnx
+
+        from edgekit import mixed
+        from edgekit.cost import layer_geometry
+        from edgekit.structure import sample_feeds
+
+        self.profile, self.model, self.fp32, self.layers = profile, model, fp32, layers
+        self.calib, self.work, self.cfg, self.ctx = calib, work, cfg, ctx
+        self.t = mixed._tables(profile, model, fp32, layers, calib, work, cfg, ctx)
+        allowed = self.t.options if options is None else {n: [o for o in opts if o in options.get(n, ["fp32"])]
+                                                          for n, opts in self.t.options.items()}
+        self.hardware = HardwareTable.for_profile(profile)
+        self.cost = cost_table(layers, profile, allowed, hardware=self.hardware, geometry=layer_geometry(fp32.path),
+                               bias_correction=cfg.bias_correction)
+        self.space = build_space(onnx.load(str(fp32.path)), layers, profile, allowed, self.t.sens, self.cost,
+                                 self.hardware, calib.take(mixed.SENSITIVITY_SAMPLES), sample_feeds(calib),
+                                 structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track)
+        self.structure = structure
+        self.settings = mixed._settings(self.t)
+        if recover_steps:
+            self.settings["structure"] = {"recover_steps": int(recover_steps)}
+
+    def allocate(self, budget: Budget, solver: str = "auto", tag: str = "") -> tuple[Plan, dict]:
+        from edgekit import mixed
+        from edgekit.agent.runtime import OrtRuntime, compare_latency
+        from edgekit.errors import ConfigError
+        from edgekit.solvers import solve
+
+        t = self.t
+        solve_budget, notes = mixed._solver_budget(budget, self.cost, t.uniform, t.uniform_artifact, self.fp32,
+                                                   self.calib)
+        target = notes["latency_ms"] / notes["fp32_ms"] if notes.get("latency_ms") else None
+        size_limit = budget.size_bytes
+        feeds = {k: v[:1] for k, v in self.calib.inputs.items()}
+        fp32_rt = OrtRuntime(self.fp32.path)
+        tried: list[dict] = []
+        b = solve_budget
+        for k in range(JOINT_ROUNDS):
+            try:
+                sol = solve(self.space.problem(b), solver)
+            except ConfigError as exc:
+                if tried:
+                    break
+                if target is None or b.size_bytes is not None or b.avg_bits is not None:
+                    raise
+                log.warning("%s by the tables; measuring the fastest plan instead", exc.message)
+                sol = self.space.fastest()
+            plan = self.space.plan(sol, self.layers, target=self.profile.name, model_sha256=self.model.sha256,
+                                   activations=self.settings, budget=budget)
+            if any(x["plan"].layers == plan.layers for x in tried):
+                break
+            art = mixed.apply_plan(plan, self.fp32, self.calib, self.work / f"joint{tag}{k}" / "model.onnx", self.cfg,
+                                   self.ctx, None if plan.is_structural else t.quantizer)
+            ratio = None
+            if target is not None:
+                stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(art.path)}, feeds, rounds=5,
+                                        per_round=20)
+                ratio = stats["plan"].median_ms / stats["fp32"].median_ms
+            over_t = ratio is not None and ratio > target * mixed.LATENCY_SLACK
+            over_s = size_limit is not None and art.size > size_limit
+            tried.append({"plan": plan, "artifact": art, "ratio": ratio, "distortion": sol.distortion,
+                          "met": not (over_t or over_s)})
+            log.info("joint round %d: predicted distortion %.4g, %d B%s", k, sol.distortion, art.size,
+                     "" if ratio is None else f", measured {ratio:.3f}x FP32 (target {target:.3f}x)")
+            if not (over_t or over_s):
+                break
+            b = replace(b, latency_ms=b.latency_ms * target / ratio if over_t else b.latency_ms,
+                        size_bytes=int(b.size_bytes * size_limit / art.size) if over_s else b.size_bytes)
+        meeting = [x for x in tried if x["met"]]
+        if meeting:
+            best = min(meeting, key=lambda x: x["distortion"])
+        else:
+            best = min(tried, key=lambda x: (x["ratio"] or 0.0, x["artifact"].size))
+            log.warning("no plan met the budget as measured; keeping the %s one found",
+                        "fastest" if target is not None else "smallest")
+        rounds = [{"round": i, "predicted_distortion": round(x["distortion"], 6), "bytes": x["artifact"].size,
+                   "measured_ratio": None if x["ratio"] is None else round(x["ratio"], 4), "met": x["met"]}
+                  for i, x in enumerate(tried)]
+        analysis = {"sensitivity": t.sens.to_dict(), "cost": self.cost.to_dict(), "family": t.family,
+                    "hardware_table": self.profile.hardware_table if self.hardware else None, **notes,
+                    "latency_rounds": rounds, "applied": (best["plan"].layers, best["artifact"]),
+                    "joint": {"space": "joint" if self.structure else "bits", "structure": self.space.structure,
+                              "units": {u.name: list(u.layers) for u in self.space.units if len(u.layers) > 1},
+                              "options": sum(len(r) for r in self.space.rows.values())}}
+        plan = replace(best["plan"], budget={**best["plan"].budget, **{k: v for k, v in notes.items() if v}})
+        return plan, analysis
+
+
+def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg,
+                   ctx, structure: bool = True, recover_steps: int = 0) -> tuple[Plan, dict]:
+    """``JointAllocator(...).allocate(budget, solver)``: what ``edgekit build --space joint`` runs."""
+    return JointAllocator(profile=profile, model=model, fp32=fp32, layers=layers, calib=calib, work=work, cfg=cfg,
+                          ctx=ctx, structure=structure, recover_steps=recover_steps).allocate(budget, solver)

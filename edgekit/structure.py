@@ -1,0 +1,212 @@
+"""The structural half of a plan: channel pruning, low rank, N:M sparsity and removal, applied to the FP32 graph before
+it is quantized.
+
+``apply_structure(fp32, plan, calib)`` reads every layer's option (``edgekit.plan.parse_option``) and edits the float
+ONNX graph in this order:
+
+1. ``drop``: the residual branches (``compress.graphedit.removable_units``) whose every layer says ``drop`` are removed;
+2. ``+ch<N>``: each channel group (``compress.channels.channel_groups``) whose producer says ``+ch<N>`` keeps its N most
+   important channels (activation-aware importance on calibration data); the constant a dropped channel still feeds
+   forward is folded into the consumers' biases, so the smaller graph computes exactly what the masked one does;
+3. ``+r<R>``: the layer becomes two layers ``<layer>.lr1`` / ``<layer>.lr2`` of rank R, fitted in the eigenspace of the
+   layer's calibration inputs (``compress.lowrank.activation_aware_factors``);
+4. ``sparse2:4+`` / ``sparse4:8+``: the weight is pruned to the N:M pattern with SparseGPT's error compensation.
+
+Then an optional recovery fine-tune (``compress.recover``, ``recover_steps``) distils the original model into the
+edited one on the calibration data. What is returned is an ordinary float model and a precision-only plan over its
+layers, which ``mixed.apply_plan`` quantizes like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.data import Dataset
+from edgekit.errors import ConfigError
+from edgekit.plan import LayerChoice, Plan, parse_option
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE_SAMPLES = 16  # calibration samples for channel importance, low-rank eigenspaces and SparseGPT Hessians
+
+
+def sample_feeds(calib: Dataset, n: int = IMPORTANCE_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """Per-sample feeds (leading batch dimension 1) from the first ``n`` calibration samples."""
+    d = calib.take(n)
+    count = len(next(iter(d.inputs.values())))
+    return [{k: v[i:i + 1] for k, v in d.inputs.items()} for i in range(count)]
+
+
+def layer_inputs(model, layers: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The input activations of ``layers`` over ``feeds``, as rows ``[samples·positions, K]`` (K = the layer's input
+    features: last axis for MatMul/Gemm, channel axis for Conv)."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes = {n.name: n for n in model.graph.node}
+    tensors = {layer: nodes[layer].input[0] for layer in layers}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for t in dict.fromkeys(tensors.values()):
+        if t not in known:
+            probe.graph.output.append(onnx.ValueInfoProto(name=t))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors.values()}
+    for feed in feeds:
+        out = dict(zip(names, sess.run(None, feed), strict=True))
+        for t in rows:
+            a = np.asarray(out[t], dtype=np.float32)
+            rows[t].append(np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]) if nodes_op(nodes, tensors, t) == "Conv"
+                           else a.reshape(-1, a.shape[-1]))
+    return {layer: np.concatenate(rows[t]) for layer, t in tensors.items()}
+
+
+def nodes_op(nodes: dict, tensors: dict[str, str], tensor: str) -> str:
+    """The op of the (first) layer reading ``tensor``."""
+    return next(nodes[layer].op_type for layer, t in tensors.items() if t == tensor)
+
+
+def _groups_to_prune(model, parts: dict) -> dict:
+    from edgekit.compress.channels import channel_groups
+
+    groups = {g.name: g for g in channel_groups(model)}
+    keep: dict[str, int] = {}
+    producers = {g.producer for g in groups.values()}
+    for g in groups.values():
+        n = parts[g.producer].channels if g.producer in parts else None
+        if n is None:
+            continue
+        if not 0 < n <= g.channels:
+            raise ConfigError(f"layer {g.producer!r} asks to keep {n} channels of a group of {g.channels}")
+        for member in (*g.passthrough, *(c for c in g.consumers if c not in producers)):
+            if member in parts and parts[member].channels not in (n, None):
+                raise ConfigError(f"layers {g.producer!r} and {member!r} are one channel group but the plan keeps "
+                                  f"{n} and {parts[member].channels} channels", hint="give every layer of the group "
+                                  "the same +ch<N>")
+        if n < g.channels:
+            keep[g.name] = n
+    asked = {layer for layer, p in parts.items() if p.channels is not None}
+    covered = {layer for g in groups.values() if g.name in keep or parts.get(g.producer, None) is not None
+               and parts[g.producer].channels is not None for layer in g.layers}
+    stray = sorted(asked - covered)
+    if stray:
+        raise ConfigError(f"layers {stray[:5]} ask for +ch<N> but are in no prunable channel group of this graph",
+                          hint="channel groups are found from the graph: a producer, depthwise layers and consumers "
+                               "with nothing else reading the channels (no residual Add, Concat or reshape)")
+    return {name: groups[name] for name in keep}, keep
+
+
+def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_steps: int = 0,
+                    progress=None):
+    """Edit the float graph as ``plan``'s structural modifiers say; returns (ModelProto, precision-only Plan over the
+    edited graph's layers, summary dict). Raises ConfigError when the plan does not fit the graph."""
+    import onnx
+
+    from edgekit.compress import channels, graphedit
+
+    original = onnx.load(str(fp32_path))
+    model = original
+    parts = {c.layer: parse_option(c.option) for c in plan.layers}
+    feeds = sample_feeds(calib)
+    summary: dict = {"dropped": [], "pruned": {}, "factorized": {}, "sparse": {}}
+
+    dropped = {layer for layer, p in parts.items() if p.base == "drop"}
+    if dropped:
+        units = graphedit.removable_units(model)
+        chosen = [u for u in units if set(u.layers) and set(u.layers) <= dropped]
+        covered = {layer for u in chosen for layer in u.layers}
+        if covered != dropped:
+            raise ConfigError(f"layers {sorted(dropped - covered)[:5]} say drop but are not a whole removable residual "
+                              "branch", hint="drop every layer of a block, attention or FFN sub-layer, or none")
+        model = graphedit.remove_units(model, [u.name for u in chosen])
+        summary["dropped"] = [u.name for u in chosen]
+
+    groups, counts = _groups_to_prune(model, parts)
+    if groups:
+        importance = channels.channel_importance(model, list(groups.values()), feeds)
+        keep = {name: np.sort(np.argsort(-importance[name], kind="stable")[:n]) for name, n in counts.items()}
+        model = channels.prune_channels(model, keep, feeds)
+        summary["pruned"] = {name: [int(groups[name].channels), int(n)] for name, n in counts.items()}
+
+    ranked = {layer: p.rank for layer, p in parts.items() if p.rank is not None}
+    if ranked:
+        inputs = layer_inputs(model, list(ranked), feeds)
+        for layer, rank in ranked.items():
+            a, b = graphedit.lowrank_factors(model, layer, rank, inputs[layer])
+            model = graphedit.factorize(model, layer, a, b)
+            summary["factorized"][layer] = rank
+
+    sparse = {layer: p.sparsity for layer, p in parts.items() if p.sparsity is not None}
+    if sparse:
+        model = _sparsify(model, sparse, layer_inputs(model, list(sparse), feeds))
+        summary["sparse"] = dict(sparse)
+
+    if recover_steps:
+        from edgekit.compress.recover import recover, teacher_outputs
+
+        result = recover(model, teacher_outputs(original, feeds), feeds, steps=recover_steps, progress=progress)
+        model = result.model
+        summary["recover"] = {"steps": result.steps, "loss_before": result.loss_before,
+                              "loss_after": result.loss_after, "kept_original": result.kept_original,
+                              "seconds": round(result.seconds, 1)}
+    return model, _precision_plan(plan, parts, summary), summary
+
+
+def _precision_plan(plan: Plan, parts: dict, summary: dict) -> Plan:
+    choices = []
+    for c in plan.layers:
+        p = parts[c.layer]
+        if p.base == "drop":
+            continue
+        if p.rank is not None:
+            choices += [LayerChoice(f"{c.layer}.lr{i}", p.base, f"{p.base}: factor {i} of {c.layer}") for i in (1, 2)]
+        else:
+            choices.append(LayerChoice(c.layer, p.base, c.reason))
+    return replace(plan, layers=tuple(choices), notes=(*plan.notes, f"structure: {summary}"))
+
+
+def _sparsify(model, sparse: dict[str, str], inputs: dict[str, np.ndarray]):
+    """Prune each layer's weight to its N:M pattern with SparseGPT (Hessian from the layer's calibration inputs)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.compress.sparsity import sparsegpt
+    from edgekit.compress.wquant import hessian
+    from edgekit.export.lowbit import weight_matrix
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    nodes = {n.name: n for n in out.graph.node}
+    for layer, pattern in sparse.items():
+        node = nodes[layer]
+        n, m = (int(x) for x in pattern.removeprefix("sparse").split(":"))
+        if node.op_type == "Conv":
+            shape = tuple(inits[node.input[1]].dims)
+            if shape[2:] != (1,) * (len(shape) - 2) or next((a.i for a in node.attribute if a.name == "group"), 1) != 1:
+                raise ConfigError(f"{layer}: N:M sparsity is applied to linear layers and 1x1 convolutions only")
+            w = numpy_helper.to_array(inits[node.input[1]]).reshape(shape[0], -1).astype(np.float32)
+        else:
+            w = weight_matrix(node, inits)  # [N, K]
+        pruned = sparsegpt(w, hessian(inputs[layer]), nm=(n, m))
+        init = inits[node.input[1]]
+        original = numpy_helper.to_array(init)
+        new = _from_matrix(pruned, node, original)
+        init.CopyFrom(numpy_helper.from_array(new.astype(original.dtype), init.name))
+    return out
+
+
+def _from_matrix(w: np.ndarray, node, original: np.ndarray) -> np.ndarray:
+    """The inverse of ``wquant.weight_matrix``: an [N, K] matrix back in the node's weight layout."""
+    if node.op_type == "MatMul":
+        return w.T.reshape(original.shape)
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return (w if trans_b else w.T).reshape(original.shape)
+    return w.reshape(original.shape)
