@@ -16,7 +16,10 @@ naming the op and the node.
 Semantics that matter for adaptation:
 
 - Initializers, and everything computed from them alone (weight DequantizeLinear, MatMulNBits weights, shape
-  constants), are evaluated once at construction and held as buffers: frozen, never parameters.
+  constants), are evaluated once at construction and held as buffers: frozen, never parameters. The exception is
+  ``trainable=[initializer names]`` (float initializers only): those are ``nn.Parameter``s, nothing computed from
+  them is folded, and ``initializer_parameters()`` returns them by initializer name (recovery fine-tuning,
+  ``edgekit.compress.recover``).
 - QuantizeLinear produces its integer codes as float values, so a QuantizeLinear -> DequantizeLinear pair is a fake
   quantizer. Its gradient is the clipped straight-through estimator: 1 where the input is inside the representable
   range, 0 where it saturates (which is also the gradient of a ReLU that ONNX Runtime fused into a uint8 range).
@@ -36,8 +39,9 @@ Needs torch and onnx (this module imports torch at import time; ``edgekit.agent_
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,9 +125,11 @@ class TorchGraph(torch.nn.Module):
     output (one output) or a tuple of outputs; ``run(feeds)`` takes a name -> array mapping and returns a dict.
 
     ``model``: ``onnx.ModelProto``, serialized bytes or a path. ``affine``: optional ``{tensor_name: (scale,
-    shift)}`` applied on every call that does not pass its own (see the module docstring)."""
+    shift)}`` applied on every call that does not pass its own (see the module docstring). ``trainable``: names of
+    float initializers to hold as ``nn.Parameter``s instead of frozen buffers."""
 
-    def __init__(self, model, affine: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    def __init__(self, model, affine: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 trainable: Iterable[str] = ()) -> None:
         super().__init__()
         import onnx
         from onnx import numpy_helper
@@ -144,6 +150,10 @@ class TorchGraph(torch.nn.Module):
         for init in graph.initializer:
             consts[init.name] = _to_torch(numpy_helper.to_array(init))
             self._elem_type[init.name] = init.data_type
+        live = set(trainable)  # initializers that become parameters: nothing that reads them is folded
+        bad = sorted(t for t in live if t not in consts or not consts[t].is_floating_point())
+        if bad:
+            raise ValueError(f"trainable tensors {bad} are not float initializers of this model")
 
         nodes = [_Node(n.op_type, n.domain if n.domain != "ai.onnx" else "", n.name or f"{n.op_type}_{k}",
                        list(n.input), list(n.output), _attrs(n)) for k, n in enumerate(graph.node)]
@@ -153,6 +163,9 @@ class TorchGraph(torch.nn.Module):
         # evaluate once what depends on constants only (weights through DequantizeLinear, shape arithmetic)
         runtime: list[_Node] = []
         for node in nodes:
+            if live.intersection(node.inputs):
+                runtime.append(node)
+                continue
             if node.op == "MatMulNBits" and all(t in consts for t in node.inputs[1:] if t):
                 runtime.append(self._prepare_matmul_nbits(node, consts))
                 continue
@@ -171,16 +184,26 @@ class TorchGraph(torch.nn.Module):
 
         needed = {t for n in runtime for t in n.inputs if t} | set(self.output_names)
         self._buffer_of: dict[str, str] = {}
-        for k, name in enumerate(sorted(t for t in needed if t in consts)):
+        for k, name in enumerate(sorted(t for t in needed if t in consts and t not in live)):
             attr = f"const_{k}"
             self.register_buffer(attr, consts[name], persistent=False)
             self._buffer_of[name] = attr
+        self._param_of: dict[str, str] = {}
+        for k, name in enumerate(sorted(t for t in needed if t in live)):
+            attr = f"param_{k}"
+            self.register_parameter(attr, torch.nn.Parameter(consts[name]))
+            self._buffer_of[name] = attr
+            self._param_of[name] = attr
         missing = [o for o in self.output_names if o not in consts and o not in self.dynamic_tensors]
         if missing:
             raise ValueError(f"graph outputs {missing} are not produced by any node")
         self.affine = dict(affine) if affine else {}
 
     # ------------------------------------------------------------------------------------------------ public API
+
+    def initializer_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Initializer name -> its ``nn.Parameter`` (the ``trainable`` initializers the graph reads)."""
+        return {name: getattr(self, attr) for name, attr in self._param_of.items()}
 
     def run(self, feeds: Mapping[str, object], affine: Mapping[str, tuple] | None = None,
             outputs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -191,7 +214,7 @@ class TorchGraph(torch.nn.Module):
         if bad:
             raise KeyError(f"affine tensors {bad} are not computed from the graph inputs of this model")
         want = list(outputs) if outputs is not None else self.output_names
-        device = next(iter(self.buffers()), torch.empty(0)).device
+        device = next(itertools.chain(self.buffers(), self.parameters()), torch.empty(0)).device
         env: dict[str, torch.Tensor] = {}
         for name in self.input_names:
             if name not in feeds:
