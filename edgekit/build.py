@@ -346,7 +346,9 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
             t_start) -> dict:
     plan = chosen.plan
     options = {c.layer: (c.option, c.reason) for c in plan.layers}
-    layer_rows = [dict(l.to_dict(), option=options[l.name][0], reason=options[l.name][1]) for l in layers]
+    pq = _pq_indices(fp32.path, layers)
+    layer_rows = [dict(l.to_dict(), option=options[l.name][0], reason=options[l.name][1],
+                       compression=parse_option(options[l.name][0]).kind, pq_index=pq.get(l.name)) for l in layers]
     budgets = profile.budgets.model_dump()  # the target's defaults, unless the user gave --budget
     asked = req.budget.to_dict() if req.budget is not None else {}
     if "size_bytes" in asked:
@@ -390,6 +392,7 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
         "precision": {"requested": req.precision, "chosen": plan.precision, "tried": tried},
         "layers": layer_rows,
         "allocation": allocation,
+        "structure": _structure(chosen.artifact),
         "totals": {"layers": len(layers), "params": sum(l.params for l in layers), "macs": sum(l.macs for l in layers),
                    "quantized_layers": sum(c.option != "fp32" for c in plan.layers)},
         "size": {"fp32_bytes": fp32.size, "artifact_bytes": size, "ratio": round(size / fp32.size, 4)},
@@ -399,6 +402,29 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
         "build_seconds": round(time.time() - t_start, 1),
         "versions": _dependency_versions(),
     }
+
+
+def _structure(artifact) -> dict | None:
+    """What the plan's structural half did (channels kept per group, branches dropped, factorized layers, the recovery
+    fine-tune's loss before and after), as ``apply_plan`` recorded it; None for plans without structure."""
+    import json
+
+    from edgekit.mixed import structure_summary_path
+
+    path = structure_summary_path(Path(artifact.path))
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pq_indices(fp32_path, layers: list[LayerInfo]) -> dict[str, float]:
+    """Per layer, the PQ Index of its FP32 weight (``compress.sparsity.pq_index``): how much pruning headroom it has."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.compress.sparsity import pq_index
+
+    inits = {i.name: i for i in onnx.load(str(fp32_path)).graph.initializer}
+    return {layer.name: round(pq_index(numpy_helper.to_array(inits[layer.weight])), 4) for layer in layers
+            if layer.weight in inits}
 
 
 def _reference(stage: Path, model: LoadedModel, chosen: Candidate, calib: Dataset, evald: Dataset) -> dict:

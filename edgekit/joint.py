@@ -293,7 +293,7 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
     geometry = layer_geometry(model)
     metric = sens.metric
     units = find_units(model, layers) if structure else [Unit(layer.name, (layer.name,)) for layer in layers]
-    struct: dict = {"groups": {}, "drops": {}, "ranks": {}}
+    struct: dict = {"groups": {}, "drops": {}, "ranks": {}, "sparse": {}}
     ref = _run(model, sample) if structure else None
     groups = [g for u in units for g in u.groups]
     importance = channels.channel_importance(model, groups, feeds) if groups else {}
@@ -310,8 +310,33 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
             row = narrowed_cost(info[layer], geometry.get(layer), new, geo, options[layer], profile, hardware, base,
                                 bias_correction=bias_correction)
         suffix = f"+ch{ch}" if ch is not None else ""
-        return [Entry({layer: o + suffix}, float(sens.values[layer][o]), row[o].bytes, row[o].latency_ms)
-                for o in options[layer] if o in row and o in sens.values[layer]]
+        out = [Entry({layer: o + suffix}, float(sens.values[layer][o]), row[o].bytes, row[o].latency_ms)
+               for o in options[layer] if o in row and o in sens.values[layer]]
+        if structure and ch is None:
+            out += sparse_entries(layer, out)
+        return out
+
+    sparse_distortion: dict[tuple[str, str], float] = {}
+
+    def sparse_entries(layer: str, dense: list[Entry]) -> list[Entry]:
+        """N:M options where the target's profile lists the pattern for this layer kind (sparse tensor cores)."""
+        out = []
+        for pattern in SPARSE_PATTERNS:
+            for e in dense:
+                o = e.choice[layer]
+                if not sparse_eligible(info[layer], geometry.get(layer)) or \
+                        not profile.supports(info[layer].kind, f"sparse{pattern}+{o}"):
+                    continue
+                key = (layer, pattern)
+                if key not in sparse_distortion:
+                    from edgekit.structure import _sparsify, layer_inputs
+
+                    x = layer_inputs(model, [layer], feeds)
+                    sparse_distortion[key] = measured(_sparsify(model, {layer: f"sparse{pattern}"}, x))
+                    struct["sparse"].setdefault(layer, {})[pattern] = sparse_distortion[key]
+                size, ms = sparse_cost(info[layer], geometry.get(layer), o, e.bytes, e.latency_ms, profile, pattern)
+                out.append(Entry({layer: f"sparse{pattern}+{o}"}, e.distortion + sparse_distortion[key], size, ms))
+        return out
 
     track = progress(units, "measuring structural options", total=len(units)) if progress and structure else units
     rows: dict[str, dict[str, Entry]] = {}
@@ -345,6 +370,43 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
             rows[unit.name] = {"|".join(e.choice[layer] for layer in unit.layers): e for e in entries}
     params = {u.name: sum(info[layer].params for layer in u.layers) for u in units}
     return JointSpace(units, rows, params, metric, struct)
+
+
+SPARSE_PATTERNS = ("2:4", "4:8")
+
+
+def sparse_eligible(layer: LayerInfo, geo: LayerGeometry | None) -> bool:
+    """N:M zeros run along the reduction axis: linear layers and 1x1 convolutions (k×k kernels interleave it)."""
+    if layer.op_type == "Conv":
+        return layer.kind == "conv" and tuple(layer.weight_shape[2:]) == (1,) * (len(layer.weight_shape) - 2) and \
+            (geo is None or geo.attr("group", 1) == 1)
+    return layer.op_type in ("MatMul", "Gemm")
+
+
+def sparse_cost(layer: LayerInfo, geo, option: str, dense_bytes: int, dense_ms: float, profile, pattern: str
+                ) -> tuple[int, float]:
+    """Bytes and latency of ``option`` with N:M weights: half the weight values plus log2(M)-bit indices per kept
+    value; latency scaled from the dense one by the roofline with the profile's sparse peak (no sparse peak listed:
+    compute as dense, only the bytes shrink)."""
+    from edgekit.cost import ACTIVATION_BYTES, _precision, activation_elements
+
+    n, m = (int(x) for x in pattern.split(":"))
+    weight = int(np.prod(layer.weight_shape))
+    bits = 32 if option == "fp32" else int(option[1]) if option[1].isdigit() else 8
+    kept = weight * n // m
+    size = dense_bytes - weight * bits // 8 + kept * bits // 8 + math.ceil(kept * math.log2(m) / 8)
+    peaks = profile.hardware.peak_gops
+    prec = _precision(option)
+    dense_peak = peaks.get(prec) or peaks["fp32"]
+    sparse_peak = peaks.get(f"{prec}_sparse", dense_peak)
+    n_in, n_out = activation_elements(layer, geo)
+    act = (n_in + n_out) * ACTIVATION_BYTES.get(option, 4)
+    bandwidth = profile.hardware.bandwidth_gbs * 1e9
+
+    def roof(nbytes: int, peak: float) -> float:
+        return max(2.0 * layer.macs / (peak * 1e9), (nbytes + act) / bandwidth) * 1e3
+
+    return int(size), float(dense_ms * roof(size, sparse_peak) / max(roof(dense_bytes, dense_peak), 1e-12))
 
 
 def rank_candidates(layer: LayerInfo, geo: LayerGeometry | None) -> list[int]:
@@ -420,7 +482,8 @@ class JointAllocator:
         allowed = self.t.options if options is None else {n: [o for o in opts if o in options.get(n, ["fp32"])]
                                                           for n, opts in self.t.options.items()}
         self.hardware = HardwareTable.for_profile(profile)
-        self.cost = cost_table(layers, profile, allowed, hardware=self.hardware, geometry=layer_geometry(fp32.path),
+        self.cost = cost_table(layers, profile, self.t.options, hardware=self.hardware,
+                               geometry=layer_geometry(fp32.path),
                                bias_correction=cfg.bias_correction)
         self.space = build_space(onnx.load(str(fp32.path)), layers, profile, allowed, self.t.sens, self.cost,
                                  self.hardware, calib.take(mixed.SENSITIVITY_SAMPLES), sample_feeds(calib),

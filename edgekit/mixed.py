@@ -10,6 +10,7 @@ the least-distortion one that meets the budget wins; if none does, the fastest i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -98,13 +99,20 @@ def _apply_structure(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx:
     from edgekit.structure import apply_structure
 
     steps = int(plan.activations.get("structure", {}).get("recover_steps", 0))
-    model, precision_plan, summary = apply_structure(Path(fp32.path), plan, calib, recover_steps=steps,
-                                                     progress=ctx.track if steps else None)
+    model, precision_plan, summary = apply_structure(Path(fp32.path), plan, calib, recover_steps=steps)
     log.info("structure: %s", summary)
+    from edgekit.fsutil import atomic_write_text
+
+    atomic_write_text(structure_summary_path(out), json.dumps(summary, indent=1) + "\n")
     path = out.with_name(out.stem + ".structure.onnx")
     onnx.save(model, str(path))
     edited = describe(path)
     return edited, replace(precision_plan, model_sha256=edited.sha256)
+
+
+def structure_summary_path(artifact: Path) -> Path:
+    """Where ``apply_plan`` records what the structural half of a plan did to the graph (for the report)."""
+    return Path(artifact).with_name(Path(artifact).stem + ".structure.json")
 
 
 def plan_quantizer(plan: Plan, fp32: Artifact, calib: Dataset, ctx: Context, *, layers: list[str]) -> LowBitQuantizer:

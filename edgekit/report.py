@@ -73,6 +73,28 @@ def _allocation_html(alloc: dict | None) -> str:
     return "".join(parts)
 
 
+def _structure_html(st: dict | None) -> str:
+    """What pruning, removal, low rank and the recovery fine-tune did (joint-space plans only)."""
+    if not st:
+        return ""
+    items = []
+    if st.get("pruned"):
+        items.append("channel groups pruned (channels before → kept): " + ", ".join(
+            f"{_e(g)} {a}→{b}" for g, (a, b) in st["pruned"].items()))
+    if st.get("dropped"):
+        items.append("residual branches removed: " + ", ".join(_e(d) for d in st["dropped"]))
+    if st.get("factorized"):
+        items.append("low-rank layers (rank): " + ", ".join(f"{_e(k)} ({v})" for k, v in st["factorized"].items()))
+    if st.get("sparse"):
+        items.append("N:M sparse layers: " + ", ".join(f"{_e(k)} ({_e(v)})" for k, v in st["sparse"].items()))
+    rec = st.get("recover")
+    if rec:
+        kept = " — no improvement, the untrained weights were kept" if rec.get("kept_original") else ""
+        items.append(f"recovery fine-tune: {rec['steps']} steps in {rec['seconds']} s, held-out distillation loss "
+                     f"{rec['loss_before']:.4g} before → {rec['loss_after']:.4g} after{kept}")
+    return "<h3>Structure</h3><ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
 def _pareto_html(pareto: dict, metric: str) -> str:
     """Two Pareto plots from the tables: predicted distortion vs size and vs latency, the front (least distortion for
     a grid of size budgets, each solved exactly) with the uniform plans and the chosen one marked."""
@@ -107,6 +129,10 @@ def _scatter_svg(xs: list[float], ys: list[float]) -> str:
             f'<text x="2" y="{pad - 8}" font-size="11">measured joint</text></svg>')
 
 
+def _pq(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
 def render_html(r: dict) -> str:
     v = r["verification"]
     lat = r.get("latency") or {}
@@ -127,10 +153,15 @@ def render_html(r: dict) -> str:
         rows.append(
             f'<tr class="{cls}"><td>{_e(layer["name"])}</td><td>{_e(layer["op_type"])}</td><td>{_e(layer["kind"])}</td>'
             f'<td>{_e("×".join(map(str, layer["weight_shape"])))}</td><td class="n">{layer["params"]:,}</td>'
-            f'<td class="n">{layer["macs"]:,}</td><td>{_e(layer["option"])}</td>{extra}<td>{_e(layer["reason"])}</td>'
-            f'</tr>'
+            f'<td class="n">{layer["macs"]:,}</td><td>{_e(layer.get("compression", ""))}</td>'
+            f'<td class="n">{_pq(layer.get("pq_index"))}</td><td>{_e(layer["option"])}</td>{extra}'
+            f'<td>{_e(layer["reason"])}</td></tr>'
         )
-    layer_head = ("<th>layer</th><th>op</th><th>kind</th><th>weight</th><th>params</th><th>MACs</th><th>option</th>"
+    layer_head = ("<th>layer</th><th>op</th><th>kind</th><th>weight</th><th>params</th><th>MACs</th>"
+                  "<th title='what the plan does to the layer: float, quantize, prune, low-rank, sparse, drop'>"
+                  "compression</th><th title='PQ Index of the FP32 weight (0: every magnitude equal, nothing to "
+                  "prune; higher: the mass sits in few weights, more headroom for pruning)'>PQ index</th>"
+                  "<th>option</th>"
                   + ("<th>distortion</th>" if alloc else "")
                   + ("<th>bytes</th><th>latency ms</th><th>latency source</th>" if has_cost else "")
                   + "<th>reason</th>")
@@ -183,7 +214,7 @@ th{{background:#f3f4f6}} td.n{{text-align:right;font-variant-numeric:tabular-num
 <h3>Precisions tried</h3><ul>{tried}</ul>
 <h2>Layers ({r['totals']['layers']}, {r['totals']['quantized_layers']} quantized;
 {r['totals']['params']:,} parameters; {r['totals']['macs']:,} MACs per sample)</h2>
-{_allocation_html(alloc)}
+{_allocation_html(alloc)}{_structure_html(r.get("structure"))}
 <table><tr>{layer_head}</tr>
 {''.join(rows)}</table>
 <h2>Data and lineage</h2>

@@ -102,8 +102,7 @@ def _groups_to_prune(model, parts: dict) -> dict:
     return {name: groups[name] for name in keep}, keep
 
 
-def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_steps: int = 0,
-                    progress=None):
+def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_steps: int = 0, progress=None):
     """Edit the float graph as ``plan``'s structural modifiers say; returns (ModelProto, precision-only Plan over the
     edited graph's layers, summary dict). Raises ConfigError when the plan does not fit the graph."""
     import onnx
@@ -150,7 +149,15 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
     if recover_steps:
         from edgekit.compress.recover import recover, teacher_outputs
 
-        result = recover(model, teacher_outputs(original, feeds), feeds, steps=recover_steps, progress=progress)
+        every = max(1, recover_steps // 10)
+
+        def report(step: int, steps: int, loss: float) -> None:
+            if step % every == 0 or step == steps:
+                log.info("recovery fine-tune: step %d of %d, distillation loss %.4g", step, steps, loss)
+
+        data = sample_feeds(calib, len(calib))  # every calibration sample; recover() holds the last 1/8 out
+        result = recover(model, teacher_outputs(original, data), data, steps=recover_steps,
+                         progress=progress or report)
         model = result.model
         summary["recover"] = {"steps": result.steps, "loss_before": result.loss_before,
                               "loss_after": result.loss_after, "kept_original": result.kept_original,

@@ -222,3 +222,137 @@ def test_joint_space_contains_the_bits_space_and_meets_a_size_budget(digits):
     assert aj["joint"]["space"] == "joint" and aj["joint"]["structure"]["groups"]
     for c in pj.layers:
         check_option(c.option)
+
+
+@pytest.mark.e2e
+def test_build_in_the_joint_space_bundles_a_pruned_model_and_apply_replays_it(run_cli, tmp_path):
+    import onnx
+
+    out = tmp_path / "out"
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=30KB", "--space", "joint", "--out",
+                     out, "--json", "--no-latency")
+    summary = json.loads(result.stdout)
+    assert summary["verification"]["passed"] and summary["size"]["artifact_bytes"] <= 30_000
+    bundle = out / "digits-cnn"
+    plan = Plan.load(bundle / "plan.json")
+    assert plan.is_structural and plan.solver.startswith("joint")
+    report = json.loads((bundle / "report.json").read_text())
+    rows = {row["name"]: row for row in report["layers"]}
+    for c in plan.layers:
+        assert rows[c.layer]["compression"] == parse_option(c.option).kind
+        assert 0.0 <= rows[c.layer]["pq_index"] < 1.0
+    html = (bundle / "report.html").read_text()
+    assert "PQ index" in html and "channel groups pruned" in html
+    assert report["structure"]["pruned"] and all(a > b for a, b in report["structure"]["pruned"].values())
+    pruned = {c.layer: parse_option(c.option).channels for c in plan.layers if parse_option(c.option).channels}
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    assert sum(int(np.prod(i.dims)) for i in graph.initializer) < report["totals"]["params"]  # a smaller model
+    again = tmp_path / "again"
+    run_cli("apply", bundle / "plan.json", "--model", "builtin:digits-cnn", "--out", again, "--no-latency")
+    assert (again / "digits-cnn" / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
+    assert pruned
+
+
+def test_joint_space_options_need_a_budget(run_cli, tmp_path):
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--space", "joint", "--out", tmp_path / "o", code=3)
+    assert "--budget" in result.output
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=30KB", "--recover", "5", "--out",
+                     tmp_path / "o", code=3)
+    assert "--space joint" in result.output
+
+
+def test_recovery_fine_tune_after_pruning_reduces_the_distillation_loss(digits):
+    import onnx
+
+    from edgekit.compress.channels import channel_groups
+    from edgekit.structure import apply_structure
+
+    model = onnx.load(str(digits.fp32.path))
+    g = max(channel_groups(model), key=lambda g: g.channels)
+    choices = tuple(LayerChoice(layer.name, f"fp32+ch{g.channels // 4}" if layer.name == g.producer else "fp32")
+                    for layer in digits.layers)
+    plan = Plan(digits.model.sha256, "cpu-x86", "mixed", choices)
+    plain, _, _ = apply_structure(digits.fp32.path, plan, digits.calib)
+    tuned, _, summary = apply_structure(digits.fp32.path, plan, digits.calib, recover_steps=40)
+    rec = summary["recover"]
+    assert rec["steps"] == 40 and rec["loss_after"] < rec["loss_before"] and not rec["kept_original"]
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in plain.graph.node]  # same graph, new weights
+    assert any(a.raw_data != b.raw_data for a, b in zip(tuned.graph.initializer, plain.graph.initializer, strict=True))
+
+
+# -- N:M sparsity and costs of shapes the hardware table has not measured --------------------------------------------
+def test_nm_sparsity_in_a_plan_prunes_along_the_reduction_axis(fp32):
+    """``sparse2:4+fp32`` on the Gemm (transB=1: weight [N, K]) and ``sparse4:8+fp32`` on a 16-input MatMul leave
+    exactly N of every M consecutive weights along K, and the rest of the graph untouched."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgekit.data import Dataset
+    from edgekit.structure import apply_structure
+
+    model = onnx.load(str(fp32))
+    rng = np.random.default_rng(0)
+    g = model.graph  # widen the Gemm to K=8 → N=8 and the MatMul to K=8 → 5 so that 4:8 fits
+    inits = {i.name: i for i in g.initializer}
+    inits["fc.weight"].CopyFrom(numpy_helper.from_array(rng.normal(0, .3, (8, 8)).astype(np.float32), "fc.weight"))
+    inits["fc.bias"].CopyFrom(numpy_helper.from_array(rng.normal(0, .1, (8,)).astype(np.float32), "fc.bias"))
+    inits["head.weight"].CopyFrom(numpy_helper.from_array(rng.normal(0, .3, (8, 5)).astype(np.float32),
+                                                          "head.weight"))
+    onnx.save(model, str(fp32))
+    names = [n.name for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    gemm_name, matmul_name = (next(n.name for n in g.node if n.op_type == op) for op in ("Gemm", "MatMul"))
+    options = {gemm_name: "sparse2:4+fp32", matmul_name: "sparse4:8+fp32"}
+    plan = Plan("x", "cpu-x86", "mixed", tuple(LayerChoice(n, options.get(n, "fp32")) for n in names))
+    calib = Dataset("c", {"input": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}, None, "test")
+    edited, precision_plan, summary = apply_structure(fp32, plan, calib)
+    assert summary["sparse"] == {gemm_name: "sparse2:4", matmul_name: "sparse4:8"}
+    assert [c.option for c in precision_plan.layers] == ["fp32"] * 4
+    w = {i.name: numpy_helper.to_array(i) for i in edited.graph.initializer}
+    gemm = w["fc.weight"]  # [N, K]: groups of 4 along K
+    assert ((gemm.reshape(8, 2, 4) != 0).sum(-1) == 2).all()
+    head = w["head.weight"].T  # MatMul weight [K, N] → [N, K]
+    assert ((head.reshape(5, 1, 8) != 0).sum(-1) == 4).all()
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for name in ("stem.weight", "dw.weight"):
+        np.testing.assert_array_equal(w[name], before[name])
+
+
+def test_sparse_cost_halves_values_and_uses_the_sparse_peak():
+    from edgekit.inventory import LayerInfo
+    from edgekit.joint import sparse_cost
+    from edgekit.targets import load_target
+
+    profile = load_target("jetson-orin-nano")
+    layer = LayerInfo("m", "MatMul", "linear", "w", (4096, 4096), 4096 * 4096, 4096 * 4096 * 512)  # compute-bound
+    dense = 4096 * 4096 + 4096 * 5
+    size, ms = sparse_cost(layer, None, "w8a8", dense, 1.0, profile, "2:4")
+    assert size == dense - 4096 * 4096 // 2 + 4096 * 4096 // 2 // 4  # half the int8 values + 2 bits per kept value
+    peaks = profile.hardware.peak_gops
+    assert ms == pytest.approx(peaks["int8"] / peaks["int8_sparse"], rel=1e-6)  # the dense time, at the sparse peak
+    cpu = load_target("cpu-x86")  # no sparse peak: compute as dense
+    _, cpu_ms = sparse_cost(layer, None, "w8a8", dense, 1.0, cpu, "2:4")
+    assert cpu_ms == pytest.approx(1.0)
+
+
+def test_unmeasured_narrowed_shapes_are_scaled_from_the_measured_original():
+    from edgekit.cost import HardwareTable, LayerGeometry, layer_signature, roofline_ms
+    from edgekit.inventory import LayerInfo
+    from edgekit.joint import narrowed, narrowed_cost
+    from edgekit.tables import CostEntry
+    from edgekit.targets import load_target
+
+    profile = load_target("cpu-x86")
+    layer = LayerInfo("c", "Conv", "conv", "w", (256, 128, 1, 1), 256 * 128 + 256, 256 * 128 * 196)
+    geo = LayerGeometry("c", "Conv", (256, 128, 1, 1), (128, 14, 14), (256, 14, 14),
+                        (("auto_pad", "NOTSET"), ("dilations", (1, 1)), ("group", 1), ("pads", (0, 0, 0, 0)),
+                         ("strides", (1, 1))), True)
+    table = HardwareTable({layer_signature(layer, geo): {"fp32": {"median_ms": 0.5, "runs": 10}}}, label="t")
+    base = {"fp32": CostEntry(4 * layer.params, 0.5, "measured:t")}
+    small, small_geo = narrowed(layer, geo, None, 64)
+    row = narrowed_cost(layer, geo, small, small_geo, ["fp32"], profile, table, base)
+    expected = 0.5 * roofline_ms(small, "fp32", profile, geometry=small_geo) / roofline_ms(layer, "fp32", profile,
+                                                                                             geometry=geo)
+    assert row["fp32"].source == "scaled:t" and row["fp32"].latency_ms == pytest.approx(expected)
+    table.entries[layer_signature(small, small_geo)] = {"fp32": {"median_ms": 0.2, "runs": 10}}
+    row = narrowed_cost(layer, geo, small, small_geo, ["fp32"], profile, table, base)
+    assert row["fp32"].source == "measured:t" and row["fp32"].latency_ms == 0.2

@@ -1,0 +1,66 @@
+"""benchmarks/joint_space.py: the front and per-budget comparisons (which decide the issue's goal), and one quick run
+on the digits CNN through the real allocator, builds and interleaved timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.bench_scripts import load_benchmark
+
+
+def _load():
+    return load_benchmark("joint_space")
+
+
+def test_front_keeps_the_best_fidelity_at_each_cost():
+    bench = _load()
+    assert bench.front([(0.5, 0.9), (0.4, 0.8), (0.6, 0.85), (0.7, 0.95)]) == [(0.4, 0.8), (0.5, 0.9), (0.7, 0.95)]
+    assert bench.best_at([(0.4, 0.8), (0.5, 0.9)], 0.45) == 0.8 and bench.best_at([(0.4, 0.8)], 0.3) is None
+
+
+def test_compare_fronts_finds_where_the_joint_space_is_worse_and_better():
+    bench = _load()
+    bits = [(0.5, 0.90), (0.7, 0.95)]
+    same = bench.compare_fronts(bits, bits, xtol=0.0)
+    assert same["at_least_as_good"] and not same["strictly_better_somewhere"]
+    better = bench.compare_fronts(bits, [(0.4, 0.9), (0.7, 0.97)], xtol=0.0)
+    assert better["at_least_as_good"] and better["strictly_better_somewhere"]
+    worse = bench.compare_fronts(bits, [(0.5, 0.80), (0.7, 0.97)], xtol=0.0)
+    assert not worse["at_least_as_good"] and worse["joint_worse_at"][0]["x"] == 0.5
+    within = bench.compare_fronts(bits, [(0.52, 0.90), (0.7, 0.95)], xtol=0.05)  # 4 % slower: timing noise
+    assert within["at_least_as_good"]
+
+
+def _rec(space, budget, size, lat, top1):
+    return {"notes": {"space": space, "budget": budget}, "size_bytes": size, "top1_agreement": top1,
+            "latency_batch1": {"ratio_vs_fp32": lat}}
+
+
+def test_compare_budgets_judges_each_budget_as_measured():
+    bench = _load()
+    results = {"fp32": {"size_bytes": 1000},
+               "b1": _rec("bits", "size=300B", 290, 0.9, 0.95), "j1": _rec("joint", "size=300B", 280, 0.8, 0.96),
+               "b2": _rec("bits", "latency=0.5x", 500, 0.6, 0.9), "j2": _rec("joint", "latency=0.5x", 400, 0.51, 0.8),
+               "b3": _rec("bits", "size=100B", 150, 0.9, 0.9), "j3": _rec("joint", "size=100B", 99, 0.9, 0.7)}
+    cmp = bench.compare_budgets(results, True)
+    # more faithful; meets a latency (within 5 %) and a size that the bits-only plans miss
+    assert cmp["joint_better_at"] == ["size=300B", "latency=0.5x", "size=100B"]
+    assert cmp["joint_worse_at"] == [] and cmp["at_least_as_good"] and cmp["strictly_better_somewhere"]
+    results["j1"] = _rec("joint", "size=300B", 310, 0.8, 0.99)  # over the budget the bits plan meets
+    assert bench.compare_budgets(results, True)["joint_worse_at"] == ["size=300B"]
+
+
+@pytest.mark.e2e
+def test_quick_run_on_digits(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "joint.json"
+    bench.main(["--model", "digits", "--quick", "--rounds", "2", "--per-round", "5", "--json", str(out), "--svg",
+                str(tmp_path / "plot")])
+    res = json.loads(out.read_text())["results"]["digits"]
+    spaces = {rec["notes"].get("space") for rec in res["variants"].values() if rec.get("notes")}
+    assert {"bits", "joint"} <= spaces
+    assert res["by_budget"]["budgets"] and set(res["fronts"]) == {"latency", "size"}
+    assert (tmp_path / "plot_digits_size.svg").read_text().startswith("<svg")
+    assert "## digits" in capsys.readouterr().out
