@@ -82,6 +82,16 @@ class JointSpace:
                        {u: {o: e.latency_ms for o, e in self.rows[u].items()} for u in names},
                        self.params, budget, self.metric)
 
+    def with_float_penalty(self, penalty_ms: float, chain: set[str]) -> JointSpace:
+        """The space with every float layer of ``chain`` (layers that could take int8) charged ``penalty_ms``: what a
+        float island inside an integer graph costs in layout changes and Quantize/Dequantize, which no per-layer
+        timing sees. The charge is measured (``JointAllocator.allocate``), like ``mixed``'s refine rounds."""
+        def charged(e: Entry) -> Entry:
+            n = sum(1 for layer, o in e.choice.items() if layer in chain and o.split("+")[0] == "fp32")
+            return replace(e, latency_ms=e.latency_ms + penalty_ms * n) if n else e
+
+        return replace(self, rows={u: {o: charged(e) for o, e in row.items()} for u, row in self.rows.items()})
+
     def fastest(self) -> Solution:
         """Each unit's fastest option by the tables (for latency budgets the tables say are out of reach)."""
         choice = {u: min(row, key=lambda o, row=row: (row[o].latency_ms, row[o].distortion)) for u, row in
@@ -281,7 +291,7 @@ def _structures(unit: Unit, counts: dict[str, list[int]]) -> list[dict[str, int]
 
 def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list[str]], sens: SensitivityTable,
                 cost: CostTable, hardware: HardwareTable | None, sample, feeds: list[dict], *,
-                structure: bool = True, bias_correction: bool = True, progress=None) -> JointSpace:
+                structure: bool = True, bias_correction: bool = True, progress=None, quantizer=None) -> JointSpace:
     """The rows of the joint problem (see the module docstring); ``structure=False`` gives the bits-only space in
     the same form. ``sample`` (a Dataset) measures structural distortions; ``feeds`` (per-sample dicts) give channel
     importance and the inputs low-rank factors are fitted to."""
@@ -293,7 +303,7 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
     geometry = layer_geometry(model)
     metric = sens.metric
     units = find_units(model, layers) if structure else [Unit(layer.name, (layer.name,)) for layer in layers]
-    struct: dict = {"groups": {}, "drops": {}, "ranks": {}, "sparse": {}}
+    struct: dict = {"groups": {}, "drops": {}, "ranks": {}, "sparse": {}, "eora": {}}
     ref = _run(model, sample) if structure else None
     groups = [g for u in units for g in u.groups]
     importance = channels.channel_importance(model, groups, feeds) if groups else {}
@@ -361,8 +371,11 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
             struct["drops"][unit.name] = d
             entries.append(Entry(dict.fromkeys(unit.layers, "drop"), d, 0, 0.0))
         if structure and len(unit.layers) == 1:
-            entries += _rank_entries(model, info[unit.layers[0]], geometry, profile, options, sens, cost, hardware,
+            layer = info[unit.layers[0]]
+            entries += _rank_entries(model, layer, geometry, profile, options, sens, cost, hardware,
                                      feeds, measured, struct, bias_correction)
+            entries += _eora_entries(layer, geometry.get(layer.name), quantizer, options, sens, cost, profile,
+                                     hardware, bias_correction, struct)
         entries = pareto(entries)
         if len(unit.layers) == 1:
             rows[unit.name] = {next(iter(e.choice.values())): e for e in entries}
@@ -441,19 +454,65 @@ def _rank_entries(model, layer: LayerInfo, geometry, profile, options, sens, cos
         a, b = graphedit.lowrank_factors(model, layer.name, r, x)
         d = measured(graphedit.factorize(model, layer.name, a, b))
         struct["ranks"].setdefault(layer.name, {})[r] = d
-        total: dict[str, list] = {o: [0, 0.0] for o in bases}
-        for i, (cin, cout) in enumerate(((None, r), (r, None))):
-            part, pgeo = narrowed(replace(layer, name=f"{layer.name}.lr{i + 1}"), geo, cin, cout)
-            if i == 0:  # the first factor has no bias
-                part = replace(part, params=int(np.prod(part.weight_shape)))
-                pgeo = replace(pgeo, has_bias=False) if pgeo is not None else None
-            row = narrowed_cost(layer, geo, part, pgeo, bases, profile, hardware, cost.entries[layer.name],
-                                bias_correction=bias_correction)
-            for o in bases:
-                total[o][0] += row[o].bytes
-                total[o][1] += row[o].latency_ms
-        out += [Entry({layer.name: f"{o}+r{r}"}, d + float(sens.values[layer.name][o]), int(total[o][0]),
-                      float(total[o][1])) for o in bases]
+        total = factor_cost(layer, geo, r, bases, profile, hardware, cost.entries[layer.name], bias_correction)
+        out += [Entry({layer.name: f"{o}+r{r}"}, d + float(sens.values[layer.name][o]), total[o][0], total[o][1])
+                for o in bases]
+    return out
+
+
+def factor_cost(layer: LayerInfo, geo, rank: int, options, profile, hardware, base_row, bias_correction: bool
+                ) -> dict[str, tuple[int, float]]:
+    """Bytes and latency of a rank-``rank`` pair of layers standing in for ``layer`` (K→R without bias, R→N with the
+    layer's bias), under each option."""
+    total: dict[str, list] = {o: [0, 0.0] for o in options}
+    for i, (cin, cout) in enumerate(((None, rank), (rank, None))):
+        part, pgeo = narrowed(replace(layer, name=f"{layer.name}.lr{i + 1}"), geo, cin, cout)
+        if i == 0:  # the first factor has no bias
+            part = replace(part, params=int(np.prod(part.weight_shape)))
+            pgeo = replace(pgeo, has_bias=False) if pgeo is not None else None
+        row = narrowed_cost(layer, geo, part, pgeo, options, profile, hardware, base_row,
+                            bias_correction=bias_correction)
+        for o in options:
+            total[o][0] += row[o].bytes
+            total[o][1] += row[o].latency_ms
+    return {o: (int(b), float(t)) for o, (b, t) in total.items()}
+
+
+EORA_RANKS = (16, 32)  # ranks of the compensation paths offered beside weight-only layers
+
+
+def _eora_entries(layer: LayerInfo, geo, quantizer, options, sens, cost, profile, hardware, bias_correction, struct
+                  ) -> list[Entry]:
+    """``<w>+e<R>`` options of a weight-only layer: the EoRA path fitted to the error of the low-bit weight the
+    quantizer gives it. Distortion: the option's measured distortion scaled by the local output error left, as the
+    weight-only table scales its options (``wonly.local_error``): tr(ΔW·H·ΔWᵀ) after over before the path."""
+    from edgekit.compress.lowrank import eora
+    from edgekit.wonly import weight_only
+
+    if quantizer is None or layer.name not in quantizer.nodes or layer.op_type not in ("MatMul", "Gemm"):
+        return []
+    w = quantizer.weights[layer.name].astype(np.float64)
+    n, k = w.shape
+    ranks = [r for r in EORA_RANKS if r <= min(n, k) // 4]
+    wonly = [o for o in options[layer.name] if weight_only(o) and o in sens.values[layer.name]]
+    if not ranks or not wonly:
+        return []
+    h = quantizer.hessians()[layer.name].astype(np.float64)
+    path = {r: factor_cost(layer, geo, r, ["fp32"], profile, hardware, cost.entries[layer.name], False)["fp32"]
+            for r in ranks}
+    base = cost.entries[layer.name]
+    out = []
+    for o in wonly:
+        delta = w - quantizer.qweight(layer.name, o).dequantize()
+        before = float(np.einsum("nk,kj,nj->", delta, h, delta))
+        for r in ranks:
+            u, v = eora(w, w - delta, h, r)
+            rest = delta - u.astype(np.float64) @ v.astype(np.float64)
+            after = float(np.einsum("nk,kj,nj->", rest, h, rest))
+            d = float(sens.values[layer.name][o]) * (after / before if before > 0 else 1.0)
+            struct["eora"].setdefault(layer.name, {})[f"{o}+e{r}"] = d
+            out.append(Entry({layer.name: f"{o}+e{r}"}, d, base[o].bytes + path[r][0],
+                             base[o].latency_ms + path[r][1]))
     return out
 
 
@@ -487,7 +546,8 @@ class JointAllocator:
                                bias_correction=cfg.bias_correction)
         self.space = build_space(onnx.load(str(fp32.path)), layers, profile, allowed, self.t.sens, self.cost,
                                  self.hardware, calib.take(mixed.SENSITIVITY_SAMPLES), sample_feeds(calib),
-                                 structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track)
+                                 structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
+                                 quantizer=self.t.quantizer)
         self.structure = structure
         self.settings = mixed._settings(self.t)
         if recover_steps:
@@ -506,18 +566,30 @@ class JointAllocator:
         size_limit = budget.size_bytes
         feeds = {k: v[:1] for k, v in self.calib.inputs.items()}
         fp32_rt = OrtRuntime(self.fp32.path)
+        chain = {n for n, row in self.cost.entries.items() if any(o != "fp32" for o in row)}
+        table_fp32 = sum(row["fp32"].latency_ms for row in self.cost.entries.values())
         tried: list[dict] = []
-        b = solve_budget
+        if target is not None:  # uniform INT8 is always a candidate, measured in the same way
+            stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(t.uniform_artifact.path)}, feeds, rounds=5,
+                                    per_round=20)
+            ratio = stats["plan"].median_ms / stats["fp32"].median_ms
+            tried.append({"plan": replace(t.uniform, activations=self.settings), "artifact": t.uniform_artifact,
+                          "ratio": ratio, "distortion": sum(self.t.sens.values[c.layer].get(c.option, 0.0)
+                                                            for c in t.uniform.layers),
+                          "met": ratio <= target * mixed.LATENCY_SLACK and (size_limit is None or
+                                                                            t.uniform_artifact.size <= size_limit),
+                          "uniform": True})
+        space, b, penalty = self.space, solve_budget, 0.0
         for k in range(JOINT_ROUNDS):
             try:
-                sol = solve(self.space.problem(b), solver)
+                sol = solve(space.problem(b), solver)
             except ConfigError as exc:
-                if tried:
+                if any(not x.get("uniform") for x in tried):
                     break
                 if target is None or b.size_bytes is not None or b.avg_bits is not None:
                     raise
                 log.warning("%s by the tables; measuring the fastest plan instead", exc.message)
-                sol = self.space.fastest()
+                sol = space.fastest()
             plan = self.space.plan(sol, self.layers, target=self.profile.name, model_sha256=self.model.sha256,
                                    activations=self.settings, budget=budget)
             if any(x["plan"].layers == plan.layers for x in tried):
@@ -531,14 +603,24 @@ class JointAllocator:
                 ratio = stats["plan"].median_ms / stats["fp32"].median_ms
             over_t = ratio is not None and ratio > target * mixed.LATENCY_SLACK
             over_s = size_limit is not None and art.size > size_limit
-            tried.append({"plan": plan, "artifact": art, "ratio": ratio, "distortion": sol.distortion,
-                          "met": not (over_t or over_s)})
-            log.info("joint round %d: predicted distortion %.4g, %d B%s", k, sol.distortion, art.size,
+            unpenalized = self.space.rows
+            distortion = sum(unpenalized[u][o].distortion for u, o in sol.choice.items())
+            tried.append({"plan": plan, "artifact": art, "ratio": ratio, "distortion": distortion,
+                          "met": not (over_t or over_s), "penalty_ms": round(penalty, 5)})
+            log.info("joint round %d: predicted distortion %.4g, %d B%s", k, distortion, art.size,
                      "" if ratio is None else f", measured {ratio:.3f}x FP32 (target {target:.3f}x)")
             if not (over_t or over_s):
                 break
-            b = replace(b, latency_ms=b.latency_ms * target / ratio if over_t else b.latency_ms,
-                        size_bytes=int(b.size_bytes * size_limit / art.size) if over_s else b.size_bytes)
+            if over_s:
+                b = replace(b, size_bytes=int(b.size_bytes * size_limit / art.size))
+            if over_t:
+                islands = [c.layer for c in plan.layers if c.layer in chain and c.option.split("+")[0] == "fp32"]
+                predicted = sum(unpenalized[u][o].latency_ms for u, o in sol.choice.items())
+                if islands:  # charge the float layers in the integer chain with the measured shortfall
+                    penalty += max(0.0, (ratio * table_fp32 - predicted) / len(islands))
+                    space = self.space.with_float_penalty(penalty, chain)
+                else:
+                    b = replace(b, latency_ms=b.latency_ms * target / ratio)
         meeting = [x for x in tried if x["met"]]
         if meeting:
             best = min(meeting, key=lambda x: x["distortion"])
@@ -546,9 +628,10 @@ class JointAllocator:
             best = min(tried, key=lambda x: (x["ratio"] or 0.0, x["artifact"].size))
             log.warning("no plan met the budget as measured; keeping the %s one found",
                         "fastest" if target is not None else "smallest")
-        rounds = [{"round": i, "predicted_distortion": round(x["distortion"], 6), "bytes": x["artifact"].size,
-                   "measured_ratio": None if x["ratio"] is None else round(x["ratio"], 4), "met": x["met"]}
-                  for i, x in enumerate(tried)]
+        rounds = [{"round": "uniform int8" if x.get("uniform") else i,
+                   "predicted_distortion": round(x["distortion"], 6), "bytes": x["artifact"].size,
+                   "measured_ratio": None if x["ratio"] is None else round(x["ratio"], 4), "met": x["met"],
+                   "float_island_penalty_ms": x.get("penalty_ms")} for i, x in enumerate(tried)]
         analysis = {"sensitivity": t.sens.to_dict(), "cost": self.cost.to_dict(), "family": t.family,
                     "hardware_table": self.profile.hardware_table if self.hardware else None, **notes,
                     "latency_rounds": rounds, "applied": (best["plan"].layers, best["artifact"]),

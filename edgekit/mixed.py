@@ -27,7 +27,7 @@ from edgekit.data import Dataset
 from edgekit.errors import ConfigError
 from edgekit.export.onnx import describe
 from edgekit.iospec import Artifact
-from edgekit.plan import LayerChoice, Plan, tolerance_class
+from edgekit.plan import LayerChoice, Plan, parse_option, tolerance_class
 from edgekit.tables import Budget, CostEntry, CostTable, SensitivityTable
 from edgekit.wonly import LowBitQuantizer, WeightOnlyConfig, is_feed_option, measure_feed_sensitivity, weight_only
 
@@ -100,6 +100,13 @@ def _apply_structure(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx:
 
     steps = int(plan.activations.get("structure", {}).get("recover_steps", 0))
     model, precision_plan, summary = apply_structure(Path(fp32.path), plan, calib, recover_steps=steps)
+    if any(parse_option(c.option).eora for c in plan.layers):  # the errors of the edited graph's low-bit weights
+        from edgekit.fsutil import sha256_bytes
+        from edgekit.structure import add_eora
+
+        kept = tuple(c for c in plan.layers if parse_option(c.option).base != "drop")
+        model, summary["eora"] = add_eora(model, replace(plan, layers=kept), calib, ctx,
+                                          model_sha256=sha256_bytes(model.SerializeToString()))
     log.info("structure: %s", summary)
     from edgekit.fsutil import atomic_write_text
 

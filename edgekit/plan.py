@@ -20,11 +20,14 @@ PLAN_SCHEMA_VERSION = 1
 # w<bits>g<group> (asymmetric unless suffixed "s"). Structural modifiers follow a "+" (the joint option space,
 # ``edgekit.joint``): "+ch<N>" keeps N channels of the channel group the layer belongs to (structured pruning: every
 # layer of the group carries the same N), "+r<R>" replaces the layer by a rank-R factorization (both factors take the
-# precision), "sparse2:4+" / "sparse4:8+" in front prunes the weights to that N:M pattern. "drop" removes the layer
+# precision), "+e<R>" adds a rank-R EoRA path repairing a weight-only layer's quantization error, "sparse2:4+" /
+# "sparse4:8+" in front prunes the weights to that N:M pattern. "drop" removes the layer
 # together with the residual branch it belongs to (every layer of the branch says "drop").
 _BASE = r"(?:fp32|w8a8|w4a8|w8a8d|w[2348]g(?:16|32|64|128|256)s?)"
-_OPTION_RE = re.compile(rf"^(?:drop|(?:sparse(?:2:4|4:8)\+)?{_BASE}(?:\+ch[1-9]\d*)?(?:\+r[1-9]\d*)?)$")
-_MOD_RE = re.compile(r"^(?:(?P<sparse>sparse(?:2:4|4:8))\+)?(?P<base>[^+]+)(?:\+ch(?P<ch>\d+))?(?:\+r(?P<r>\d+))?$")
+_OPTION_RE = re.compile(
+    rf"^(?:drop|(?:sparse(?:2:4|4:8)\+)?{_BASE}(?:\+ch[1-9]\d*)?(?:\+r[1-9]\d*)?(?:\+e[1-9]\d*)?)$")
+_MOD_RE = re.compile(r"^(?:(?P<sparse>sparse(?:2:4|4:8))\+)?(?P<base>[^+]+)(?:\+ch(?P<ch>\d+))?(?:\+r(?P<r>\d+))?"
+                     r"(?:\+e(?P<e>\d+))?$")
 
 OPTION_DESCRIPTIONS = {
     "fp32": "keep float32",
@@ -39,6 +42,8 @@ OPTION_DESCRIPTIONS = {
                  "smaller layer), then precision <p>",
     "<p>+r<R>": "low rank: the layer becomes two layers of rank R (truncated SVD in the eigenspace of its inputs), "
                 "each at precision <p>",
+    "<p>+e<R>": "EoRA: a float rank-R path beside a weight-only layer, fitted in the eigenspace of its inputs to the "
+                "error of its low-bit weight (e.g. w4g128+e16)",
     "sparse2:4+<p>": "N:M sparsity (2:4 or 4:8, SparseGPT-pruned) for targets with sparse kernels, then precision <p>",
     "drop": "remove the layer with the residual branch (block, attention or FFN sub-layer) it belongs to",
 }
@@ -52,17 +57,19 @@ class OptionParts:
     channels: int | None = None  # "+ch<N>": channels kept in the layer's group
     rank: int | None = None  # "+r<R>": low-rank factorization
     sparsity: str | None = None  # "sparse2:4+": N:M pattern
+    eora: int | None = None  # "+e<R>": rank of the compensation path of a weight-only layer
 
     @property
     def structural(self) -> bool:
-        return self.base == "drop" or self.channels is not None or self.rank is not None or self.sparsity is not None
+        return self.base == "drop" or any(x is not None for x in (self.channels, self.rank, self.sparsity, self.eora))
 
     @property
     def kind(self) -> str:
         """What the report shows: drop, prune, low-rank, sparse, quantize or float (the first that applies)."""
         if self.base == "drop":
             return "drop"
-        kinds = [k for k, on in (("prune", self.channels), ("low-rank", self.rank), ("sparse", self.sparsity)) if on]
+        kinds = [k for k, on in (("prune", self.channels), ("low-rank", self.rank), ("sparse", self.sparsity),
+                                 ("compensate", self.eora)) if on]
         kinds.append("float" if self.base == "fp32" else "quantize")
         return "+".join(kinds)
 
@@ -74,7 +81,8 @@ def parse_option(option: str) -> OptionParts:
         return OptionParts("drop")
     m = _MOD_RE.match(option)
     assert m is not None  # the grammar above guarantees it
-    return OptionParts(m["base"], int(m["ch"]) if m["ch"] else None, int(m["r"]) if m["r"] else None, m["sparse"])
+    return OptionParts(m["base"], int(m["ch"]) if m["ch"] else None, int(m["r"]) if m["r"] else None, m["sparse"],
+                       int(m["e"]) if m["e"] else None)
 
 
 PRECISIONS = ("fp32", "int8", "int8-dynamic", "auto")

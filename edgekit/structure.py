@@ -4,10 +4,13 @@ it is quantized.
 ``apply_structure(fp32, plan, calib)`` reads every layer's option (``edgekit.plan.parse_option``) and edits the float
 ONNX graph in this order:
 
-1. ``drop``: the residual branches (``compress.graphedit.removable_units``) whose every layer says ``drop`` are removed;
-2. ``+ch<N>``: each channel group (``compress.channels.channel_groups``) whose producer says ``+ch<N>`` keeps its N most
-   important channels (activation-aware importance on calibration data); the constant a dropped channel still feeds
-   forward is folded into the consumers' biases, so the smaller graph computes exactly what the masked one does;
+1. ``+ch<N>``: each channel group (``compress.channels.channel_groups``, found on the original graph, as the tables
+   were) whose producer says ``+ch<N>`` keeps its N most important channels (activation-aware importance on
+   calibration data); the constant a dropped channel still feeds forward is folded into the consumers' biases, so the
+   smaller graph computes exactly what the masked one does;
+2. ``drop``: the residual branches (``compress.graphedit.removable_units``) whose every layer says ``drop`` are
+   removed (after pruning: removing a branch can turn a layer that fed it into a prunable producer, which the
+   plan's ``+ch`` on that layer, written for the original graph, does not mean);
 3. ``+r<R>``: the layer becomes two layers ``<layer>.lr1`` / ``<layer>.lr2`` of rank R, fitted in the eigenspace of the
    layer's calibration inputs (``compress.lowrank.activation_aware_factors``);
 4. ``sparse2:4+`` / ``sparse4:8+``: the weight is pruned to the N:M pattern with SparseGPT's error compensation.
@@ -115,6 +118,13 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
     feeds = sample_feeds(calib)
     summary: dict = {"dropped": [], "pruned": {}, "factorized": {}, "sparse": {}}
 
+    groups, counts = _groups_to_prune(model, parts)
+    if groups:
+        importance = channels.channel_importance(model, list(groups.values()), feeds)
+        keep = {name: np.sort(np.argsort(-importance[name], kind="stable")[:n]) for name, n in counts.items()}
+        model = channels.prune_channels(model, keep, feeds)
+        summary["pruned"] = {name: [int(groups[name].channels), int(n)] for name, n in counts.items()}
+
     dropped = {layer for layer, p in parts.items() if p.base == "drop"}
     if dropped:
         units = graphedit.removable_units(model)
@@ -125,13 +135,6 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
                               "branch", hint="drop every layer of a block, attention or FFN sub-layer, or none")
         model = graphedit.remove_units(model, [u.name for u in chosen])
         summary["dropped"] = [u.name for u in chosen]
-
-    groups, counts = _groups_to_prune(model, parts)
-    if groups:
-        importance = channels.channel_importance(model, list(groups.values()), feeds)
-        keep = {name: np.sort(np.argsort(-importance[name], kind="stable")[:n]) for name, n in counts.items()}
-        model = channels.prune_channels(model, keep, feeds)
-        summary["pruned"] = {name: [int(groups[name].channels), int(n)] for name, n in counts.items()}
 
     ranked = {layer: p.rank for layer, p in parts.items() if p.rank is not None}
     if ranked:
@@ -165,13 +168,44 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
     return model, _precision_plan(plan, parts, summary), summary
 
 
+def add_eora(model, plan: Plan, calib: Dataset, ctx, *, model_sha256: str):
+    """Beside every layer whose option says ``+e<R>``, a float rank-R path fitted (``compress.lowrank.eora``) to the
+    error of the low-bit weight the plan's weight-only quantizer gives that layer *in this graph*. The exporter later
+    quantizes the layer with the same quantizer (deterministic, same inputs: the path reads the layer's input and adds
+    after it), so the path repairs exactly the weight that ships. Returns (model, {layer: rank})."""
+    from edgekit.compress import graphedit
+    from edgekit.compress.lowrank import eora
+    from edgekit.inventory import layer_inventory
+    from edgekit.wonly import LowBitQuantizer, WeightOnlyConfig, weight_only
+
+    ranks = {c.layer: parse_option(c.option).eora for c in plan.layers if parse_option(c.option).eora}
+    if not ranks:
+        return model, {}
+    bad = [layer for layer in ranks if weight_only(parse_option(plan.option_for(layer)).base) is None]
+    if bad:
+        raise ConfigError(f"+e<R> compensates a weight-only layer's quantization error; {bad[:3]} are not "
+                          "weight-only", hint="use it with w4g32, w4g128, w2g64 ...")
+    infos = [layer for layer in layer_inventory(model) if layer.name in ranks]
+    quantizer = LowBitQuantizer(model, infos, calib, WeightOnlyConfig.from_dict(plan.activations.get("weight_only")),
+                                model_sha256=model_sha256, ctx=ctx)
+    hessians = quantizer.hessians()
+    for layer, rank in ranks.items():
+        wq = quantizer.qweight(layer, parse_option(plan.option_for(layer)).base).dequantize()
+        u, v = eora(quantizer.weights[layer], wq, hessians[layer], rank)
+        model = graphedit.add_compensation(model, layer, v, u)
+    return model, ranks
+
+
 def _precision_plan(plan: Plan, parts: dict, summary: dict) -> Plan:
     choices = []
     for c in plan.layers:
         p = parts[c.layer]
         if p.base == "drop":
             continue
-        if p.rank is not None:
+        if p.eora is not None:
+            choices += [LayerChoice(c.layer, p.base, c.reason)]
+            choices += [LayerChoice(f"{c.layer}.comp{i}", "fp32", f"fp32: EoRA path of {c.layer}") for i in (1, 2)]
+        elif p.rank is not None:
             choices += [LayerChoice(f"{c.layer}.lr{i}", p.base, f"{p.base}: factor {i} of {c.layer}") for i in (1, 2)]
         else:
             choices.append(LayerChoice(c.layer, p.base, c.reason))

@@ -356,3 +356,50 @@ def test_unmeasured_narrowed_shapes_are_scaled_from_the_measured_original():
     table.entries[layer_signature(small, small_geo)] = {"fp32": {"median_ms": 0.2, "runs": 10}}
     row = narrowed_cost(layer, geo, small, small_geo, ["fp32"], profile, table, base)
     assert row["fp32"].source == "measured:t" and row["fp32"].latency_ms == 0.2
+
+
+def _mlp(path, seed=0):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (64, 128)).astype(np.float32), "fc1.weight"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (128, 32)).astype(np.float32), "fc2.weight")]
+    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "fc2.weight"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_eora_path_repairs_the_weight_that_ships(tmp_path):
+    """``w2g32+e16``: the artifact holds the 2-bit MatMulNBits layer plus a float rank-16 path fitted to that layer's
+    quantization error; its output is closer to FP32 than the plain 2-bit layer's, by a wide margin."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.context import Context
+    from edgekit.data import Dataset
+    from edgekit.export.onnx import describe
+    from edgekit.mixed import apply_plan, structure_summary_path
+
+    fp32 = describe(_mlp(tmp_path / "mlp.onnx"))
+    rng = np.random.default_rng(1)
+    calib = Dataset("c", {"x": (rng.normal(size=(128, 64)) * np.linspace(0.2, 3, 64)).astype(np.float32)}, None, "t")
+    ctx = Context(progress=False)
+    arts = {}
+    for label, option in (("plain", "w2g32"), ("eora", "w2g32+e16")):
+        plan = Plan("x", "cpu-x86", "mixed", (LayerChoice("fc1", option), LayerChoice("fc2", "fp32")))
+        arts[label] = apply_plan(plan, fp32, calib, tmp_path / label / "model.onnx", W8A8Config(), ctx)
+    ops = [n.op_type for n in onnx.load(str(arts["eora"].path)).graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMul") == 3  # the path's two float factors + fc2
+    assert json.loads(structure_summary_path(arts["eora"].path).read_text())["eora"] == {"fc1": 16}
+    x = {"x": (rng.normal(size=(64, 64)) * np.linspace(0.2, 3, 64)).astype(np.float32)}
+    ref = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    err = {k: float(np.mean((OrtRuntime(a.path).run(x)["y"] - ref) ** 2)) for k, a in arts.items()}
+    assert err["eora"] < 0.6 * err["plain"]
