@@ -230,10 +230,13 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
     space at latency=0.4x (already among the rows)."""
     from edgekit.joint import JointAllocator
     from edgekit.mixed import apply_plan
+    from edgekit.plan import tolerance_class
     from edgekit.tables import parse_budget
+    from edgekit.verify import run_artifact, verify_artifact
 
     rows = []
     t = allocs["joint"].t
+    reference = run_artifact(common["fp32"], prep.evaluation, ctx)
     uniform = apply_plan(t.uniform, common["fp32"], prep.calib, work / "uniform-int8.onnx", common["cfg"], ctx,
                          t.quantizer)
     rows.append(P.Peer("uniform int8", Path(uniform.path), uniform.size, {"tool": "edgekit uniform"}))
@@ -246,9 +249,13 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
         spec = f"latency={base / SPEEDUP:.4f}x"
         plan, analysis = alloc.allocate(parse_budget([spec]), tag=f"prune{precision}")
         art = analysis["applied"][1]
+        tol = tolerance_class(plan)
+        report = verify_artifact(art, prep.evaluation, reference, tolerances=common["profile"].tolerance_for(tol),
+                                 tolerance_class=tol, classification=prep.classification, ctx=ctx)
         rows.append(P.Peer(f"pruned {precision} for {SPEEDUP}x", Path(art.path), art.size,
                            {"budget": spec, "options": {c.layer: c.option for c in plan.layers},
-                            "rounds": analysis["latency_rounds"]}))
+                            "rounds": analysis["latency_rounds"], "verification": report.summary(),
+                            "verified": report.passed, "tolerance_class": tol}))
     return rows
 
 
@@ -272,6 +279,11 @@ def _issue_verdicts(results: dict) -> dict:
         checks["prune_fp32_speedup"] = round(1 / fp, 3)
     if i8 and u8:
         checks["prune_int8_speedup_vs_uniform_int8"] = round(u8 / i8, 3)
+    for precision in ("fp32", "int8"):
+        notes = results.get(f"pruned {precision} for {SPEEDUP}x", {}).get("notes", {})
+        if "verified" in notes:
+            checks[f"prune_{precision}_verified"] = notes["verified"]
+            checks[f"prune_{precision}_verification"] = notes["verification"]
     joint = results.get("joint latency=0.4x", {})
     ort = results.get("ort-static", {})
     if ratio("joint latency=0.4x") is not None:

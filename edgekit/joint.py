@@ -243,16 +243,18 @@ def _combine(parts: list[list[Entry]], base_distortion: float) -> list[Entry]:
 
 # -- building the space -----------------------------------------------------------------------------------------------
 def _channel_options(unit: Unit, widths: dict[str, int]) -> dict[str, int | None]:
-    """Per layer of a unit, the +ch<N> its options carry under ``widths`` (group name -> kept channels)."""
+    """Per layer of a unit, the +ch<N> its options carry under ``widths`` (group name -> kept channels). A layer
+    that produces (or passes through) a group speaks for that group, pruned or not; a layer that only consumes
+    channels carries the width of the group it consumes (``structure._groups_to_prune`` reads it the same way)."""
     out: dict[str, int | None] = dict.fromkeys(unit.layers)
-    for g in unit.groups:  # consumers first, so a layer that also produces another group takes that group's count
-        if g.name in widths:
-            for c in g.consumers:
-                out[c] = widths[g.name]
+    speaks = {layer for g in unit.groups for layer in (g.producer, *g.passthrough)}
     for g in unit.groups:
         if g.name in widths:
             for layer in (g.producer, *g.passthrough):
                 out[layer] = widths[g.name]
+            for c in g.consumers:
+                if c not in speaks:
+                    out[c] = widths[g.name]
     return out
 
 

@@ -403,3 +403,25 @@ def test_eora_path_repairs_the_weight_that_ships(tmp_path):
     ref = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"]).run(None, x)[0]
     err = {k: float(np.mean((OrtRuntime(a.path).run(x)["y"] - ref) ** 2)) for k, a in arts.items()}
     assert err["eora"] < 0.6 * err["plain"]
+
+
+def test_every_structure_of_a_chained_unit_applies(digits):
+    """In the digits CNN the groups chain (a layer consumes one group and produces the next): every combination of
+    pruned and unpruned groups, written as the joint space writes it, applies to the graph with the asked widths."""
+    import onnx
+
+    from edgekit.joint import _channel_options, find_units
+    from edgekit.structure import apply_structure
+
+    model = onnx.load(str(digits.fp32.path))
+    (unit,) = [u for u in find_units(model, digits.layers) if len(u.groups) >= 3]
+    names = [g.name for g in unit.groups]
+    for mask in itertools.product((False, True), repeat=len(names)):
+        widths = {g.name: g.channels // 2 for g, on in zip(unit.groups, mask, strict=True) if on}
+        ch = _channel_options(unit, widths)
+        choices = tuple(LayerChoice(x.name, "fp32" + (f"+ch{ch[x.name]}" if ch.get(x.name) else ""))
+                        for x in digits.layers)
+        if not widths:
+            continue
+        _, _, summary = apply_structure(digits.fp32.path, Plan("x", "cpu-x86", "mixed", choices), digits.calib)
+        assert {g: kept for g, (_, kept) in summary["pruned"].items()} == widths
