@@ -324,9 +324,18 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
         suffix = f"+ch{ch}" if ch is not None else ""
         out = [Entry({layer: o + suffix}, float(sens.values[layer][o]), row[o].bytes, row[o].latency_ms)
                for o in options[layer] if o in row and o in sens.values[layer]]
-        if structure and ch is None:
+        if structure and cin is None and cout is None:  # at full width: N:M, low rank and EoRA options too
             out += sparse_entries(layer, out)
+            if layer not in extras:
+                x = info[layer]
+                extras[layer] = _rank_entries(model, x, geometry, profile, options, sens, cost, hardware, feeds,
+                                              measured, struct, bias_correction)
+                extras[layer] += _eora_entries(x, geometry.get(layer), quantizer, options, sens, cost, profile,
+                                               hardware, bias_correction, struct)
+            out += extras[layer]
         return out
+
+    extras: dict[str, list[Entry]] = {}
 
     sparse_distortion: dict[tuple[str, str], float] = {}
 
@@ -372,12 +381,6 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
             d = measured(graphedit.remove_units(model, [unit.removable.name]))
             struct["drops"][unit.name] = d
             entries.append(Entry(dict.fromkeys(unit.layers, "drop"), d, 0, 0.0))
-        if structure and len(unit.layers) == 1:
-            layer = info[unit.layers[0]]
-            entries += _rank_entries(model, layer, geometry, profile, options, sens, cost, hardware,
-                                     feeds, measured, struct, bias_correction)
-            entries += _eora_entries(layer, geometry.get(layer.name), quantizer, options, sens, cost, profile,
-                                     hardware, bias_correction, struct)
         entries = pareto(entries)
         if len(unit.layers) == 1:
             rows[unit.name] = {next(iter(e.choice.values())): e for e in entries}
