@@ -165,23 +165,16 @@ def narrowed(layer: LayerInfo, geo: LayerGeometry | None, cin: int | None, cout:
     """The layer with ``cin`` input and ``cout`` output channels (None: unchanged): shapes, params and MACs."""
     w = list(layer.weight_shape)
     depthwise = layer.kind == "depthwise_conv"
-    if layer.op_type == "Conv":
-        if depthwise:
-            c = cout or cin or w[0]
-            w[0] = c
-        else:
-            w[0], w[1] = cout or w[0], cin or w[1]
-    elif layer.op_type == "MatMul":
-        w[0], w[1] = cin or w[0], cout or w[1]
-    elif layer.op_type == "Gemm":
-        trans = geo is not None and geo.attr("transB", 0)
-        n_ax, k_ax = (0, 1) if trans or geo is None else (1, 0)
-        w[n_ax], w[k_ax] = cout or w[n_ax], cin or w[k_ax]
-    old = int(np.prod(layer.weight_shape))
-    new = int(np.prod(w))
-    out_old = int(layer.weight_shape[0] if layer.op_type in ("Conv",) else (geo.out_channels if geo else w[-1]))
-    bias = layer.params - old
-    new_bias = bias * (w[0] if layer.op_type == "Conv" else (cout or out_old)) // max(out_old, 1) if bias else 0
+    out_ax, in_ax = 0, 1  # Conv [O, I/g, kh, kw]; Gemm with transB (the exporter's form) [N, K]
+    if layer.op_type == "MatMul" or (layer.op_type == "Gemm" and geo is not None and not geo.attr("transB", 0)):
+        out_ax, in_ax = 1, 0  # [K, N]
+    if depthwise:  # one filter per channel: in and out are the same channels
+        w[0] = cout or cin or w[0]
+    else:
+        w[out_ax], w[in_ax] = cout or w[out_ax], cin or w[in_ax]
+    old, new = int(np.prod(layer.weight_shape)), int(np.prod(w))
+    bias = layer.params - old  # one per output channel, when present
+    new_bias = bias * w[out_ax] // layer.weight_shape[out_ax] if bias else 0
     info = replace(layer, weight_shape=tuple(w), params=new + new_bias, macs=layer.macs * new // max(old, 1))
     if geo is None:
         return info, None

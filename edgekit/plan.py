@@ -80,7 +80,8 @@ def parse_option(option: str) -> OptionParts:
     if option == "drop":
         return OptionParts("drop")
     m = _MOD_RE.match(option)
-    assert m is not None  # the grammar above guarantees it
+    if m is None:  # pragma: no cover - _OPTION_RE admits nothing _MOD_RE cannot split
+        raise ConfigError(f"cannot take option {option!r} apart")
     return OptionParts(m["base"], int(m["ch"]) if m["ch"] else None, int(m["r"]) if m["r"] else None, m["sparse"],
                        int(m["e"]) if m["e"] else None)
 

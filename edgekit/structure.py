@@ -220,6 +220,7 @@ def _sparsify(model, sparse: dict[str, str], inputs: dict[str, np.ndarray]):
     from edgekit.compress.sparsity import sparsegpt
     from edgekit.compress.wquant import hessian
     from edgekit.export.lowbit import weight_matrix
+    from edgekit.wsim import to_graph_layout
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -238,16 +239,6 @@ def _sparsify(model, sparse: dict[str, str], inputs: dict[str, np.ndarray]):
         pruned = sparsegpt(w, hessian(inputs[layer]), nm=(n, m))
         init = inits[node.input[1]]
         original = numpy_helper.to_array(init)
-        new = _from_matrix(pruned, node, original)
+        new = pruned.reshape(original.shape) if node.op_type == "Conv" else to_graph_layout(node, pruned)
         init.CopyFrom(numpy_helper.from_array(new.astype(original.dtype), init.name))
     return out
-
-
-def _from_matrix(w: np.ndarray, node, original: np.ndarray) -> np.ndarray:
-    """The inverse of ``wquant.weight_matrix``: an [N, K] matrix back in the node's weight layout."""
-    if node.op_type == "MatMul":
-        return w.T.reshape(original.shape)
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return (w if trans_b else w.T).reshape(original.shape)
-    return w.reshape(original.shape)
