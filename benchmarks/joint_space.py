@@ -240,7 +240,7 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
     uniform = apply_plan(t.uniform, common["fp32"], prep.calib, work / "uniform-int8.onnx", common["cfg"], ctx,
                          t.quantizer)
     rows.append(P.Peer("uniform int8", Path(uniform.path), uniform.size, {"tool": "edgekit uniform"}))
-    rows += [p for p in P.build_peers(prep.fp32_path, prep.calib.feeds(), work / "peers", family="static",
+    rows += [p for p in P.build_peers(prep.fp32_path, prep.calib.feeds(), work / "peers", family="cnn",
                                       only=["ort-static"])]
     for precision, opts in (("fp32", ["fp32"]), ("int8", ["w8a8"])):
         options = {layer.name: opts for layer in layers}

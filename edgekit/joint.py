@@ -577,6 +577,7 @@ class JointAllocator:
                           "met": ratio <= target * mixed.LATENCY_SLACK and (size_limit is None or
                                                                             t.uniform_artifact.size <= size_limit),
                           "uniform": True})
+            log.info("uniform INT8 measures %.3fx FP32 (target %.3fx)", ratio, target)
         space, b, penalty = self.space, solve_budget, 0.0
         for k in range(JOINT_ROUNDS):
             try:
