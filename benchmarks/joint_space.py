@@ -244,7 +244,7 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
                                       only=["ort-static"])]
     for precision, opts in (("fp32", ["fp32"]), ("int8", ["w8a8"])):
         options = {layer.name: opts for layer in layers}
-        alloc = JointAllocator(**common, work=work / f"prune-{precision}", structure=True, options=options)
+        alloc = JointAllocator(**common, work=work / f"prune-{precision}", structure={"prune"}, options=options)
         base = 1.0 if precision == "fp32" else _int8_ratio(common, t, prep)
         spec = f"latency={base / SPEEDUP:.4f}x"
         plan, analysis = alloc.allocate(parse_budget([spec]), tag=f"prune{precision}")

@@ -122,6 +122,22 @@ class JointSpace:
 
 
 # -- units ----------------------------------------------------------------------------------------------------------
+STRUCTURES = frozenset({"prune", "drop", "low-rank", "compensate", "sparse"})  # the structural kinds of option
+
+
+def structure_kinds(structure) -> frozenset[str]:
+    """``True``: every structural kind; ``False``: none (the bits-only space); else the named kinds."""
+    if structure is True:
+        return STRUCTURES
+    if structure is False or structure is None:
+        return frozenset()
+    kinds = frozenset(structure)
+    unknown = kinds - STRUCTURES
+    if unknown:
+        raise ValueError(f"unknown structural kinds {sorted(unknown)}; known: {sorted(STRUCTURES)}")
+    return kinds
+
+
 def find_units(model, layers: list[LayerInfo]) -> list[Unit]:
     """Channel groups and removable branches of the graph, merged where they share layers; the rest one per layer."""
     from edgekit.compress.channels import channel_groups
@@ -286,9 +302,10 @@ def _structures(unit: Unit, counts: dict[str, list[int]]) -> list[dict[str, int]
 
 def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list[str]], sens: SensitivityTable,
                 cost: CostTable, hardware: HardwareTable | None, sample, feeds: list[dict], *,
-                structure: bool = True, bias_correction: bool = True, progress=None, quantizer=None) -> JointSpace:
+                structure=True, bias_correction: bool = True, progress=None, quantizer=None) -> JointSpace:
     """The rows of the joint problem (see the module docstring); ``structure=False`` gives the bits-only space in
-    the same form. ``sample`` (a Dataset) measures structural distortions; ``feeds`` (per-sample dicts) give channel
+    the same form, and a set of ``STRUCTURES`` offers only those kinds. ``sample`` (a Dataset) measures structural
+    distortions; ``feeds`` (per-sample dicts) give channel
     importance and the inputs low-rank factors are fitted to."""
     from edgekit.analyze import _run
     from edgekit.compress import channels, graphedit
@@ -297,6 +314,8 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
     info = {layer.name: layer for layer in layers}
     geometry = layer_geometry(model)
     metric = sens.metric
+    kinds = structure_kinds(structure)
+    structure = bool(kinds)
     units = find_units(model, layers) if structure else [Unit(layer.name, (layer.name,)) for layer in layers]
     struct: dict = {"groups": {}, "drops": {}, "ranks": {}, "sparse": {}, "eora": {}}
     ref = _run(model, sample) if structure else None
@@ -318,13 +337,13 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
         out = [Entry({layer: o + suffix}, float(sens.values[layer][o]), row[o].bytes, row[o].latency_ms)
                for o in options[layer] if o in row and o in sens.values[layer]]
         if structure and cin is None and cout is None:  # at full width: N:M, low rank and EoRA options too
-            out += sparse_entries(layer, out)
+            out += sparse_entries(layer, out) if "sparse" in kinds else []
             if layer not in extras:
                 x = info[layer]
                 extras[layer] = _rank_entries(model, x, geometry, profile, options, sens, cost, hardware, feeds,
-                                              measured, struct, bias_correction)
+                                              measured, struct, bias_correction) if "low-rank" in kinds else []
                 extras[layer] += _eora_entries(x, geometry.get(layer), quantizer, options, sens, cost, profile,
-                                               hardware, bias_correction, struct)
+                                               hardware, bias_correction, struct) if "compensate" in kinds else []
             out += extras[layer]
         return out
 
@@ -356,7 +375,7 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
     rows: dict[str, dict[str, Entry]] = {}
     for unit in track:
         counts: dict[str, list[int]] = {}
-        for g in unit.groups:
+        for g in unit.groups if "prune" in kinds else ():
             widths = sorted({channels.round_channels(math.ceil(f * g.channels), g.channels, multiple)
                              for f in KEEP_FRACTIONS} - {g.channels})
             order = np.argsort(-importance[g.name], kind="stable")
@@ -370,7 +389,7 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
             ch = _channel_options(unit, widths)
             parts = [precision_entries(layer, *_io_channels(unit, widths, layer), ch[layer]) for layer in unit.layers]
             entries += _combine(parts, d0)
-        if unit.removable is not None:
+        if unit.removable is not None and "drop" in kinds:
             d = measured(graphedit.remove_units(model, [unit.removable.name]))
             struct["drops"][unit.name] = d
             entries.append(Entry(dict.fromkeys(unit.layers, "drop"), d, 0, 0.0))
@@ -525,7 +544,7 @@ class JointAllocator:
     measured shortfall and the plan solved again. ``structure=False`` gives the bits-only space, solved the same way;
     ``options`` (layer -> allowed precision options) narrows the precisions (e.g. ``fp32`` only: pruning alone)."""
 
-    def __init__(self, *, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg, ctx, structure: bool = True,
+    def __init__(self, *, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg, ctx, structure=True,
                  recover_steps: int = 0, options: dict[str, list[str]] | None = None) -> None:
         import onnx
 
@@ -546,7 +565,7 @@ class JointAllocator:
                                  self.hardware, calib.take(mixed.SENSITIVITY_SAMPLES), sample_feeds(calib),
                                  structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
                                  quantizer=self.t.quantizer)
-        self.structure = structure
+        self.structure = bool(structure_kinds(structure))
         self.settings = mixed._settings(self.t)
         if recover_steps:
             self.settings["structure"] = {"recover_steps": int(recover_steps)}

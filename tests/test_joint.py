@@ -425,3 +425,25 @@ def test_every_structure_of_a_chained_unit_applies(digits):
             continue
         _, _, summary = apply_structure(digits.fp32.path, Plan("x", "cpu-x86", "mixed", choices), digits.calib)
         assert {g: kept for g, (_, kept) in summary["pruned"].items()} == widths
+
+
+def test_structure_kinds_narrow_the_space():
+    from edgekit.joint import STRUCTURES, structure_kinds
+
+    assert structure_kinds(True) == STRUCTURES and structure_kinds(False) == frozenset()
+    assert structure_kinds({"prune"}) == {"prune"}
+    with pytest.raises(ValueError, match="unknown structural kinds"):
+        structure_kinds({"prune", "quantum"})
+
+
+def test_a_prune_only_space_offers_channel_widths_and_nothing_else(digits):
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.joint import JointAllocator
+    from edgekit.targets import load_target
+
+    alloc = JointAllocator(profile=load_target("cpu-x86"), model=digits.model, fp32=digits.fp32,
+                           layers=digits.layers, calib=digits.calib, work=digits.work / "prune-only",
+                           cfg=W8A8Config(), ctx=digits.ctx, structure={"prune"},
+                           options={x.name: ["fp32"] for x in digits.layers})
+    kinds = {parse_option(o).kind for row in alloc.space.rows.values() for name in row for o in name.split("|")}
+    assert kinds == {"float", "prune+float"}
