@@ -165,7 +165,7 @@ def compare_budgets(results: dict, classification: bool, *, ytol: float = FID_TO
             continue
         spec = notes["budget"]
         key, _, value = spec.partition("=")
-        lat = (rec.get("latency_batch1") or {}).get("ratio_vs_fp32")
+        lat = latency_ratio(rec)
         if key == "latency":
             met = lat is not None and lat <= float(value.rstrip("x")) * (1 + LAT_TOL)
         else:
@@ -188,6 +188,13 @@ def compare_budgets(results: dict, classification: bool, *, ytol: float = FID_TO
             "at_least_as_good": not worse, "strictly_better_somewhere": bool(better)}
 
 
+def latency_ratio(rec: dict) -> float | None:
+    """Latency as a fraction of FP32: the median over rounds of each round's ratio (FP32 and the variant timed in
+    the same round), which cancels the machine's drift between rounds better than a ratio of medians."""
+    lat = rec.get("latency_batch1") or {}
+    return lat.get("ratio_median_of_rounds", lat.get("ratio_vs_fp32"))
+
+
 def _metric(rec: dict, classification: bool) -> float | None:
     return rec.get("top1_agreement") if classification else rec.get("mean_cosine")
 
@@ -208,7 +215,7 @@ def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int) -> dic
     for rec in results.values():
         space = rec.get("notes", {}).get("space")
         y = _metric(rec, prep.classification)
-        lat = (rec.get("latency_batch1") or {}).get("ratio_vs_fp32")
+        lat = latency_ratio(rec)
         if space not in pts or y is None:
             continue
         if lat is not None:
@@ -270,7 +277,7 @@ def _int8_ratio(common, t, prep) -> float:
 
 def _issue_verdicts(results: dict) -> dict:
     def ratio(name):
-        return (results.get(name, {}).get("latency_batch1") or {}).get("ratio_vs_fp32")
+        return latency_ratio(results.get(name, {}))
 
     checks = {}
     fp = ratio("pruned fp32 for 1.3x")
@@ -305,7 +312,7 @@ def plots(res: dict, prefix: str) -> list[Path]:
         series = {"bits-only space": [], "joint space": [], "references": []}
         for vname, rec in res["variants"].items():
             y = _metric(rec, res["classification"])
-            x = (rec.get(key) or {}).get("ratio_vs_fp32") if key else rec.get("size_ratio_vs_fp32")
+            x = latency_ratio(rec) if key else rec.get("size_ratio_vs_fp32")
             if y is None or x is None or vname == "fp32":
                 continue
             space = rec.get("notes", {}).get("space")
@@ -334,7 +341,7 @@ def summary(res: dict) -> str:
     for k, v in res.get("checks", {}).items():
         lines.append(f"- {k}: {v}")
     for vname, rec in res["variants"].items():
-        lat = (rec.get("latency_batch1") or {}).get("ratio_vs_fp32")
+        lat = latency_ratio(rec)
         y = _metric(rec, res["classification"])
         kinds = rec.get("notes", {}).get("kinds", "")
         lines.append(f"  {vname:32s} size {rec.get('size_ratio_vs_fp32', 0):.3f}x  latency "
@@ -347,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="all", choices=["all", "digits", "efficientnet", "minilm"])
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--svg", help="write PREFIX_<model>_latency.svg and PREFIX_<model>_size.svg")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="one latency and one size budget per model (for tests)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -534,7 +534,8 @@ def _eora_entries(layer: LayerInfo, geo, quantizer, options, sens, cost, profile
 
 
 # -- allocation -------------------------------------------------------------------------------------------------------
-JOINT_ROUNDS = 4  # solve → build → measure rounds while the measured latency or size misses the budget
+JOINT_ROUNDS = 5  # solve → build → measure rounds while the measured latency or size misses the budget
+OVERSHOOT = 0.85  # a plan measuring under 85 % of the latency budget after a miss: try a milder float-island charge
 
 
 class JointAllocator:
@@ -557,6 +558,7 @@ class JointAllocator:
         self.t = mixed._tables(profile, model, fp32, layers, calib, work, cfg, ctx)
         allowed = self.t.options if options is None else {n: [o for o in opts if o in options.get(n, ["fp32"])]
                                                           for n, opts in self.t.options.items()}
+        self.allowed = allowed
         self.hardware = HardwareTable.for_profile(profile)
         self.cost = cost_table(layers, profile, self.t.options, hardware=self.hardware,
                                geometry=layer_geometry(fp32.path),
@@ -586,9 +588,10 @@ class JointAllocator:
         chain = {n for n, row in self.cost.entries.items() if any(o != "fp32" for o in row)}
         table_fp32 = sum(row["fp32"].latency_ms for row in self.cost.entries.values())
         tried: list[dict] = []
-        if target is not None:  # uniform INT8 is always a candidate, measured in the same way
-            stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(t.uniform_artifact.path)}, feeds, rounds=5,
-                                    per_round=20)
+        uniform_allowed = all(c.option in self.allowed.get(c.layer, ()) for c in t.uniform.layers)
+        if target is not None and uniform_allowed:  # uniform INT8 is a candidate, measured in the same way
+            stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(t.uniform_artifact.path)}, feeds, rounds=10,
+                                    per_round=10)
             ratio = stats["plan"].median_ms / stats["fp32"].median_ms
             tried.append({"plan": replace(t.uniform, activations=self.settings), "artifact": t.uniform_artifact,
                           "ratio": ratio, "distortion": sum(self.t.sens.values[c.layer].get(c.option, 0.0)
@@ -598,6 +601,8 @@ class JointAllocator:
                           "uniform": True})
             log.info("uniform INT8 measures %.3fx FP32 (target %.3fx)", ratio, target)
         space, b, penalty = self.space, solve_budget, 0.0
+        missed_penalty: float | None = None  # the largest float-island charge whose plan missed the budget
+        met_penalty: float | None = None  # the smallest one whose plan met it
         for k in range(JOINT_ROUNDS):
             try:
                 sol = solve(space.problem(b), solver)
@@ -616,8 +621,8 @@ class JointAllocator:
                                    self.ctx, None if plan.is_structural else t.quantizer)
             ratio = None
             if target is not None:
-                stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(art.path)}, feeds, rounds=5,
-                                        per_round=20)
+                stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(art.path)}, feeds, rounds=10,
+                                        per_round=10)
                 ratio = stats["plan"].median_ms / stats["fp32"].median_ms
             over_t = ratio is not None and ratio > target * mixed.LATENCY_SLACK
             over_s = size_limit is not None and art.size > size_limit
@@ -627,7 +632,8 @@ class JointAllocator:
                           "met": not (over_t or over_s), "penalty_ms": round(penalty, 5)})
             log.info("joint round %d: predicted distortion %.4g, %d B%s", k, distortion, art.size,
                      "" if ratio is None else f", measured {ratio:.3f}x FP32 (target {target:.3f}x)")
-            if not (over_t or over_s):
+            overshot = ratio is not None and ratio < target * OVERSHOOT
+            if not (over_t or over_s) and not (overshot and missed_penalty is not None):
                 break
             if over_s:
                 b = replace(b, size_bytes=int(b.size_bytes * size_limit / art.size))
@@ -635,10 +641,17 @@ class JointAllocator:
                 islands = [c.layer for c in plan.layers if c.layer in chain and c.option.split("+")[0] == "fp32"]
                 predicted = sum(unpenalized[u][o].latency_ms for u, o in sol.choice.items())
                 if islands:  # charge the float layers in the integer chain with the measured shortfall
-                    penalty += max(0.0, (ratio * table_fp32 - predicted) / len(islands))
+                    missed_penalty = penalty
+                    penalty = penalty + max(0.0, (ratio * table_fp32 - predicted) / len(islands))
+                    if met_penalty is not None:  # bracketed: do not jump past a charge that met the budget
+                        penalty = min(penalty, (penalty + met_penalty) / 2)
                     space = self.space.with_float_penalty(penalty, chain)
                 else:
                     b = replace(b, latency_ms=b.latency_ms * target / ratio)
+            elif overshot:  # met with room to spare after a miss: try halfway between the two charges
+                met_penalty = penalty
+                penalty = (missed_penalty + penalty) / 2
+                space = self.space.with_float_penalty(penalty, chain)
         meeting = [x for x in tried if x["met"]]
         if meeting:
             best = min(meeting, key=lambda x: x["distortion"])

@@ -60,22 +60,20 @@ def layer_inputs(model, layers: list[str], feeds: list[dict[str, np.ndarray]]) -
             probe.graph.output.append(onnx.ValueInfoProto(name=t))
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
+    channels_first = {t for layer, t in tensors.items() if nodes[layer].op_type == "Conv"}  # NCHW: features on axis 1
     rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors.values()}
     for feed in feeds:
         out = dict(zip(names, sess.run(None, feed), strict=True))
         for t in rows:
             a = np.asarray(out[t], dtype=np.float32)
-            rows[t].append(np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]) if nodes_op(nodes, tensors, t) == "Conv"
+            rows[t].append(np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]) if t in channels_first
                            else a.reshape(-1, a.shape[-1]))
     return {layer: np.concatenate(rows[t]) for layer, t in tensors.items()}
 
 
-def nodes_op(nodes: dict, tensors: dict[str, str], tensor: str) -> str:
-    """The op of the (first) layer reading ``tensor``."""
-    return next(nodes[layer].op_type for layer, t in tensors.items() if t == tensor)
-
-
-def _groups_to_prune(model, parts: dict) -> dict:
+def _groups_to_prune(model, parts: dict) -> tuple[dict, dict[str, int]]:
+    """The channel groups the plan narrows ({name: ChannelGroup}) and their kept counts; a group's count is what its
+    producer's ``+ch<N>`` says, and its depthwise layers and pure consumers must agree."""
     from edgekit.compress.channels import channel_groups
 
     groups = {g.name: g for g in channel_groups(model)}
@@ -95,8 +93,8 @@ def _groups_to_prune(model, parts: dict) -> dict:
         if n < g.channels:
             keep[g.name] = n
     asked = {layer for layer, p in parts.items() if p.channels is not None}
-    covered = {layer for g in groups.values() if g.name in keep or parts.get(g.producer, None) is not None
-               and parts[g.producer].channels is not None for layer in g.layers}
+    covered = {layer for g in groups.values() if g.producer in parts and parts[g.producer].channels is not None
+               for layer in g.layers}
     stray = sorted(asked - covered)
     if stray:
         raise ConfigError(f"layers {stray[:5]} ask for +ch<N> but are in no prunable channel group of this graph",
