@@ -617,7 +617,9 @@ class JointAllocator:
                                    activations=self.settings, budget=budget)
             if any(x["plan"].layers == plan.layers for x in tried):
                 break
-            art = mixed.apply_plan(plan, self.fp32, self.calib, self.work / f"joint{tag}{k}" / "model.onnx", self.cfg,
+            # rounds are timed without the recovery fine-tune (it changes weights, not speed); the kept plan gets it
+            quick = replace(plan, activations={key: v for key, v in plan.activations.items() if key != "structure"})
+            art = mixed.apply_plan(quick, self.fp32, self.calib, self.work / f"joint{tag}{k}" / "model.onnx", self.cfg,
                                    self.ctx, None if plan.is_structural else t.quantizer)
             ratio = None
             if target is not None:
@@ -663,6 +665,9 @@ class JointAllocator:
                    "predicted_distortion": round(x["distortion"], 6), "bytes": x["artifact"].size,
                    "measured_ratio": None if x["ratio"] is None else round(x["ratio"], 4), "met": x["met"],
                    "float_island_penalty_ms": x.get("penalty_ms")} for i, x in enumerate(tried)]
+        if best["plan"].is_structural and best["plan"].activations.get("structure", {}).get("recover_steps"):
+            best["artifact"] = mixed.apply_plan(best["plan"], self.fp32, self.calib,
+                                                self.work / f"joint{tag}-recovered" / "model.onnx", self.cfg, self.ctx)
         analysis = {"sensitivity": t.sens.to_dict(), "cost": self.cost.to_dict(), "family": t.family,
                     "hardware_table": self.profile.hardware_table if self.hardware else None, **notes,
                     "latency_rounds": rounds, "applied": (best["plan"].layers, best["artifact"]),

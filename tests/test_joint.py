@@ -447,3 +447,24 @@ def test_a_prune_only_space_offers_channel_widths_and_nothing_else(digits):
                            options={x.name: ["fp32"] for x in digits.layers})
     kinds = {parse_option(o).kind for row in alloc.space.rows.values() for name in row for o in name.split("|")}
     assert kinds == {"float", "prune+float"}
+
+
+def test_the_kept_plan_is_recovered_once(digits):
+    """With recover_steps, the rounds are timed on unrecovered builds and only the kept plan is fine-tuned; the plan
+    records the steps so that `edgekit apply` replays them."""
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.joint import JointAllocator
+    from edgekit.mixed import structure_summary_path
+    from edgekit.tables import Budget
+    from edgekit.targets import load_target
+
+    alloc = JointAllocator(profile=load_target("cpu-x86"), model=digits.model, fp32=digits.fp32,
+                           layers=digits.layers, calib=digits.calib, work=digits.work / "recovered", cfg=W8A8Config(),
+                           ctx=digits.ctx, recover_steps=20)
+    plan, analysis = alloc.allocate(Budget(size_bytes=30_000), tag="r")
+    assert plan.is_structural and plan.activations["structure"] == {"recover_steps": 20}
+    art = analysis["applied"][1]
+    summary = json.loads(structure_summary_path(art.path).read_text())
+    assert summary["recover"]["steps"] == 20 and "recovered" in str(art.path)
+    rounds = [json.loads(p.read_text()) for p in digits.work.glob("recovered/jointr[0-9]/model.structure.json")]
+    assert rounds and all("recover" not in r for r in rounds)
