@@ -35,7 +35,7 @@ def test_compare_fronts_finds_where_the_joint_space_is_worse_and_better():
 
 def _rec(space, budget, size, lat, top1):
     return {"notes": {"space": space, "budget": budget}, "size_bytes": size, "top1_agreement": top1,
-            "latency_batch1": {"ratio_vs_fp32": lat}}
+            "latency_paired": {"ratio_vs_fp32": lat}}
 
 
 def test_compare_budgets_judges_each_budget_as_measured():
