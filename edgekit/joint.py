@@ -637,8 +637,9 @@ class JointAllocator:
             overshot = ratio is not None and ratio < target * OVERSHOOT
             if not (over_t or over_s) and not (overshot and missed_penalty is not None):
                 break
-            if over_s:
-                b = replace(b, size_bytes=int(b.size_bytes * size_limit / art.size))
+            if over_s:  # the next plan must shed at least the measured excess, however small
+                b = replace(b, size_bytes=min(int(b.size_bytes * size_limit / art.size),
+                                              sol.bytes - (art.size - size_limit) - 1))
             if over_t:
                 islands = [c.layer for c in plan.layers if c.layer in chain and c.option.split("+")[0] == "fp32"]
                 predicted = sum(unpenalized[u][o].latency_ms for u, o in sol.choice.items())
