@@ -1,1 +1,2 @@
-"""The CUDA implementation of MatMulLowBit: ``matmul_lowbit.cu`` and its build/load helpers in ``build``."""
+"""CUDA kernels of the ``ai.edgekit`` ops, their build/load helpers (``build``) and the ``mma.sp`` register model
+(``mma_layout``)."""

@@ -1,6 +1,13 @@
-"""Compile and load the MatMulLowBit CUDA kernel (``matmul_lowbit.cu``).
+"""Compile and load the CUDA kernels of ``edgekit/kernels/cuda/``.
 
-Two ways, same source:
+Sources (``SOURCES``): ``matmul_lowbit.cu`` (MatMulLowBit), ``matmul_sparse24.cu`` (MatMulSparse24, with a raw
+``mma.sp`` probe), ``attention_int8.cu`` (AttentionInt8, head dim 64). Generic helpers take a source name or path:
+``compile_shared(out_dir, arch=..., source=...)``, ``compile_object(output, arch=..., source=...)``,
+``compile_device(source, output, archs, kind="ptx"|"cubin"|"fatbin")`` (device code only, no GPU needed: what CI
+runs for every supported architecture) and ``supported_archs()`` (what this nvcc can target; CUDA 13 dropped
+sm_72). ``Sparse24Library`` and ``AttentionLibrary`` call the other two launchers through ctypes.
+
+MatMulLowBit, two ways, same source:
 
 - ``compile_shared()`` runs ``nvcc -O3 -arch=sm_90 -shared -Xcompiler -fPIC`` and ``LowBitLibrary`` calls the
   ``extern "C"`` launcher ``edgekit_matmul_lowbit_f32`` through ctypes (device pointers and a stream as ints,
@@ -23,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).with_name("matmul_lowbit.cu")
+SOURCES = {
+    name: Path(__file__).with_name(f"{name}.cu") for name in ("matmul_lowbit", "matmul_sparse24", "attention_int8")
+}
 LAUNCHER = "edgekit_matmul_lowbit_f32"
 # Mirrors the constants of matmul_lowbit.cu.
 WARPS = 8
@@ -42,16 +52,68 @@ def find_nvcc() -> str | None:
     return None
 
 
-def nvcc_command(output: Path, *, arch: str = "sm_90", shared: bool = True, host: bool = True) -> list[str]:
-    """The nvcc command line: a shared library (``shared``) or an object file; ``host=False`` drops the launcher."""
+def source_path(source: str | Path | None) -> Path:
+    """A source by name (``"matmul_sparse24"``) or path; None is ``matmul_lowbit.cu``."""
+    if source is None:
+        return SOURCE
+    if str(source) in SOURCES:
+        return SOURCES[str(source)]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no CUDA source {source!r}; known: {sorted(SOURCES)}")
+    return path
+
+
+def _nvcc() -> str:
     nvcc = find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
-    cmd = [nvcc, "-O3", f"-arch={arch}", "-std=c++17"]
+    return nvcc
+
+
+def nvcc_command(
+    output: Path, *, arch: str = "sm_90", shared: bool = True, host: bool = True, source: str | Path | None = None
+) -> list[str]:
+    """The nvcc command line: a shared library (``shared``) or an object file; ``host=False`` drops the launcher."""
+    cmd = [_nvcc(), "-O3", f"-arch={arch}", "-std=c++17"]
     cmd += ["-shared", "-Xcompiler", "-fPIC"] if shared else ["-c"]
     if not host:
         cmd.append("-DEDGEKIT_NO_HOST")
-    return [*cmd, "-o", str(output), str(SOURCE)]
+    return [*cmd, "-o", str(output), str(source_path(source))]
+
+
+def supported_archs() -> set[str]:
+    """``sm_XX`` names this nvcc can compile for (``nvcc --list-gpu-arch``); empty without nvcc."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return set()
+    out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=False).stdout
+    return {line.strip().replace("compute_", "sm_") for line in out.splitlines() if line.strip().startswith("compute_")}
+
+
+def device_command(
+    source: str | Path, output: Path, archs: list[str] | tuple[str, ...], kind: str = "fatbin"
+) -> list[str]:
+    """nvcc for device code only (``-DEDGEKIT_NO_HOST``): ``ptx`` / ``cubin`` for one arch, or a ``fatbin`` holding
+    SASS and PTX for every arch of ``archs`` (one call, so ptxas runs for each)."""
+    if kind not in ("ptx", "cubin", "fatbin"):
+        raise ValueError(f"kind must be ptx, cubin or fatbin, got {kind!r}")
+    if kind != "fatbin" and len(archs) != 1:
+        raise ValueError(f"{kind} takes exactly one arch, got {list(archs)}")
+    cmd = [_nvcc(), "-O3", "-std=c++17", "-DEDGEKIT_NO_HOST", f"--{kind}"]
+    if kind == "fatbin":
+        for arch in archs:
+            num = arch.removeprefix("sm_")
+            cmd += ["-gencode", f"arch=compute_{num},code=[sm_{num},compute_{num}]"]
+    else:
+        cmd.append(f"-arch={archs[0]}")
+    return [*cmd, "-o", str(output), str(source_path(source))]
+
+
+def compile_device(source: str | Path, output: Path, archs, kind: str = "fatbin") -> Path:
+    """Run ``device_command``; raises RuntimeError with nvcc's messages on failure."""
+    _run_nvcc(device_command(source, Path(output), list(archs), kind))
+    return Path(output)
 
 
 def _run_nvcc(cmd: list[str]) -> None:
@@ -60,15 +122,18 @@ def _run_nvcc(cmd: list[str]) -> None:
         raise RuntimeError(f"nvcc failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
 
 
-def compile_shared(out_dir: Path, *, arch: str = "sm_90") -> Path:
-    """Build ``libedgekit_lowbit_<arch>.so`` in ``out_dir`` (written to a temporary name, then renamed)."""
+def compile_shared(out_dir: Path, *, arch: str = "sm_90", source: str | Path | None = None) -> Path:
+    """Build ``libedgekit_<name>_<arch>.so`` in ``out_dir`` (written to a temporary name, then renamed); the
+    default source (MatMulLowBit) keeps its historical name ``libedgekit_lowbit_<arch>.so``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"libedgekit_lowbit_{arch}.so"
+    src = source_path(source)
+    stem = "lowbit" if src == SOURCE else src.stem
+    target = out_dir / f"libedgekit_{stem}_{arch}.so"
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        _run_nvcc(nvcc_command(Path(tmp), arch=arch, shared=True))
+        _run_nvcc(nvcc_command(Path(tmp), arch=arch, shared=True, source=src))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -76,9 +141,9 @@ def compile_shared(out_dir: Path, *, arch: str = "sm_90") -> Path:
     return target
 
 
-def compile_object(output: Path, *, arch: str = "sm_90", host: bool = True) -> Path:
+def compile_object(output: Path, *, arch: str = "sm_90", host: bool = True, source: str | Path | None = None) -> Path:
     """Compile to an object file only (``nvcc -c``): the check that the source builds, no GPU needed."""
-    _run_nvcc(nvcc_command(Path(output), arch=arch, shared=False, host=host))
+    _run_nvcc(nvcc_command(Path(output), arch=arch, shared=False, host=host, source=source))
     return Path(output)
 
 
@@ -184,3 +249,117 @@ class CupyLowBit:
         )
         with self._cupy.cuda.ExternalStream(stream):
             kernel(grid(M, N), (THREADS,), args)
+
+
+# ---- MatMulSparse24 and AttentionInt8 (matmul_sparse24.cu, attention_int8.cu) ----
+
+SPARSE24_BN = 32  # output rows per block (kBN in matmul_sparse24.cu)
+
+
+def sparse24_tile_m(M: int) -> int:
+    """Tokens per block of the MatMulSparse24 launcher: 8, 16, 32 or 64 (8 * tile_mt in the source)."""
+    return 8 * next((t for t in (1, 2, 4) if M <= 8 * t), 8)
+
+
+def sparse24_grid(M: int, N: int) -> tuple[int, int]:
+    return (-(-N // SPARSE24_BN), -(-M // sparse24_tile_m(M)))
+
+
+class _Library:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lib = ctypes.CDLL(str(self.path))
+        self._lib.edgekit_cuda_error_string.argtypes = [ctypes.c_int]
+        self._lib.edgekit_cuda_error_string.restype = ctypes.c_char_p
+
+    def _fn(self, name: str, argtypes: list) -> object:
+        fn = getattr(self._lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+        return fn
+
+    def _check(self, name: str, rc: int) -> None:
+        if rc != 0:
+            raise RuntimeError(f"{name} failed: {self._lib.edgekit_cuda_error_string(rc).decode()} ({rc})")
+
+
+class Sparse24Library(_Library):
+    """``matmul_sparse24.cu`` compiled as a shared library; device pointers and streams as ints."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        self._f16 = self._fn("edgekit_matmul_sparse24_f16", [p, p, p, p, i, i, i, p])
+        self._s8 = self._fn("edgekit_matmul_sparse24_s8", [p, p, p, p, p, f, i, p, i, i, i, p])
+        self._probe = self._fn("edgekit_mma_sp_probe", [i, p, p, p, p, i, p])
+
+    def matmul_f16(self, X: int, values: int, indices: int, Y: int, *, M: int, N: int, K: int, stream: int = 0):
+        """Y fp16 [M, N] = X fp16 [M, K] @ W.T (fp16 values [N, K/2], indices [N, ceil(K/8)])."""
+        if K % 4 or K <= 0 or N <= 0 or M < 0:
+            raise ValueError(f"MatMulSparse24 CUDA: unsupported M={M} N={N} K={K} (K must be a multiple of 4)")
+        self._check("edgekit_matmul_sparse24_f16", self._f16(X, values, indices, Y, M, N, K, stream or None))
+
+    def matmul_s8(
+        self,
+        X: int,
+        values: int,
+        indices: int,
+        w_scale: int,
+        w_rowsum: int | None,
+        Y: int,
+        *,
+        a_scale: float,
+        a_zero_point: int,
+        M: int,
+        N: int,
+        K: int,
+        stream: int = 0,
+    ):
+        """Y fp32 [M, N] = a_scale * w_scale[n] * ((X_u8 - a_zp) @ q.T) (int8 values; w_rowsum int32 [N])."""
+        if K % 4 or K <= 0 or N <= 0 or M < 0 or not 0 <= a_zero_point <= 255:
+            raise ValueError(f"MatMulSparse24 CUDA int8: unsupported M={M} N={N} K={K} a_zero_point={a_zero_point}")
+        rc = self._s8(X, values, indices, w_scale, w_rowsum or None, a_scale, a_zero_point, Y, M, N, K, stream or None)
+        self._check("edgekit_matmul_sparse24_s8", rc)
+
+    def probe(self, kind: str, A: int, B: int, E: int, D: int, count: int = 1, stream: int = 0) -> None:
+        """``count`` independent raw mma.sp (``mma_layout``'s kinds ``f16`` / ``s8``) on per-lane registers (device
+        uint32 arrays A, B [count, 32, 4], E [count, 32] -> D [count, 32, 4])."""
+        if not 1 <= count <= 65535:
+            raise ValueError(f"probe: count={count} must be in 1..65535")
+        rc = self._probe({"f16": 0, "s8": 1}[kind], A, B, E, D, count, stream or None)
+        self._check("edgekit_mma_sp_probe", rc)
+
+
+class AttentionLibrary(_Library):
+    """``attention_int8.cu`` compiled as a shared library."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        self._attn = self._fn("edgekit_attention_int8_d64", [p, p, p, p, p, p, p, i, i, i, i, i, f, p])
+
+    def attention(
+        self,
+        Q8: int,
+        q_scale: int,
+        K8: int,
+        k_scale: int,
+        k_bias: int | None,
+        V: int,
+        O: int,
+        *,
+        BH: int,
+        S: int,
+        Skv: int,
+        q_block: int,
+        k_block: int,
+        sm_scale: float,
+        stream: int = 0,
+    ) -> None:
+        """O fp16 [BH, S, 64] = AttentionInt8 of the quantized inputs (``attention.quantize``'s outputs)."""
+        if min(BH, S, Skv, q_block, k_block) <= 0:
+            raise ValueError(f"AttentionInt8 CUDA: unsupported BH={BH} S={S} Skv={Skv} q_block={q_block}")
+        rc = self._attn(
+            Q8, q_scale, K8, k_scale, k_bias or None, V, O, BH, S, Skv, q_block, k_block, sm_scale, stream or None
+        )
+        self._check("edgekit_attention_int8_d64", rc)

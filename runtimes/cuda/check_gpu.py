@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""Every edgekit CUDA kernel on the local GPU: build, check against the numpy references, benchmark.
+
+Run from the repository root on a machine with an NVIDIA GPU, torch (CUDA) and nvcc (numpy, torch and the
+standard library only; the repository root is put on ``sys.path``)::
+
+    OUT=/some/dir python3 runtimes/cuda/check_gpu.py [--skip-bench] [--budget-s 225]
+
+1. Build: ``matmul_lowbit.cu``, ``matmul_sparse24.cu``, ``attention_int8.cu`` with nvcc for the local compute
+   capability (in parallel), plus ``matmul_sparse24.cu`` as ``compute_75`` PTX, which the driver JIT-compiles with
+   ``__CUDA_ARCH__ = 750``: the CUDA-core fallback path (the one sm_72/sm_75 run) checked on this GPU.
+2. ``mma.sp`` probe: 64 raw instructions per kind (f16 m16n8k32, s8 x u8 m16n8k64) on random registers, compared
+   with ``edgekit/kernels/cuda/mma_layout.emulate``; then every register element's destination measured with
+   batched one-hot probes, each operand on its own (``infer_b_map``: B alone; ``infer_a_map``: A against B;
+   ``infer_metadata_map``: the metadata nibbles) and compared with the model (mismatches listed in the JSON).
+3. Correctness (tolerances below, all against the numpy references of ``edgekit/kernels``):
+   - MatMulLowBit: a subset of ``benchmarks/gpu_kernels.py``'s cases, its own tolerance (rtol 1e-3, atol 1e-3 max).
+   - MatMulSparse24 f16 (tensor cores, and the fallback): ``|Y - ref| <= 2e-3 * max|ref| + 2e-3 * |ref|``,
+     ``ref = sparse24.reference_matmul`` on the fp16-rounded inputs (the kernel rounds Y to fp16 once).
+   - MatMulSparse24 int8 (u8 activations with a zero point): rtol 1e-5, atol 1e-5 * max|ref| (exact int32 sums).
+   - AttentionInt8: ``|O - ref| <= 4e-3 + 1e-2 |ref|`` against ``attention.reference_quantized`` on the same
+     quantized inputs; cosine >= 0.999 per row against exact fp64 attention.
+4. Benchmarks (CUDA events, median of samples, each batch queued behind a GPU sleep; weights rotated through
+   copies exceeding 4x L2): MatMulSparse24 f16 / int8 vs dense torch fp16 matmul and ``torch._int_mm``, M = 32,
+   128, 512 on 4096x4096 and 8192x8192; AttentionInt8 vs ``scaled_dot_product_attention`` fp16.
+
+Every section runs in its own try/except; progress is printed with flush. Writes ``$OUT/check_gpu.json`` and
+``$OUT/check_gpu.md`` (a summary for ``benchmarks/RESULTS_GPU.md``); exits 1 on any correctness or build failure.
+A watchdog writes what it has and exits 1 after ``--budget-s`` seconds. Without torch or a CUDA device it says so
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from edgekit.kernels import attention, sparse24  # noqa: E402  (numpy only)
+from edgekit.kernels.cuda import build, mma_layout  # noqa: E402
+
+
+def _load_gpu_kernels():
+    """``benchmarks/gpu_kernels.py`` (not a package): its timing, environment and MatMulLowBit check helpers."""
+    spec = importlib.util.spec_from_file_location("edgekit_gpu_kernels", ROOT / "benchmarks" / "gpu_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gk = _load_gpu_kernels()
+
+SP24_CHECK = [(100, 33), (260, 72), (1000, 130), (4096, 4096)]  # (K, N); K % 4 == 0, off the tiles
+SP24_MS = (1, 16, 128)
+SP24_EXTRA = [(1000, 130, 5), (260, 72, 37), (4100, 96, 64)]  # (K, N, M)
+ATTN_CHECK = [(1, 1, 128, 128, 1), (2, 4, 512, 512, 1), (1, 2, 200, 77, 32), (1, 3, 512, 512, 32)]  # B H S Skv qb
+BENCH_SHAPES = [(4096, 4096), (8192, 8192)]
+BENCH_MS = (32, 128, 512)
+ATTN_BENCH = [(1, 16, 512), (8, 16, 512), (1, 16, 2048)]  # B, H, S (Skv = S, D = 64)
+LOWBIT_CASES = [(384, 1536), (4096, 4096)]
+
+RESULT: dict = {"status": "running", "sections": {}, "failures": []}
+_lock = threading.Lock()
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def out_dir() -> Path | None:
+    out = os.environ.get("OUT")
+    return Path(out) if out else None
+
+
+def write_outputs() -> None:
+    with _lock:
+        out = out_dir()
+        md = markdown(RESULT)
+        if out is None:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "check_gpu.json").write_text(json.dumps(RESULT, indent=2, default=str))
+        (out / "check_gpu.md").write_text(md)
+
+
+def fail(section: str, what: str) -> None:
+    RESULT["failures"].append(f"{section}: {what}")
+    log(f"FAIL {section}: {what}")
+
+
+def section(name: str):
+    """Decorator: run a section, record its result or its exception; never raises."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            log(f"== {name}")
+            try:
+                value = fn(*args, **kwargs)
+                RESULT["sections"][name] = {"ok": True, "seconds": round(time.perf_counter() - t0, 1), "result": value}
+                return value
+            except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
+                traceback.print_exc()
+                RESULT["sections"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                fail(name, f"{type(e).__name__}: {e}")
+                return None
+            finally:
+                write_outputs()
+
+        return run
+
+    return wrap
+
+
+# ------------------------------------------------------------------------------------------------- build
+
+
+@section("build")
+def build_all(torch) -> dict:
+    p = torch.cuda.get_device_properties(0)
+    arch = f"sm_{p.major}{p.minor}"
+    tmp = Path(tempfile.mkdtemp(prefix="edgekit-check-gpu-"))
+    jobs = {
+        "lowbit": ("matmul_lowbit", arch),
+        "sparse24": ("matmul_sparse24", arch),
+        "attention": ("attention_int8", arch),
+        "sparse24_fallback": ("matmul_sparse24", "compute_75"),
+    }
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {
+            key: pool.submit(build.compile_shared, tmp / key, arch=a, source=src) for key, (src, a) in jobs.items()
+        }
+        paths = {}
+        for key, fut in futures.items():
+            try:
+                paths[key] = fut.result(timeout=300)
+            except Exception as e:  # noqa: BLE001
+                fail("build", f"{key}: {type(e).__name__}: {str(e)[-2000:]}")
+    libs = {}
+    for key, path in paths.items():
+        try:
+            if key == "lowbit":
+                libs[key] = build.LowBitLibrary(path)
+            elif key.startswith("sparse24"):
+                libs[key] = build.Sparse24Library(path)
+            else:
+                libs[key] = build.AttentionLibrary(path)
+        except Exception as e:  # noqa: BLE001
+            fail("build", f"load {key}: {type(e).__name__}: {e}")
+    RESULT["libs"] = libs  # not serialized (default=str)
+    log(f"built {sorted(libs)} for {arch} in {time.perf_counter() - t0:.1f}s")
+    return {"arch": arch, "built": sorted(libs), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------------- probe
+
+
+def _probe_runner(torch, lib, kind):
+    """run(A, B, E) -> D for any leading batch shape: all instructions in one launch (one warp each)."""
+
+    def run(A, B, E):
+        A, B, E = (np.asarray(x, dtype=np.uint32) for x in (A, B, E))
+        batch = A.shape[:-2]
+        n = int(np.prod(batch, dtype=np.int64))
+        dev = [torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(np.int32)).cuda() for x in (A, B, E)]
+        D = torch.zeros(n * 32 * 4, dtype=torch.int32, device="cuda")
+        lib.probe(kind, dev[0].data_ptr(), dev[1].data_ptr(), dev[2].data_ptr(), D.data_ptr(), count=n)
+        torch.cuda.synchronize()
+        raw = D.cpu().numpy().reshape(batch + (32, 4))
+        return raw.view(np.float32).astype(np.float64) if kind == "f16" else raw.astype(np.int64)
+
+    return run
+
+
+def _mismatches(measured, model, what: str, limit: int = 8) -> list[str]:
+    """Readable first differences between two [32, 4, E, 2]-like maps (leading index = lane, reg, element)."""
+    measured, model = np.asarray(measured), np.asarray(model)
+    bad = np.argwhere((measured != model).any(axis=-1))
+    return [f"{what}{tuple(int(i) for i in idx)}: device {measured[tuple(idx)].tolist()} "
+            f"model {model[tuple(idx)].tolist()}" for idx in bad[:limit]]  # fmt: skip
+
+
+def _probe_layouts(kind: str, run, entry: dict) -> bool:
+    """Measure B, A and E layouts separately on the device (mma_layout.infer_*); record them in ``entry``."""
+    ok = True
+    b_map = mma_layout.infer_b_map(kind, run)  # [lane, reg, elem] -> (token, k % 4 class): B alone
+    b_model = mma_layout.model_b_map(kind)
+    entry["b_map_matches_model"] = bool((b_map == b_model).all())
+    if not entry["b_map_matches_model"]:
+        ok = False
+        entry["b_map_mismatches"] = _mismatches(b_map, b_model, "B[lane, reg, byte]")
+        entry["measured_b_map"] = b_map.tolist()
+    a_map, consistent = mma_layout.infer_a_map(kind, run)  # [nibble, lane, reg, elem] -> (row, k of B it met)
+    a_model = mma_layout.model_a_map(kind)
+    entry["a_map_matches_model"] = bool((a_map == a_model).all())
+    entry["a_b_tokens_consistent"] = bool(consistent.all())
+    if not (entry["a_map_matches_model"] and entry["a_b_tokens_consistent"]):
+        ok = False
+        entry["a_map_mismatches"] = _mismatches(a_map, a_model, "A[uniform nibble #, lane, reg, elem] (row, k)")
+        entry["a_inconsistent_count"] = int((~consistent).sum())
+        entry["measured_a_map"] = a_map.tolist()
+    e_map = mma_layout.infer_metadata_map(kind, run)  # [lane, nibble] -> (row, group)
+    entry["metadata_map_matches_model"] = bool((e_map == mma_layout.e_coords(kind)).all())
+    if not entry["metadata_map_matches_model"]:
+        ok = False
+        entry["metadata_map_mismatches"] = _mismatches(e_map, mma_layout.e_coords(kind), "E[lane, nibble] (row, group)")
+        entry["measured_metadata_map"] = e_map.tolist()  # [lane][nibble] = (row, group)
+    for key in ("b_map_matches_model", "a_map_matches_model", "a_b_tokens_consistent", "metadata_map_matches_model"):
+        log(f"  {kind}: {key}: {entry[key]}")
+    for key in ("b_map_mismatches", "a_map_mismatches", "metadata_map_mismatches"):
+        for line in entry.get(key, [])[:4]:
+            log(f"    {line}")
+    return ok
+
+
+@section("mma.sp probe")
+def probe(torch, lib) -> dict:
+    """Per kind: 64 random instructions against mma_layout.emulate, then each operand's layout measured on its own
+    (B alone, A against B, the metadata nibbles), so a failure says which layout is wrong."""
+    out = {}
+    rng = np.random.default_rng(0)
+    for kind in mma_layout.KINDS:
+        run = _probe_runner(torch, lib, kind)
+        K = mma_layout.MMA_K[kind]
+        regs = []
+        for trial in range(64):
+            w = sparse24.random_2of4(rng, 16, K, full=trial % 2 == 0)
+            if kind == "s8":
+                w = np.clip(np.rint(w * 40), -127, 127).astype(np.int8)
+                x = rng.integers(0, 256, size=(K, 8)).astype(np.uint8)
+            else:
+                w, x = w.astype(np.float16), rng.standard_normal((K, 8)).astype(np.float16)
+            values, indices = sparse24.pack(w)
+            regs.append(mma_layout.lane_registers(kind, values, sparse24.unpack_nibbles(indices, K), x))
+        A, B, E = (np.stack(r) for r in zip(*regs))
+        got, want = run(A, B, E), mma_layout.emulate(kind, A, B, E)
+        err = float((np.abs(got - want).max(axis=(1, 2)) / np.maximum(np.abs(want).max(axis=(1, 2)), 1e-9)).max())
+        ok = err < 1e-5
+        entry = {"ok": ok, "max_rel_err": err}
+        if not ok:
+            fail("mma.sp probe", f"{kind}: device differs from mma_layout model (rel err {err:.2e})")
+        log(f"  {kind}: random instructions {'ok' if ok else 'MISMATCH'} (max rel err {err:.1e})")
+        try:
+            if not _probe_layouts(kind, run, entry):
+                fail("mma.sp probe", f"{kind}: a measured operand layout differs from mma_layout (see JSON)")
+                entry["ok"] = False
+        except Exception as e:  # noqa: BLE001 - the random check above still counts
+            traceback.print_exc()
+            entry["layout_probe_error"] = f"{type(e).__name__}: {e}"
+            fail("mma.sp probe", f"{kind}: layout probes raised {type(e).__name__}: {e}")
+        out[kind] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+
+@section("MatMulLowBit")
+def check_lowbit(torch, lib) -> dict:
+    rng = np.random.default_rng(0)
+    rows = []
+    cases = [(K, N, b, g, gk.CHECK_MS) for K, N in LOWBIT_CASES for b in (2, 3, 4, 8) for g in (32, 128)]
+    cases += [(K, N, b, 32, Ms) for K, N, Ms in gk.EXTRA_CASES for b in (2, 3, 4, 8)]
+    for K, N, bits, group, Ms in cases:
+        rows += gk.check_case(torch, lib, rng, K, N, bits, group, Ms)
+    bad = [r for r in rows if not r["ok"]]
+    for r in bad:
+        fail("MatMulLowBit", f"K={r['K']} N={r['N']} M={r['M']} w{r['bits']}g{r['group']} rel err {r['rel_err']:.2e}")
+    worst = max(r["rel_err"] for r in rows)
+    log(f"  {len(rows) - len(bad)}/{len(rows)} ok, worst rel err {worst:.1e}")
+    return {"checks": len(rows), "failed": len(bad), "worst_rel_err": worst}
+
+
+@functools.lru_cache(maxsize=16)
+def _sp24_weights(K, N):
+    """Random 2:4 weights (cached per shape: generating 4096 x 4096 in numpy takes a second)."""
+    w = sparse24.random_2of4(np.random.default_rng(K * 7919 + N), N, K) / np.sqrt(K / 2)
+    return sparse24.pack(w.astype(np.float32))
+
+
+def _sp24_f16_case(torch, lib, rng, K, N, M, label):
+    values, indices = _sp24_weights(K, N)
+    v16 = values.astype(np.float16)
+    A16 = rng.standard_normal((M, K)).astype(np.float16)
+    ref = sparse24.reference_matmul(A16.astype(np.float32), v16.astype(np.float32), indices, K=K, N=N)
+    Vd, Id, Ad = (torch.from_numpy(a).cuda() for a in (v16, indices, A16))
+    Y = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+    lib.matmul_f16(Ad.data_ptr(), Vd.data_ptr(), Id.data_ptr(), Y.data_ptr(), M=M, N=N, K=K)
+    torch.cuda.synchronize()
+    y = Y.float().cpu().numpy()
+    scale = float(np.abs(ref).max()) or 1.0
+    finite = bool(np.isfinite(y).all())
+    err = float(np.abs(y - ref).max()) / scale if finite else float("inf")
+    ok = finite and bool((np.abs(y - ref) <= 2e-3 * scale + 2e-3 * np.abs(ref)).all())
+    if not ok:
+        fail(label, f"K={K} N={N} M={M} rel err {err:.2e}")
+    return {"K": K, "N": N, "M": M, "rel_err": err, "ok": ok}
+
+
+def _sp24_s8_case(torch, lib, rng, K, N, M, zp, label):
+    values, indices = _sp24_weights(K, N)
+    q, w_scale = sparse24.quantize_int8_rows(values)
+    rowsum = sparse24.row_sums(q)
+    A = rng.integers(0, 256, size=(M, K)).astype(np.uint8)
+    a_scale = 0.02
+    ref = sparse24.reference_matmul(A, q, indices, w_scale, K=K, N=N, a_scale=a_scale, a_zero_point=zp)
+    Qd, Id, Sd, Rd, Ad = (torch.from_numpy(a).cuda() for a in (q, indices, w_scale, rowsum, A))
+    Y = torch.full((M, N), float("nan"), dtype=torch.float32, device="cuda")
+    lib.matmul_s8(
+        Ad.data_ptr(), Qd.data_ptr(), Id.data_ptr(), Sd.data_ptr(), Rd.data_ptr(), Y.data_ptr(),
+        a_scale=a_scale, a_zero_point=zp, M=M, N=N, K=K,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    y = Y.cpu().numpy()
+    scale = float(np.abs(ref).max()) or 1.0
+    finite = bool(np.isfinite(y).all())
+    err = float(np.abs(y - ref).max()) / scale if finite else float("inf")
+    ok = finite and bool(np.allclose(y, ref, rtol=1e-5, atol=1e-5 * scale))
+    if not ok:
+        fail(label, f"K={K} N={N} M={M} zp={zp} rel err {err:.2e}")
+    return {"K": K, "N": N, "M": M, "zp": zp, "rel_err": err, "ok": ok}
+
+
+def _sp24_cases(shapes=SP24_CHECK, ms=SP24_MS, extra=SP24_EXTRA):
+    return [(K, N, M) for K, N in shapes for M in ms] + list(extra)
+
+
+@section("MatMulSparse24 f16")
+def check_sp24_f16(torch, lib, label="MatMulSparse24 f16", cases=None) -> list:
+    rng = np.random.default_rng(1)
+    rows = [_sp24_f16_case(torch, lib, rng, K, N, M, label) for K, N, M in (cases or _sp24_cases())]
+    log("  " + " ".join(f"{r['K']}x{r['N']}/M{r['M']}:{r['rel_err']:.0e}{'' if r['ok'] else '!'}" for r in rows))
+    return rows
+
+
+@section("MatMulSparse24 int8")
+def check_sp24_s8(torch, lib, label="MatMulSparse24 int8", cases=None) -> list:
+    rng = np.random.default_rng(2)
+    rows = [
+        _sp24_s8_case(torch, lib, rng, K, N, M, zp, label) for i, (K, N, M) in enumerate(cases or _sp24_cases())
+        for zp in ((0, 117) if i % 2 == 0 else (128,))
+    ]  # fmt: skip
+    log("  " + " ".join(f"{r['K']}x{r['N']}/M{r['M']}:{r['rel_err']:.0e}{'' if r['ok'] else '!'}" for r in rows))
+    return rows
+
+
+@section("MatMulSparse24 fallback (compute_75 PTX, CUDA cores)")
+def check_sp24_fallback(torch, lib) -> dict:
+    cases = _sp24_cases(shapes=[(100, 33), (1000, 130), (4096, 512)], ms=(1, 16, 128))
+    f16 = check_sp24_f16.__wrapped__(torch, lib, "MatMulSparse24 fallback f16", cases)
+    s8 = check_sp24_s8.__wrapped__(torch, lib, "MatMulSparse24 fallback int8", cases)
+    return {"f16": f16, "int8": s8}
+
+
+def _attn_inputs(rng, B, H, S, Skv, outliers):
+    q = rng.standard_normal((B, H, S, 64)).astype(np.float32)
+    k = rng.standard_normal((B, H, Skv, 64)).astype(np.float32)
+    v = rng.standard_normal((B, H, Skv, 64)).astype(np.float32)
+    if outliers:
+        k += (rng.standard_normal(64) * 3 + np.where(np.arange(64) < 4, 40.0, 0.0)).astype(np.float32)
+    return q, k, v
+
+
+def _attn_run(torch, lib, qz, B, H, S, Skv, q_block, k_block, out=None):
+    dev = {name: torch.from_numpy(np.ascontiguousarray(a)).cuda() for name, a in qz.items()}
+    O = out if out is not None else torch.full((B, H, S, 64), float("nan"), dtype=torch.float16, device="cuda")
+    call = lambda: lib.attention(  # noqa: E731
+        dev["q8"].data_ptr(), dev["q_scale"].data_ptr(), dev["k8"].data_ptr(), dev["k_scale"].data_ptr(),
+        dev["k_bias"].data_ptr(), dev["v16"].data_ptr(), O.data_ptr(), BH=B * H, S=S, Skv=Skv,
+        q_block=q_block, k_block=k_block, sm_scale=1.0 / math.sqrt(64),
+    )  # fmt: skip
+    return call, O, dev
+
+
+@section("AttentionInt8")
+def check_attention(torch, lib) -> list:
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, (B, H, S, Skv, qb) in enumerate(ATTN_CHECK):
+        outliers = i % 2 == 1
+        q, k, v = _attn_inputs(rng, B, H, S, Skv, outliers)
+        qz = attention.quantize(q, k, v, q_block=qb, k_block=64)
+        ref = attention.reference_quantized(qz, q_block=qb, k_block=64)
+        call, O, _ = _attn_run(torch, lib, qz, B, H, S, Skv, qb, 64)
+        call()
+        torch.cuda.synchronize()
+        o = O.float().cpu().numpy()
+        finite = bool(np.isfinite(o).all())
+        err = float(np.abs(o - ref).max()) if finite else float("inf")
+        cos = float(attention.cosine_per_row(o, attention.reference_exact(q, k, v)).min()) if finite else 0.0
+        ok = finite and bool((np.abs(o - ref) <= 4e-3 + 1e-2 * np.abs(ref)).all()) and cos >= 0.999
+        row = dict(B=B, H=H, S=S, Skv=Skv, q_block=qb, outlier_k=outliers, max_abs_err=err, min_cos_exact=cos, ok=ok)
+        rows.append(row)
+        if not ok:
+            fail("AttentionInt8", f"B={B} H={H} S={S} Skv={Skv} qb={qb}: max abs err {err:.2e}, min cos {cos:.5f}")
+        log(f"  B={B} H={H} S={S} Skv={Skv} qb={qb} outliers={outliers}: err {err:.1e} cos {cos:.5f} {ok}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- benchmarks
+
+
+def _timed(torch, fns) -> float:
+    return gk.timed(torch, fns, reps=10, samples=15)["ms"]
+
+
+@section("bench MatMulSparse24")
+def bench_sparse(torch, lib, l2_bytes: int) -> list:
+    rows = []
+    has_int_mm = hasattr(torch, "_int_mm")
+    nibbles = torch.tensor(sparse24.VALID_NIBBLES, dtype=torch.uint8, device="cuda")
+    for K, N in BENCH_SHAPES:
+        # Random data made on the GPU (speed does not depend on the values; correctness is checked above).
+        pick = nibbles[torch.randint(0, 6, (N, K // 4), device="cuda")]
+        Id = (pick[:, 0::2] | (pick[:, 1::2] << 4)).contiguous()  # sparse24's byte layout
+        v16 = (torch.randn(N, K // 2, device="cuda") / math.sqrt(K / 2)).half()
+        Qd = torch.randint(-127, 128, (N, K // 2), device="cuda", dtype=torch.int8)
+        Sd = torch.rand(N, device="cuda") * 0.01
+        Rd = Qd.int().sum(dim=1, dtype=torch.int32)
+        dense16 = (torch.randn(N, K, device="cuda") / math.sqrt(K)).half()
+        n_dense = gk.copies_for(dense16.numel() * 2, l2_bytes)
+        n_sp16 = gk.copies_for(v16.numel() * 2 + Id.numel(), l2_bytes)
+        n_sp8 = gk.copies_for(Qd.numel() + Id.numel(), l2_bytes)
+        dense_copies = [dense16.clone() for _ in range(n_dense)]
+        int8_w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)  # [N, K]; w.t() is "TN"
+        int8_copies = [int8_w.clone() for _ in range(gk.copies_for(K * N, l2_bytes))]
+        sp16 = [(v16.clone(), Id.clone()) for _ in range(n_sp16)]
+        sp8 = [(Qd.clone(), Id.clone()) for _ in range(n_sp8)]
+        del dense16, int8_w
+        for M in BENCH_MS:
+            A16 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            A8 = torch.randint(-127, 127, (M, K), device="cuda", dtype=torch.int8)
+            Au8 = torch.randint(0, 256, (M, K), device="cuda", dtype=torch.uint8)
+            Y16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            Y32 = torch.empty(M, N, device="cuda", dtype=torch.float32)
+            entry = {"K": K, "N": N, "M": M}
+            entry["dense_fp16_ms"] = _timed(torch, [functools.partial(torch.matmul, A16, w.t()) for w in dense_copies])
+            if has_int_mm:
+                try:
+                    entry["int_mm_ms"] = _timed(
+                        torch, [functools.partial(torch._int_mm, A8, w.t()) for w in int8_copies]
+                    )
+                except Exception as e:  # noqa: BLE001
+                    entry["int_mm_error"] = f"{type(e).__name__}: {e}"
+            f16_args = dict(M=M, N=N, K=K)
+            entry["sparse24_f16_ms"] = _timed(
+                torch,
+                [functools.partial(lib.matmul_f16, A16.data_ptr(), v.data_ptr(), i.data_ptr(), Y16.data_ptr(),
+                                   **f16_args) for v, i in sp16],
+            )  # fmt: skip
+            s8_args = dict(a_scale=0.02, a_zero_point=100, M=M, N=N, K=K)
+            entry["sparse24_int8_ms"] = _timed(
+                torch,
+                [functools.partial(lib.matmul_s8, Au8.data_ptr(), v.data_ptr(), i.data_ptr(), Sd.data_ptr(),
+                                   Rd.data_ptr(), Y32.data_ptr(), **s8_args) for v, i in sp8],
+            )  # fmt: skip
+            flops = 2 * M * N * K
+            for key in ("dense_fp16_ms", "int_mm_ms", "sparse24_f16_ms", "sparse24_int8_ms"):
+                if key in entry:
+                    entry[key.replace("_ms", "_tflops")] = flops / (entry[key] * 1e-3) / 1e12
+            entry["speedup_f16_vs_dense"] = entry["dense_fp16_ms"] / entry["sparse24_f16_ms"]
+            if "int_mm_ms" in entry:
+                entry["speedup_int8_vs_int_mm"] = entry["int_mm_ms"] / entry["sparse24_int8_ms"]
+            rows.append(entry)
+            log(
+                f"  K={K} N={N} M={M}: dense fp16 {entry['dense_fp16_ms'] * 1e3:.1f}us, "
+                f"_int_mm {entry.get('int_mm_ms', float('nan')) * 1e3:.1f}us, "
+                f"sparse24 f16 {entry['sparse24_f16_ms'] * 1e3:.1f}us (x{entry['speedup_f16_vs_dense']:.2f}), "
+                f"sparse24 int8 {entry['sparse24_int8_ms'] * 1e3:.1f}us"
+            )
+        del dense_copies, int8_copies, sp16, sp8
+        torch.cuda.empty_cache()
+    return rows
+
+
+@section("bench AttentionInt8")
+def bench_attention(torch, lib) -> list:
+    rows = []
+    rng = np.random.default_rng(5)
+    F = torch.nn.functional
+    for B, H, S in ATTN_BENCH:
+        q, k, v = _attn_inputs(rng, B, H, S, S, False)
+        qz = attention.quantize(q, k, v, q_block=1, k_block=64)
+        call, O, _ = _attn_run(torch, lib, qz, B, H, S, S, 1, 64)
+        qt, kt, vt = (torch.from_numpy(a).cuda().half() for a in (q, k, v))
+        entry = {"B": B, "H": H, "S": S, "D": 64}
+        entry["sdpa_fp16_ms"] = _timed(torch, [functools.partial(F.scaled_dot_product_attention, qt, kt, vt)])
+        entry["int8_kernel_ms"] = _timed(torch, [call])
+        entry["speedup_vs_sdpa"] = entry["sdpa_fp16_ms"] / entry["int8_kernel_ms"]
+        call()
+        sd = F.scaled_dot_product_attention(qt, kt, vt).float().cpu().numpy()
+        entry["min_cos_vs_sdpa"] = float(attention.cosine_per_row(O.float().cpu().numpy(), sd).min())
+        rows.append(entry)
+        log(
+            f"  B={B} H={H} S={S}: sdpa {entry['sdpa_fp16_ms'] * 1e3:.1f}us, int8 kernel "
+            f"{entry['int8_kernel_ms'] * 1e3:.1f}us (x{entry['speedup_vs_sdpa']:.2f}), "
+            f"cos {entry['min_cos_vs_sdpa']:.5f}"
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _driver() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        return out.stdout.strip() or "?"
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _us(entry: dict, key: str) -> str:
+    return f"{entry[key] * 1e3:.1f}" if key in entry else "–"
+
+
+def markdown(result: dict) -> str:
+    env = result.get("env", {})
+    lines = [
+        "# edgekit CUDA kernels: `runtimes/cuda/check_gpu.py`",
+        "",
+        f"- **Status**: {result.get('status')}"
+        + (f" ({len(result['failures'])} failures)" if result["failures"] else ""),
+        f"- **Device**: {env.get('device', '?')} (SM {env.get('capability', '?')}, {env.get('sms', '?')} SMs, "
+        f"L2 {int(env.get('l2_bytes', 0)) >> 20} MiB), driver {env.get('driver', '?')}",
+        f"- **Software**: Python {env.get('python', '?')}, torch {env.get('torch', '?')} "
+        f"(CUDA {env.get('torch_cuda')}), numpy {env.get('numpy', '?')}, {env.get('nvcc_version', 'nvcc ?')}",
+        f"- **Date**: {env.get('date_utc', '?')}",
+        "",
+        "| section | ok | seconds | notes |",
+        "|---|---|---|---|",
+    ]
+    for name, sec in result["sections"].items():
+        note = sec.get("error", "")
+        res = sec.get("result")
+        if isinstance(res, list) and res and "rel_err" in res[0]:
+            note = f"{sum(r['ok'] for r in res)}/{len(res)} ok, worst rel err {max(r['rel_err'] for r in res):.1e}"
+        elif isinstance(res, dict) and "worst_rel_err" in res:
+            note = f"{res['checks'] - res['failed']}/{res['checks']} ok, worst rel err {res['worst_rel_err']:.1e}"
+        lines.append(f"| {name} | {'yes' if sec.get('ok') else 'NO'} | {sec.get('seconds', '')} | {note} |")
+    for f in result["failures"][:40]:
+        lines.append(f"- FAIL {f}")
+    sp = result["sections"].get("bench MatMulSparse24", {}).get("result") or []
+    if sp:
+        lines += [
+            "",
+            "## MatMulSparse24 speed (µs per call, median; TFLOP/s counted as dense 2MNK)",
+            "",
+            "| K × N | M | dense fp16 | `_int_mm` int8 | sparse24 f16 | sparse24 int8 | f16 vs dense "
+            "| int8 vs _int_mm |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e in sp:
+            us = functools.partial(_us, e)
+            lines.append(
+                f"| {e['K']} × {e['N']} | {e['M']} | {us('dense_fp16_ms')} | {us('int_mm_ms')} | "
+                f"{us('sparse24_f16_ms')} | {us('sparse24_int8_ms')} | {e['speedup_f16_vs_dense']:.2f}× | "
+                f"{e.get('speedup_int8_vs_int_mm', float('nan')):.2f}× |"
+            )
+    at = result["sections"].get("bench AttentionInt8", {}).get("result") or []
+    if at:
+        lines += ["", "## AttentionInt8 speed (D = 64, µs)", ""]
+        lines.append("| B | H | S | SDPA fp16 | int8 kernel | speed-up | min cos vs SDPA |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for e in at:
+            lines.append(
+                f"| {e['B']} | {e['H']} | {e['S']} | {e['sdpa_fp16_ms'] * 1e3:.1f} | {e['int8_kernel_ms'] * 1e3:.1f} | "
+                f"{e['speedup_vs_sdpa']:.2f}× | {e['min_cos_vs_sdpa']:.5f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip-bench", action="store_true", help="correctness only")
+    ap.add_argument("--budget-s", type=float, default=225.0, help="watchdog: write results and exit 1 after this")
+    args = ap.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        log("SKIP: torch is not installed, so no CUDA GPU is present to check (nothing run)")
+        RESULT["status"] = "skipped: no torch"
+        write_outputs()
+        return 0
+    if not torch.cuda.is_available():
+        log("SKIP: no CUDA GPU present (torch.cuda.is_available() is False); no kernel was run")
+        RESULT["status"] = "skipped: no CUDA device"
+        write_outputs()
+        return 0
+
+    def watchdog():
+        RESULT["status"] = f"timeout after {args.budget_s:.0f}s"
+        RESULT["failures"].append("watchdog: the run did not finish in time")
+        log(f"WATCHDOG: {args.budget_s:.0f}s elapsed, writing partial results and exiting 1")
+        write_outputs()
+        os._exit(1)
+
+    timer = threading.Timer(args.budget_s, watchdog)
+    timer.daemon = True
+    timer.start()
+    t0 = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    env = gk.environment(torch)
+    env["driver"] = _driver()
+    RESULT["env"] = env
+    log(f"device: {env.get('device')} cc {env.get('capability')} | torch {env['torch']} | {env.get('nvcc_version')}")
+    build_all(torch)
+    libs = RESULT.pop("libs", {})
+    if "sparse24" in libs:
+        probe(torch, libs["sparse24"])
+        check_sp24_f16(torch, libs["sparse24"])
+        check_sp24_s8(torch, libs["sparse24"])
+    if "sparse24_fallback" in libs:
+        check_sp24_fallback(torch, libs["sparse24_fallback"])
+    if "attention" in libs:
+        check_attention(torch, libs["attention"])
+    if "lowbit" in libs:
+        check_lowbit(torch, libs["lowbit"])
+    if not args.skip_bench:
+        l2 = int(env.get("l2_bytes", 50 << 20))
+        if "sparse24" in libs:
+            bench_sparse(torch, libs["sparse24"], l2)
+        if "attention" in libs:
+            bench_attention(torch, libs["attention"])
+    timer.cancel()
+    RESULT["status"] = "fail" if RESULT["failures"] else "pass"
+    RESULT["seconds"] = round(time.perf_counter() - t0, 1)
+    write_outputs()
+    log(markdown(RESULT))
+    log(("PASS" if not RESULT["failures"] else f"FAIL ({len(RESULT['failures'])})") + f" in {RESULT['seconds']}s")
+    return 1 if RESULT["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
