@@ -4,9 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgekit-installed
 
-.PHONY: demo test test-fast bench lint install clean
+.PHONY: demo test test-fast bench lint install native clean
 
+# The ai.edgekit ONNX Runtime library (runtimes/onnxruntime/build.py; instant when up to date): a failed build
+# warns and the ops fall back to the reference, except in CI (CI set), where it fails.
 install: $(STAMP)
+	$(PY) runtimes/onnxruntime/build.py --optional
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[build,agent,examples,sync,dev]'
 	touch $(STAMP)
+
+# Rebuild the native ONNX Runtime custom-op library (runtimes/onnxruntime/), failing loudly.
+native: install
+	$(PY) runtimes/onnxruntime/build.py
 
 demo: install
 	$(VENV)/bin/edgekit build --target cpu-x86 --out out

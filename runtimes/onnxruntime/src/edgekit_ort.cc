@@ -1,0 +1,483 @@
+// ONNX Runtime custom-op library for the ai.edgekit domain: MatMulLowBit and MatMulSparse24 (CPU).
+//
+// Entry point: RegisterCustomOps(OrtSessionOptions*, const OrtApiBase*), called by
+// SessionOptions.register_custom_ops_library(path). The library asks ONNX Runtime for the C API version of the
+// headers it was compiled against (ORT_API_VERSION), so it loads in any later ONNX Runtime.
+//
+// The kernel path (scalar, AVX2, AVX-512 with VNNI) is the best one cpuid reports, or the one named by the
+// environment variable EDGEKIT_ORT_ISA=scalar|avx2|avx512 when the library is registered (per session options;
+// a path the CPU lacks is refused with an error). Work is split over output rows with ONNX Runtime's intra-op
+// thread pool (SessionOptions.intra_op_num_threads).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+
+namespace edgekit {
+
+uint64_t stream_read_avx512(const uint8_t* p, size_t bytes);
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+Isa detect_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+  if (avx512 && kernels_avx512()) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+      kernels_avx2())
+    return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+namespace {
+
+const KernelTable& table_for(Isa isa) {
+  if (isa == Isa::kAvx512 && kernels_avx512()) return *kernels_avx512();
+  if (isa == Isa::kAvx2 && kernels_avx2()) return *kernels_avx2();
+  return kernels_scalar();
+}
+
+Isa g_isa = Isa::kScalar;  // the path of the latest registration (reported by edgekit_ort_isa)
+std::mutex g_mu;
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+int64_t attr_int(const OrtApi& api, const OrtKernelInfo* info, const char* name, bool required, int64_t dflt) {
+  int64_t v = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {
+    api.ReleaseStatus(st);
+    if (required) throw Error(std::string("missing INT attribute '") + name + "'");
+    return dflt;
+  }
+  return v;
+}
+
+// Run fn(i) for i in [0, tasks) on ONNX Runtime's intra-op thread pool.
+template <typename F>
+void parallel_for(const OrtApi& api, OrtKernelContext* ctx, size_t tasks, F& fn) {
+  if (tasks <= 1) {
+    for (size_t i = 0; i < tasks; ++i) fn(i);
+    return;
+  }
+  auto tramp = [](void* p, size_t i) { (*static_cast<F*>(p))(i); };
+  OrtStatus* st = api.KernelContext_ParallelFor(ctx, tramp, tasks, 0, &fn);
+  if (st) {  // no thread pool available: run inline
+    api.ReleaseStatus(st);
+    for (size_t i = 0; i < tasks; ++i) fn(i);
+  }
+}
+
+struct TensorIn {
+  const void* data = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  int64_t size() const {
+    int64_t s = 1;
+    for (int64_t d : shape) s *= d;
+    return s;
+  }
+};
+
+// Input i, or an empty TensorIn when the node omits it.
+TensorIn get_input(Ort::KernelContext& ctx, size_t i) {
+  TensorIn t;
+  if (i >= ctx.GetInputCount()) return t;
+  Ort::ConstValue v = ctx.GetInput(i);
+  if (!static_cast<const OrtValue*>(v)) return t;
+  auto info = v.GetTensorTypeAndShapeInfo();
+  t.type = info.GetElementType();
+  t.shape = info.GetShape();
+  t.data = v.GetTensorRawData();
+  return t;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) throw Error(what);
+}
+
+// Rows of activations [M, K] -> [M, lda] with zero padding.
+template <typename T>
+const T* padded_rows(const T* src, int64_t M, int64_t K, int64_t lda, std::vector<T>& buf) {
+  buf.assign(static_cast<size_t>(M * lda), T(0));
+  for (int64_t m = 0; m < M; ++m) std::memcpy(buf.data() + m * lda, src + m * K, sizeof(T) * K);
+  return buf.data();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// MatMulLowBit
+
+struct LowBitKernel {
+  int64_t K, N, bits, group, accuracy_level;
+  Isa isa;
+
+  LowBitKernel(const OrtApi& api, const OrtKernelInfo* info, Isa isa_) : isa(isa_) {
+    K = attr_int(api, info, "K", true, 0);
+    N = attr_int(api, info, "N", true, 0);
+    bits = attr_int(api, info, "bits", true, 0);
+    group = attr_int(api, info, "group_size", true, 0);
+    accuracy_level = attr_int(api, info, "accuracy_level", false, 0);
+    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8))
+      throw Error("MatMulLowBit: bits=" + std::to_string(bits) + " is not supported; use 2, 3, 4 or 8");
+    if (!(group == 32 || group == 64 || group == 128))
+      throw Error("MatMulLowBit: group_size=" + std::to_string(group) + " is not supported; use 32, 64 or 128");
+    if (K < 1 || N < 1) throw Error("MatMulLowBit: K and N must be positive");
+    if (accuracy_level != 0 && accuracy_level != 4)
+      throw Error("MatMulLowBit: accuracy_level=" + std::to_string(accuracy_level) +
+                  " is not supported; use 0 (fp32 math) or 4 (int8 activations)");
+  }
+
+  void Compute(OrtKernelContext* raw) {
+    const OrtApi& api = Ort::GetApi();
+    Ort::KernelContext ctx(raw);
+    TensorIn A = get_input(ctx, 0), B = get_input(ctx, 1), S = get_input(ctx, 2), Z = get_input(ctx, 3);
+    const int64_t Kp = round_up(K, group), groups = Kp / group;
+    const int64_t row_bytes = bits == 3 ? 3 * ((Kp + 7) / 8) : (Kp * bits + 7) / 8;
+    expect(A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && !A.shape.empty() && A.shape.back() == K,
+           "MatMulLowBit: A must be float32 [..., " + std::to_string(K) + "], got " + shape_str(A.shape));
+    expect(B.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && B.shape == std::vector<int64_t>{N, row_bytes},
+           "MatMulLowBit: B_packed must be uint8 [" + std::to_string(N) + ", " + std::to_string(row_bytes) +
+               "], got " + shape_str(B.shape));
+    expect(S.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && S.shape == std::vector<int64_t>{N, groups},
+           "MatMulLowBit: scales must be float32 [" + std::to_string(N) + ", " + std::to_string(groups) + "], got " +
+               shape_str(S.shape));
+    if (Z.data)
+      expect(Z.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && Z.shape == std::vector<int64_t>{N, groups},
+             "MatMulLowBit: zero_points must be uint8 [" + std::to_string(N) + ", " + std::to_string(groups) +
+                 "], got " + shape_str(Z.shape));
+    std::vector<int64_t> yshape = A.shape;
+    yshape.back() = N;
+    const int64_t M = A.size() / K;
+    Ort::UnownedValue Yv = ctx.GetOutput(0, yshape);
+    float* Y = Yv.GetTensorMutableData<float>();
+    if (M == 0) return;
+
+    LowBitArgs a;
+    a.M = M, a.K = K, a.N = N, a.bits = static_cast<int>(bits), a.group = static_cast<int>(group);
+    a.Kp = Kp, a.groups = groups, a.row_bytes = row_bytes;
+    a.B = static_cast<const uint8_t*>(B.data);
+    a.scales = static_cast<const float*>(S.data);
+    a.zero_points = static_cast<const uint8_t*>(Z.data);
+    a.Y = Y;
+    const int64_t lda = round_up(Kp, 256);
+    std::vector<float> abuf;
+    std::vector<int8_t> qbuf, qperm;
+    std::vector<float> ascale;
+    std::vector<int32_t> asum;
+    const float* Af = static_cast<const float*>(A.data);
+    if (accuracy_level == 4) {
+      // Dynamic symmetric per-row int8 quantization of A: aq = round(a * 127 / max|a|), a ~= aq * max|a| / 127.
+      qbuf.assign(static_cast<size_t>(M * lda), 0);
+      ascale.resize(M);
+      asum.assign(static_cast<size_t>(M * groups), 0);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* x = Af + m * K;
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        ascale[m] = amax / 127.f;
+        int8_t* q = qbuf.data() + m * lda;
+        int32_t* gs = asum.data() + m * groups;
+        for (int64_t k = 0; k < K; ++k) {
+          const float r = std::nearbyint(x[k] * inv);
+          q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+          gs[k / group] += q[k];
+        }
+      }
+      a.aq = qbuf.data(), a.lda_q = lda, a.a_scale = ascale.data(), a.asum = asum.data();
+      if (table_for(isa).lowbit_i8_prepare) table_for(isa).lowbit_i8_prepare(a, qperm);
+    } else {
+      a.A = padded_rows(Af, M, K, lda, abuf), a.lda = lda;
+    }
+    const KernelTable& kt = table_for(isa);
+    auto fn_ptr = accuracy_level == 4 ? kt.lowbit_i8 : kt.lowbit_f32;
+    const int64_t block = M <= 4 ? 32 : 16;
+    const size_t tasks = static_cast<size_t>((N + block - 1) / block);
+    auto body = [&](size_t t) {
+      const int64_t n0 = static_cast<int64_t>(t) * block;
+      fn_ptr(a, n0, std::min(N, n0 + block));
+    };
+    parallel_for(api, raw, tasks, body);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    try {
+      Compute(ctx);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+};
+
+struct LowBitOp : Ort::CustomOpBase<LowBitOp, LowBitKernel, true> {
+  Isa isa;
+  explicit LowBitOp(Isa i) : isa(i) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new LowBitKernel(api, info, isa);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+  const char* GetName() const { return "MatMulLowBit"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return (i == 0 || i == 2) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// MatMulSparse24
+
+struct Sparse24Kernel {
+  int64_t K, N;
+  Isa isa;
+
+  Sparse24Kernel(const OrtApi& api, const OrtKernelInfo* info, Isa isa_) : isa(isa_) {
+    K = attr_int(api, info, "K", true, 0);
+    N = attr_int(api, info, "N", true, 0);
+    if (K < 4 || N < 1 || K % 4)
+      throw Error("MatMulSparse24: K must be a positive multiple of 4 and N positive, got K=" + std::to_string(K) +
+                  ", N=" + std::to_string(N));
+  }
+
+  void Compute(OrtKernelContext* raw) {
+    const OrtApi& api = Ort::GetApi();
+    Ort::KernelContext ctx(raw);
+    TensorIn A = get_input(ctx, 0), V = get_input(ctx, 1), I = get_input(ctx, 2), WS = get_input(ctx, 3),
+             AS = get_input(ctx, 4), AZ = get_input(ctx, 5);
+    const int64_t irb = (K + 7) / 8;
+    expect(!A.shape.empty() && A.shape.back() == K,
+           "MatMulSparse24: A must be [..., " + std::to_string(K) + "], got " + shape_str(A.shape));
+    expect(V.shape == std::vector<int64_t>{N, K / 2}, "MatMulSparse24: values must be [" + std::to_string(N) + ", " +
+                                                          std::to_string(K / 2) + "], got " + shape_str(V.shape));
+    expect(I.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && I.shape == std::vector<int64_t>{N, irb},
+           "MatMulSparse24: indices must be uint8 [" + std::to_string(N) + ", " + std::to_string(irb) + "], got " +
+               shape_str(I.shape));
+    Sparse24Args a;
+    a.K = K, a.N = N, a.indices = static_cast<const uint8_t*>(I.data), a.index_row_bytes = irb;
+    a.values = V.data;
+    if (V.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+      a.int8_values = true;
+      expect(WS.data && WS.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && WS.size() == N,
+             "MatMulSparse24: int8 values need w_scale float32 [" + std::to_string(N) + "]");
+      a.w_scale = static_cast<const float*>(WS.data);
+    } else {
+      expect(V.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "MatMulSparse24: values must be float32 or int8");
+      expect(!WS.data, "MatMulSparse24: w_scale is only an input of the int8 variant");
+    }
+    const bool u8 = A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (u8) {
+      expect(a.int8_values, "MatMulSparse24: uint8 activations need int8 values");
+      expect(AS.data && AS.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && AS.size() == 1,
+             "MatMulSparse24: uint8 activations need a_scale (float32 scalar)");
+      a.a_scale = *static_cast<const float*>(AS.data);
+      if (AZ.data) {
+        expect(AZ.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && AZ.size() == 1,
+               "MatMulSparse24: a_zero_point must be a uint8 scalar");
+        a.a_zero_point = *static_cast<const uint8_t*>(AZ.data);
+      }
+    } else {
+      expect(A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "MatMulSparse24: A must be float32 or uint8");
+      expect(!AS.data && !AZ.data, "MatMulSparse24: a_scale / a_zero_point apply to uint8 activations only");
+    }
+    std::vector<int64_t> yshape = A.shape;
+    yshape.back() = N;
+    const int64_t M = A.size() / K;
+    a.M = M;
+    Ort::UnownedValue Yv = ctx.GetOutput(0, yshape);
+    a.Y = Yv.GetTensorMutableData<float>();
+    if (M == 0) return;
+    const int64_t lda = round_up(K, 128);
+    a.lda = lda;
+    std::vector<float> fbuf;
+    std::vector<uint8_t> ubuf;
+    if (u8)
+      a.A_u8 = padded_rows(static_cast<const uint8_t*>(A.data), M, K, lda, ubuf);
+    else
+      a.A = padded_rows(static_cast<const float*>(A.data), M, K, lda, fbuf);
+    const KernelTable& kt = table_for(isa);
+    auto fn_ptr = u8 ? kt.sparse24_u8 : kt.sparse24_f32;
+    const int64_t block = 16;
+    const size_t tasks = static_cast<size_t>((N + block - 1) / block);
+    auto body = [&](size_t t) {
+      const int64_t n0 = static_cast<int64_t>(t) * block;
+      fn_ptr(a, n0, std::min(N, n0 + block));
+    };
+    parallel_for(api, raw, tasks, body);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    try {
+      Compute(ctx);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+};
+
+struct Sparse24Op : Ort::CustomOpBase<Sparse24Op, Sparse24Kernel, true> {
+  Isa isa;
+  explicit Sparse24Op(Isa i) : isa(i) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new Sparse24Kernel(api, info, isa);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+  const char* GetName() const { return "MatMulSparse24"; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 2:
+      case 5:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 3:
+      case 4:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      default:  // A: float32 or uint8; values: float32 or int8
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// Op objects must outlive every session that uses them: keep them for the life of the process.
+std::vector<std::unique_ptr<Ort::CustomOpDomain>> g_domains;
+std::vector<std::unique_ptr<LowBitOp>> g_lowbit_ops;
+std::vector<std::unique_ptr<Sparse24Op>> g_sparse_ops;
+
+}  // namespace
+}  // namespace edgekit
+
+extern "C" {
+
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* api_base) {
+  using namespace edgekit;
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) {  // this ONNX Runtime predates the headers: report it through the version-1 API
+    const OrtApi* v1 = api_base->GetApi(1);
+    return v1 ? v1->CreateStatus(ORT_FAIL, "libedgekit_ort needs ONNX Runtime >= the version of its headers (ORT_API_VERSION)")
+              : nullptr;
+  }
+  Ort::InitApi(api);
+  try {
+    Isa isa = detect_isa();
+    if (const char* want = std::getenv("EDGEKIT_ORT_ISA"); want && *want) {
+      const std::string w(want);
+      Isa forced;
+      if (w == "scalar")
+        forced = Isa::kScalar;
+      else if (w == "avx2")
+        forced = Isa::kAvx2;
+      else if (w == "avx512")
+        forced = Isa::kAvx512;
+      else
+        throw Error("EDGEKIT_ORT_ISA=" + w + " is not one of scalar, avx2, avx512");
+      if (static_cast<int>(forced) > static_cast<int>(isa))
+        throw Error("EDGEKIT_ORT_ISA=" + w + " but this CPU (or build) supports at most " + isa_name(isa));
+      isa = forced;
+    }
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_isa = isa;
+    g_lowbit_ops.push_back(std::make_unique<LowBitOp>(isa));
+    g_sparse_ops.push_back(std::make_unique<Sparse24Op>(isa));
+    auto domain = std::make_unique<Ort::CustomOpDomain>("ai.edgekit");
+    domain->Add(g_lowbit_ops.back().get());
+    domain->Add(g_sparse_ops.back().get());
+    Ort::UnownedSessionOptions(options).Add(*domain);
+    g_domains.push_back(std::move(domain));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+// The kernel path of the latest registration ("scalar", "avx2", "avx512"), for diagnostics and tests.
+__attribute__((visibility("default"))) const char* edgekit_ort_isa(void) { return edgekit::isa_name(edgekit::g_isa); }
+
+// The best path this CPU and build support, whatever EDGEKIT_ORT_ISA says.
+__attribute__((visibility("default"))) const char* edgekit_ort_best_isa(void) {
+  return edgekit::isa_name(edgekit::detect_isa());
+}
+
+// Benchmark helper (benchmarks/kernels.py measures memory read bandwidth with it): read [p, p + bytes) once
+// on `threads` threads (each a contiguous slice) with the widest loads available; returns a checksum.
+__attribute__((visibility("default"))) uint64_t edgekit_stream_read(const uint8_t* p, size_t bytes, int threads) {
+  using namespace edgekit;
+  const bool wide = detect_isa() == Isa::kAvx512;
+  threads = std::max(1, threads);
+  const size_t slice = bytes / threads / 256 * 256;
+  std::vector<uint64_t> sums(threads, 0);
+  auto work = [&](int t) {
+    const uint8_t* q = p + t * slice;
+    if (wide) {
+      sums[t] = stream_read_avx512(q, slice);
+    } else {
+      uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (size_t i = 0; i + 32 <= slice; i += 32) {
+        uint64_t v[4];
+        std::memcpy(v, q + i, 32);
+        a0 |= v[0], a1 |= v[1], a2 |= v[2], a3 |= v[3];
+      }
+      sums[t] = a0 | a1 | a2 | a3;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+  uint64_t r = 0;
+  for (uint64_t s : sums) r |= s;
+  return r;
+}
+
+}  // extern "C"

@@ -1,0 +1,74 @@
+// edgekit ONNX Runtime custom ops: kernel interface shared by the scalar, AVX2 and AVX-512 implementations.
+//
+// The op specifications (packing, math) are edgekit/kernels/lowbit.py and edgekit/kernels/sparse24.py. Every
+// kernel here computes output rows [n0, n1) of Y for all M activation rows; the caller splits N across threads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace edgekit {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa);
+Isa detect_isa();  // the best path this CPU supports (cpuid)
+
+// MatMulLowBit weights and activations for one call.
+struct LowBitArgs {
+  int64_t M = 0, K = 0, N = 0;
+  int bits = 4, group = 32;
+  int64_t Kp = 0;         // K padded to a whole number of groups
+  int64_t groups = 0;     // Kp / group
+  int64_t row_bytes = 0;  // packed bytes per row of B
+  const uint8_t* B = nullptr;
+  const float* scales = nullptr;       // [N, groups]
+  const uint8_t* zero_points = nullptr;  // [N, groups] or null (symmetric: 2^(bits-1))
+  float* Y = nullptr;                  // [M, N]
+  // fp32 path: activations [M, lda] with zeros (or nothing read) past K; lda >= Kp64.
+  const float* A = nullptr;
+  int64_t lda = 0;
+  // int8 path: A quantized per row, symmetric: a ~= aq * a_scale[m]; aq [M, lda_q] (zeros past K, lda_q a
+  // multiple of 256 >= Kp),
+  // asum [M, groups] = sum of aq over each group.
+  const int8_t* aq = nullptr;
+  int64_t lda_q = 0;
+  const float* a_scale = nullptr;
+  const int32_t* asum = nullptr;
+};
+
+// MatMulSparse24 for one call.
+struct Sparse24Args {
+  int64_t M = 0, K = 0, N = 0;
+  const void* values = nullptr;   // float [N, K/2] or int8 [N, K/2]
+  bool int8_values = false;
+  const uint8_t* indices = nullptr;  // [N, ceil(K/8)]
+  int64_t index_row_bytes = 0;
+  const float* w_scale = nullptr;  // [N] (int8 values)
+  float* Y = nullptr;
+  // float activations [M, lda] (lda >= K rounded up to 128, zeros past K) ...
+  const float* A = nullptr;
+  // ... or uint8 activations [M, lda] (zeros past K) with a scale and a zero point.
+  const uint8_t* A_u8 = nullptr;
+  int64_t lda = 0;
+  float a_scale = 1.f;
+  int32_t a_zero_point = 0;
+};
+
+struct KernelTable {
+  void (*lowbit_f32)(const LowBitArgs&, int64_t n0, int64_t n1);
+  void (*lowbit_i8)(const LowBitArgs&, int64_t n0, int64_t n1);
+  void (*sparse24_f32)(const Sparse24Args&, int64_t n0, int64_t n1);  // float activations (float or int8 values)
+  void (*sparse24_u8)(const Sparse24Args&, int64_t n0, int64_t n1);   // uint8 activations, int8 values
+  // Optional: rearrange a.aq (into buf) once per call before lowbit_i8 runs; null = natural order.
+  void (*lowbit_i8_prepare)(LowBitArgs&, std::vector<int8_t>& buf);
+};
+
+const KernelTable& kernels_scalar();
+const KernelTable* kernels_avx2();    // null when not compiled in
+const KernelTable* kernels_avx512();  // null when not compiled in
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace edgekit

@@ -1,0 +1,256 @@
+"""The native ONNX Runtime library (runtimes/onnxruntime/) against the numpy references, on every kernel path.
+
+Tolerances:
+- fp32 math (MatMulLowBit accuracy_level 0, MatMulSparse24 with float activations): the dequantized weights are
+  bit-identical to the reference's, only the summation order differs, so
+  ``|y - ref| <= 1e-5 * (|A| @ |W|.T) + 1e-30``.
+- int8 activations (MatMulLowBit accuracy_level 4): A is quantized per row, symmetric, step ``s_m = max|A_m|/127``,
+  so each activation moves by at most ``s_m / 2`` and ``|y - ref| <= s_m / 2 * sum_k |W[n, k]|`` (plus the fp32
+  rounding above); also cosine(y, ref) >= 0.999.
+- MatMulSparse24 with uint8 activations: the int32 sums are exact and the epilogue is the reference's float64
+  product, so the outputs must be equal.
+
+Every check runs under each kernel path this CPU has (EDGEKIT_ORT_ISA=scalar|avx2|avx512, read when the library
+is registered). Without the built library the tests skip, except in CI (CI set), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgekit.kernels import lowbit, ort_native, sparse24
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto as TP  # noqa: E402
+from onnx import helper as oh  # noqa: E402
+from onnx import numpy_helper as nh  # noqa: E402
+
+ISAS = ("scalar", "avx2", "avx512")
+LOWBIT_SHAPES = [(1, 200, 37), (8, 256, 19), (33, 96, 40)]  # (M, K, N): GEMV, small GEMM, GEMM; K % group != 0
+SPARSE_SHAPES = [(1, 200, 37), (8, 256, 19), (33, 100, 40), (3, 1028, 70)]
+
+
+@pytest.fixture(scope="module")
+def library():
+    path = ort_native.library_path()
+    if path is None:
+        msg = "libedgekit_ort.so is not built (python runtimes/onnxruntime/build.py)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must build the native library: {msg}")
+        pytest.skip(msg)
+    return path
+
+
+def _isa_available(isa: str) -> bool:
+    best = ort_native.best_isa()
+    return best is not None and ISAS.index(isa) <= ISAS.index(best)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, library, monkeypatch):
+    if not _isa_available(request.param):
+        pytest.skip(f"this CPU has no {request.param} path (best: {ort_native.best_isa()})")
+    monkeypatch.setenv("EDGEKIT_ORT_ISA", request.param)
+    return request.param
+
+
+def _session(model, threads: int = 2):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    assert ort_native.register_native(so)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _model(node, a_type, M, K, N, inits):
+    graph = oh.make_graph(
+        [node], "t", [oh.make_tensor_value_info("A", a_type, [M, K])],
+        [oh.make_tensor_value_info("Y", TP.FLOAT, [M, N])], inits,
+    )  # fmt: skip
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("ai.edgekit", 1)])
+
+
+def _lowbit_case(rng, M, K, N, bits, group, zp, acc):
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    B, S, Z = lowbit.quantize_rtn(W, bits, group, symmetric=not zp)
+    inits = [nh.from_array(B, "B"), nh.from_array(S, "S")]
+    ins = ["A", "B", "S"]
+    if Z is not None:
+        inits.append(nh.from_array(Z, "Z"))
+        ins.append("Z")
+    node = lowbit.make_node(ins, ["Y"], K=K, N=N, bits=bits, group_size=group)
+    node.attribute.append(oh.make_attribute("accuracy_level", acc))
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    A[:, ::7] *= 4.0  # a few larger activations
+    ref = lowbit.reference_matmul(A, B, S, Z, bits=bits, group_size=group, K=K, N=N)
+    Wd = lowbit.dequantize(B, S, Z, bits, group, K)
+    return _model(node, TP.FLOAT, M, K, N, inits), A, ref, Wd
+
+
+def _check_fp32(y, ref, A, Wd):
+    bound = 1e-5 * (np.abs(A).astype(np.float64) @ np.abs(Wd).T.astype(np.float64)) + 1e-30
+    err = np.abs(y.astype(np.float64) - ref)
+    assert (err <= bound).all(), f"max err/bound {float((err / bound).max()):.3g}"
+
+
+def _check_int8_activations(y, ref, A, Wd):
+    step = np.abs(A).max(axis=1, keepdims=True) / 127.0
+    bound = 0.5 * step * np.abs(Wd).sum(axis=1)[None, :] * 1.0001
+    bound += 1e-5 * (np.abs(A).astype(np.float64) @ np.abs(Wd).T.astype(np.float64)) + 1e-30
+    err = np.abs(y.astype(np.float64) - ref)
+    assert (err <= bound).all(), f"max err/bound {float((err / bound).max()):.3g}"
+    cos = float((y * ref).sum() / (np.linalg.norm(y) * np.linalg.norm(ref)))
+    assert cos >= 0.999, cos
+
+
+@pytest.mark.parametrize("acc", [0, 4])
+@pytest.mark.parametrize("zp", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("group", lowbit.SUPPORTED_GROUP_SIZES)
+@pytest.mark.parametrize("bits", lowbit.SUPPORTED_BITS)
+def test_lowbit_matches_reference(isa, bits, group, zp, acc):
+    rng = np.random.default_rng(bits * 1000 + group + 7 * zp + acc)
+    for M, K, N in LOWBIT_SHAPES:
+        model, A, ref, Wd = _lowbit_case(rng, M, K, N, bits, group, zp, acc)
+        y = _session(model).run(None, {"A": A})[0]
+        assert y.shape == (M, N) and y.dtype == np.float32
+        (_check_fp32 if acc == 0 else _check_int8_activations)(y, ref, A, Wd)
+
+
+@pytest.mark.parametrize("acc", [0, 4])
+def test_lowbit_large_gemv_and_batched_axes(isa, acc):
+    """A wide GEMV (many blocks per row, every group in use) and a 3-D input (leading axes are batch axes)."""
+    rng = np.random.default_rng(11)
+    for bits in (2, 4):
+        model, A, ref, Wd = _lowbit_case(rng, 1, 4096 + 96, 67, bits, 128, False, acc)
+        y = _session(model).run(None, {"A": A})[0]
+        (_check_fp32 if acc == 0 else _check_int8_activations)(y, ref, A, Wd)
+    W = rng.standard_normal((24, 160)).astype(np.float32)
+    B, S, _ = lowbit.quantize_rtn(W, 4, 32)
+    node = lowbit.make_node(["A", "B", "S"], ["Y"], K=160, N=24, bits=4, group_size=32)
+    node.attribute.append(oh.make_attribute("accuracy_level", acc))
+    graph = oh.make_graph(
+        [node], "t", [oh.make_tensor_value_info("A", TP.FLOAT, [2, 3, 160])],
+        [oh.make_tensor_value_info("Y", TP.FLOAT, [2, 3, 24])], [nh.from_array(B, "B"), nh.from_array(S, "S")],
+    )  # fmt: skip
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("ai.edgekit", 1)])
+    A = rng.standard_normal((2, 3, 160)).astype(np.float32)
+    y = _session(model).run(None, {"A": A})[0]
+    ref = lowbit.reference_matmul(A, B, S, None, bits=4, group_size=32, K=160, N=24)
+    Wd = lowbit.dequantize(B, S, None, 4, 32, 160)
+    (_check_fp32 if acc == 0 else _check_int8_activations)(y.reshape(6, 24), ref.reshape(6, 24), A.reshape(6, 160), Wd)
+
+
+def _sparse_case(rng, M, K, N, variant):
+    W = sparse24.random_2of4(rng, N, K, full=False)
+    vals, idx = sparse24.pack(W)
+    inits = [nh.from_array(idx, "I")]
+    if variant == "fp32":
+        A = rng.standard_normal((M, K)).astype(np.float32)
+        inits.append(nh.from_array(vals, "V"))
+        ins, a_type = ["A", "V", "I"], TP.FLOAT
+        ref = sparse24.reference_matmul(A, vals, idx, K=K, N=N)
+        Wd = sparse24.dequantize(vals, idx, None, K)
+    else:
+        q, ws = sparse24.quantize_int8_rows(vals)
+        inits += [nh.from_array(q, "V"), nh.from_array(ws, "WS")]
+        ins = ["A", "V", "I", "WS"]
+        Wd = sparse24.dequantize(q, idx, ws, K)
+        if variant == "int8_float_act":
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            a_type = TP.FLOAT
+            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N)
+        else:
+            A, a_scale, a_zp = sparse24.quantize_activations_u8(rng.standard_normal((M, K)).astype(np.float32) + 0.3)
+            a_type = TP.UINT8
+            inits += [nh.from_array(np.array(a_scale, np.float32), "AS")]
+            ins.append("AS")
+            if variant == "int8_u8_zp":
+                inits.append(nh.from_array(np.array(a_zp, np.uint8), "AZ"))
+                ins.append("AZ")
+            else:
+                a_zp = 0
+            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N, a_scale=a_scale, a_zero_point=a_zp)
+    return _model(sparse24.make_node(ins, ["Y"], K=K, N=N), a_type, M, K, N, inits), A, ref, Wd
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8_float_act", "int8_u8", "int8_u8_zp"])
+def test_sparse24_matches_reference(isa, variant):
+    rng = np.random.default_rng(5)
+    for M, K, N in SPARSE_SHAPES:
+        model, A, ref, Wd = _sparse_case(rng, M, K, N, variant)
+        y = _session(model).run(None, {"A": A})[0]
+        assert y.shape == (M, N) and y.dtype == np.float32
+        if variant.startswith("int8_u8"):
+            np.testing.assert_array_equal(y, ref)  # exact int32 sums, the reference's float64 epilogue
+        else:
+            _check_fp32(y, ref, A.astype(np.float32), Wd)
+
+
+def test_isa_paths_agree(library, monkeypatch):
+    """scalar, AVX2 and AVX-512 give the same outputs (int8 sums exactly; fp32 up to summation order)."""
+    paths = [i for i in ISAS if _isa_available(i)]
+    rng = np.random.default_rng(3)
+    cases = [("lowbit", dict(bits=b, group=g, zp=z, acc=a)) for b, g, z, a in
+             [(2, 32, False, 4), (3, 64, True, 0), (4, 128, True, 4), (8, 32, False, 0), (4, 32, False, 0)]]
+    cases += [("sparse", dict(variant=v)) for v in ("fp32", "int8_u8_zp")]
+    for kind, cfg in cases:
+        for M, K, N in [(1, 1000, 45), (9, 384, 33)]:
+            if kind == "lowbit":
+                model, A, ref, Wd = _lowbit_case(rng, M, K, N, **cfg)
+            else:
+                model, A, ref, Wd = _sparse_case(rng, M, K - K % 4, N, cfg["variant"])
+            outs = {}
+            for p in paths:
+                monkeypatch.setenv("EDGEKIT_ORT_ISA", p)
+                outs[p] = _session(model).run(None, {"A": A})[0]
+                assert ort_native.active_isa() == p
+            bound = 2e-5 * (np.abs(A.astype(np.float64)) @ np.abs(Wd).T.astype(np.float64)) + 1e-30
+            for p in paths[1:]:
+                if kind == "sparse" and cfg["variant"] == "int8_u8_zp":
+                    np.testing.assert_array_equal(outs[p], outs[paths[0]])
+                else:
+                    err = np.abs(outs[p].astype(np.float64) - outs[paths[0]])
+                    assert (err <= bound).all(), (kind, cfg, p)
+
+
+def test_forced_isa_is_validated(library, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_ORT_ISA", "sse9")
+    so = ort.SessionOptions()
+    with pytest.raises(Exception, match="EDGEKIT_ORT_ISA"):
+        ort_native.register_native(so)
+
+
+def test_bad_inputs_raise_clear_errors(library):
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 64)).astype(np.float32)
+    B, S, _ = lowbit.quantize_rtn(W, 4, 32)
+    node = lowbit.make_node(["A", "B", "S"], ["Y"], K=64, N=8, bits=4, group_size=32)
+    bad_scales = np.ones((8, 3), np.float32)
+    model = _model(node, TP.FLOAT, 1, 64, 8, [nh.from_array(B, "B"), nh.from_array(bad_scales, "S")])
+    with pytest.raises(Exception, match="scales must be float32"):
+        _session(model).run(None, {"A": np.ones((1, 64), np.float32)})
+    node = lowbit.make_node(["A", "B", "S"], ["Y"], K=64, N=8, bits=4, group_size=32)
+    node.attribute.append(oh.make_attribute("accuracy_level", 2))
+    model = _model(node, TP.FLOAT, 1, 64, 8, [nh.from_array(B, "B"), nh.from_array(S, "S")])
+    with pytest.raises(Exception, match="accuracy_level"):
+        _session(model)
+
+
+def test_register_falls_back_with_a_warning(monkeypatch, tmp_path):
+    pytest.importorskip("onnxruntime_extensions")
+    monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", str(tmp_path / "missing.so"))
+    assert ort_native.library_path() is None
+    so = ort.SessionOptions()
+    with pytest.warns(RuntimeWarning, match="native ai.edgekit kernels not found"):
+        assert ort_native.register(so) is False
+
+
+def test_imports_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import edgekit.kernels.ort_native as m; print(m.library_path())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
