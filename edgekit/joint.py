@@ -36,13 +36,13 @@ import numpy as np
 from edgekit.analyze import distortion
 from edgekit.cost import HardwareTable, LayerGeometry, cost_table, roofline_ms
 from edgekit.inventory import LayerInfo
-from edgekit.plan import LayerChoice, Plan
+from edgekit.plan import LayerChoice, Plan, parse_option
 from edgekit.solvers import Problem, Solution
 from edgekit.tables import Budget, CostEntry, CostTable, SensitivityTable
 
 log = logging.getLogger(__name__)
 
-KEEP_FRACTIONS = (0.75, 0.5, 0.25)  # channel-group widths tried (of the original)
+KEEP_FRACTIONS = (0.875, 0.75, 0.5)  # channel-group widths tried (of the original)
 RANK_FRACTIONS = (0.5, 0.25)  # ranks tried, as fractions of the break-even rank NK/(N+K)
 RANK_MULTIPLE = 16
 MIN_RANK_DIM = 128
@@ -91,6 +91,14 @@ class JointSpace:
             return replace(e, latency_ms=e.latency_ms + penalty_ms * n) if n else e
 
         return replace(self, rows={u: {o: charged(e) for o, e in row.items()} for u, row in self.rows.items()})
+
+    def precision_only(self) -> JointSpace:
+        """The same rows without structural options: the bits-only space, solved in the same allocation so that the
+        joint result is never worse than it (``JointAllocator.allocate``)."""
+        def plain(e: Entry) -> bool:
+            return not any(parse_option(o).structural for o in e.choice.values())
+
+        return replace(self, rows={u: {o: e for o, e in row.items() if plain(e)} for u, row in self.rows.items()})
 
     def fastest(self) -> Solution:
         """Each unit's fastest option by the tables (for latency budgets the tables say are out of reach)."""
@@ -302,13 +310,15 @@ def _structures(unit: Unit, counts: dict[str, list[int]]) -> list[dict[str, int]
 
 def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list[str]], sens: SensitivityTable,
                 cost: CostTable, hardware: HardwareTable | None, sample, feeds: list[dict], *,
-                structure=True, bias_correction: bool = True, progress=None, quantizer=None) -> JointSpace:
+                structure=True, bias_correction: bool = True, progress=None, quantizer=None,
+                refit_feeds: list[dict] | None = None) -> JointSpace:
     """The rows of the joint problem (see the module docstring); ``structure=False`` gives the bits-only space in
     the same form, and a set of ``STRUCTURES`` offers only those kinds. ``sample`` (a Dataset) measures structural
     distortions; ``feeds`` (per-sample dicts) give channel
-    importance and the inputs low-rank factors are fitted to."""
+    importance and the inputs low-rank factors are fitted to; ``refit_feeds`` (default ``feeds``) the samples a pruned
+    group's consumers are refit on (``compress.refit``), as ``structure.apply_structure`` will."""
     from edgekit.analyze import _run
-    from edgekit.compress import channels, graphedit
+    from edgekit.compress import channels, graphedit, refit
     from edgekit.cost import layer_geometry
 
     info = {layer.name: layer for layer in layers}
@@ -320,7 +330,7 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
     struct: dict = {"groups": {}, "drops": {}, "ranks": {}, "sparse": {}, "eora": {}}
     ref = _run(model, sample) if structure else None
     groups = [g for u in units for g in u.groups]
-    importance = channels.channel_importance(model, groups, feeds) if groups else {}
+    importance = channels.channel_importance(model, groups, feeds, centered=True) if groups else {}
     multiple = int(getattr(profile.hardware, "channel_multiple", None) or 1)
 
     def measured(edited) -> float:
@@ -380,7 +390,9 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
                              for f in KEEP_FRACTIONS} - {g.channels})
             order = np.argsort(-importance[g.name], kind="stable")
             for n in widths:
-                d = measured(channels.prune_channels(model, {g.name: np.sort(order[:n])}, feeds))
+                edited, _ = refit.prune_and_refit(model, {g.name: np.sort(order[:n])}, refit_feeds or feeds,
+                                                  groups=[g])
+                d = measured(edited)
                 struct["groups"].setdefault(g.name, {})[n] = d
             counts[g.name] = widths
         entries: list[Entry] = []
@@ -551,7 +563,7 @@ class JointAllocator:
 
         from edgekit import mixed
         from edgekit.cost import layer_geometry
-        from edgekit.structure import sample_feeds
+        from edgekit.structure import REFIT_SAMPLES, sample_feeds
 
         self.profile, self.model, self.fp32, self.layers = profile, model, fp32, layers
         self.calib, self.work, self.cfg, self.ctx = calib, work, cfg, ctx
@@ -566,8 +578,9 @@ class JointAllocator:
         self.space = build_space(onnx.load(str(fp32.path)), layers, profile, allowed, self.t.sens, self.cost,
                                  self.hardware, calib.take(mixed.SENSITIVITY_SAMPLES), sample_feeds(calib),
                                  structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
-                                 quantizer=self.t.quantizer)
+                                 quantizer=self.t.quantizer, refit_feeds=sample_feeds(calib, REFIT_SAMPLES))
         self.structure = bool(structure_kinds(structure))
+        self._reference = None  # FP32 outputs on the calibration data, for measured distortions
         self.settings = mixed._settings(self.t)
         if recover_steps:
             self.settings["structure"] = {"recover_steps": int(recover_steps)}
@@ -600,64 +613,70 @@ class JointAllocator:
                                                                             t.uniform_artifact.size <= size_limit),
                           "uniform": True})
             log.info("uniform INT8 measures %.3fx FP32 (target %.3fx)", ratio, target)
-        space, b, penalty = self.space, solve_budget, 0.0
-        missed_penalty: float | None = None  # the largest float-island charge whose plan missed the budget
-        met_penalty: float | None = None  # the smallest one whose plan met it
-        for k in range(JOINT_ROUNDS):
-            try:
-                sol = solve(space.problem(b), solver)
-            except ConfigError as exc:
-                if any(not x.get("uniform") for x in tried):
+        spaces = [("joint", self.space)] + ([("bits", self.space.precision_only())] if self.structure else [])
+        for kind, base in spaces:  # the joint space, then its bits-only part: the better measured plan is kept
+            space, b, penalty = base, solve_budget, 0.0
+            missed_penalty: float | None = None  # the largest float-island charge whose plan missed the budget
+            met_penalty: float | None = None  # the smallest one whose plan met it
+            for k in range(JOINT_ROUNDS):
+                try:
+                    sol = solve(space.problem(b), solver)
+                except ConfigError as exc:
+                    if any(not x.get("uniform") for x in tried):
+                        break
+                    if target is None or b.size_bytes is not None or b.avg_bits is not None:
+                        raise
+                    log.warning("%s by the tables; measuring the fastest plan instead", exc.message)
+                    sol = space.fastest()
+                plan = base.plan(sol, self.layers, target=self.profile.name, model_sha256=self.model.sha256,
+                                 activations=self.settings, budget=budget)
+                if any(x["plan"].layers == plan.layers for x in tried):
                     break
-                if target is None or b.size_bytes is not None or b.avg_bits is not None:
-                    raise
-                log.warning("%s by the tables; measuring the fastest plan instead", exc.message)
-                sol = space.fastest()
-            plan = self.space.plan(sol, self.layers, target=self.profile.name, model_sha256=self.model.sha256,
-                                   activations=self.settings, budget=budget)
-            if any(x["plan"].layers == plan.layers for x in tried):
-                break
-            # rounds are timed without the recovery fine-tune (it changes weights, not speed); the kept plan gets it
-            quick = replace(plan, activations={key: v for key, v in plan.activations.items() if key != "structure"})
-            art = mixed.apply_plan(quick, self.fp32, self.calib, self.work / f"joint{tag}{k}" / "model.onnx", self.cfg,
-                                   self.ctx, None if plan.is_structural else t.quantizer)
-            ratio = None
-            if target is not None:
-                stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(art.path)}, feeds, rounds=10,
-                                        per_round=10)
-                ratio = stats["plan"].median_ms / stats["fp32"].median_ms
-            over_t = ratio is not None and ratio > target * mixed.LATENCY_SLACK
-            over_s = size_limit is not None and art.size > size_limit
-            unpenalized = self.space.rows
-            distortion = sum(unpenalized[u][o].distortion for u, o in sol.choice.items())
-            tried.append({"plan": plan, "artifact": art, "ratio": ratio, "distortion": distortion,
-                          "met": not (over_t or over_s), "penalty_ms": round(penalty, 5)})
-            log.info("joint round %d: predicted distortion %.4g, %d B%s", k, distortion, art.size,
-                     "" if ratio is None else f", measured {ratio:.3f}x FP32 (target {target:.3f}x)")
-            overshot = ratio is not None and ratio < target * OVERSHOOT
-            if not (over_t or over_s) and not (overshot and missed_penalty is not None):
-                break
-            if over_s:  # the next plan must shed at least the measured excess, however small
-                b = replace(b, size_bytes=min(int(b.size_bytes * size_limit / art.size),
-                                              sol.bytes - (art.size - size_limit) - 1))
-            if over_t:
-                islands = [c.layer for c in plan.layers if c.layer in chain and c.option.split("+")[0] == "fp32"]
-                predicted = sum(unpenalized[u][o].latency_ms for u, o in sol.choice.items())
-                if islands:  # charge the float layers in the integer chain with the measured shortfall
-                    missed_penalty = penalty
-                    penalty = penalty + max(0.0, (ratio * table_fp32 - predicted) / len(islands))
-                    if met_penalty is not None:  # bracketed: do not jump past a charge that met the budget
-                        penalty = min(penalty, (penalty + met_penalty) / 2)
-                    space = self.space.with_float_penalty(penalty, chain)
-                else:
-                    b = replace(b, latency_ms=b.latency_ms * target / ratio)
-            elif overshot:  # met with room to spare after a miss: try halfway between the two charges
-                met_penalty = penalty
-                penalty = (missed_penalty + penalty) / 2
-                space = self.space.with_float_penalty(penalty, chain)
+                # rounds are timed without the recovery fine-tune (it changes weights, not speed); the kept plan
+                # gets it
+                quick = replace(plan, activations={key: v for key, v in plan.activations.items()
+                                                   if key != "structure"})
+                art = mixed.apply_plan(quick, self.fp32, self.calib, self.work / f"{kind}{tag}{k}" / "model.onnx",
+                                       self.cfg, self.ctx, None if plan.is_structural else t.quantizer)
+                ratio = None
+                if target is not None:
+                    stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(art.path)}, feeds, rounds=10,
+                                            per_round=10)
+                    ratio = stats["plan"].median_ms / stats["fp32"].median_ms
+                over_t = ratio is not None and ratio > target * mixed.LATENCY_SLACK
+                over_s = size_limit is not None and art.size > size_limit
+                unpenalized = base.rows
+                distortion = sum(unpenalized[u][o].distortion for u, o in sol.choice.items())
+                tried.append({"plan": plan, "artifact": art, "ratio": ratio, "distortion": distortion,
+                              "met": not (over_t or over_s), "penalty_ms": round(penalty, 5),
+                              "space": kind})
+                log.info("%s round %d: predicted distortion %.4g, %d B%s", kind, k, distortion, art.size,
+                         "" if ratio is None else f", measured {ratio:.3f}x FP32 (target {target:.3f}x)")
+                overshot = ratio is not None and ratio < target * OVERSHOOT
+                if not (over_t or over_s) and not (overshot and missed_penalty is not None):
+                    break
+                if over_s:  # the next plan must shed at least the measured excess, however small
+                    b = replace(b, size_bytes=min(int(b.size_bytes * size_limit / art.size),
+                                                  sol.bytes - (art.size - size_limit) - 1))
+                if over_t:
+                    islands = [c.layer for c in plan.layers if c.layer in chain and c.option.split("+")[0] == "fp32"]
+                    predicted = sum(unpenalized[u][o].latency_ms for u, o in sol.choice.items())
+                    if islands:  # charge the float layers in the integer chain with the measured shortfall
+                        missed_penalty = penalty
+                        penalty = penalty + max(0.0, (ratio * table_fp32 - predicted) / len(islands))
+                        if met_penalty is not None:  # bracketed: do not jump past a charge that met the budget
+                            penalty = min(penalty, (penalty + met_penalty) / 2)
+                        space = base.with_float_penalty(penalty, chain)
+                    else:
+                        b = replace(b, latency_ms=b.latency_ms * target / ratio)
+                elif overshot:  # met with room to spare after a miss: try halfway between the two charges
+                    met_penalty = penalty
+                    penalty = (missed_penalty + penalty) / 2
+                    space = base.with_float_penalty(penalty, chain)
         meeting = [x for x in tried if x["met"]]
         if meeting:
-            best = min(meeting, key=lambda x: x["distortion"])
+            self._measure_distortion(meeting)
+            best = min(meeting, key=lambda x: x["measured"])
         else:
             best = min(tried, key=lambda x: (x["ratio"] or 0.0, x["artifact"].size))
             log.warning("no plan met the budget as measured; keeping the %s one found",
@@ -665,6 +684,7 @@ class JointAllocator:
         rounds = [{"round": "uniform int8" if x.get("uniform") else i,
                    "predicted_distortion": round(x["distortion"], 6), "bytes": x["artifact"].size,
                    "measured_ratio": None if x["ratio"] is None else round(x["ratio"], 4), "met": x["met"],
+                   "space": x.get("space", "bits"), "measured_distortion": x.get("measured"),
                    "float_island_penalty_ms": x.get("penalty_ms")} for i, x in enumerate(tried)]
         if best["plan"].is_structural and best["plan"].activations.get("structure", {}).get("recover_steps"):
             best["artifact"] = mixed.apply_plan(best["plan"], self.fp32, self.calib,
@@ -677,6 +697,21 @@ class JointAllocator:
                               "options": sum(len(r) for r in self.space.rows.values())}}
         plan = replace(best["plan"], budget={**best["plan"].budget, **{k: v for k, v in notes.items() if v}})
         return plan, analysis
+
+
+    def _measure_distortion(self, candidates: list[dict]) -> None:
+        """Each candidate's distortion measured on the calibration data (the whole artifact, not the tables' sum):
+        structural and precision plans are compared on what they do, not on the additive prediction."""
+        import onnx
+
+        from edgekit.analyze import _run
+
+        if self._reference is None:
+            self._reference = _run(onnx.load(str(self.fp32.path)), self.calib)
+        for x in candidates:
+            if "measured" not in x:
+                x["measured"] = round(distortion(self._reference, _run(onnx.load(str(x["artifact"].path)), self.calib),
+                                                 self.t.sens.metric), 6)
 
 
 def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg,

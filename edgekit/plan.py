@@ -207,7 +207,10 @@ class Plan:
 
 
 def tolerance_class(plan: Plan) -> str:
-    """The precision class whose verification floors apply: that of the fewest weight bits in the plan."""
+    """The class whose verification floors apply: that of the fewest weight bits in the plan; ``structural`` for a
+    plan that changes the architecture (``+ch``, ``drop``, ``+r``, N:M) unless its bits are looser still (2/3-bit)."""
     bases = [parse_option(c.option).base for c in plan.layers]
     bits = [int(b[1]) for b in bases if b.startswith("w")]
+    if plan.is_structural and (not bits or min(bits) >= 4):
+        return "structural"
     return "fp32" if not bits else f"int{min(bits)}"

@@ -6,8 +6,9 @@ ONNX graph in this order:
 
 1. ``+ch<N>``: each channel group (``compress.channels.channel_groups``, found on the original graph, as the tables
    were) whose producer says ``+ch<N>`` keeps its N most important channels (activation-aware importance on
-   calibration data); the constant a dropped channel still feeds forward is folded into the consumers' biases, so the
-   smaller graph computes exactly what the masked one does;
+   calibration data, centred); the constant a dropped channel still feeds forward is folded into the consumers'
+   biases, then the consumers are refit by ridge least squares to the original model's outputs on
+   ``REFIT_SAMPLES`` calibration samples (``compress.refit``: training-free, as the joint tables measured it);
 2. ``drop``: the residual branches (``compress.graphedit.removable_units``) whose every layer says ``drop`` are
    removed (after pruning: removing a branch can turn a layer that fed it into a prunable producer, which the
    plan's ``+ch`` on that layer, written for the original graph, does not mean);
@@ -35,6 +36,7 @@ from edgekit.plan import LayerChoice, Plan, parse_option
 log = logging.getLogger(__name__)
 
 IMPORTANCE_SAMPLES = 16  # calibration samples for channel importance, low-rank eigenspaces and SparseGPT Hessians
+REFIT_SAMPLES = 64  # calibration samples a pruned group's consumers are refit on (7x7 maps: 3,136 rows per layer)
 
 
 def sample_feeds(calib: Dataset, n: int = IMPORTANCE_SAMPLES) -> list[dict[str, np.ndarray]]:
@@ -108,7 +110,7 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
     edited graph's layers, summary dict). Raises ConfigError when the plan does not fit the graph."""
     import onnx
 
-    from edgekit.compress import channels, graphedit
+    from edgekit.compress import channels, graphedit, refit
 
     original = onnx.load(str(fp32_path))
     model = original
@@ -118,10 +120,13 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
 
     groups, counts = _groups_to_prune(model, parts)
     if groups:
-        importance = channels.channel_importance(model, list(groups.values()), feeds)
+        importance = channels.channel_importance(model, list(groups.values()), feeds, centered=True)
         keep = {name: np.sort(np.argsort(-importance[name], kind="stable")[:n]) for name, n in counts.items()}
-        model = channels.prune_channels(model, keep, feeds)
+        model, fits = refit.prune_and_refit(model, keep, sample_feeds(calib, REFIT_SAMPLES),
+                                            groups=list(groups.values()))
         summary["pruned"] = {name: [int(groups[name].channels), int(n)] for name, n in counts.items()}
+        summary["refit"] = {layer: {k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()}
+                            for layer, st in fits.items()}
 
     dropped = {layer for layer, p in parts.items() if p.base == "drop"}
     if dropped:

@@ -24,6 +24,9 @@ Sparsity = Literal["2:4", "4:8", "unstructured"]
 OpKind = Literal["conv", "depthwise_conv", "linear", "embedding"]
 # Precision classes, as used for tolerances and for peak compute ("<p>_sparse" = with 2:4 sparsity).
 Precision = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4", "int3", "int2"]
+# Verification classes: a precision class, or "structural" for plans that change the architecture (pruned channels,
+# removed branches, low rank: the function changes by more than rounding, so fp32/int8 floors cannot apply).
+ToleranceClass = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4", "int3", "int2", "structural"]
 PeakKey = Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4", "fp16_sparse", "bf16_sparse", "fp8_sparse",
                   "int8_sparse", "int4_sparse"]
 
@@ -162,7 +165,7 @@ class TargetProfile(_Frozen):
     tensorrt: TensorRTInfo | None = None
     ops: dict[OpKind, OpSupport]
     budgets: Budgets = Budgets()
-    tolerances: dict[Precision, Tolerances]
+    tolerances: dict[ToleranceClass, Tolerances]
     hardware_table: str | None = None  # relative to the repository root; may not exist yet
     source: str = ""  # the TOML file it came from; set by the loader
 

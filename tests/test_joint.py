@@ -43,8 +43,11 @@ def test_structural_plan_round_trips_and_keeps_its_tolerance_class(tmp_path):
                                                 LayerChoice("c", "w4g32+ch32"), LayerChoice("d", "fp32+r16")))
     again = Plan.load(plan.save(tmp_path / "plan.json"))
     assert again == plan and again.is_structural
-    assert tolerance_class(plan) == "int4"
+    assert tolerance_class(plan) == "structural"  # architecture changed: the structural floors, not int4's
+    two_bit = Plan("0" * 64, "cpu-x86", "mixed", (LayerChoice("a", "w2g32+ch32"), LayerChoice("b", "w8a8")))
+    assert tolerance_class(two_bit) == "int2"  # looser still
     assert not Plan("0" * 64, "t", "int8", (LayerChoice("a", "w8a8"),)).is_structural
+    assert tolerance_class(Plan("0" * 64, "t", "int8", (LayerChoice("a", "w8a8"),))) == "int8"
 
 
 # -- Pareto pruning of unit rows ----------------------------------------------------------------------------------
@@ -159,14 +162,15 @@ def digits_fp32(digits):
     return digits.fp32.path
 
 
-def test_pruned_graph_equals_the_masked_graph(digits):
+def test_pruned_graph_is_the_masked_graph_refit(digits):
     """apply_structure keeps each group's most important channels; the smaller graph computes what the original
     computes with the other channels masked (their producer rows and biases zeroed)."""
     import onnx
     import onnxruntime as ort
 
-    from edgekit.compress.channels import channel_groups, channel_importance, masked_model
-    from edgekit.structure import apply_structure, sample_feeds
+    from edgekit.compress.channels import channel_groups, channel_importance, masked_model, prune_channels
+    from edgekit.compress.refit import prune_and_refit
+    from edgekit.structure import REFIT_SAMPLES, apply_structure, sample_feeds
 
     model = onnx.load(str(digits.fp32.path))
     groups = [g for g in channel_groups(model) if g.channels >= 32]
@@ -178,15 +182,22 @@ def test_pruned_graph_equals_the_masked_graph(digits):
     edited, precision_plan, summary = apply_structure(digits.fp32.path, plan, digits.calib)
     assert summary["pruned"] == {g.name: [g.channels, keep[g.name]] for g in groups}
     assert all(c.option == "fp32" for c in precision_plan.layers)
-    importance = channel_importance(model, groups, sample_feeds(digits.calib))
-    drop = {g.name: np.sort(np.argsort(-importance[g.name], kind="stable")[keep[g.name]:]) for g in groups}
+    importance = channel_importance(model, groups, sample_feeds(digits.calib), centered=True)
+    kept = {g.name: np.sort(np.argsort(-importance[g.name], kind="stable")[:keep[g.name]]) for g in groups}
+    drop = {g.name: np.setdiff1d(np.arange(g.channels), kept[g.name]) for g in groups}
     x = digits.calib.inputs[next(iter(digits.calib.inputs))][:32]
 
     def run(m):
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {
             m.graph.input[0].name: x})[0]
 
-    np.testing.assert_allclose(run(edited), run(masked_model(model, drop)), rtol=1e-4, atol=1e-5)
+    masked = run(masked_model(model, drop))
+    # the smaller graph before its refit is the masked graph, to float rounding
+    np.testing.assert_allclose(run(prune_channels(model, kept)), masked, rtol=1e-4, atol=1e-5)
+    # apply_structure = prune these channels, then refit the consumers on REFIT_SAMPLES calibration samples
+    refit, _ = prune_and_refit(model, kept, sample_feeds(digits.calib, REFIT_SAMPLES), groups=groups)
+    np.testing.assert_allclose(run(edited), run(refit), rtol=1e-4, atol=1e-5)
+    assert summary["refit"] and all(v["after"] <= v["before"] for v in summary["refit"].values())
     assert sum(i.ByteSize() for i in edited.graph.initializer) < sum(i.ByteSize() for i in model.graph.initializer)
 
 
@@ -273,9 +284,9 @@ def test_recovery_fine_tune_after_pruning_reduces_the_distillation_loss(digits):
                     for layer in digits.layers)
     plan = Plan(digits.model.sha256, "cpu-x86", "mixed", choices)
     plain, _, _ = apply_structure(digits.fp32.path, plan, digits.calib)
-    tuned, _, summary = apply_structure(digits.fp32.path, plan, digits.calib, recover_steps=40)
+    tuned, _, summary = apply_structure(digits.fp32.path, plan, digits.calib, recover_steps=80)
     rec = summary["recover"]
-    assert rec["steps"] == 40 and rec["loss_after"] < rec["loss_before"] and not rec["kept_original"]
+    assert rec["steps"] == 80 and rec["loss_after"] < rec["loss_before"] and not rec["kept_original"]
     assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in plain.graph.node]  # same graph, new weights
     assert any(a.raw_data != b.raw_data for a, b in zip(tuned.graph.initializer, plain.graph.initializer, strict=True))
 

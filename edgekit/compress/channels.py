@@ -306,8 +306,11 @@ def _weight_in_axis(node: onnx.NodeProto) -> int:
 
 
 def channel_importance(model: onnx.ModelProto, groups: list[ChannelGroup],
-                       feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per group, one score per channel: sum over consumers of ``||W[:, c]||_2 * ||X_c||_2`` on ``feeds``."""
+                       feeds: list[dict[str, np.ndarray]], *, centered: bool = False) -> dict[str, np.ndarray]:
+    """Per group, one score per channel: sum over consumers of ``||W[:, c]||_2 * ||X_c||_2`` on ``feeds``.
+
+    ``centered``: ``X_c`` minus its mean, for pruning followed by a refit (``compress.refit``) whose bias takes over
+    each dropped channel's mean, so only its variation is lost."""
     if not feeds:
         raise ValueError("channel_importance needs at least one calibration feed")
     g = _Graph(model, shapes=False)
@@ -319,10 +322,16 @@ def channel_importance(model: onnx.ModelProto, groups: list[ChannelGroup],
             for c in gr.consumers}
     sess = _session(model, inputs)
     sq: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
     for feed in _batches(model, feeds):
         for name, x in zip(inputs, sess.run(inputs, feed)):
-            x = np.moveaxis(np.asarray(x, dtype=np.float64), axis[name], -1)
-            sq[name] = sq.get(name, 0) + np.square(x).reshape(-1, x.shape[-1]).sum(0)
+            x = np.moveaxis(np.asarray(x, dtype=np.float64), axis[name], -1).reshape(-1, x.shape[axis[name]])
+            sq[name] = sq.get(name, 0) + np.square(x).sum(0)
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            count[name] = count.get(name, 0) + len(x)
+    if centered:
+        sq = {n: np.maximum(v - sums[n] ** 2 / count[n], 0.0) for n, v in sq.items()}
     scores = {}
     for gr in groups:
         score = np.zeros(gr.channels)

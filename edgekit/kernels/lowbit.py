@@ -16,6 +16,10 @@ Attributes (INT)
     ``K``, ``N``     the logical reduction length and the number of outputs.
     ``bits``         2, 3, 4 or 8.
     ``group_size``   32, 64 or 128: consecutive values of a row along K that share a scale and a zero point.
+    ``accuracy_level`` optional (native library, ``runtimes/onnxruntime/``): 0 = fp32 math (default, the reference
+                     exactly up to float rounding); 4 = each activation row quantized to symmetric int8 (step
+                     ``max|a| / 127``) and multiplied in int8 (VNNI); the error per output is at most
+                     ``step / 2 * sum_k |dequant(B)[n, k]|`` (plus fp32 rounding).
 Output
     ``Y``            float32 ``[..., N]`` = ``A @ dequant(B)[:, :K].T``, where
                      ``dequant(q)[n, k] = (q[n, k] - zp[n, k // group_size]) * scale[n, k // group_size]``.

@@ -88,6 +88,11 @@ def to_contrib_domain(model):
             continue
         changed = True
         node.domain = CONTRIB_DOMAIN
+        # the Python op declares K, N, bits and group_size; accuracy_level (native int8 math) does not apply to the
+        # reference, which computes in fp32
+        extra = [a for a in node.attribute if a.name not in ("K", "N", "bits", "group_size")]
+        for a in extra:
+            node.attribute.remove(a)
         if len(node.input) == 4 and node.input[3]:
             continue
         a = _attrs(node)
