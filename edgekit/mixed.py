@@ -53,9 +53,10 @@ class Measured:
 
 
 def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8Config, ctx: Context,
-               quantizer: LowBitQuantizer | None = None) -> Artifact:
+               quantizer: LowBitQuantizer | None = None, *, edgekit_kernels: bool | None = None) -> Artifact:
     """The artifact of a plan: the FP32 graph itself; or ORT's static or dynamic int8 quantizer on the plan's int8
-    layers (the others excluded), then the weight-only layers rewritten to low-bit kernels (``export.lowbit``)."""
+    layers (the others excluded), then the weight-only layers rewritten to low-bit kernels (``export.lowbit``):
+    ``ai.edgekit`` ops when ``edgekit_kernels`` (default: when the plan's target profile lists the domain)."""
     if not plan.is_quantized:
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,11 +86,23 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
         if quantizer is None:
             quantizer = plan_quantizer(plan, fp32, calib, ctx, layers=list(wonly))
         weights = {n: quantizer.qweight(n, o) for n, o in wonly.items()}
-        model = apply_weight_only(onnx.load(str(base)), weights, accuracy_level=quantizer.config.accuracy_level)
+        model = apply_weight_only(onnx.load(str(base)), weights, accuracy_level=quantizer.config.accuracy_level,
+                                  edgekit_ops=edgekit_ops(plan.target) if edgekit_kernels is None else edgekit_kernels)
         onnx.save(model, str(out))
         if base != Path(fp32.path):
             base.unlink(missing_ok=True)
     return describe(out)
+
+
+def edgekit_ops(target: str) -> bool:
+    """Whether ``target``'s runtime carries the native ``ai.edgekit`` kernels (its profile lists the domain in
+    ``custom_op_domains``): then weight-only layers export as ``ai.edgekit::MatMulLowBit``."""
+    from edgekit.targets import load_target
+
+    try:
+        return "ai.edgekit" in load_target(target).custom_op_domains
+    except ConfigError:  # a plan for a profile this machine does not have: the portable ops
+        return False
 
 
 def _apply_structure(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx: Context) -> tuple[Artifact, Plan]:

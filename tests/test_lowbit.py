@@ -4,6 +4,8 @@ references at stated tolerances."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -147,13 +149,68 @@ def test_three_bit_layers_export_as_ai_edgekit_ops_and_run(tmp_path):
     inits = {i.name: i for i in model.graph.initializer}
     qs = {n: rtn(weight_matrix(node, inits), 3, 32) for n, node in (("fc1", model.graph.node[1]),
                                                                        ("fc2", model.graph.node[2]))}
-    out = apply_weight_only(model, qs)
+    out = apply_weight_only(model, qs, accuracy_level=0)  # fp32 math: the dequantized weights exactly
     assert [n.op_type for n in out.graph.node].count("MatMulLowBit") == 2
     ids = np.array([1, 2, 3], dtype=np.int64)
     e = numpy_helper.to_array(inits["E"])[ids]
     ref = e @ qs["fc1"].dequantize().T @ qs["fc2"].dequantize().T + numpy_helper.to_array(inits["b2"])
     got = OrtRuntime(out.SerializeToString()).run({"ids": ids})["y"]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_edgekit_ops_export_every_width_and_run_in_the_native_library(accuracy_level, monkeypatch):
+    """On targets whose profile lists ai.edgekit, 2/4/8-bit layers export as MatMulLowBit too, and the runtime loads
+    the native library for them by itself (fp32 math: the dequantized weights; int8 math: close)."""
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.kernels import ort_native
+
+    if ort_native.library_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("the native ai.edgekit library must be built in CI (make install builds it)")
+        pytest.skip("native ai.edgekit library not built (python runtimes/onnxruntime/build.py)")
+    model = _tiny_model()
+    inits = {i.name: i for i in model.graph.initializer}
+    qs = {"fc1": rtn(weight_matrix(model.graph.node[1], inits), 4, 32),
+          "fc2": rtn(weight_matrix(model.graph.node[2], inits), 2, 32, symmetric=True)}
+    out = apply_weight_only(model, qs, accuracy_level=accuracy_level, edgekit_ops=True)
+    lowbit_nodes = [n for n in out.graph.node if n.op_type == "MatMulLowBit"]
+    assert len(lowbit_nodes) == 2 and all(n.domain == "ai.edgekit" for n in lowbit_nodes)
+    assert all({a.name: a.i for a in n.attribute}.get("accuracy_level", 0) == accuracy_level for n in lowbit_nodes)
+    ids = np.array([1, 2, 3, 40], dtype=np.int64)
+    e = numpy_helper.to_array(inits["E"])[ids]
+    ref = e @ qs["fc1"].dequantize().T @ qs["fc2"].dequantize().T + numpy_helper.to_array(inits["b2"])
+    def no_fallback():
+        raise AssertionError("the Python fallback was used although the native library is built")
+
+    monkeypatch.setattr("edgekit.kernels.ort_python.register_python_op", no_fallback)
+    got = OrtRuntime(out.SerializeToString()).run({"ids": ids})["y"]
+    if accuracy_level == 0:
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    else:
+        assert np.sum(got * ref) / np.linalg.norm(got) / np.linalg.norm(ref) > 0.999
+
+
+def test_without_the_native_library_lowbit_falls_back_and_sparse_is_a_clear_error(monkeypatch, tmp_path, caplog):
+    pytest.importorskip("onnxruntime_extensions")
+    from edgekit.agent.runtime import OrtRuntime
+
+    monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", str(tmp_path / "missing.so"))
+    model = _tiny_model()
+    inits = {i.name: i for i in model.graph.initializer}
+    qs = {"fc1": rtn(weight_matrix(model.graph.node[1], inits), 4, 32)}
+    out = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0)
+    ids = np.array([1, 2], dtype=np.int64)
+    with caplog.at_level("WARNING"):
+        got = OrtRuntime(out.SerializeToString()).run({"ids": ids})["y"]
+    assert "reference fallback" in caplog.text
+    ref = OrtRuntime(apply_weight_only(model, qs, accuracy_level=0).SerializeToString()).run({"ids": ids})["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    sparse = onnx.ModelProto()
+    sparse.CopyFrom(out)
+    sparse.graph.node[1].op_type = "MatMulSparse24"
+    with pytest.raises(ExportError, match="only the native library"):
+        OrtRuntime(sparse.SerializeToString())
 
 
 def test_apply_weight_only_refuses_what_it_cannot_rewrite():

@@ -54,17 +54,26 @@ def widen_int4(model) -> int:
     return widened
 
 
-def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] | None = None) -> bytes | str:
+def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] | None = None, *,
+                  native_registered: bool = False) -> bytes | str:
     """What the session loads: the model as given, unless it holds int4 weights (widened, ``widen_int4``),
-    ``ai.edgekit`` ops (run through the onnxruntime-extensions Python fallback, ``edgekit.kernels.ort_python``,
-    until native kernels ship) or initializers to override (written into the model, so that they stay constants to
-    the graph optimizer; ``SessionOptions.add_initializer`` is not used because ONNX Runtime's NCHWc transformer
-    repacks Conv weights from the original values and ignores it). The file is parsed once to tell."""
+    ``ai.edgekit`` ops (the native library ``libedgekit_ort.so`` is registered with ``opts`` when it is built and not
+    ``native_registered`` already; otherwise they run through the onnxruntime-extensions Python fallback,
+    ``edgekit.kernels.ort_python``, with a warning) or initializers to override (written into the model, so that
+    they stay constants to the graph optimizer; ``SessionOptions.add_initializer`` is not used because ONNX Runtime's
+    NCHWc transformer repacks Conv weights from the original values and ignores it). The file is parsed once to
+    tell."""
     import onnx
 
     model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
     int4 = any(i.data_type in INT4_TYPES for i in model.graph.initializer)
     custom = any(o.domain == "ai.edgekit" for o in model.opset_import)
+    if custom:
+        from edgekit.kernels import ort_native
+
+        if native_registered or ort_native.register_native(opts):
+            log.debug("ai.edgekit ops run in the native library (%s kernels)", ort_native.active_isa() or "?")
+            custom = False
     if not int4 and not custom and not overrides:
         return path if isinstance(path, bytes) else str(path)
     if not isinstance(path, bytes):
@@ -81,15 +90,21 @@ def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] 
     if int4:
         log.debug("widened %d int4 initializers to 8 bits for ONNX Runtime's integer kernels", widen_int4(model))
     if custom:
+        sparse = sorted({n.op_type for n in model.graph.node if n.domain == "ai.edgekit"} - {"MatMulLowBit"})
+        if sparse:
+            raise ExportError(f"this model uses ai.edgekit ops {sparse}, which only the native library runs, and it "
+                              "is not built here", hint="build it: python runtimes/onnxruntime/build.py (or make "
+                              "native)")
         try:
             from edgekit.kernels.ort_python import register_python_op, to_contrib_domain
 
             opts.register_custom_ops_library(register_python_op())
         except ImportError as exc:
-            raise ExportError("this model uses ai.edgekit ops (3-bit weights), which need onnxruntime-extensions "
-                              "here", hint="pip install onnxruntime-extensions, or use a plan without 3-bit layers"
-                              ) from exc
-        log.warning("running ai.edgekit ops through the Python reference fallback (slow)")
+            raise ExportError("this model uses ai.edgekit ops and the native library is not built here; the "
+                              "fallback needs onnxruntime-extensions", hint="build the library (python "
+                              "runtimes/onnxruntime/build.py) or pip install onnxruntime-extensions") from exc
+        log.warning("native ai.edgekit kernels are not built here: running ai.edgekit ops through the Python "
+                    "reference fallback (slow; build them with python runtimes/onnxruntime/build.py)")
         model = to_contrib_domain(model)
     return model.SerializeToString()
 
@@ -116,13 +131,15 @@ class OrtRuntime:
             opts.inter_op_num_threads = 1
         if optimized_model_path is not None:  # for inspection: the graph as ORT will run it
             opts.optimized_model_filepath = str(optimized_model_path)
+        native = False
         for lib in custom_op_libraries:
             try:
                 opts.register_custom_ops_library(str(lib))
             except Exception as exc:
                 raise ExportError(f"cannot load the custom-op library {lib}: {exc}") from exc
+            native = native or Path(lib).name == "libedgekit_ort.so"
         try:
-            source = prepare_model(path, opts, overrides)
+            source = prepare_model(path, opts, overrides, native_registered=native)
         except Exception as exc:
             if isinstance(exc, ExportError):
                 raise

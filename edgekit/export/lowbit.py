@@ -3,8 +3,10 @@
 - A MatMul with a constant ``[K, N]`` weight, or a Gemm (``alpha = beta = 1``, no ``transA``) with a constant weight
   and an optional bias, becomes ``com.microsoft.MatMulNBits`` (2, 4 or 8 bits; ``accuracy_level`` 4 lets the CPU
   kernel quantize the activations per block to int8 and use its integer dot products).
-- Other bit-widths (3) become ``ai.edgekit::MatMulLowBit`` (``edgekit.kernels``; ONNX Runtime runs it through the
-  Python fallback until the native kernels of issue #7 exist).
+- Other bit-widths (3) become ``ai.edgekit::MatMulLowBit`` (``edgekit.kernels``), and so does every bit-width with
+  ``edgekit_ops=True`` (the target's profile lists ``ai.edgekit`` in ``custom_op_domains``: its runtime carries the
+  native library, ``runtimes/onnxruntime/``). ONNX Runtime runs the op in that library when it is built, else through
+  the Python reference (``edgekit.agent.runtime.prepare_model``).
 - A Gather from a constant ``[V, D]`` table along axis 0 (an embedding) becomes ``com.microsoft.GatherBlockQuantized``
   (4 or 8 bits; 2 bits symmetric only).
 
@@ -63,9 +65,10 @@ def matmul_nbits(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = N
     return node, inits
 
 
-def matmul_lowbit(name: str, x: str, y: str, qw: QWeight):
+def matmul_lowbit(name: str, x: str, y: str, qw: QWeight, *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
     """An ``ai.edgekit::MatMulLowBit`` node (any of 2/3/4/8 bits; ``edgekit.kernels.lowbit``) and its initializers:
-    the format for bit-widths ONNX Runtime has no kernel for (3 bits). Zero points are one byte each."""
+    the format for bit-widths ONNX Runtime has no kernel for (3 bits), and for every bit-width on targets with the
+    native library. Zero points are one byte each; ``accuracy_level`` 4 lets the native kernel multiply in int8."""
     from onnx import numpy_helper
 
     from edgekit.kernels import lowbit as spec
@@ -77,6 +80,10 @@ def matmul_lowbit(name: str, x: str, y: str, qw: QWeight):
         inits.append(numpy_helper.from_array(qw.zeros.astype(np.uint8), f"{name}::zero_points"))
         inputs.append(f"{name}::zero_points")
     node = spec.make_node(inputs, [y], K=qw.k, N=qw.n, bits=qw.bits, group_size=qw.group, name=name)
+    if accuracy_level:
+        from onnx import helper
+
+        node.attribute.append(helper.make_attribute("accuracy_level", int(accuracy_level)))
     return node, inits
 
 
@@ -126,9 +133,11 @@ def check_rewritable(node, inits: Mapping) -> None:
         raise ExportError(f"{node.name}: Gemm with transA, alpha or beta other than 1 is not supported weight-only")
 
 
-def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
+def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                      edgekit_ops: bool = False):
     """A copy of ``model`` (ModelProto) whose nodes named in ``weights`` read those low-bit weights instead of their
-    float initializers (which are dropped when nothing else reads them)."""
+    float initializers (which are dropped when nothing else reads them). ``edgekit_ops``: every low-bit MatMul/Gemm
+    becomes ``ai.edgekit::MatMulLowBit`` (else only the bit-widths ``MatMulNBits`` lacks)."""
     import onnx
     from onnx import helper
 
@@ -157,13 +166,14 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
                 b = numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32)
                 new_inits.append(numpy_helper.from_array(b, f"{node.name}::bias"))
                 bias = f"{node.name}::bias"
-            if qw.bits in MATMUL_BITS:
+            if qw.bits in MATMUL_BITS and not edgekit_ops:
                 n, extra = matmul_nbits(node.name, node.input[0], node.output[0], qw, bias=bias,
                                         accuracy_level=accuracy_level)
             elif bias is None:
-                n, extra = matmul_lowbit(node.name, node.input[0], node.output[0], qw)
+                n, extra = matmul_lowbit(node.name, node.input[0], node.output[0], qw, accuracy_level=accuracy_level)
             else:  # MatMulLowBit has no bias input: add it after
-                n, extra = matmul_lowbit(node.name, node.input[0], f"{node.name}::y", qw)
+                n, extra = matmul_lowbit(node.name, node.input[0], f"{node.name}::y", qw,
+                                         accuracy_level=accuracy_level)
                 new_nodes.append(n)
                 n = helper.make_node("Add", [f"{node.name}::y", bias], [node.output[0]], name=f"{node.name}::bias")
         new_nodes.append(n)

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""End to end through the ``ai.edgekit`` kernels: MiniLM (all-MiniLM-L6-v2, sequence 128, batch 1) with a mixed
+low-bit plan of at most 4 average weight bits, against ONNX Runtime FP32 and ``quantize_dynamic`` INT8, in one run.
+
+    python benchmarks/kernels_e2e.py [--bits 4] [--rounds 20] [--per-round 5] [--json PATH]
+
+1. Exports MiniLM the pipeline's way and splits the real sentences into calibration and evaluation sets
+   (``benchmarks/allocation.prepare``).
+2. Solves edgekit's allocation for ``--budget avg-bits=<bits>`` on ``cpu-x86`` (GPTQ weight-only options, the
+   measured sensitivity tables) and builds the plan twice: with ``ai.edgekit::MatMulLowBit`` nodes
+   (``apply_plan(edgekit_kernels=True)``: the native library, ``accuracy_level`` 4 = int8 activations with VNNI) and
+   with ONNX Runtime's ``com.microsoft.MatMulNBits`` (the same weights).
+3. Builds ORT's ``quantize_dynamic`` (QInt8 weights, per-tensor) peer.
+4. Times every variant at batch 1 interleaved with FP32 (``benchmarks/measure.interleaved_latency``: rounds with
+   rotated order, quiet rounds only) and measures mean cosine similarity of the sentence embeddings against FP32 on
+   the evaluation sentences.
+
+Issue 7's end-to-end target: the ai.edgekit plan >= 2x faster than FP32, no slower than ``quantize_dynamic``, mean
+cosine >= 0.985. The script prints each check and exits 1 when one fails (or the native library is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import peers as P  # noqa: E402
+
+log = logging.getLogger("kernels_e2e")
+SPEEDUP_VS_FP32 = 2.0
+MIN_COSINE = 0.985
+
+
+def build_variants(work: Path, bits: float, ctx) -> tuple[object, dict, dict]:
+    """(prepared MiniLM, {name: artifact path}, plan notes)."""
+    from benchmarks.allocation import prepare
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.export.onnx import describe
+    from edgekit.mixed import allocate, apply_plan
+    from edgekit.tables import parse_budget
+    from edgekit.targets import load_target
+
+    prep, model, layers = prepare("minilm", work, ctx)
+    fp32 = describe(prep.fp32_path)
+    cfg = W8A8Config()
+    plan, _ = allocate(budget=parse_budget([f"avg-bits={bits}"]), solver="auto", profile=load_target("cpu-x86"),
+                       model=model, fp32=fp32, layers=layers, calib=prep.calib, work=work / "alloc", cfg=cfg,
+                       ctx=ctx)
+    options = {c.layer: c.option for c in plan.layers}
+    paths = {"fp32": Path(prep.fp32_path)}
+    for name, native in (("edgekit ai.edgekit", True), ("edgekit MatMulNBits", False)):
+        art = apply_plan(plan, fp32, prep.calib, work / name.replace(" ", "-") / "model.onnx", cfg, ctx,
+                         edgekit_kernels=native)
+        paths[name] = Path(art.path)
+    (work / "peers").mkdir(parents=True, exist_ok=True)
+    peer = P.ort_dynamic(prep.fp32_path, work / "peers")
+    if not peer.ok:
+        raise RuntimeError(f"quantize_dynamic failed: {peer.notes}")
+    paths["ort quantize_dynamic int8"] = Path(peer.path)
+    from edgekit.wonly import weight_only
+
+    counts: dict[str, int] = {}
+    for o in options.values():
+        counts[o] = counts.get(o, 0) + 1
+    params = {layer.name: layer.params for layer in layers}
+    code_bits = {n: (weight_only(o) or (8 if o.startswith("w8") else 32,))[0] for n, o in options.items()}
+    nominal = sum(code_bits[n] * params[n] for n in options) / sum(params[n] for n in options)
+    return prep, paths, {"options": counts, "avg_bits_with_scales": plan.budget.get("avg_bits"),
+                         "avg_code_bits": round(nominal, 3), "layers": len(options)}
+
+
+def run(args) -> dict:
+    from benchmarks.measure import fidelity, interleaved_latency, run_samples
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.context import Context
+    from edgekit.kernels import ort_native
+
+    if ort_native.library_path() is None:
+        raise SystemExit("the native ai.edgekit library is not built: python runtimes/onnxruntime/build.py")
+    ctx = Context(seed=0, progress=False)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgekit-kernels-e2e-") as tmp:
+        prep, paths, plan_notes = build_variants(Path(tmp), args.bits, ctx)
+        runtimes = {name: OrtRuntime(path, threads=args.threads) for name, path in paths.items()}
+        feeds = prep.evaluation.feeds()
+        reference = run_samples(runtimes["fp32"], feeds)
+        quality = {name: fidelity(run_samples(rt, feeds), reference, classification=False)
+                   for name, rt in runtimes.items()}
+        sizes = {name: path.stat().st_size for name, path in paths.items()}
+        timing = interleaved_latency(runtimes, feeds[0], rounds=args.rounds, per_round=args.per_round,
+                                     idle_wait_s=args.idle_wait)
+    ours, peer = "edgekit ai.edgekit", "ort quantize_dynamic int8"
+    speedup = 1.0 / timing[ours]["ratio_median_of_rounds"]
+    vs_peer = timing[peer]["median_ms"] / timing[ours]["median_ms"]
+    checks = {
+        f"ai.edgekit >= {SPEEDUP_VS_FP32}x FP32": speedup >= SPEEDUP_VS_FP32,
+        "ai.edgekit no slower than quantize_dynamic": vs_peer >= 1.0,
+        f"ai.edgekit mean cosine >= {MIN_COSINE}": quality[ours]["mean_cosine"] >= MIN_COSINE,
+    }
+    return {"command": " ".join(["benchmarks/kernels_e2e.py", *sys.argv[1:]]), "environment": P.environment(),
+            "isa": ort_native.best_isa(), "plan": plan_notes, "sizes": sizes, "quality": quality,
+            "timing": timing, "speedup_vs_fp32": round(speedup, 3), "speed_vs_quantize_dynamic": round(vs_peer, 3),
+            "checks": checks, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def summary(res: dict) -> str:
+    lines = [f"MiniLM seq 128, batch 1; plan {res['plan']} (ISA {res['isa']})",
+             f"{'variant':30s} {'size MB':>8s} {'median ms':>10s} {'x FP32':>7s} {'cosine':>8s}"]
+    for name, t in res["timing"].items():
+        ratio = t["ratio_median_of_rounds"]
+        lines.append(f"{name:30s} {res['sizes'][name] / 1e6:8.2f} {t['median_ms']:10.3f} {ratio:7.3f} "
+                     f"{res['quality'][name]['mean_cosine']:8.4f}")
+    lines.append(f"ai.edgekit speed-up vs FP32 {res['speedup_vs_fp32']}x; vs quantize_dynamic "
+                 f"{res['speed_vs_quantize_dynamic']}x")
+    lines += [f"{'MET ' if ok else 'MISS'} {name}" for name, ok in res["checks"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bits", type=float, default=4.0, help="the plan's average weight-bit budget (<= 4)")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--idle-wait", type=float, default=30.0, help="seconds, in all, to wait for quiet rounds")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    res = run(args)
+    print(summary(res), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    return 0 if all(res["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
