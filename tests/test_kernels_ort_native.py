@@ -254,3 +254,26 @@ def test_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import edgekit.kernels.ort_native as m; print(m.library_path())"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("bits", lowbit.SUPPORTED_BITS)
+def test_lowbit_prepacked_matches_unpacked(library, monkeypatch, bits):
+    """accuracy_level 4 on AVX-512 re-packs constant weights into 16-row tiles on the first run; the unpacked
+    kernel (EDGEKIT_ORT_NO_PREPACK=1) must agree (the int32 group sums are exact, only fp32 order differs),
+    for tails in N and K, zero points, and batches that use every tile/row blocking."""
+    if not _isa_available("avx512"):
+        pytest.skip("no avx512 path")
+    monkeypatch.setenv("EDGEKIT_ORT_ISA", "avx512")
+    rng = np.random.default_rng(bits)
+    for group in lowbit.SUPPORTED_GROUP_SIZES:
+        for zp in (False, True):
+            for M, K, N in ((1, 300, 37), (7, 256, 16), (9, 520, 50)):
+                model, A, ref, Wd = _lowbit_case(rng, M, K, N, bits, group, zp, 4)
+                monkeypatch.delenv("EDGEKIT_ORT_NO_PREPACK", raising=False)
+                y1 = _session(model).run(None, {"A": A})[0]
+                y1b = _session(model).run(None, {"A": A})[0]
+                monkeypatch.setenv("EDGEKIT_ORT_NO_PREPACK", "1")
+                y0 = _session(model).run(None, {"A": A})[0]
+                _check_int8_activations(y1, ref, A, Wd)
+                np.testing.assert_array_equal(y1, y1b)
+                np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5 * float(np.abs(y0).max()))

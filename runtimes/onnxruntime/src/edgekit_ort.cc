@@ -140,9 +140,32 @@ const T* padded_rows(const T* src, int64_t M, int64_t K, int64_t lda, std::vecto
 // ---------------------------------------------------------------------------------------------------------------
 // MatMulLowBit
 
+// True when input i of the node is a constant initializer (its data cannot change between runs).
+bool constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t i) {
+  size_t count = 0;
+  if (OrtStatus* st = api.KernelInfo_GetInputCount(info, &count)) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  if (i >= count) return true;  // omitted optional input
+  int is_const = 0;
+  const OrtValue* v = nullptr;
+  if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, i, &is_const, &v)) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  return is_const != 0;
+}
+
 struct LowBitKernel {
   int64_t K, N, bits, group, accuracy_level;
   Isa isa;
+  // accuracy_level 4 on AVX-512: B, scales and zero points re-packed on the first run (when all are constant
+  // initializers) into the tile layout of kernels_avx512_packed.cc, kept for the life of the kernel.
+  bool prepack = false;
+  std::mutex pack_mu;
+  std::unique_ptr<PackedLowBit> packed;
+  const void* packed_from[3] = {nullptr, nullptr, nullptr};
 
   LowBitKernel(const OrtApi& api, const OrtKernelInfo* info, Isa isa_) : isa(isa_) {
     K = attr_int(api, info, "K", true, 0);
@@ -158,6 +181,25 @@ struct LowBitKernel {
     if (accuracy_level != 0 && accuracy_level != 4)
       throw Error("MatMulLowBit: accuracy_level=" + std::to_string(accuracy_level) +
                   " is not supported; use 0 (fp32 math) or 4 (int8 activations)");
+    const char* no_pack = std::getenv("EDGEKIT_ORT_NO_PREPACK");
+    prepack = accuracy_level == 4 && isa == Isa::kAvx512 && packed_lowbit_avx512() &&
+              !(no_pack && *no_pack && std::string(no_pack) != "0") && constant_input(api, info, 1) &&
+              constant_input(api, info, 2) && constant_input(api, info, 3);
+  }
+
+  // The packed weights for these inputs (packed on first use; null when B etc. are not the constant ones).
+  const PackedLowBit* get_packed(const LowBitArgs& a) {
+    std::lock_guard<std::mutex> lock(pack_mu);
+    const void* key[3] = {a.B, a.scales, a.zero_points};
+    if (packed) {
+      if (std::equal(key, key + 3, packed_from)) return packed.get();
+      return nullptr;  // not expected for constant inputs: use the unpacked path
+    }
+    auto pk = std::make_unique<PackedLowBit>();
+    if (!packed_lowbit_avx512()->pack(a, *pk)) return nullptr;
+    std::copy(key, key + 3, packed_from);
+    packed = std::move(pk);
+    return packed.get();
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -218,6 +260,17 @@ struct LowBitKernel {
         }
       }
       a.aq = qbuf.data(), a.lda_q = lda, a.a_scale = ascale.data(), a.asum = asum.data();
+      if (const PackedLowBit* pk = prepack ? get_packed(a) : nullptr) {
+        const PackedLowBitKernels& pkk = *packed_lowbit_avx512();
+        const int64_t per = M <= 4 ? 4 : (M <= 16 ? 2 : 1);  // tiles per task
+        const size_t tasks = static_cast<size_t>((pk->tiles + per - 1) / per);
+        auto body = [&](size_t t) {
+          const int64_t t0 = static_cast<int64_t>(t) * per;
+          pkk.run(a, *pk, t0, std::min(pk->tiles, t0 + per));
+        };
+        parallel_for(api, raw, tasks, body);
+        return;
+      }
       if (table_for(isa).lowbit_i8_prepare) table_for(isa).lowbit_i8_prepare(a, qperm);
     } else {
       a.A = padded_rows(Af, M, K, lda, abuf), a.lda = lda;

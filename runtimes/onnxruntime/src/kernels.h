@@ -65,6 +65,25 @@ struct KernelTable {
   void (*lowbit_i8_prepare)(LowBitArgs&, std::vector<int8_t>& buf);
 };
 
+// MatMulLowBit int8-activation weights re-packed once per kernel instance (constant B; see
+// kernels_avx512_packed.cc for the layout): 16-row tiles, group-major, one int32 lane per row.
+struct PackedLowBit {
+  int bits = 0, group = 0;
+  int64_t tiles = 0, groups = 0, tile_bytes = 0;
+  std::vector<uint8_t> w;   // [tiles][tile_bytes]
+  std::vector<float> s;     // [tiles][groups][16]
+  std::vector<uint8_t> zp;  // [tiles][groups][16] or empty (symmetric)
+};
+
+struct PackedLowBitKernels {
+  bool (*pack)(const LowBitArgs& a, PackedLowBit& out);  // a: B, scales, zero_points, N, K, bits, group
+  // Y rows of tiles [t0, t1) for all M; a.aq in natural order (no lowbit_i8_prepare), a.asum as usual.
+  void (*run)(const LowBitArgs& a, const PackedLowBit& pk, int64_t t0, int64_t t1);
+  int tile_rows;
+};
+
+const PackedLowBitKernels* packed_lowbit_avx512();  // null when not compiled in
+
 const KernelTable& kernels_scalar();
 const KernelTable* kernels_avx2();    // null when not compiled in
 const KernelTable* kernels_avx512();  // null when not compiled in
