@@ -213,6 +213,50 @@ def test_without_the_native_library_lowbit_falls_back_and_sparse_is_a_clear_erro
         OrtRuntime(sparse.SerializeToString())
 
 
+def _conv_model():
+    """x [N, 64, 5, 5] -> 1x1 Conv (48 out, bias) -> Relu -> 3x3 Conv (padded, not lowerable)."""
+    rng = np.random.default_rng(5)
+    w1 = (rng.standard_normal((48, 64, 1, 1)) * 0.2).astype(np.float32)
+    b1 = rng.standard_normal(48).astype(np.float32)
+    w2 = (rng.standard_normal((8, 48, 3, 3)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["h"], name="pw", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="k3", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 5, 5])],
+                          [numpy_helper.from_array(a, k) for k, a in (("W1", w1), ("B1", b1), ("W2", w2))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("edgekit_ops", [False, True])
+def test_pointwise_convs_lower_to_low_bit_matmuls(edgekit_ops):
+    """A 1x1 conv becomes Transpose -> MatMulNBits / MatMulLowBit (+ bias) -> Transpose and computes the conv with the
+    dequantized weights (fp32 math: to float rounding); a 3x3 conv is refused."""
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.kernels import ort_native
+
+    if edgekit_ops and ort_native.library_path() is None and not os.environ.get("CI"):
+        pytest.skip("native ai.edgekit library not built")
+    model = _conv_model()
+    inits = {i.name: i for i in model.graph.initializer}
+    q = rtn(weight_matrix(model.graph.node[0], inits), 4, 32)
+    out = apply_weight_only(model, {"pw": q}, accuracy_level=0, edgekit_ops=edgekit_ops)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops[:2] == ["Transpose", "MatMulLowBit" if edgekit_ops else "MatMulNBits"] and "W1" not in {
+        i.name for i in out.graph.initializer}
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    w = next(i for i in reference.graph.initializer if i.name == "W1")
+    w.CopyFrom(numpy_helper.from_array(q.dequantize()[:, :64].reshape(48, 64, 1, 1).astype(np.float32), "W1"))
+    x = np.random.default_rng(6).standard_normal((2, 64, 5, 5)).astype(np.float32)
+    got = OrtRuntime(out.SerializeToString()).run({"x": x})["y"]
+    ref = _run(reference, {"x": x})
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    q3 = rtn(weight_matrix(model.graph.node[0], inits), 4, 32)
+    with pytest.raises(ExportError, match="1x1"):
+        apply_weight_only(model, {"k3": q3})
+
+
 def test_apply_weight_only_refuses_what_it_cannot_rewrite():
     model = _tiny_model()
     inits = {i.name: i for i in model.graph.initializer}

@@ -7,6 +7,9 @@
   ``edgekit_ops=True`` (the target's profile lists ``ai.edgekit`` in ``custom_op_domains``: its runtime carries the
   native library, ``runtimes/onnxruntime/``). ONNX Runtime runs the op in that library when it is built, else through
   the Python reference (``edgekit.agent.runtime.prepare_model``).
+- A 1x1 Conv (group 1, stride 1, no padding or dilation effect) is lowered to the same op over channels-last rows:
+  ``Transpose(NCHW -> NHWC)``, the MatMul op on ``[..., Cin]``, the bias ``Add``, ``Transpose`` back. 1x1 convolutions
+  dominate MobileNet/EfficientNet compute, and this lets them take any low-bit width the MatMul kernels run.
 - A Gather from a constant ``[V, D]`` table along axis 0 (an embedding) becomes ``com.microsoft.GatherBlockQuantized``
   (4 or 8 bits; 2 bits symmetric only).
 
@@ -113,9 +116,21 @@ def weight_matrix(node, inits: Mapping) -> np.ndarray:
     if node.op_type == "Gather":
         return numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    if node.op_type == "Conv":  # [Cout, Cin, 1, 1]
+        return w.reshape(w.shape[0], w.shape[1])
     if node.op_type == "Gemm" and _attr(node, "transB", 0):
         return w
     return w.T
+
+
+def is_pointwise_conv(node, inits: Mapping) -> bool:
+    """A Conv that is a per-pixel matrix product: 1x1 kernel, group 1, unit strides, no padding, constant weight."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    dims = tuple(inits[node.input[1]].dims)
+    return (len(dims) == 4 and dims[2:] == (1, 1) and _attr(node, "group", 1) == 1
+            and all(v == 1 for v in _attr(node, "strides", [1, 1])) and not any(_attr(node, "pads", [0] * 4))
+            and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
 
 
 def check_rewritable(node, inits: Mapping) -> None:
@@ -124,6 +139,11 @@ def check_rewritable(node, inits: Mapping) -> None:
         if node.input[0] not in inits or _attr(node, "axis", 0) != 0 or len(inits[node.input[0]].dims) != 2:
             raise ExportError(f"{node.name}: only a Gather from a constant 2-D table along axis 0 is an embedding")
         return
+    if node.op_type == "Conv":
+        if not is_pointwise_conv(node, inits):
+            raise ExportError(f"{node.name}: only 1x1 convolutions (group 1, unit strides, no padding) are lowered to "
+                              "low-bit MatMul kernels")
+        return
     if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
         raise ExportError(f"{node.name}: {node.op_type} has no constant weight to quantize weight-only")
     if len(inits[node.input[1]].dims) != 2:
@@ -131,6 +151,36 @@ def check_rewritable(node, inits: Mapping) -> None:
     if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
                                    or _attr(node, "beta", 1.0) != 1.0):
         raise ExportError(f"{node.name}: Gemm with transA, alpha or beta other than 1 is not supported weight-only")
+
+
+def _pointwise_conv(node, qw: QWeight, inits: Mapping, *, accuracy_level: int, edgekit_ops: bool):
+    """``Transpose -> low-bit MatMul (+ bias Add) -> Transpose`` computing a 1x1 Conv with ``qw``."""
+    from onnx import helper, numpy_helper
+
+    name, x, y = node.name, node.input[0], node.output[0]
+    nodes = [helper.make_node("Transpose", [x], [f"{name}::nhwc"], name=f"{name}::to_nhwc", perm=[0, 2, 3, 1])]
+    extra = []
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    out = f"{name}::y_nhwc"
+    if bias is not None:
+        if bias not in inits or int(np.prod(inits[bias].dims)) != qw.n:
+            raise ExportError(f"{name}: only a constant per-output bias ({qw.n} values) can be fused")
+        extra.append(numpy_helper.from_array(numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32),
+                                             f"{name}::bias"))
+    use_nbits = qw.bits in MATMUL_BITS and not edgekit_ops
+    if use_nbits:
+        mm, more = matmul_nbits(name, f"{name}::nhwc", out, qw, bias=f"{name}::bias" if bias else None,
+                                accuracy_level=accuracy_level)
+        nodes.append(mm)
+    else:
+        mm, more = matmul_lowbit(name, f"{name}::nhwc", f"{name}::mm" if bias else out, qw,
+                                 accuracy_level=accuracy_level)
+        nodes.append(mm)
+        if bias:
+            nodes.append(helper.make_node("Add", [f"{name}::mm", f"{name}::bias"], [out], name=f"{name}::bias"))
+    extra += more
+    nodes.append(helper.make_node("Transpose", [out], [y], name=f"{name}::to_nchw", perm=[0, 3, 1, 2]))
+    return nodes, extra
 
 
 def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
@@ -156,6 +206,10 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
         found.add(node.name)
         if node.op_type == "Gather":
             n, extra = gather_block_quantized(node.name, node.input[1], node.output[0], qw)
+        elif node.op_type == "Conv":
+            nodes, extra = _pointwise_conv(node, qw, inits, accuracy_level=accuracy_level, edgekit_ops=edgekit_ops)
+            new_nodes += nodes[:-1]
+            n = nodes[-1]
         else:
             bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
             if bias is not None:
