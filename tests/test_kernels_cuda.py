@@ -72,6 +72,25 @@ def test_sparse_ptx_uses_ordered_metadata_mma_sp_on_sm80(tmp_path):
     ptx = build.compile_device("matmul_sparse24", tmp_path / "s.ptx", ["sm_80"], kind="ptx").read_text()
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32" in ptx
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k64.row.col.s32.s8.u8.s32" in ptx
+    # the tiled path (matmul_sparse24_tiled.cuh) is in the sm_80 build, and only there
+    assert "cp.async.cg.shared.global" in ptx and "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx
+    assert "matmul_sparse24_tiled" in ptx
+    old = build.compile_device("matmul_sparse24", tmp_path / "s75.ptx", ["sm_75"], kind="ptx").read_text()
+    assert "cp.async" not in old and "ldmatrix" not in old
+
+
+def test_sparse24_tiled_header_is_listed_and_selectable():
+    assert TILED_SRC in build.HEADERS["matmul_sparse24"] and TILED_SRC.is_file()
+    src = build.SOURCES["matmul_sparse24"].read_text()
+    assert '#include "matmul_sparse24_tiled.cuh"' in src
+    for name in ("edgekit_matmul_sparse24_set_path(int mode)", "edgekit_matmul_sparse24_last_path(void)"):
+        assert f'extern "C" int {name}' in src
+    assert "constexpr int kPathAuto = 0, kPathReference = 1, kPathTiled = 2, kPathTiledConfig0 = 10;" in src
+    assert (build.SPARSE24_PATH_AUTO, build.SPARSE24_PATH_REFERENCE, build.SPARSE24_PATH_TILED) == (0, 1, 2)
+    assert build.SPARSE24_PATH_TILED_CONFIG0 == 10
+    bn_bm = re.search(r"constexpr int kTiledBN\[\] = \{([^}]*)\};.*?kTiledBM\[\] = \{([^}]*)\};", src, re.S)
+    bns, bms = ([int(v) for v in grp.split(",")] for grp in bn_bm.groups())
+    assert list(zip(bns, bms)) == list(build.SPARSE24_TILED_CONFIGS)
 
 
 def test_device_command_validates():
@@ -249,3 +268,171 @@ def test_kernel_fragment_addressing_computes_the_product(kind):
 def test_s8_kernel_reads_whole_metadata_words():
     src = build.SOURCES["matmul_sparse24"].read_text()
     assert "(wn * 16 + g + 8 * (t & 1)) * T::kMBytes + 4 * (2 * wk + (t >> 1))" in src
+
+
+# ---- the tiled sm_80+ path (matmul_sparse24_tiled.cuh): its byte offsets through the register model ----
+
+TILED_SRC = build.SOURCES["matmul_sparse24"].with_name("matmul_sparse24_tiled.cuh")
+TILED_XS, TILED_VS, TILED_STAGES = 144, 80, 3  # kXS, kVS, kStages
+
+
+def _tiled_cfg(kind, wn_, wm_, mt):
+    stage_k = 128 if kind == "s8" else 64
+    mb = stage_k // 8
+    bn, bm = 32 * wn_, 8 * mt * wm_
+    xtile, vtile = bm * TILED_XS, bn * TILED_VS
+    return dict(stage_k=stage_k, mb=mb, bn=bn, bm=bm, xtile=xtile, vtile=vtile, stage=xtile + vtile + bn * mb)
+
+
+def _phase_conflicts(addr) -> int:
+    """Worst bank-conflict ways over the 4 phases (8 lanes each) of one ldmatrix.x4."""
+    return max(mma_layout.bank_conflict_ways(addr[8 * i : 8 * i + 8]) for i in range(4))
+
+
+def _tiled_emulate(kind, cfg_wn, cfg_wm, mt, xb, vb, ib, M, N, K, bx, by):
+    """Block (bx, by) of matmul_sparse24_tiled<kind, WN, WM, MT> on the byte rows xb [M, K*e], vb [N, K/2*e],
+    ib [N, K/8], mirroring the kernel: load_stage's cp.async copies into the smem ring, the ldmatrix lane
+    addresses, the metadata offsets and the epilogue. Returns {(m, n): accumulator}."""
+    c = _tiled_cfg(kind, cfg_wn, cfg_wm, mt)
+    kthreads, mb = 32 * cfg_wn * cfg_wm, c["mb"]
+    m0, n0 = bx * c["bm"], by * c["bn"]
+    smem = np.zeros(TILED_STAGES * c["stage"], np.uint8)
+    ktiles = K // c["stage_k"]
+
+    def load_stage(kt, slot):
+        st = slot * c["stage"]
+        for tid in range(kthreads):
+            for cc in range(tid, c["bm"] * 8, kthreads):
+                r, part = cc // 8, cc % 8
+                m = min(m0 + r, M - 1)
+                src = kt * 128 + 16 * part
+                smem[st + r * TILED_XS + 16 * part :][:16] = xb[m, src : src + 16]
+            for cc in range(tid, c["bn"] * 4, kthreads):
+                r, part = cc // 4, cc % 4
+                n = min(n0 + r, N - 1)
+                src = kt * 64 + 16 * part
+                smem[st + c["xtile"] + r * TILED_VS + 16 * part :][:16] = vb[n, src : src + 16]
+            if tid < c["bn"]:
+                n = min(n0 + tid, N - 1)
+                smem[st + c["xtile"] + c["vtile"] + tid * mb :][:mb] = ib[n, kt * mb : (kt + 1) * mb]
+
+    acc = {}
+    lanes = np.arange(32)
+    g, t = lanes // 4, lanes % 4
+    worst_conflict = 1
+    for s in range(TILED_STAGES - 1):
+        if s < ktiles:
+            load_stage(s, s)
+    for kt in range(ktiles):
+        nk = kt + TILED_STAGES - 1
+        if nk < ktiles:  # issued before the math, into the slot the previous stage freed
+            load_stage(nk, nk % TILED_STAGES)
+        slot = kt % TILED_STAGES
+        xs = slot * c["stage"]
+        vs, ms = xs + c["xtile"], xs + c["xtile"] + c["vtile"]
+        for warp in range(cfg_wn * cfg_wm):
+            wn, wm = warp % cfg_wn, warp // cfg_wn
+            for j in range(2):
+                a, e = [], []
+                for af in range(2):
+                    addr = vs + (wn * 32 + 16 * af + (lanes & 15)) * TILED_VS + 32 * j + 16 * (lanes >> 4)
+                    worst_conflict = max(worst_conflict, _phase_conflicts(addr))
+                    a.append(mma_layout.ldmatrix_x4(smem, addr))
+                    row = wn * 32 + 16 * af
+                    word = lambda off: int(smem[off : off + 4].view("<u4")[0])  # noqa: E731
+                    ev = np.zeros(32, np.uint32)
+                    for lane in range(32):
+                        if kind == "s8":
+                            gl, tl = g[lane], t[lane]
+                            ev[lane] = word(ms + (row + gl + 8 * (tl & 1)) * mb + 4 * (2 * j + (tl >> 1)))
+                        else:
+                            lo = word(ms + (row + g[lane]) * mb + 4 * j)
+                            hi = word(ms + (row + g[lane] + 8) * mb + 4 * j)
+                            ev[lane] = mma_layout.byte_perm(lo, hi, 0x7632 if t[lane] & 1 else 0x5410)
+                    e.append(ev)
+                for nf in range(mt):
+                    addr = xs + (wm * 8 * mt + 8 * nf + (lanes & 7)) * TILED_XS + 64 * j + 16 * (lanes >> 3)
+                    worst_conflict = max(worst_conflict, _phase_conflicts(addr))
+                    b = mma_layout.ldmatrix_x4(smem, addr)
+                    for af in range(2):
+                        d = mma_layout.emulate(kind, a[af], b, e[af])
+                        for lane in range(32):
+                            for i in range(4):
+                                n = n0 + wn * 32 + 16 * af + g[lane] + 8 * (i >> 1)
+                                m = m0 + wm * 8 * mt + 8 * nf + 2 * t[lane] + (i & 1)
+                                acc[(m, n)] = acc.get((m, n), 0.0) + d[lane, i]
+    return {k: v for k, v in acc.items() if k[0] < M and k[1] < N}, worst_conflict
+
+
+@pytest.mark.parametrize("kind", mma_layout.KINDS)
+@pytest.mark.parametrize("cfg", [(2, 2, 2), (4, 2, 4)], ids=["64x32", "128x64"])
+def test_tiled_kernel_fragment_addressing_computes_the_product(kind, cfg):
+    """The tiled kernel's offsets (4 k-stages through the 3-slot ring, every warp, N and M tails with clamped rows)
+    fed to the ldmatrix and mma.sp models give W @ X for every output the block writes; ldmatrix is conflict-free."""
+    wn_, wm_, mt = cfg
+    c = _tiled_cfg(kind, *cfg)
+    rng = np.random.default_rng(11)
+    K = 4 * c["stage_k"]
+    N, M = c["bn"] + c["bn"] // 2 + 3, c["bm"] + 5  # second block row/column are partial
+    w = sparse24.random_2of4(rng, N, K)
+    if kind == "s8":
+        w = np.clip(np.rint(w * 40), -127, 127).astype(np.int8)
+        x = rng.integers(0, 256, size=(M, K)).astype(np.uint8)
+    else:
+        w, x = w.astype(np.float16), rng.standard_normal((M, K)).astype(np.float16)
+    values, indices = sparse24.pack(w)
+    xb, vb = x.view(np.uint8).reshape(M, -1), values.view(np.uint8).reshape(N, -1)
+    full = w.astype(np.float64) @ x.astype(np.float64).T  # [N, M]
+    seen = set()
+    for bx, by in [(0, 0), (1, 1)]:
+        acc, conflicts = _tiled_emulate(kind, wn_, wm_, mt, xb, vb, indices, M, N, K, bx, by)
+        assert conflicts == 1
+        for (m, n), v in acc.items():
+            np.testing.assert_allclose(v, full[n, m], rtol=1e-9, atol=1e-6)
+        seen |= set(acc)
+    assert (M - 1, N - 1) in seen and (0, 0) in seen
+    assert len(seen) == c["bm"] * c["bn"] + (M - c["bm"]) * (N - c["bn"])
+
+
+def test_tiled_source_uses_the_emulated_offsets():
+    """The expressions _tiled_emulate mirrors, verbatim in the .cuh (so the two cannot drift apart silently)."""
+    src = TILED_SRC.read_text()
+    for expr in (
+        "constexpr int kStages = 3;",
+        "constexpr int kXS = kXBytes + 16;",
+        "constexpr int kVS = kVBytes + 16;",
+        "constexpr int kXBytes = 128;",
+        "constexpr int kVBytes = 64;",
+        "static constexpr int kStageK = INT8 ? 128 : 64;",
+        "const i64 m = min(m0 + r, M - 1);",
+        "cp_async16(st + r * kXS + 16 * part, X + m * x_row + static_cast<i64>(kt) * kXBytes + 16 * part);",
+        "cp_async16(st + C::kXTile + r * kVS + 16 * part, V + n * v_row + static_cast<i64>(kt) * kVBytes + 16 * part);",
+        "const u8* src = I + n * i_row + static_cast<i64>(kt) * kMB;",
+        "const u32 dst = st + C::kXTile + C::kVTile + tid * kMB;",
+        "ldmatrix_x4(a[af], vs + (wn * 32 + 16 * af + (lane & 15)) * kVS + 32 * j + 16 * (lane >> 4));",
+        "e[af] = *reinterpret_cast<const u32*>(ms + (row + g + 8 * (t & 1)) * kMB + 4 * (2 * j + (t >> 1)));",
+        "const u32 lo = *reinterpret_cast<const u32*>(ms + (row + g) * kMB + 4 * j);",
+        "const u32 hi = *reinterpret_cast<const u32*>(ms + (row + g + 8) * kMB + 4 * j);",
+        "e[af] = __byte_perm(lo, hi, (t & 1) ? 0x7632 : 0x5410);",
+        "ldmatrix_x4(b, xs + (wm * 8 * MT + 8 * nf + (lane & 7)) * kXS + 64 * j + 16 * (lane >> 3));",
+        "const int n = n0 + wn * 32 + 16 * af + g + 8 * h;",
+        "const int m = m0 + wm * 8 * MT + 8 * nf + 2 * t + q;",
+        "const AccT v = acc[af][nf][2 * h + q];",
+        "const int m0 = blockIdx.x * C::BM;",
+        "const int n0 = blockIdx.y * C::BN;",
+    ):
+        assert expr in src, expr
+    assert "X(0, 4, 2, 8) X(1, 4, 2, 4) X(2, 2, 2, 4) X(3, 2, 2, 2)" in src
+    assert build.SPARSE24_TILED_CONFIGS == ((128, 128), (128, 64), (64, 64), (64, 32))
+
+
+def test_ldmatrix_model_matches_the_fragment_formulas():
+    """ldmatrix_x4 at the kernel's lane addresses gives the mma_layout A / B registers of a stored tile."""
+    rng = np.random.default_rng(3)
+    tile = rng.integers(0, 256, size=(16, 80), dtype=np.uint8)  # 16 rows, stride 80 (kVS)
+    regs = mma_layout.ldmatrix_x4(tile.reshape(-1), [(lane & 15) * 80 + 16 * (lane >> 4) for lane in range(32)])
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for r in range(4):  # A[r]: row g + 8 (r & 1), compressed bytes 4t + 16 (r >> 1)
+            off = 4 * t + 16 * (r >> 1)
+            assert regs[lane, r] == tile[g + 8 * (r & 1), off : off + 4].view("<u4")[0]

@@ -4,7 +4,7 @@
 Run from the repository root on a machine with an NVIDIA GPU, torch (CUDA) and nvcc (numpy, torch and the
 standard library only; the repository root is put on ``sys.path``)::
 
-    OUT=/some/dir python3 runtimes/cuda/check_gpu.py [--skip-bench] [--budget-s 225]
+    OUT=/some/dir python3 runtimes/cuda/check_gpu.py [--skip-bench] [--budget-s 115]
 
 1. Build: ``matmul_lowbit.cu``, ``matmul_sparse24.cu``, ``attention_int8.cu`` with nvcc for the local compute
    capability (in parallel), plus ``matmul_sparse24.cu`` as ``compute_75`` PTX, which the driver JIT-compiles with
@@ -18,11 +18,16 @@ standard library only; the repository root is put on ``sys.path``)::
    - MatMulSparse24 f16 (tensor cores, and the fallback): ``|Y - ref| <= 2e-3 * max|ref| + 2e-3 * |ref|``,
      ``ref = sparse24.reference_matmul`` on the fp16-rounded inputs (the kernel rounds Y to fp16 once).
    - MatMulSparse24 int8 (u8 activations with a zero point): rtol 1e-5, atol 1e-5 * max|ref| (exact int32 sums).
+   - Both run twice: the reference kernel forced (``set_path(old)``), then the tiled sm_80+ path forced
+     (``matmul_sparse24_tiled.cuh``; shapes it does not take, K % 64 (f16) / 128 (int8) != 0, run the reference
+     and are marked ``path 1``; a qualifying shape that did not run tiled fails), with extra tiled-friendly shapes
+     (N and M tails) and every tiled config (128x128, 128x64, 64x64, 64x32) forced on two of them.
    - AttentionInt8: ``|O - ref| <= 4e-3 + 1e-2 |ref|`` against ``attention.reference_quantized`` on the same
      quantized inputs; cosine >= 0.999 per row against exact fp64 attention.
 4. Benchmarks (CUDA events, median of samples, each batch queued behind a GPU sleep; weights rotated through
    copies exceeding 4x L2): MatMulSparse24 f16 / int8 vs dense torch fp16 matmul and ``torch._int_mm``, M = 32,
-   128, 512 on 4096x4096 and 8192x8192; AttentionInt8 vs ``scaled_dot_product_attention`` fp16.
+   128, 512 on 4096x4096 and 8192x8192, each for the reference kernel, the tiled path (automatic config) and
+   every tiled config; AttentionInt8 vs ``scaled_dot_product_attention`` fp16.
 
 Every section runs in its own try/except; progress is printed with flush. Writes ``$OUT/check_gpu.json`` and
 ``$OUT/check_gpu.md`` (a summary for ``benchmarks/RESULTS_GPU.md``); exits 1 on any correctness or build failure.
@@ -69,6 +74,8 @@ gk = _load_gpu_kernels()
 SP24_CHECK = [(100, 33), (260, 72), (1000, 130), (4096, 4096)]  # (K, N); K % 4 == 0, off the tiles
 SP24_MS = (1, 16, 128)
 SP24_EXTRA = [(1000, 130, 5), (260, 72, 37), (4100, 96, 64)]  # (K, N, M)
+SP24_TILED_EXTRA = [(256, 72, 37), (640, 200, 130), (128, 33, 1), (1024, 130, 300), (2048, 520, 257)]  # K % 128 == 0
+SP24_TILED_SWEEP = [(256, 72, 37), (640, 200, 130)]  # every tiled config forced
 ATTN_CHECK = [(1, 1, 128, 128, 1), (2, 4, 512, 512, 1), (1, 2, 200, 77, 32), (1, 3, 512, 512, 32)]  # B H S Skv qb
 BENCH_SHAPES = [(4096, 4096), (8192, 8192)]
 BENCH_MS = (32, 128, 512)
@@ -305,14 +312,15 @@ def _sp24_f16_case(torch, lib, rng, K, N, M, label):
     Y = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
     lib.matmul_f16(Ad.data_ptr(), Vd.data_ptr(), Id.data_ptr(), Y.data_ptr(), M=M, N=N, K=K)
     torch.cuda.synchronize()
+    path = lib.last_path()
     y = Y.float().cpu().numpy()
     scale = float(np.abs(ref).max()) or 1.0
     finite = bool(np.isfinite(y).all())
     err = float(np.abs(y - ref).max()) / scale if finite else float("inf")
     ok = finite and bool((np.abs(y - ref) <= 2e-3 * scale + 2e-3 * np.abs(ref)).all())
     if not ok:
-        fail(label, f"K={K} N={N} M={M} rel err {err:.2e}")
-    return {"K": K, "N": N, "M": M, "rel_err": err, "ok": ok}
+        fail(label, f"K={K} N={N} M={M} path {path} rel err {err:.2e}")
+    return {"K": K, "N": N, "M": M, "rel_err": err, "ok": ok, "path": path}
 
 
 def _sp24_s8_case(torch, lib, rng, K, N, M, zp, label):
@@ -329,37 +337,101 @@ def _sp24_s8_case(torch, lib, rng, K, N, M, zp, label):
         a_scale=a_scale, a_zero_point=zp, M=M, N=N, K=K,
     )  # fmt: skip
     torch.cuda.synchronize()
+    path = lib.last_path()
     y = Y.cpu().numpy()
     scale = float(np.abs(ref).max()) or 1.0
     finite = bool(np.isfinite(y).all())
     err = float(np.abs(y - ref).max()) / scale if finite else float("inf")
     ok = finite and bool(np.allclose(y, ref, rtol=1e-5, atol=1e-5 * scale))
     if not ok:
-        fail(label, f"K={K} N={N} M={M} zp={zp} rel err {err:.2e}")
-    return {"K": K, "N": N, "M": M, "zp": zp, "rel_err": err, "ok": ok}
+        fail(label, f"K={K} N={N} M={M} zp={zp} path {path} rel err {err:.2e}")
+    return {"K": K, "N": N, "M": M, "zp": zp, "rel_err": err, "ok": ok, "path": path}
 
 
 def _sp24_cases(shapes=SP24_CHECK, ms=SP24_MS, extra=SP24_EXTRA):
     return [(K, N, M) for K, N in shapes for M in ms] + list(extra)
 
 
+def _log_rows(rows) -> None:
+    log("  " + " ".join(f"{r['K']}x{r['N']}/M{r['M']}:{r['rel_err']:.0e}{'' if r['ok'] else '!'}"
+                        f"{'' if r.get('path', 1) == 1 else 'T' + str(r['path'] - 10)}" for r in rows))  # fmt: skip
+
+
+class _path:
+    """``with _path(lib, mode):`` the launcher's kernel selection (build.SPARSE24_PATH_*), restored afterwards."""
+
+    def __init__(self, lib, mode):
+        self.lib, self.mode = lib, mode
+
+    def __enter__(self):
+        self.prev = self.lib.set_path(self.mode)
+
+    def __exit__(self, *exc):
+        self.lib.set_path(self.prev)
+
+
 @section("MatMulSparse24 f16")
 def check_sp24_f16(torch, lib, label="MatMulSparse24 f16", cases=None) -> list:
     rng = np.random.default_rng(1)
-    rows = [_sp24_f16_case(torch, lib, rng, K, N, M, label) for K, N, M in (cases or _sp24_cases())]
-    log("  " + " ".join(f"{r['K']}x{r['N']}/M{r['M']}:{r['rel_err']:.0e}{'' if r['ok'] else '!'}" for r in rows))
+    with _path(lib, build.SPARSE24_PATH_REFERENCE):
+        rows = [_sp24_f16_case(torch, lib, rng, K, N, M, label) for K, N, M in (cases or _sp24_cases())]
+    _log_rows(rows)
     return rows
 
 
 @section("MatMulSparse24 int8")
 def check_sp24_s8(torch, lib, label="MatMulSparse24 int8", cases=None) -> list:
     rng = np.random.default_rng(2)
-    rows = [
-        _sp24_s8_case(torch, lib, rng, K, N, M, zp, label) for i, (K, N, M) in enumerate(cases or _sp24_cases())
-        for zp in ((0, 117) if i % 2 == 0 else (128,))
-    ]  # fmt: skip
-    log("  " + " ".join(f"{r['K']}x{r['N']}/M{r['M']}:{r['rel_err']:.0e}{'' if r['ok'] else '!'}" for r in rows))
+    with _path(lib, build.SPARSE24_PATH_REFERENCE):
+        rows = [
+            _sp24_s8_case(torch, lib, rng, K, N, M, zp, label) for i, (K, N, M) in enumerate(cases or _sp24_cases())
+            for zp in ((0, 117) if i % 2 == 0 else (128,))
+        ]  # fmt: skip
+    _log_rows(rows)
     return rows
+
+
+def _tiled_qualifies(kind: str, K: int) -> bool:
+    return K % (64 if kind == "f16" else 128) == 0
+
+
+@section("MatMulSparse24 tiled (sm_80+: cp.async ring, ldmatrix, 2*MT mma.sp per k-step)")
+def check_sp24_tiled(torch, lib) -> dict:
+    """The tiled path forced on every shape class of the reference checks plus SP24_TILED_EXTRA, then each config
+    forced on SP24_TILED_SWEEP; same tolerances. A qualifying shape that did not run tiled is a failure."""
+    out = {}
+    base = _sp24_cases() + list(SP24_TILED_EXTRA)
+    sweep = [(mode, K, N, M) for mode in range(build.SPARSE24_PATH_TILED_CONFIG0,
+                                               build.SPARSE24_PATH_TILED_CONFIG0 + len(build.SPARSE24_TILED_CONFIGS))
+             for K, N, M in SP24_TILED_SWEEP]  # fmt: skip
+    for kind in ("f16", "int8"):
+        label = f"MatMulSparse24 {kind} tiled"
+        rng = np.random.default_rng(11 if kind == "f16" else 12)
+        rows = []
+        runs = [(build.SPARSE24_PATH_TILED, K, N, M) for K, N, M in base] + sweep
+        for i, (mode, K, N, M) in enumerate(runs):
+            first = len(rows)
+            with _path(lib, mode):
+                if kind == "f16":
+                    row = _sp24_f16_case(torch, lib, rng, K, N, M, label)
+                    rows.append(row)
+                else:
+                    for zp in (0, 117) if i % 2 == 0 else (128,):
+                        rows.append(_sp24_s8_case(torch, lib, rng, K, N, M, zp, label))
+            for row in rows[first:]:
+                row["mode"] = mode
+            want = (mode - build.SPARSE24_PATH_TILED_CONFIG0) if mode >= build.SPARSE24_PATH_TILED_CONFIG0 else None
+            if _tiled_qualifies("f16" if kind == "f16" else "s8", K):
+                got = rows[-1]["path"] - build.SPARSE24_PATH_TILED_CONFIG0
+                if got < 0 or (want is not None and got != want):
+                    fail(label, f"K={K} N={N} M={M} mode {mode}: ran path {rows[-1]['path']}, expected tiled")
+                    rows[-1]["ok"] = False
+        _log_rows(rows)
+        tiled = [r for r in rows if r["path"] >= build.SPARSE24_PATH_TILED_CONFIG0]
+        log(f"  {kind}: {sum(r['ok'] for r in rows)}/{len(rows)} ok, {len(tiled)} ran tiled "
+            f"(configs {sorted({r['path'] - 10 for r in tiled})})")  # fmt: skip
+        out[kind] = rows
+    return out
 
 
 @section("MatMulSparse24 fallback (compute_75 PTX, CUDA cores)")
@@ -367,7 +439,19 @@ def check_sp24_fallback(torch, lib) -> dict:
     cases = _sp24_cases(shapes=[(100, 33), (1000, 130), (4096, 512)], ms=(1, 16, 128))
     f16 = check_sp24_f16.__wrapped__(torch, lib, "MatMulSparse24 fallback f16", cases)
     s8 = check_sp24_s8.__wrapped__(torch, lib, "MatMulSparse24 fallback int8", cases)
-    return {"f16": f16, "int8": s8}
+    # The tiled path forced on a shape it takes: a compute_75 build must still run the reference kernel (the
+    # launcher sees the tiled kernel's PTX version < 80), not the tiled kernel's empty pre-sm_80 body.
+    rng = np.random.default_rng(4)
+    with _path(lib, build.SPARSE24_PATH_TILED):
+        forced = [
+            _sp24_f16_case(torch, lib, rng, 256, 72, 64, "MatMulSparse24 fallback f16 (tiled forced)"),
+            _sp24_s8_case(torch, lib, rng, 256, 72, 64, 117, "MatMulSparse24 fallback int8 (tiled forced)"),
+        ]
+    for row in forced:
+        if row["path"] != build.SPARSE24_PATH_REFERENCE:
+            fail("MatMulSparse24 fallback", f"tiled forced ran path {row['path']} in a compute_75 build")
+            row["ok"] = False
+    return {"f16": f16 + forced[:1], "int8": s8 + forced[1:]}
 
 
 def _attn_inputs(rng, B, H, S, Skv, outliers):
@@ -461,30 +545,47 @@ def bench_sparse(torch, lib, l2_bytes: int) -> list:
                 except Exception as e:  # noqa: BLE001
                     entry["int_mm_error"] = f"{type(e).__name__}: {e}"
             f16_args = dict(M=M, N=N, K=K)
-            entry["sparse24_f16_ms"] = _timed(
-                torch,
-                [functools.partial(lib.matmul_f16, A16.data_ptr(), v.data_ptr(), i.data_ptr(), Y16.data_ptr(),
-                                   **f16_args) for v, i in sp16],
-            )  # fmt: skip
+            f16_fns = [functools.partial(lib.matmul_f16, A16.data_ptr(), v.data_ptr(), i.data_ptr(), Y16.data_ptr(),
+                                         **f16_args) for v, i in sp16]  # fmt: skip
             s8_args = dict(a_scale=0.02, a_zero_point=100, M=M, N=N, K=K)
-            entry["sparse24_int8_ms"] = _timed(
-                torch,
-                [functools.partial(lib.matmul_s8, Au8.data_ptr(), v.data_ptr(), i.data_ptr(), Sd.data_ptr(),
-                                   Rd.data_ptr(), Y32.data_ptr(), **s8_args) for v, i in sp8],
-            )  # fmt: skip
+            s8_fns = [functools.partial(lib.matmul_s8, Au8.data_ptr(), v.data_ptr(), i.data_ptr(), Sd.data_ptr(),
+                                        Rd.data_ptr(), Y32.data_ptr(), **s8_args) for v, i in sp8]  # fmt: skip
+            # "" = the reference kernel (the old path), "_tiled" = tiled with the launcher's automatic config,
+            # "_tiled<c>" = tiled config c forced; "*_path" = what actually ran (1 reference, 10 + c tiled c).
+            modes = {"": build.SPARSE24_PATH_REFERENCE, "_tiled": build.SPARSE24_PATH_TILED}
+            modes.update({f"_tiled{c}": build.SPARSE24_PATH_TILED_CONFIG0 + c
+                          for c in range(len(build.SPARSE24_TILED_CONFIGS))})  # fmt: skip
+            for suffix, mode in modes.items():
+                for kind, fns in (("f16", f16_fns), ("int8", s8_fns)):
+                    with _path(lib, mode):
+                        entry[f"sparse24_{kind}{suffix}_ms"] = _timed(torch, fns)
+                        entry[f"sparse24_{kind}{suffix}_path"] = lib.last_path()
             flops = 2 * M * N * K
-            for key in ("dense_fp16_ms", "int_mm_ms", "sparse24_f16_ms", "sparse24_int8_ms"):
-                if key in entry:
-                    entry[key.replace("_ms", "_tflops")] = flops / (entry[key] * 1e-3) / 1e12
-            entry["speedup_f16_vs_dense"] = entry["dense_fp16_ms"] / entry["sparse24_f16_ms"]
-            if "int_mm_ms" in entry:
-                entry["speedup_int8_vs_int_mm"] = entry["int_mm_ms"] / entry["sparse24_int8_ms"]
+            for key in [k for k in entry if k.endswith("_ms")]:
+                entry[key.replace("_ms", "_tflops")] = flops / (entry[key] * 1e-3) / 1e12
+            for kind, peer in (("f16", "dense_fp16_ms"), ("int8", "int_mm_ms")):
+                ms = {c: entry[f"sparse24_{kind}_tiled{c}_ms"] for c in range(len(build.SPARSE24_TILED_CONFIGS))}
+                best = min(ms, key=ms.get)
+                entry[f"sparse24_{kind}_best_config"] = best
+                entry[f"sparse24_{kind}_best_ms"] = ms[best]
+                old_ms, tiled_ms = entry[f"sparse24_{kind}_ms"], entry[f"sparse24_{kind}_tiled_ms"]
+                entry[f"speedup_{kind}_tiled_vs_old"] = old_ms / tiled_ms
+                if peer in entry:
+                    for suffix in ("", "_tiled", "_best"):
+                        ratio = entry[peer] / entry[f"sparse24_{kind}{suffix}_ms"]
+                        entry[f"speedup_{kind}{suffix}_vs_{peer[:-3]}"] = ratio
+            entry["speedup_f16_vs_dense"] = entry["speedup_f16_vs_dense_fp16"]  # the old key: reference kernel
             rows.append(entry)
             log(
                 f"  K={K} N={N} M={M}: dense fp16 {entry['dense_fp16_ms'] * 1e3:.1f}us, "
-                f"_int_mm {entry.get('int_mm_ms', float('nan')) * 1e3:.1f}us, "
-                f"sparse24 f16 {entry['sparse24_f16_ms'] * 1e3:.1f}us (x{entry['speedup_f16_vs_dense']:.2f}), "
-                f"sparse24 int8 {entry['sparse24_int8_ms'] * 1e3:.1f}us"
+                f"_int_mm {entry.get('int_mm_ms', float('nan')) * 1e3:.1f}us | f16 old "
+                f"{entry['sparse24_f16_ms'] * 1e3:.1f}us, tiled {entry['sparse24_f16_tiled_ms'] * 1e3:.1f}us "
+                f"({_pname(entry['sparse24_f16_tiled_path'])}, "
+                f"x{entry['speedup_f16_tiled_vs_dense_fp16']:.2f} vs dense), "
+                f"best T{entry['sparse24_f16_best_config']} {entry['sparse24_f16_best_ms'] * 1e3:.1f}us | int8 old "
+                f"{entry['sparse24_int8_ms'] * 1e3:.1f}us, tiled {entry['sparse24_int8_tiled_ms'] * 1e3:.1f}us "
+                f"({_pname(entry['sparse24_int8_tiled_path'])}), best T{entry['sparse24_int8_best_config']} "
+                f"{entry['sparse24_int8_best_ms'] * 1e3:.1f}us"
             )
         del dense_copies, int8_copies, sp16, sp8
         torch.cuda.empty_cache()
@@ -531,6 +632,11 @@ def _driver() -> str:
         return "?"
 
 
+def _pname(path: int) -> str:
+    """edgekit_matmul_sparse24_last_path as text: T<c> for tiled config c, old for the reference kernel."""
+    return f"T{path - build.SPARSE24_PATH_TILED_CONFIG0}" if path >= build.SPARSE24_PATH_TILED_CONFIG0 else "old"
+
+
 def _us(entry: dict, key: str) -> str:
     return f"{entry[key] * 1e3:.1f}" if key in entry else "–"
 
@@ -556,6 +662,10 @@ def markdown(result: dict) -> str:
         res = sec.get("result")
         if isinstance(res, list) and res and "rel_err" in res[0]:
             note = f"{sum(r['ok'] for r in res)}/{len(res)} ok, worst rel err {max(r['rel_err'] for r in res):.1e}"
+        elif isinstance(res, dict) and res and all(isinstance(v, list) and v and "rel_err" in v[0]
+                                                   for v in res.values()):  # fmt: skip
+            note = "; ".join(f"{k} {sum(r['ok'] for r in v)}/{len(v)} ok, worst rel err "
+                             f"{max(r['rel_err'] for r in v):.1e}" for k, v in res.items())  # fmt: skip
         elif isinstance(res, dict) and "worst_rel_err" in res:
             note = f"{res['checks'] - res['failed']}/{res['checks']} ok, worst rel err {res['worst_rel_err']:.1e}"
         lines.append(f"| {name} | {'yes' if sec.get('ok') else 'NO'} | {sec.get('seconds', '')} | {note} |")
@@ -567,16 +677,24 @@ def markdown(result: dict) -> str:
             "",
             "## MatMulSparse24 speed (µs per call, median; TFLOP/s counted as dense 2MNK)",
             "",
-            "| K × N | M | dense fp16 | `_int_mm` int8 | sparse24 f16 | sparse24 int8 | f16 vs dense "
-            "| int8 vs _int_mm |",
-            "|---|---|---|---|---|---|---|---|",
+            "Old = the reference kernel, tiled = the sm_80+ tiled path with the launcher's automatic config (Tc), "
+            "best = the fastest forced tiled config.",
+            "",
+            "| K × N | M | dense fp16 | `_int_mm` int8 | f16 old | f16 tiled | f16 best | int8 old | int8 tiled "
+            "| int8 best | f16 tiled vs dense | int8 tiled vs _int_mm |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in sp:
             us = functools.partial(_us, e)
+            nan = float("nan")
             lines.append(
                 f"| {e['K']} × {e['N']} | {e['M']} | {us('dense_fp16_ms')} | {us('int_mm_ms')} | "
-                f"{us('sparse24_f16_ms')} | {us('sparse24_int8_ms')} | {e['speedup_f16_vs_dense']:.2f}× | "
-                f"{e.get('speedup_int8_vs_int_mm', float('nan')):.2f}× |"
+                f"{us('sparse24_f16_ms')} | {us('sparse24_f16_tiled_ms')} ({_pname(e['sparse24_f16_tiled_path'])}) | "
+                f"{us('sparse24_f16_best_ms')} (T{e['sparse24_f16_best_config']}) | {us('sparse24_int8_ms')} | "
+                f"{us('sparse24_int8_tiled_ms')} ({_pname(e['sparse24_int8_tiled_path'])}) | "
+                f"{us('sparse24_int8_best_ms')} (T{e['sparse24_int8_best_config']}) | "
+                f"{e.get('speedup_f16_tiled_vs_dense_fp16', nan):.2f}× | "
+                f"{e.get('speedup_int8_tiled_vs_int_mm', nan):.2f}× |"
             )
     at = result["sections"].get("bench AttentionInt8", {}).get("result") or []
     if at:
@@ -594,7 +712,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-bench", action="store_true", help="correctness only")
-    ap.add_argument("--budget-s", type=float, default=225.0, help="watchdog: write results and exit 1 after this")
+    ap.add_argument("--budget-s", type=float, default=115.0, help="watchdog: write results and exit 1 after this")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -631,6 +749,7 @@ def main(argv=None) -> int:
         probe(torch, libs["sparse24"])
         check_sp24_f16(torch, libs["sparse24"])
         check_sp24_s8(torch, libs["sparse24"])
+        check_sp24_tiled(torch, libs["sparse24"])
     if "sparse24_fallback" in libs:
         check_sp24_fallback(torch, libs["sparse24_fallback"])
     if "attention" in libs:

@@ -33,6 +33,8 @@ SOURCE = Path(__file__).with_name("matmul_lowbit.cu")
 SOURCES = {
     name: Path(__file__).with_name(f"{name}.cu") for name in ("matmul_lowbit", "matmul_sparse24", "attention_int8")
 }
+# Headers included by a source (not compiled on their own; listed so tools can track them).
+HEADERS = {"matmul_sparse24": (Path(__file__).with_name("matmul_sparse24_tiled.cuh"),)}
 LAUNCHER = "edgekit_matmul_lowbit_f32"
 # Mirrors the constants of matmul_lowbit.cu.
 WARPS = 8
@@ -254,6 +256,11 @@ class CupyLowBit:
 # ---- MatMulSparse24 and AttentionInt8 (matmul_sparse24.cu, attention_int8.cu) ----
 
 SPARSE24_BN = 32  # output rows per block (kBN in matmul_sparse24.cu)
+# The tiled sm_80+ path (matmul_sparse24_tiled.cuh): (BN weight rows, BM tokens) per config number, and the
+# launcher's path modes (edgekit_matmul_sparse24_set_path; default from $EDGEKIT_SP24_PATH: auto, old, tiled,
+# tiled0..tiled3). last_path(): 1 the reference kernel, 10 + c tiled config c.
+SPARSE24_TILED_CONFIGS = ((128, 128), (128, 64), (64, 64), (64, 32))
+SPARSE24_PATH_AUTO, SPARSE24_PATH_REFERENCE, SPARSE24_PATH_TILED, SPARSE24_PATH_TILED_CONFIG0 = 0, 1, 2, 10
 
 
 def sparse24_tile_m(M: int) -> int:
@@ -292,6 +299,20 @@ class Sparse24Library(_Library):
         self._f16 = self._fn("edgekit_matmul_sparse24_f16", [p, p, p, p, i, i, i, p])
         self._s8 = self._fn("edgekit_matmul_sparse24_s8", [p, p, p, p, p, f, i, p, i, i, i, p])
         self._probe = self._fn("edgekit_mma_sp_probe", [i, p, p, p, p, i, p])
+        self._set_path = self._fn("edgekit_matmul_sparse24_set_path", [i])
+        self._last_path = self._fn("edgekit_matmul_sparse24_last_path", [])
+
+    def set_path(self, mode: int) -> int:
+        """Select the kernel for later calls (``SPARSE24_PATH_*``; ``SPARSE24_PATH_TILED_CONFIG0 + c`` forces tiled
+        config c where the shape qualifies); returns the previous mode."""
+        prev = self._set_path(int(mode))
+        if prev < 0:
+            raise ValueError(f"MatMulSparse24 CUDA: unknown path mode {mode}")
+        return prev
+
+    def last_path(self) -> int:
+        """The path of the last successful launch: 1 the reference kernel, 10 + c tiled config c."""
+        return int(self._last_path())
 
     def matmul_f16(self, X: int, values: int, indices: int, Y: int, *, M: int, N: int, K: int, stream: int = 0):
         """Y fp16 [M, N] = X fp16 [M, K] @ W.T (fp16 values [N, K/2], indices [N, ceil(K/8)])."""

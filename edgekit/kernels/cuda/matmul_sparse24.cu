@@ -25,6 +25,14 @@
 // valid nibble 0x4), outputs past the edges are not written. 16-byte loads are used when rows are 16-byte aligned
 // (f16: K % 16 == 0; s8: K % 32 == 0; and the pointers), byte loads otherwise.
 //
+// Tiled path (sm_80+, matmul_sparse24_tiled.cuh, namespace edgekit_sp24::tiled): block tiles of 128/64 weight rows
+// x 128/64/32 tokens, 32 x 8*MT warp tiles (2*MT mma.sp per k-step), a 3-stage cp.async ring, ldmatrix fragments.
+// It takes K % 64 == 0 (f16) / K % 128 == 0 (s8) with 16-byte aligned X, values and indices, on a build whose tiled
+// kernel has sm_80+ code (not the compute_75 fallback build). The launchers choose it for M >= kTiledMinM (the
+// reference kernel below, matmul_sparse24<INT8, MT>, stays for everything else and as the reference);
+// edgekit_matmul_sparse24_set_path / $EDGEKIT_SP24_PATH (auto | old | tiled | tiled0..tiled3) force either, and
+// edgekit_matmul_sparse24_last_path says which ran.
+//
 // Compile: nvcc -O3 -arch=sm_XX (build.py: compile_shared / compile_object / compile_device). -DEDGEKIT_NO_HOST
 // leaves only the kernels (no includes), for NVRTC.
 
@@ -392,11 +400,42 @@ EDGEKIT_SP24_INSTANTIATE(true, 4)
 EDGEKIT_SP24_INSTANTIATE(true, 8)
 #undef EDGEKIT_SP24_INSTANTIATE
 
+// The faster sm_80+ tiling (block tiles up to 128 x 128, cp.async ring, ldmatrix): namespace edgekit_sp24::tiled.
+#include "matmul_sparse24_tiled.cuh"
+
 }  // namespace edgekit_sp24
 
 #ifndef EDGEKIT_NO_HOST
 
+#include <cstdlib>
+#include <cstring>
+
 namespace {
+
+// Path selection (edgekit_matmul_sparse24_set_path; default from $EDGEKIT_SP24_PATH, read at the first launch):
+// 0 auto (tiled on sm_80+ builds when the shape qualifies and M >= kTiledMinM, else the reference kernel),
+// 1 the reference kernel always, 2 tiled whenever the shape qualifies (automatic config), 10 + c tiled config c
+// whenever the shape qualifies. Values of edgekit_matmul_sparse24_last_path: 1 reference, 10 + c tiled config c.
+constexpr int kPathAuto = 0, kPathReference = 1, kPathTiled = 2, kPathTiledConfig0 = 10;
+constexpr int kDefaultPath = kPathAuto;  // without $EDGEKIT_SP24_PATH: kPathReference would disable the tiled path
+constexpr int kTiledMinM = 48;            // auto: smaller M stay on the reference kernel (split-K tiles there)
+int g_path = -1;
+int g_last_path = 0;
+
+int parse_path(const char* s) {
+  if (s == nullptr || *s == 0) return kDefaultPath;
+  if (std::strcmp(s, "auto") == 0) return kPathAuto;
+  if (std::strcmp(s, "old") == 0 || std::strcmp(s, "reference") == 0) return kPathReference;
+  if (std::strcmp(s, "tiled") == 0) return kPathTiled;
+  if (std::strncmp(s, "tiled", 5) == 0 && s[5] >= '0' && s[5] < '0' + edgekit_sp24::tiled::kConfigs && s[6] == 0)
+    return kPathTiledConfig0 + (s[5] - '0');
+  return kDefaultPath;
+}
+
+int path_mode() {
+  if (g_path < 0) g_path = parse_path(std::getenv("EDGEKIT_SP24_PATH"));
+  return g_path;
+}
 
 // n8 token tiles per block (build.py's sparse24_tile_m mirrors this).
 int tile_mt(int M) {
@@ -408,6 +447,83 @@ int tile_mt(int M) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0; }
 
+// One tiled configuration: set its dynamic shared memory once per device, check that this build has the sm_80+
+// body (a compute_75 PTX build JIT-compiled on a newer GPU does not), launch. Returns -1 when not usable.
+template <bool INT8, int WN, int WM, int MT>
+int launch_tiled(const void* X, const void* values, const void* indices, const float* w_scale, const int* w_rowsum,
+                 float a_scale, int a_zp, void* Y, int M, int N, int K, cudaStream_t s, int dev) {
+  using namespace edgekit_sp24;
+  using C = tiled::Cfg<INT8, WN, WM, MT>;
+  static unsigned ready = 0, unusable = 0;  // per device bit (devices 0..31)
+  const unsigned bit = dev < 32 ? 1u << dev : 0u;
+  auto* kern = tiled::matmul_sparse24_tiled<INT8, WN, WM, MT>;
+  if (bit == 0 || (unusable & bit)) return -1;
+  if (!(ready & bit)) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess || attr.ptxVersion < 80 || attr.binaryVersion < 80) {
+      cudaGetLastError();
+      unusable |= bit;
+      return -1;
+    }
+    const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+    if (e != cudaSuccess) return static_cast<int>(e);
+    ready |= bit;
+  }
+  const dim3 grid((M + C::BM - 1) / C::BM, (N + C::BN - 1) / C::BN);
+  if (grid.y > 65535) return -1;
+  kern<<<grid, C::kThreads, C::kSmem, s>>>(static_cast<const u8*>(X), static_cast<const u8*>(values),
+                                            static_cast<const u8*>(indices), w_scale, w_rowsum, a_scale, a_zp, Y, M,
+                                            N, K);
+  return static_cast<int>(cudaGetLastError());
+}
+
+constexpr int kTiledBN[] = {128, 128, 64, 64};  // per config (matmul_sparse24_tiled.cuh)
+constexpr int kTiledBM[] = {128, 64, 64, 32};
+
+// The tiled path when the mode and the shape allow it: returns its cudaError_t, or -1 for "use the reference".
+template <bool INT8>
+int try_tiled(const void* X, const void* values, const void* indices, const float* w_scale, const int* w_rowsum,
+              float a_scale, int a_zp, void* Y, int M, int N, int K, void* stream) {
+  using namespace edgekit_sp24;
+  const int mode = path_mode();
+  if (mode == kPathReference) return -1;
+  if (mode == kPathAuto && M < kTiledMinM) return -1;
+  if (K % tiled::KT<INT8>::kStageK != 0 || !aligned16(X) || !aligned16(values) || !aligned16(indices)) return -1;
+  int dev = 0, major = 0, sms = 1;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) {
+    cudaGetLastError();
+    return -1;
+  }
+  if (major < 8) return -1;
+  int cfg = tiled::kConfigs - 1;
+  if (mode >= kPathTiledConfig0 && mode < kPathTiledConfig0 + tiled::kConfigs) {
+    cfg = mode - kPathTiledConfig0;
+  } else {  // the biggest tile that still gives every SM a block
+    for (int c = 0; c < tiled::kConfigs; ++c) {
+      const long long blocks = static_cast<long long>((M + kTiledBM[c] - 1) / kTiledBM[c]) * ((N + kTiledBN[c] - 1) / kTiledBN[c]);
+      if (blocks >= sms) {
+        cfg = c;
+        break;
+      }
+    }
+  }
+  auto s = static_cast<cudaStream_t>(stream);
+  int rc = -1;
+  switch (cfg) {
+#define EDGEKIT_SP24_TILED_CASE(C, WN, WM, MT)                                                                   \
+  case C:                                                                                                        \
+    rc = launch_tiled<INT8, WN, WM, MT>(X, values, indices, w_scale, w_rowsum, a_scale, a_zp, Y, M, N, K, s, dev); \
+    break;
+    EDGEKIT_SP24_TILED_CONFIGS(EDGEKIT_SP24_TILED_CASE)
+#undef EDGEKIT_SP24_TILED_CASE
+    default:
+      break;
+  }
+  if (rc == 0) g_last_path = kPathTiledConfig0 + cfg;
+  return rc;
+}
+
 template <bool INT8>
 int launch(const void* X, const void* values, const void* indices, const float* w_scale, const int* w_rowsum,
            float a_scale, int a_zp, void* Y, int M, int N, int K, void* stream) {
@@ -417,6 +533,9 @@ int launch(const void* X, const void* values, const void* indices, const float* 
   const int elem = INT8 ? 1 : 2;
   const int x_aligned = aligned16(X) && (static_cast<long long>(K) * elem) % 16 == 0;
   const int v_aligned = aligned16(values) && (static_cast<long long>(K / 2) * elem) % 16 == 0;
+  const int tiled_rc = try_tiled<INT8>(X, values, indices, w_scale, w_rowsum, a_scale, a_zp, Y, M, N, K, stream);
+  if (tiled_rc >= 0) return tiled_rc;
+  g_last_path = kPathReference;
   const int mt = tile_mt(M);
   const dim3 grid((N + kBN - 1) / kBN, (M + 8 * mt - 1) / (8 * mt));
   if (grid.y > 65535) return static_cast<int>(cudaErrorInvalidValue);
@@ -462,6 +581,21 @@ extern "C" int edgekit_matmul_sparse24_s8(const void* X, const void* values, con
     return static_cast<int>(cudaErrorInvalidValue);
   return launch<true>(X, values, indices, w_scale, w_rowsum, a_scale, a_zp, Y, M, N, K, stream);
 }
+
+// Path selection for both launchers (see path_mode above): 0 auto, 1 reference kernel, 2 tiled when the shape
+// qualifies, 10 + c tiled config c (0..3) when it qualifies; -1 re-reads $EDGEKIT_SP24_PATH. Returns the previous
+// mode, or -1 for an unknown mode (nothing changed). Not thread-safe against concurrent launches.
+extern "C" int edgekit_matmul_sparse24_set_path(int mode) {
+  const bool ok = mode == -1 || mode == kPathAuto || mode == kPathReference || mode == kPathTiled ||
+                  (mode >= kPathTiledConfig0 && mode < kPathTiledConfig0 + edgekit_sp24::tiled::kConfigs);
+  if (!ok) return -1;
+  const int prev = path_mode();
+  g_path = mode;
+  return prev;
+}
+
+// The path the last successful launch took: 1 reference kernel, 10 + c tiled config c (0 before any launch).
+extern "C" int edgekit_matmul_sparse24_last_path(void) { return g_last_path; }
 
 // `count` independent instructions (mma_layout's probes batch hundreds per launch).
 extern "C" int edgekit_mma_sp_probe(int kind, const void* A, const void* B, const void* E, void* D, int count,

@@ -363,3 +363,33 @@ def infer_metadata_map(kind: str, run) -> np.ndarray:
             if len(rows) == 1:
                 out[lane, j] = (rows[0], int(round(f[rows[0]].mean() / 4)) - 1)
     return out
+
+
+# ---- ldmatrix (the tiled kernel, matmul_sparse24_tiled.cuh, loads its A and B fragments with ldmatrix.x4) ----
+
+
+def ldmatrix_x4(smem: np.ndarray, addrs) -> np.ndarray:
+    """``ldmatrix.sync.aligned.m8n8.x4.shared.b16`` on a byte array ``smem``: lane ``l`` supplies ``addrs[l]``, the
+    address of row ``l % 8`` of matrix ``l // 8`` (16 contiguous bytes); register ``i`` of lane ``l`` is the
+    little-endian word at bytes ``4 (l % 4)`` of row ``l // 4`` of matrix ``i``. Returns [32, 4] uint32 (PTX ISA,
+    "Warp-level matrix load instruction: ldmatrix": thread ``l`` holds row ``l / 4``, elements ``2 (l % 4)``,
+    ``+1`` of each 8 x 8 b16 matrix)."""
+    smem = np.asarray(smem, dtype=np.uint8).reshape(-1)
+    addrs = [int(a) for a in addrs]
+    assert len(addrs) == 32 and all(a % 16 == 0 for a in addrs), "ldmatrix rows are 16-byte aligned"
+    out = np.zeros((32, 4), dtype=np.uint32)
+    for lane in range(32):
+        for i in range(4):
+            a = addrs[8 * i + lane // 4] + 4 * (lane % 4)
+            out[lane, i] = smem[a : a + 4].view("<u4")[0]
+    return out
+
+
+def bank_conflict_ways(addrs, width: int = 16) -> int:
+    """Worst number of distinct 128-byte-row wavefronts any 4-byte bank is hit by, for one phase of 8 lanes each
+    reading ``width`` bytes from ``addrs`` (1: conflict-free). ldmatrix.x4 runs 4 such phases (lanes 8i..8i+7)."""
+    banks: dict[int, set] = {}
+    for a in addrs:
+        for w in range(0, width, 4):
+            banks.setdefault(((int(a) + w) // 4) % 32, set()).add((int(a) + w) // 128)
+    return max(len(v) for v in banks.values())
