@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgekit.kernels import lowbit
 from edgekit.kernels.lowbit import (
@@ -246,3 +248,34 @@ def test_4bit_layout_is_matmulnbits_layout(group, with_zp):
     (Y,) = sess.run(None, {"A": A})
     expected = reference_matmul(A, packed, scales, zp, bits=4, group_size=group, K=K, N=N)
     np.testing.assert_allclose(Y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+_shapes = st.tuples(st.sampled_from(BITS), st.sampled_from(lowbit.SUPPORTED_GROUP_SIZES),
+                    st.integers(1, 300), st.integers(1, 9), st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=80, deadline=None)
+@given(_shapes)
+def test_property_pack_unpack_round_trip(case):
+    bits, _, K, N, seed = case
+    q = np.random.default_rng(seed).integers(0, 1 << bits, size=(N, K)).astype(np.uint8)
+    packed = pack(q, bits)
+    assert packed.shape == (N, packed_row_bytes(K, bits)) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(unpack(packed, bits, K), q)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_shapes, st.booleans(), st.integers(1, 4))
+def test_property_reference_equals_dequantize_then_matmul(case, with_zp, M):
+    """For any width, group, K (padded or not), N, M and zero points: the op's reference is A @ dequant(B).T
+    computed independently in float64 (rtol 1e-5 of the output scale, float32 accumulation)."""
+    bits, group, K, N, seed = case
+    rng = np.random.default_rng(seed)
+    packed, scales, zp, W = _random_weights(rng, N, K, bits, group, with_zp)
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    Y = reference_matmul(A, packed, scales, zp, bits=bits, group_size=group, K=K, N=N)
+    expected = A.astype(np.float64) @ W.T
+    scale = np.abs(A).astype(np.float64) @ np.abs(W).T  # the sum's magnitude bounds float32 rounding
+    assert np.all(np.abs(Y - expected) <= 1e-5 * scale + 1e-7)
