@@ -11,7 +11,9 @@ low-bit plan of at most 4 average weight bits, against ONNX Runtime FP32 and ``q
    (``apply_plan(edgekit_kernels=True)``: the native library, ``accuracy_level`` 4 = int8 activations with VNNI) and
    with ONNX Runtime's ``com.microsoft.MatMulNBits`` (the same weights).
 3. Builds ORT's ``quantize_dynamic`` (QInt8 weights, per-tensor) peer.
-4. Times every variant at batch 1 interleaved with FP32 (``benchmarks/measure.interleaved_latency``: rounds with
+4. Times every variant (each its own session: ``--threads`` intra-op threads, thread spinning off unless ``--spin``,
+   the native library registered for all alike) at batch 1 interleaved with FP32
+   (``benchmarks/measure.interleaved_latency``: rounds with
    rotated order, quiet rounds only) and measures mean cosine similarity of the sentence embeddings against FP32 on
    the evaluation sentences.
 
@@ -77,9 +79,36 @@ def build_variants(work: Path, bits: float, ctx) -> tuple[object, dict, dict]:
                          "avg_code_bits": round(nominal, 3), "layers": len(options)}
 
 
+class SessionRuntime:
+    """One ONNX Runtime CPU session with ``run(feeds)``, made like ``edgekit.agent.runtime.OrtRuntime`` (the same
+    model preparation and disabled optimizers) but with intra-op thread spinning off for every variant: each
+    variant has its own thread pool, and with spinning on (ORT's default) the pool of the variant that had just run
+    keeps a core busy while the next one runs (2 cores here), which slows whichever variant follows."""
+
+    def __init__(self, path: Path, threads: int, spin: bool = False) -> None:
+        import onnxruntime as ort
+
+        from edgekit.agent.runtime import DISABLED_OPTIMIZERS, prepare_model
+        from edgekit.kernels import ort_native
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        native = ort_native.register_native(so)  # every variant alike (unused by models without ai.edgekit ops)
+        source = prepare_model(path, so, native_registered=native)
+        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds):
+        return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
+
+
 def run(args) -> dict:
     from benchmarks.measure import fidelity, interleaved_latency, run_samples
-    from edgekit.agent.runtime import OrtRuntime
     from edgekit.context import Context
     from edgekit.kernels import ort_native
 
@@ -88,8 +117,10 @@ def run(args) -> dict:
     ctx = Context(seed=0, progress=False)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgekit-kernels-e2e-") as tmp:
-        prep, paths, plan_notes = build_variants(Path(tmp), args.bits, ctx)
-        runtimes = {name: OrtRuntime(path, threads=args.threads) for name, path in paths.items()}
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        prep, paths, plan_notes = build_variants(work, args.bits, ctx)
+        runtimes = {name: SessionRuntime(path, args.threads, args.spin) for name, path in paths.items()}
         feeds = prep.evaluation.feeds()
         reference = run_samples(runtimes["fp32"], feeds)
         quality = {name: fidelity(run_samples(rt, feeds), reference, classification=False)
@@ -106,7 +137,8 @@ def run(args) -> dict:
         f"ai.edgekit mean cosine >= {MIN_COSINE}": quality[ours]["mean_cosine"] >= MIN_COSINE,
     }
     return {"command": " ".join(["benchmarks/kernels_e2e.py", *sys.argv[1:]]), "environment": P.environment(),
-            "isa": ort_native.best_isa(), "plan": plan_notes, "sizes": sizes, "quality": quality,
+            "isa": ort_native.best_isa(), "threads": args.threads, "spinning": bool(args.spin),
+            "plan": plan_notes, "sizes": sizes, "quality": quality,
             "timing": timing, "speedup_vs_fp32": round(speedup, 3), "speed_vs_quantize_dynamic": round(vs_peer, 3),
             "checks": checks, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -131,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--idle-wait", type=float, default=30.0, help="seconds, in all, to wait for quiet rounds")
+    ap.add_argument("--spin", action="store_true", help="let ORT's intra-op threads spin (default off, all variants)")
+    ap.add_argument("--work", type=Path, help="keep the models in this directory (default: a temporary one)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -256,6 +256,20 @@ def test_imports_without_torch():
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.parametrize("acc", [0, 4])
+def test_lowbit_gemm_minilm_shapes(isa, acc):
+    """The batched GEMM path at MiniLM's shapes (sequence 128: M = 128; K x N = 384x384, 384x1536, 1536x384),
+    against the numpy reference; accuracy level 4 with the int8-activation tolerance."""
+    rng = np.random.default_rng(128 + acc)
+    cases = [(2, 64, False), (3, 128, False), (4, 128, False), (4, 32, True), (8, 32, False)]
+    for i, (K, N) in enumerate(((384, 384), (384, 1536), (1536, 384))):
+        for bits, group, zp in cases[i::2] if acc == 0 else cases:
+            model, A, ref, Wd = _lowbit_case(rng, 128, K, N, bits, group, zp, acc)
+            y = _session(model).run(None, {"A": A})[0]
+            assert y.shape == (128, N)
+            (_check_fp32 if acc == 0 else _check_int8_activations)(y, ref, A, Wd)
+
+
 @pytest.mark.parametrize("bits", lowbit.SUPPORTED_BITS)
 def test_lowbit_prepacked_matches_unpacked(library, monkeypatch, bits):
     """accuracy_level 4 on AVX-512 re-packs constant weights into 16-row tiles on the first run; the unpacked
@@ -267,7 +281,7 @@ def test_lowbit_prepacked_matches_unpacked(library, monkeypatch, bits):
     rng = np.random.default_rng(bits)
     for group in lowbit.SUPPORTED_GROUP_SIZES:
         for zp in (False, True):
-            for M, K, N in ((1, 300, 37), (7, 256, 16), (9, 520, 50)):
+            for M, K, N in ((1, 300, 37), (7, 256, 16), (9, 520, 50), (17, 200, 33), (45, 136, 40)):
                 model, A, ref, Wd = _lowbit_case(rng, M, K, N, bits, group, zp, 4)
                 monkeypatch.delenv("EDGEKIT_ORT_NO_PREPACK", raising=False)
                 y1 = _session(model).run(None, {"A": A})[0]

@@ -140,6 +140,29 @@ const T* padded_rows(const T* src, int64_t M, int64_t K, int64_t lda, std::vecto
 // ---------------------------------------------------------------------------------------------------------------
 // MatMulLowBit
 
+// accuracy_level 4: rows [m0, m1) of A [M, K] quantized per row, symmetric, aq = round(a * 127 / max|a_row|)
+// into q [M, lda] (zeros in [K, lda)), a_scale = max|a_row| / 127, asum [M, groups] = sums of aq per group.
+// The AVX-512 quantizer (kernels_avx512_packed.cc) gives the same bits.
+void quantize_rows_scalar(const float* A, int64_t K, int64_t lda, int group, int64_t groups, int64_t m0, int64_t m1,
+                          int8_t* q, float* a_scale, int32_t* asum) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = A + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    a_scale[m] = amax / 127.f;
+    int8_t* qr = q + m * lda;
+    int32_t* gs = asum + m * groups;
+    std::fill(gs, gs + groups, 0);
+    for (int64_t k = 0; k < K; ++k) {
+      const float r = std::nearbyint(x[k] * inv);
+      qr[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+      gs[k / group] += qr[k];
+    }
+    std::fill(qr + K, qr + lda, int8_t(0));
+  }
+}
+
 // True when input i of the node is a constant initializer (its data cannot change between runs).
 bool constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t i) {
   size_t count = 0;
@@ -236,33 +259,53 @@ struct LowBitKernel {
     a.Y = Y;
     const int64_t lda = round_up(Kp, 256);
     std::vector<float> abuf;
-    std::vector<int8_t> qbuf, qperm;
-    std::vector<float> ascale;
-    std::vector<int32_t> asum;
+    std::vector<int8_t> qperm;
     const float* Af = static_cast<const float*>(A.data);
     if (accuracy_level == 4) {
-      // Dynamic symmetric per-row int8 quantization of A: aq = round(a * 127 / max|a|), a ~= aq * max|a| / 127.
-      qbuf.assign(static_cast<size_t>(M * lda), 0);
-      ascale.resize(M);
-      asum.assign(static_cast<size_t>(M * groups), 0);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* x = Af + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        ascale[m] = amax / 127.f;
-        int8_t* q = qbuf.data() + m * lda;
-        int32_t* gs = asum.data() + m * groups;
-        for (int64_t k = 0; k < K; ++k) {
-          const float r = std::nearbyint(x[k] * inv);
-          q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
-          gs[k / group] += q[k];
-        }
-      }
-      a.aq = qbuf.data(), a.lda_q = lda, a.a_scale = ascale.data(), a.asum = asum.data();
-      if (const PackedLowBit* pk = prepack ? get_packed(a) : nullptr) {
+      // Dynamic symmetric per-row int8 quantization of A: aq = round(a * 127 / max|a|), a ~= aq * max|a| / 127;
+      // rows in parallel (vectorized on AVX-512), into per-thread scratch reused across calls.
+      thread_local std::vector<int8_t> qs;
+      thread_local std::vector<float> ss;
+      thread_local std::vector<int32_t> gs;
+      if (qs.size() < static_cast<size_t>(M * lda)) qs.resize(static_cast<size_t>(M * lda));
+      if (ss.size() < static_cast<size_t>(M)) ss.resize(static_cast<size_t>(M));
+      if (gs.size() < static_cast<size_t>(M * groups)) gs.resize(static_cast<size_t>(M * groups));
+      QuantizeRowsFn qf = quantize_rows_scalar;
+      if (isa == Isa::kAvx512 && packed_lowbit_avx512()) qf = packed_lowbit_avx512()->quantize;
+      const int64_t rows_per = std::max<int64_t>(1, (M + 7) / 8);
+      const size_t qtasks = static_cast<size_t>((M + rows_per - 1) / rows_per);
+      int8_t* qd = qs.data();
+      float* sd = ss.data();
+      int32_t* gd = gs.data();
+      a.aq = qd, a.lda_q = lda, a.a_scale = sd, a.asum = gd;
+      const PackedLowBit* pk = prepack ? get_packed(a) : nullptr;
+      if (pk && M >= 32 && pk->w.size() <= (8u << 20)) {
+        // GEMM (pre-packed) with cache-resident weights: one parallel pass over blocks of 16 rows, each quantizing
+        // its own rows and then running every tile for them (no second thread-pool dispatch; the block's
+        // activations stay in L1). Larger weights are streamed once per call instead (tiles in parallel, below).
         const PackedLowBitKernels& pkk = *packed_lowbit_avx512();
-        const int64_t per = M <= 4 ? 4 : (M <= 16 ? 2 : 1);  // tiles per task
+        constexpr int64_t kRows = 16;
+        auto body = [&](size_t t) {
+          const int64_t m0 = static_cast<int64_t>(t) * kRows, m1 = std::min(M, m0 + kRows);
+          qf(Af, K, lda, static_cast<int>(group), groups, m0, m1, qd, sd, gd);
+          LowBitArgs b = a;
+          b.M = m1 - m0, b.aq = qd + m0 * lda, b.a_scale = sd + m0, b.asum = gd + m0 * groups, b.Y = Y + m0 * N;
+          pkk.run(b, *pk, 0, pk->tiles);
+        };
+        parallel_for(api, raw, static_cast<size_t>((M + kRows - 1) / kRows), body);
+        return;
+      }
+      auto qbody = [&](size_t t) {
+        const int64_t m0 = static_cast<int64_t>(t) * rows_per;
+        qf(Af, K, lda, static_cast<int>(group), groups, m0, std::min(M, m0 + rows_per), qd, sd, gd);
+      };
+      if (M * K >= 16384)
+        parallel_for(api, raw, qtasks, qbody);
+      else
+        for (size_t t = 0; t < qtasks; ++t) qbody(t);
+      if (pk) {
+        const PackedLowBitKernels& pkk = *packed_lowbit_avx512();
+        const int64_t per = M <= 4 ? 4 : 2;  // tiles per task (pairs: the batched kernel takes 2 tiles per pass)
         const size_t tasks = static_cast<size_t>((pk->tiles + per - 1) / per);
         auto body = [&](size_t t) {
           const int64_t t0 = static_cast<int64_t>(t) * per;

@@ -75,11 +75,18 @@ struct PackedLowBit {
   std::vector<uint8_t> zp;  // [tiles][groups][16] or empty (symmetric)
 };
 
+// Symmetric per-row int8 quantization of activation rows [m0, m1) of A [M, K] (see edgekit_ort.cc's
+// quantize_rows_scalar, which this must match bit for bit): q [M, lda] (zeros in [K, lda)), a_scale [M],
+// asum [M, groups].
+using QuantizeRowsFn = void (*)(const float* A, int64_t K, int64_t lda, int group, int64_t groups, int64_t m0,
+                                int64_t m1, int8_t* q, float* a_scale, int32_t* asum);
+
 struct PackedLowBitKernels {
   bool (*pack)(const LowBitArgs& a, PackedLowBit& out);  // a: B, scales, zero_points, N, K, bits, group
   // Y rows of tiles [t0, t1) for all M; a.aq in natural order (no lowbit_i8_prepare), a.asum as usual.
   void (*run)(const LowBitArgs& a, const PackedLowBit& pk, int64_t t0, int64_t t1);
   int tile_rows;
+  QuantizeRowsFn quantize;  // the AVX-512 quantizer (any lowbit path of this ISA may use it)
 };
 
 const PackedLowBitKernels* packed_lowbit_avx512();  // null when not compiled in

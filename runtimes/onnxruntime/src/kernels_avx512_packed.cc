@@ -8,7 +8,8 @@
 // hold code 4*(8/w)*v + 4*p + j of the group (row l). So for crumb/nibble p, all 16 lanes need the same four
 // consecutive activations: vpdpbusd with an embedded dword broadcast of the natural-order int8 activations, no
 // shuffles, no horizontal sums. The codes are isolated with one AND each, without shifting: lane sums of
-// (code << w*p) are shifted back (exactly) once per group. Per group and tile: dot - zp * asum (int32), one
+// (code << w*p) are shifted back (exactly) once per group. Batches of >= 8 rows (2/4/8-bit) instead take two tiles
+// per pass and shift each field down (srl + AND per weight vector) into one accumulator per row and tile. Per group and tile: dot - zp * asum (int32), one
 // conversion and one FMA with the 16 rows' scales (stored [tile][group][16]). Y of a tile is one vector store.
 // Each thread streams whole tiles: one sequential stream, prefetched ahead.
 #include <immintrin.h>
@@ -147,14 +148,94 @@ EK_TARGET void packed_tile(const LowBitArgs& a, const PackedLowBit& pk, int64_t 
     _mm512_mask_storeu_ps(a.Y + (m0 + m) * a.N + n0, om, _mm512_mul_ps(facc[m], _mm512_set1_ps(a.a_scale[m0 + m])));
 }
 
-template <int BITS>
-EK_TARGET void packed_run(const LowBitArgs& a, const PackedLowBit& pk, int64_t t0, int64_t t1) {
-  constexpr int MB = BITS == 3 ? 2 : 4;
+// Batched path (>= 8 rows), two tiles (32 outputs) x MT activation rows per pass, shifted code fields (srl +
+// AND per weight vector), one int32 accumulator per row and tile. Each broadcast activation dword feeds two
+// vpdpbusd (one per tile): on Zen 4 a vpdpbusd with an embedded {1to16} memory broadcast, or one broadcast per
+// vpdpbusd, runs at about half the register-operand rate. Tile t + 1 must exist (tile t is then full).
+template <int BITS, int MT>
+EK_TARGET void packed_tile2(const LowBitArgs& a, const PackedLowBit& pk, int64_t t, int64_t m0) {
+  constexpr int W = BITS, P = 8 / W, per_vec = 4 * P;
+  const int G = a.group, nv = G / per_vec;
+  const int64_t tb = pk.tile_bytes, sg = pk.groups * kTile;
+  const uint8_t* wp = pk.w.data() + t * tb;
+  const float* sp = pk.s.data() + t * sg;
+  const uint8_t* zp = pk.zp.empty() ? nullptr : pk.zp.data() + t * sg;
+  const int32_t sym = 1 << (BITS - 1);
+  const __m512i low = _mm512_set1_epi8(static_cast<char>((1 << W) - 1));
+  __m512 facc[MT][2];
+  for (int m = 0; m < MT; ++m) facc[m][0] = facc[m][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < pk.groups; ++g) {
+    __m512i acc[MT][2];
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    const int8_t* ag[MT];
+    for (int m = 0; m < MT; ++m) ag[m] = a.aq + (m0 + m) * a.lda_q + g * G;
+    for (int v = 0; v < nv; ++v, wp += 64) {
+      const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + tb);
+      for (int p = 0; p < P; ++p) {
+        const __m512i c0 = W == 8 ? w0 : _mm512_and_si512(_mm512_srli_epi16(w0, W * p), low);
+        const __m512i c1 = W == 8 ? w1 : _mm512_and_si512(_mm512_srli_epi16(w1, W * p), low);
+        for (int m = 0; m < MT; ++m) {
+          int32_t d;
+          std::memcpy(&d, ag[m] + per_vec * v + 4 * p, 4);
+          const __m512i b = _mm512_set1_epi32(d);
+          acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], c0, b);
+          acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], c1, b);
+        }
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(sp + g * kTile), s1 = _mm512_loadu_ps(sp + sg + g * kTile);
+    __m512i z0 = _mm512_setzero_si512(), z1 = z0;
+    if (zp) {
+      z0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + g * kTile)));
+      z1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + sg + g * kTile)));
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int32_t as = a.asum[(m0 + m) * a.groups + g];
+      const __m512i va = _mm512_set1_epi32(zp ? as : sym * as);
+      const __m512i c0 = zp ? _mm512_mullo_epi32(z0, va) : va, c1 = zp ? _mm512_mullo_epi32(z1, va) : va;
+      facc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][0], c0)), s0, facc[m][0]);
+      facc[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][1], c1)), s1, facc[m][1]);
+    }
+  }
+  const int64_t n0 = t * kTile, left = a.N - n0 - kTile;
+  const __mmask16 om = left >= kTile ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+  for (int m = 0; m < MT; ++m) {
+    const __m512 sc = _mm512_set1_ps(a.a_scale[m0 + m]);
+    float* y = a.Y + (m0 + m) * a.N + n0;
+    _mm512_storeu_ps(y, _mm512_mul_ps(facc[m][0], sc));
+    _mm512_mask_storeu_ps(y + kTile, om, _mm512_mul_ps(facc[m][1], sc));
+  }
+}
+
+// Small batches (< 8 rows; 3-bit always): one tile per pass, the code fields left in place (one accumulator per
+// field, no shifts), each weight vector serving MB rows.
+template <int BITS, int MB>
+EK_TARGET void packed_run_mb(const LowBitArgs& a, const PackedLowBit& pk, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
     for (; m + MB <= a.M; m += MB) packed_tile<BITS, MB>(a, pk, t, m);
     for (; m < a.M; ++m) packed_tile<BITS, 1>(a, pk, t, m);
   }
+}
+
+template <int BITS, int MB>
+EK_TARGET void packed_run_pairs(const LowBitArgs& a, const PackedLowBit& pk, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  for (; t + 1 < t1; t += 2) {
+    int64_t m = 0;
+    for (; m + MB <= a.M; m += MB) packed_tile2<BITS, MB>(a, pk, t, m);
+    if (MB > 4 && m + 4 <= a.M) packed_tile2<BITS, 4>(a, pk, t, m), m += 4;
+    for (; m < a.M; ++m) packed_tile2<BITS, 1>(a, pk, t, m);
+  }
+  if (t < t1) packed_run_mb<BITS, 4>(a, pk, t, t1);
+}
+
+template <int BITS>
+EK_TARGET void packed_run(const LowBitArgs& a, const PackedLowBit& pk, int64_t t0, int64_t t1) {
+  if (BITS == 3) return packed_run_mb<3, 2>(a, pk, t0, t1);
+  constexpr int B = BITS == 3 ? 2 : BITS;  // (3-bit returned above)
+  if (a.M < 8) return packed_run_mb<B, 4>(a, pk, t0, t1);
+  return packed_run_pairs<B, 4>(a, pk, t0, t1);  // 4 rows x 2 tiles: 8 int32 + 8 fp32 accumulators
 }
 
 EK_TARGET void lowbit_i8_packed(const LowBitArgs& a, const PackedLowBit& pk, int64_t t0, int64_t t1) {
@@ -170,10 +251,48 @@ EK_TARGET void lowbit_i8_packed(const LowBitArgs& a, const PackedLowBit& pk, int
   }
 }
 
+// Per-row symmetric int8 quantization, bit-identical to the scalar quantize_rows (max is exact; x * inv is the
+// same fp32 product; cvtps rounds to nearest even like nearbyint in the default rounding mode).
+EK_TARGET void quantize_rows(const float* A, int64_t K, int64_t lda, int group, int64_t groups, int64_t m0,
+                             int64_t m1, int8_t* q, float* a_scale, int32_t* asum) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = A + m * K;
+    __m512 mx = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(x + k), absmask));
+    if (k < K) {
+      const __mmask16 r = static_cast<__mmask16>((1u << (K - k)) - 1u);
+      mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_maskz_loadu_ps(r, x + k), absmask));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    a_scale[m] = amax / 127.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    int8_t* qr = q + m * lda;
+    int32_t* gs = asum + m * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 16) {
+        const int64_t left = K - k0;
+        const __mmask16 r = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                       : (left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u));
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(r, x + k0), vinv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k0), _mm512_cvtepi32_epi8(v));
+      }
+      gs[g] = _mm512_reduce_add_epi32(sum);
+    }
+    std::memset(qr + groups * group, 0, static_cast<size_t>(lda - groups * group));
+  }
+}
+
 }  // namespace
 
 const PackedLowBitKernels* packed_lowbit_avx512() {
-  static const PackedLowBitKernels k{pack_lowbit, lowbit_i8_packed, kTile};
+  static const PackedLowBitKernels k{pack_lowbit, lowbit_i8_packed, kTile, quantize_rows};
   return &k;
 }
 
