@@ -119,6 +119,25 @@ def test_reference_matmul_validates_inputs():
         reference_matmul(A, packed, scales, zp, bits=4, group_size=32, K=64, N=5)
 
 
+@pytest.mark.parametrize("with_zp", [True, False])
+def test_reference_matmul_adds_the_bias(with_zp):
+    rng = np.random.default_rng(3 + with_zp)
+    N, K = 10, 70
+    packed, scales, zp, W = _random_weights(rng, N, K, 4, 32, with_zp)
+    A = rng.standard_normal((2, 3, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    kw = dict(bits=4, group_size=32, K=K, N=N)
+    Y = reference_matmul(A, packed, scales, zp, **kw, bias=bias)
+    assert Y.shape == (2, 3, N) and Y.dtype == np.float32
+    np.testing.assert_array_equal(Y, reference_matmul(A, packed, scales, zp, **kw) + bias)
+    np.testing.assert_allclose(Y, A.astype(np.float64) @ W.T + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(reference_matmul(A, packed, scales, zp, **kw, bias=None),
+                                  reference_matmul(A, packed, scales, zp, **kw))
+    for bad in (np.ones(N + 1, np.float32), np.ones((1, N), np.float32), np.ones(N, np.int32)):
+        with pytest.raises(ValueError, match=r"bias must be float32 \[N\] = \[10\]"):
+            reference_matmul(A, packed, scales, zp, **kw, bias=bad)
+
+
 def _sqnr_db(W, Wq):
     return 10 * np.log10(np.sum(W.astype(np.float64) ** 2) / np.sum((W - Wq).astype(np.float64) ** 2))
 
@@ -183,6 +202,13 @@ def test_make_node_attributes_and_validation():
         lowbit.make_node(["A", "B"], ["Y"], K=64, N=8, bits=3, group_size=32)
     with pytest.raises(ValueError, match="bits=5"):
         lowbit.make_node(["A", "B", "S"], ["Y"], K=64, N=8, bits=5, group_size=32)
+    # the optional bias (5th input); zero_points may be "" (absent) only before a bias
+    for ins in (["A", "B", "S", "Z", "bias"], ["A", "B", "S", "", "bias"]):
+        node = lowbit.make_node(ins, ["Y"], K=64, N=8, bits=4, group_size=32)
+        assert list(node.input) == ins
+    for ins in (["A", "B", "S", ""], ["A", "B", "S", "Z", ""], ["A", "", "S"], ["A", "B", "S", "Z", "b", "x"]):
+        with pytest.raises(ValueError, match="inputs"):
+            lowbit.make_node(ins, ["Y"], K=64, N=8, bits=4, group_size=32)
 
 
 @pytest.mark.parametrize("bits,with_zp", [(2, True), (3, False), (4, True), (4, False), (8, True)])
@@ -279,3 +305,33 @@ def test_property_reference_equals_dequantize_then_matmul(case, with_zp, M):
     expected = A.astype(np.float64) @ W.T
     scale = np.abs(A).astype(np.float64) @ np.abs(W).T  # the sum's magnitude bounds float32 rounding
     assert np.all(np.abs(Y - expected) <= 1e-5 * scale + 1e-7)
+
+
+@pytest.mark.parametrize("bits,with_zp", [(3, False), (4, True)])
+def test_python_op_with_bias_equals_the_reference(bits, with_zp):
+    """The fallback's Python op has 4 inputs: ``to_contrib_domain`` moves the bias into a following Add."""
+    pytest.importorskip("onnxruntime_extensions")
+    import onnxruntime as ort
+
+    from edgekit.kernels.ort_python import CONTRIB_DOMAIN, register_python_op, to_contrib_domain
+
+    rng = np.random.default_rng(20 + bits)
+    N, K, group = 12, 100, 32
+    packed, scales, zp, _ = _random_weights(rng, N, K, bits, group, with_zp)
+    bias = rng.standard_normal(N).astype(np.float32)
+    inits = {"B": packed, "S": scales} | ({"Z": zp} if with_zp else {}) | {"bias": bias}
+    ins = ["A", "B", "S", "Z" if with_zp else "", "bias"]
+    node = lowbit.make_node(ins, ["Y"], K=K, N=N, bits=bits, group_size=group, name="fc")
+    model = _model(node, ("batch", 3, K), N, inits)
+    contrib = to_contrib_domain(model)
+    assert list(model.graph.node[0].input) == ins  # the input model is left alone
+    mm, add = contrib.graph.node
+    assert mm.domain == CONTRIB_DOMAIN and len(mm.input) == 4 and all(mm.input)
+    assert add.op_type == "Add" and list(add.input) == [mm.output[0], "bias"] and list(add.output) == ["Y"]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(register_python_op())
+    sess = ort.InferenceSession(contrib.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    A = rng.standard_normal((2, 3, K)).astype(np.float32)
+    (Y,) = sess.run(None, {"A": A})
+    expected = reference_matmul(A, packed, scales, zp, bits=bits, group_size=group, K=K, N=N, bias=bias)
+    np.testing.assert_allclose(Y, expected, rtol=1e-6, atol=1e-6)

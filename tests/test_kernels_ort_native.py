@@ -75,7 +75,7 @@ def _model(node, a_type, M, K, N, inits):
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("ai.edgekit", 1)])
 
 
-def _lowbit_case(rng, M, K, N, bits, group, zp, acc):
+def _lowbit_case(rng, M, K, N, bits, group, zp, acc, bias=False):
     W = rng.standard_normal((N, K)).astype(np.float32)
     B, S, Z = lowbit.quantize_rtn(W, bits, group, symmetric=not zp)
     inits = [nh.from_array(B, "B"), nh.from_array(S, "S")]
@@ -83,11 +83,16 @@ def _lowbit_case(rng, M, K, N, bits, group, zp, acc):
     if Z is not None:
         inits.append(nh.from_array(Z, "Z"))
         ins.append("Z")
+    b = None
+    if bias:  # the 5th input; zero_points "" when symmetric
+        b = (rng.standard_normal(N) * 5.0).astype(np.float32)
+        inits.append(nh.from_array(b, "bias"))
+        ins += [""] * (4 - len(ins)) + ["bias"]
     node = lowbit.make_node(ins, ["Y"], K=K, N=N, bits=bits, group_size=group)
     node.attribute.append(oh.make_attribute("accuracy_level", acc))
     A = rng.standard_normal((M, K)).astype(np.float32)
     A[:, ::7] *= 4.0  # a few larger activations
-    ref = lowbit.reference_matmul(A, B, S, Z, bits=bits, group_size=group, K=K, N=N)
+    ref = lowbit.reference_matmul(A, B, S, Z, bits=bits, group_size=group, K=K, N=N, bias=b)
     Wd = lowbit.dequantize(B, S, Z, bits, group, K)
     return _model(node, TP.FLOAT, M, K, N, inits), A, ref, Wd
 
@@ -291,3 +296,50 @@ def test_lowbit_prepacked_matches_unpacked(library, monkeypatch, bits):
                 _check_int8_activations(y1, ref, A, Wd)
                 np.testing.assert_array_equal(y1, y1b)
                 np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5 * float(np.abs(y0).max()))
+
+
+@pytest.mark.parametrize("acc", [0, 4])
+@pytest.mark.parametrize("zp", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("bits", lowbit.SUPPORTED_BITS)
+def test_lowbit_bias_matches_reference(isa, bits, zp, acc):
+    """The optional 5th input ``bias`` (zero_points "" when symmetric) is added in the kernels' epilogue: every
+    path, GEMV (M = 1), small GEMM, GEMM (M = 33) and the batched GEMM path (M = 128, pre-packed on AVX-512 at
+    accuracy level 4), against the reference with the bias."""
+    rng = np.random.default_rng(bits * 100 + 7 * zp + acc)
+    check = _check_fp32 if acc == 0 else _check_int8_activations
+    for M, K, N in [*LOWBIT_SHAPES, (128, 384, 100)]:
+        for group in (32, 128):
+            model, A, ref, Wd = _lowbit_case(rng, M, K, N, bits, group, zp, acc, bias=True)
+            assert len(model.graph.node[0].input) == 5 and bool(model.graph.node[0].input[3]) == zp
+            y = _session(model).run(None, {"A": A})[0]
+            assert y.shape == (M, N) and y.dtype == np.float32
+            check(y, ref, A, Wd)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_lowbit_bias_prepacked_matches_unpacked(library, monkeypatch, bits):
+    """The pre-packed AVX-512 paths (tiles in parallel; blocks of 16 rows from M = 32) add the bias like the
+    unpacked kernels, for tails in N."""
+    if not _isa_available("avx512"):
+        pytest.skip("no avx512 path")
+    monkeypatch.setenv("EDGEKIT_ORT_ISA", "avx512")
+    rng = np.random.default_rng(bits + 50)
+    for zp in (False, True):
+        for M, K, N in ((1, 300, 37), (9, 520, 50), (45, 136, 40)):
+            model, A, ref, Wd = _lowbit_case(rng, M, K, N, bits, 64, zp, 4, bias=True)
+            monkeypatch.delenv("EDGEKIT_ORT_NO_PREPACK", raising=False)
+            y1 = _session(model).run(None, {"A": A})[0]
+            monkeypatch.setenv("EDGEKIT_ORT_NO_PREPACK", "1")
+            y0 = _session(model).run(None, {"A": A})[0]
+            _check_int8_activations(y1, ref, A, Wd)
+            np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5 * float(np.abs(y0).max()))
+
+
+def test_lowbit_bad_bias_raises_a_clear_error(library):
+    rng = np.random.default_rng(1)
+    B, S, _ = lowbit.quantize_rtn(rng.standard_normal((8, 64)).astype(np.float32), 4, 32)
+    node = lowbit.make_node(["A", "B", "S", "", "bias"], ["Y"], K=64, N=8, bits=4, group_size=32)
+    inits = [nh.from_array(B, "B"), nh.from_array(S, "S"), nh.from_array(np.ones(7, np.float32), "bias")]
+    model = _model(node, TP.FLOAT, 1, 64, 8, inits)
+    with pytest.raises(Exception, match="bias must be float32"):
+        _session(model).run(None, {"A": np.ones((1, 64), np.float32)})

@@ -141,6 +141,21 @@ def test_matmulnbits_and_gather_block_quantized_match_numpy(bits, symmetric):
     assert not {"E", "W1", "W2"} & {i.name for i in exact.graph.initializer}  # float weights are gone
 
 
+def _assert_bias_fused(out, biased: dict[str, str]):
+    """Every MatMulLowBit of ``biased`` (layer name -> bias initializer) takes its bias as the 5th input, and no
+    ``Add`` reads any MatMulLowBit's output (the bias is fused in the op, not added after it)."""
+    lowbit_out = {n.output[0]: n for n in out.graph.node if n.op_type == "MatMulLowBit"}
+    for n in out.graph.node:
+        assert not (n.op_type == "Add" and set(n.input) & set(lowbit_out)), f"{n.name} adds after a MatMulLowBit"
+    nodes = {n.name: n for n in lowbit_out.values()}
+    inits = {i.name: i for i in out.graph.initializer}
+    for layer, bias in biased.items():
+        node = nodes[layer]
+        assert len(node.input) == 5 and node.input[4] == bias and bias in inits
+        assert numpy_helper.to_array(inits[bias]).dtype == np.float32
+        assert tuple(inits[bias].dims) == (int({a.name: a.i for a in node.attribute}["N"]),)
+
+
 def test_three_bit_layers_export_as_ai_edgekit_ops_and_run(tmp_path):
     pytest.importorskip("onnxruntime_extensions")
     from edgekit.agent.runtime import OrtRuntime
@@ -151,6 +166,8 @@ def test_three_bit_layers_export_as_ai_edgekit_ops_and_run(tmp_path):
                                                                        ("fc2", model.graph.node[2]))}
     out = apply_weight_only(model, qs, accuracy_level=0)  # fp32 math: the dequantized weights exactly
     assert [n.op_type for n in out.graph.node].count("MatMulLowBit") == 2
+    _assert_bias_fused(out, {"fc2": "fc2::bias"})
+    assert "Add" not in {n.op_type for n in out.graph.node}
     ids = np.array([1, 2, 3], dtype=np.int64)
     e = numpy_helper.to_array(inits["E"])[ids]
     ref = e @ qs["fc1"].dequantize().T @ qs["fc2"].dequantize().T + numpy_helper.to_array(inits["b2"])
@@ -177,6 +194,8 @@ def test_edgekit_ops_export_every_width_and_run_in_the_native_library(accuracy_l
     lowbit_nodes = [n for n in out.graph.node if n.op_type == "MatMulLowBit"]
     assert len(lowbit_nodes) == 2 and all(n.domain == "ai.edgekit" for n in lowbit_nodes)
     assert all({a.name: a.i for a in n.attribute}.get("accuracy_level", 0) == accuracy_level for n in lowbit_nodes)
+    _assert_bias_fused(out, {"fc2": "fc2::bias"})  # the Gemm's bias (fc2 is symmetric: zero_points "")
+    assert "Add" not in {n.op_type for n in out.graph.node}
     ids = np.array([1, 2, 3, 40], dtype=np.int64)
     e = numpy_helper.to_array(inits["E"])[ids]
     ref = e @ qs["fc1"].dequantize().T @ qs["fc2"].dequantize().T + numpy_helper.to_array(inits["b2"])
@@ -213,6 +232,26 @@ def test_without_the_native_library_lowbit_falls_back_and_sparse_is_a_clear_erro
         OrtRuntime(sparse.SerializeToString())
 
 
+def test_fused_bias_runs_through_the_python_fallback(monkeypatch, tmp_path):
+    """Without the native library, a MatMulLowBit with a bias input still computes ``x @ W.T + b`` (the fallback
+    moves the bias into an Add)."""
+    pytest.importorskip("onnxruntime_extensions")
+    from edgekit.agent.runtime import OrtRuntime
+
+    monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", str(tmp_path / "missing.so"))
+    model = _tiny_model()
+    inits = {i.name: i for i in model.graph.initializer}
+    qs = {"fc1": rtn(weight_matrix(model.graph.node[1], inits), 4, 32),
+          "fc2": rtn(weight_matrix(model.graph.node[2], inits), 4, 32, symmetric=True)}
+    out = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0)
+    _assert_bias_fused(out, {"fc2": "fc2::bias"})
+    ids = np.array([4, 5, 6], dtype=np.int64)
+    e = numpy_helper.to_array(inits["E"])[ids]
+    ref = e @ qs["fc1"].dequantize().T @ qs["fc2"].dequantize().T + numpy_helper.to_array(inits["b2"])
+    got = OrtRuntime(out.SerializeToString()).run({"ids": ids})["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def _conv_model():
     """x [N, 64, 5, 5] -> 1x1 Conv (48 out, bias) -> Relu -> 3x3 Conv (padded, not lowerable)."""
     rng = np.random.default_rng(5)
@@ -244,6 +283,9 @@ def test_pointwise_convs_lower_to_low_bit_matmuls(edgekit_ops):
     ops = [n.op_type for n in out.graph.node]
     assert ops[:2] == ["Transpose", "MatMulLowBit" if edgekit_ops else "MatMulNBits"] and "W1" not in {
         i.name for i in out.graph.initializer}
+    assert "Add" not in ops  # the conv's bias is fused into either op
+    if edgekit_ops:
+        _assert_bias_fused(out, {"pw": "pw::bias"})
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
     w = next(i for i in reference.graph.initializer if i.name == "W1")

@@ -38,7 +38,7 @@ def _model(nodes, inits, inputs, outputs):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.edgekit", 1)])
 
 
-def lowbit_model(bits=4, gs=32, K=100, N=24, zp=True, **extra):
+def lowbit_model(bits=4, gs=32, K=100, N=24, zp=True, bias=False, **extra):
     rng = np.random.default_rng(bits)
     W = rng.standard_normal((N, K)).astype(np.float32)
     packed, scales, zps = lowbit.quantize_rtn(W, bits, gs, symmetric=not zp)
@@ -47,6 +47,9 @@ def lowbit_model(bits=4, gs=32, K=100, N=24, zp=True, **extra):
     if zp:
         inits.append(numpy_helper.from_array(zps, "Z"))
         names.append("Z")
+    if bias:  # the optional 5th input (zero_points "" when symmetric)
+        inits.append(numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "bias"))
+        names += [""] * (4 - len(names)) + ["bias"]
     node = lowbit.make_node(names, ["Y"], K=K, N=N, bits=bits, group_size=gs, name="fc1")
     node.attribute.extend(helper.make_attribute(k, v) for k, v in extra.items())
     return _model(
@@ -127,6 +130,23 @@ def test_lowbit_node_form_and_bit_exact_int8(bits, gs, zp):
     assert "W" not in names and "Z" not in names and "S" in names  # no UINT8 initializer is left behind
     assert all(t.data_type != TensorProto.UINT8 for t in out.graph.initializer)
     assert out.graph.node[1].op_type == "Relu"
+
+
+@pytest.mark.parametrize("zp", [True, False])
+def test_lowbit_bias_is_split_into_a_following_add(zp):
+    """The plugin has no bias input: MatMulLowBit(..., bias) maps to the plugin (3-4 inputs) then an ONNX Add."""
+    model = lowbit_model(4, 32, zp=zp, bias=True, accuracy_level=4)
+    before = model.SerializeToString()
+    out = to_tensorrt_nodes(model)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(out)
+    plugin, add, relu = out.graph.node
+    assert plugin.op_type == "EdgekitMatMulLowBit" and plugin.name == "fc1"
+    assert len(plugin.input) == (4 if zp else 3) and all(plugin.input)
+    assert add.op_type == "Add" and add.domain == "" and list(add.input) == [plugin.output[0], "bias"]
+    assert list(add.output) == ["Y"] and plugin.output[0] != "Y" and relu.input[0] == "Y"
+    assert "bias" in {t.name for t in out.graph.initializer}
+    assert len({n.name for n in out.graph.node}) == 3
 
 
 def test_shared_initializer_kept_for_other_users_and_converted_once():

@@ -8,7 +8,7 @@
   native library, ``runtimes/onnxruntime/``). ONNX Runtime runs the op in that library when it is built, else through
   the Python reference (``edgekit.agent.runtime.prepare_model``).
 - A 1x1 Conv (group 1, stride 1, no padding or dilation effect) is lowered to the same op over channels-last rows:
-  ``Transpose(NCHW -> NHWC)``, the MatMul op on ``[..., Cin]``, the bias ``Add``, ``Transpose`` back. 1x1 convolutions
+  ``Transpose(NCHW -> NHWC)``, the MatMul op on ``[..., Cin]`` (bias fused), ``Transpose`` back. 1x1 convolutions
   dominate MobileNet/EfficientNet compute, and this lets them take any low-bit width the MatMul kernels run.
 - A Gather from a constant ``[V, D]`` table along axis 0 (an embedding) becomes ``com.microsoft.GatherBlockQuantized``
   (4 or 8 bits; 2 bits symmetric only).
@@ -68,10 +68,13 @@ def matmul_nbits(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = N
     return node, inits
 
 
-def matmul_lowbit(name: str, x: str, y: str, qw: QWeight, *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
-    """An ``ai.edgekit::MatMulLowBit`` node (any of 2/3/4/8 bits; ``edgekit.kernels.lowbit``) and its initializers:
-    the format for bit-widths ONNX Runtime has no kernel for (3 bits), and for every bit-width on targets with the
-    native library. Zero points are one byte each; ``accuracy_level`` 4 lets the native kernel multiply in int8."""
+def matmul_lowbit(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = None,
+                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
+    """An ``ai.edgekit::MatMulLowBit`` node computing ``y = x @ dequant(qw).T (+ bias)`` (any of 2/3/4/8 bits;
+    ``edgekit.kernels.lowbit``) and its initializers: the format for bit-widths ONNX Runtime has no kernel for
+    (3 bits), and for every bit-width on targets with the native library. Zero points are one byte each; ``bias``
+    (a float32 ``[N]`` tensor name) is the op's 5th input, fused in the kernels' epilogue; ``accuracy_level`` 4
+    lets the native kernel multiply in int8."""
     from onnx import numpy_helper
 
     from edgekit.kernels import lowbit as spec
@@ -82,6 +85,8 @@ def matmul_lowbit(name: str, x: str, y: str, qw: QWeight, *, accuracy_level: int
     if qw.zeros is not None:
         inits.append(numpy_helper.from_array(qw.zeros.astype(np.uint8), f"{name}::zero_points"))
         inputs.append(f"{name}::zero_points")
+    if bias:
+        inputs += [""] * (4 - len(inputs)) + [bias]
     node = spec.make_node(inputs, [y], K=qw.k, N=qw.n, bits=qw.bits, group_size=qw.group, name=name)
     if accuracy_level:
         from onnx import helper
@@ -154,7 +159,7 @@ def check_rewritable(node, inits: Mapping) -> None:
 
 
 def _pointwise_conv(node, qw: QWeight, inits: Mapping, *, accuracy_level: int, edgekit_ops: bool):
-    """``Transpose -> low-bit MatMul (+ bias Add) -> Transpose`` computing a 1x1 Conv with ``qw``."""
+    """``Transpose -> low-bit MatMul (bias fused) -> Transpose`` computing a 1x1 Conv with ``qw``."""
     from onnx import helper, numpy_helper
 
     name, x, y = node.name, node.input[0], node.output[0]
@@ -168,16 +173,10 @@ def _pointwise_conv(node, qw: QWeight, inits: Mapping, *, accuracy_level: int, e
         extra.append(numpy_helper.from_array(numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32),
                                              f"{name}::bias"))
     use_nbits = qw.bits in MATMUL_BITS and not edgekit_ops
-    if use_nbits:
-        mm, more = matmul_nbits(name, f"{name}::nhwc", out, qw, bias=f"{name}::bias" if bias else None,
-                                accuracy_level=accuracy_level)
-        nodes.append(mm)
-    else:
-        mm, more = matmul_lowbit(name, f"{name}::nhwc", f"{name}::mm" if bias else out, qw,
-                                 accuracy_level=accuracy_level)
-        nodes.append(mm)
-        if bias:
-            nodes.append(helper.make_node("Add", [f"{name}::mm", f"{name}::bias"], [out], name=f"{name}::bias"))
+    make = matmul_nbits if use_nbits else matmul_lowbit
+    mm, more = make(name, f"{name}::nhwc", out, qw, bias=f"{name}::bias" if bias else None,
+                    accuracy_level=accuracy_level)
+    nodes.append(mm)
     extra += more
     nodes.append(helper.make_node("Transpose", [out], [y], name=f"{name}::to_nchw", perm=[0, 3, 1, 2]))
     return nodes, extra
@@ -220,16 +219,8 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
                 b = numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32)
                 new_inits.append(numpy_helper.from_array(b, f"{node.name}::bias"))
                 bias = f"{node.name}::bias"
-            if qw.bits in MATMUL_BITS and not edgekit_ops:
-                n, extra = matmul_nbits(node.name, node.input[0], node.output[0], qw, bias=bias,
-                                        accuracy_level=accuracy_level)
-            elif bias is None:
-                n, extra = matmul_lowbit(node.name, node.input[0], node.output[0], qw, accuracy_level=accuracy_level)
-            else:  # MatMulLowBit has no bias input: add it after
-                n, extra = matmul_lowbit(node.name, node.input[0], f"{node.name}::y", qw,
-                                         accuracy_level=accuracy_level)
-                new_nodes.append(n)
-                n = helper.make_node("Add", [f"{node.name}::y", bias], [node.output[0]], name=f"{node.name}::bias")
+            make = matmul_nbits if qw.bits in MATMUL_BITS and not edgekit_ops else matmul_lowbit
+            n, extra = make(node.name, node.input[0], node.output[0], qw, bias=bias, accuracy_level=accuracy_level)
         new_nodes.append(n)
         new_inits += extra
     missing = sorted(set(weights) - found)

@@ -15,7 +15,8 @@ to INT32 and UINT8 intermediates are illegal, so packed bytes enter as INT8.
   (0 or 4) is dropped: the plugin always computes in fp32 (level 0), which is within level 4's error bound.
   ``B_packed`` and ``zero_points`` (uint8 initializers) become INT8 initializers holding the same bytes
   (``uint8_array.view(int8)``: value ``v >= 128`` reads as ``v - 256``; the CUDA kernel reads bytes, so nothing
-  changes). ``scales`` must be float32.
+  changes). ``scales`` must be float32. A ``bias`` (the optional 5th input) is split into a following ONNX ``Add``
+  node (``Y = plugin(...) + bias``; TensorRT fuses the elementwise add itself), so the plugin keeps 3-4 inputs.
 - ``MatMulSparse24`` -> ``EdgekitMatMulSparse24``, the float variant only (3 inputs): ``values`` (a float
   initializer) becomes float16, the precision of the CUDA kernel (round to nearest even); ``indices`` becomes INT8
   (same bytes). The int8 variants are refused: TensorRT has no UINT8 activations, and its own INT8 2:4 sparsity
@@ -172,6 +173,14 @@ class _Graph:
             raise _err(node, f"{what} {name!r} must have shape {list(shape)}, got {list(arr.shape)}")
         return name if arr.dtype == np.int8 else self.replace(name, "int8", arr.view(np.int8))
 
+    def fresh(self, name: str) -> str:
+        """A tensor name not yet in the graph, based on ``name``."""
+        new, i = name, 1
+        while new in self.names:
+            new, i = f"{name}{i}", i + 1
+        self.names.add(new)
+        return new
+
     def drop_unused(self) -> None:
         used = {n for node in self.graph.node for n in node.input} | {o.name for o in self.graph.output}
         _collect_subgraph_inputs(self.graph, used)
@@ -312,6 +321,18 @@ def to_tensorrt_nodes(model):
             continue
         if node.op_type not in _REWRITERS:
             raise _err(node, f"has no TensorRT plugin (plugins exist for {sorted(_REWRITERS)})")
+        bias_add = None
+        if node.op_type == lowbit.OP_TYPE and len(node.input) > 4:
+            # the plugin has no bias input: MatMulLowBit(A, B, scales, zp) followed by Add(., bias)
+            split = onnx.NodeProto()
+            split.CopyFrom(node)
+            bias = split.input[4]
+            del split.input[4:]
+            if bias:
+                y = split.output[0]
+                split.output[0] = g.fresh(f"{y}_no_bias")
+                bias_add = helper.make_node("Add", [split.output[0], bias], [y], name=g.fresh(f"{node.name}_bias"))
+            node = split
         inputs, fields = _REWRITERS[node.op_type](node, g)
         spec = PLUGINS[node.op_type]
         attrs = {name: (int(fields[name]) if kind == "INT" else float(fields[name])) for name, kind in spec.fields}
@@ -327,6 +348,8 @@ def to_tensorrt_nodes(model):
         )
         new.doc_string = node.doc_string
         nodes.append(new)
+        if bias_add is not None:
+            nodes.append(bias_add)
     del graph.node[:]
     graph.node.extend(nodes)
     g.drop_unused()

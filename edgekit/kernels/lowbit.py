@@ -11,7 +11,10 @@ Inputs
                      ``com.microsoft.MatMulNBits``).
     ``scales``       float32 ``[N, Kp / group_size]``: one scale per (row, group).
     ``zero_points``  optional uint8 ``[N, Kp / group_size]``: one zero point per (row, group), one value per byte
-                     (not packed). Absent means symmetric: every zero point is ``2 ** (bits - 1)``.
+                     (not packed). Absent (omitted, or the empty name ``""`` when ``bias`` follows) means
+                     symmetric: every zero point is ``2 ** (bits - 1)``.
+    ``bias``         optional float32 ``[N]``: added to every output row (the fused epilogue of a Gemm / 1x1 Conv
+                     bias; implementations add it in the same pass that writes ``Y``, not as a separate ``Add``).
 Attributes (INT)
     ``K``, ``N``     the logical reduction length and the number of outputs.
     ``bits``         2, 3, 4 or 8.
@@ -21,7 +24,7 @@ Attributes (INT)
                      ``max|a| / 127``) and multiplied in int8 (VNNI); the error per output is at most
                      ``step / 2 * sum_k |dequant(B)[n, k]|`` (plus fp32 rounding).
 Output
-    ``Y``            float32 ``[..., N]`` = ``A @ dequant(B)[:, :K].T``, where
+    ``Y``            float32 ``[..., N]`` = ``A @ dequant(B)[:, :K].T (+ bias)``, where
                      ``dequant(q)[n, k] = (q[n, k] - zp[n, k // group_size]) * scale[n, k // group_size]``.
 
 Padding. ``K`` need not be a multiple of ``group_size``: the stored rows are padded to
@@ -188,15 +191,22 @@ def reference_matmul(
     group_size: int,
     K: int,
     N: int,
+    bias: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The op's output ``Y[..., N] = A[..., K] @ dequantize(...).T`` in float32."""
+    """The op's output ``Y[..., N] = A[..., K] @ dequantize(...).T (+ bias[N])`` in float32."""
     A = np.asarray(A, dtype=np.float32)
     if A.shape[-1:] != (K,):
         raise ValueError(f"A's last dimension must be K={K}, got shape {A.shape}")
     W = dequantize(packed, scales, zero_points, bits, group_size, K)
     if W.shape[0] != N:
         raise ValueError(f"B_packed has {W.shape[0]} rows but the attribute N={N}")
-    return np.matmul(A, W.T).astype(np.float32)
+    Y = np.matmul(A, W.T).astype(np.float32)
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (N,) or not np.issubdtype(bias.dtype, np.floating):
+            raise ValueError(f"MatMulLowBit: bias must be float32 [N] = [{N}], got {bias.dtype} {bias.shape}")
+        Y += bias.astype(np.float32)
+    return Y
 
 
 def quantize_rtn(
@@ -245,15 +255,27 @@ def make_node(
     name: str | None = None,
     domain: str = DOMAIN,
 ):
-    """An ONNX NodeProto for MatMulLowBit; ``inputs`` = [A, B_packed, scales] or [A, B_packed, scales, zero_points].
+    """An ONNX NodeProto for MatMulLowBit; ``inputs`` = [A, B_packed, scales(, zero_points(, bias))].
 
+    ``zero_points`` may be ``""`` (symmetric) when ``bias`` is given; every other name must be non-empty.
     ``domain`` defaults to ``ai.edgekit``; ``edgekit.kernels.ort_python`` rewrites it for its Python fallback.
     """
     import onnx.helper
 
     check_attributes(K, N, bits, group_size)
-    if len(inputs) not in (3, 4) or not all(inputs) or len(outputs) != 1:
-        raise ValueError("MatMulLowBit takes inputs [A, B_packed, scales(, zero_points)] (non-empty names), one output")
+    inputs = list(inputs)
+    required = inputs[:3] + inputs[4:]  # zero_points (index 3) may be empty when a bias follows
+    if (
+        len(inputs) not in (3, 4, 5)
+        or not all(required)
+        or (len(inputs) == 4 and not inputs[3])
+        or len(outputs) != 1
+        or not outputs[0]
+    ):
+        raise ValueError(
+            "MatMulLowBit takes inputs [A, B_packed, scales(, zero_points(, bias))] (non-empty names; zero_points "
+            f"may be '' only before a bias) and one output; got inputs {inputs}, outputs {list(outputs)}"
+        )
     return onnx.helper.make_node(
         OP_TYPE, inputs, outputs, name=name, domain=domain, K=K, N=N, bits=bits, group_size=group_size
     )

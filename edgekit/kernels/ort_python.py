@@ -6,7 +6,8 @@ rewritten copy of the model:
 
 - ``to_contrib_domain(model)`` moves every ``ai.edgekit::MatMulLowBit`` node to ``ai.onnx.contrib::MatMulLowBit``
   and gives the symmetric ones (3 inputs) an explicit zero-point initializer filled with ``2 ** (bits - 1)``,
-  which is the same op by the specification in ``edgekit.kernels.lowbit``;
+  which is the same op by the specification in ``edgekit.kernels.lowbit``; a ``bias`` (5th input) moves into a
+  following ``Add`` node (the Python op has 4 inputs), which computes the same sum;
 - ``register_python_op()`` registers the numpy reference under that name once per process (the registry of
   onnxruntime-extensions is process-global) and returns the library path for the session options.
 
@@ -82,11 +83,32 @@ def to_contrib_domain(model):
     out.CopyFrom(model)
     graph = out.graph
     taken = {i.name for i in graph.initializer} | {v for n in graph.node for v in (*n.input, *n.output)}
-    changed = False
-    for idx, node in enumerate(graph.node):
+    changed = added_add = False
+    nodes = []
+    for n in graph.node:  # copies: graph.node is rebuilt below
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        nodes.append(c)
+    new_nodes = []
+    for idx, node in enumerate(nodes):
+        new_nodes.append(node)
         if node.domain != lowbit.DOMAIN or node.op_type != lowbit.OP_TYPE:
             continue
         changed = True
+        if len(node.input) > 4:
+            bias = node.input[4]
+            del node.input[4:]
+            if bias:  # the Python op has no bias input: Y = MatMulLowBit(...) + bias
+                y = node.output[0]
+                mid = f"{y}::no_bias"
+                while mid in taken:
+                    mid += "_"
+                taken.add(mid)
+                node.output[0] = mid
+                added_add = True
+                new_nodes.append(
+                    onnx.helper.make_node("Add", [mid, bias], [y], name=f"{node.name or 'MatMulLowBit'}_{idx}_bias")
+                )
         node.domain = CONTRIB_DOMAIN
         # the Python op declares K, N, bits and group_size; accuracy_level (native int8 math) does not apply to the
         # reference, which computes in fp32
@@ -110,9 +132,13 @@ def to_contrib_domain(model):
         del node.input[3:]
         node.input.append(name)
     if changed:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
         still_used = any(n.domain == lowbit.DOMAIN for n in graph.node)
         kept = [o for o in out.opset_import if o.domain != CONTRIB_DOMAIN and (still_used or o.domain != lowbit.DOMAIN)]
         del out.opset_import[:]
         out.opset_import.extend(kept)
         out.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+        if added_add and not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
+            out.opset_import.append(onnx.helper.make_opsetid("", 13))
     return out

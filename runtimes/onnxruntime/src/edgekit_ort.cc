@@ -163,14 +163,36 @@ void quantize_rows_scalar(const float* A, int64_t K, int64_t lda, int group, int
   }
 }
 
-// True when input i of the node is a constant initializer (its data cannot change between runs).
-bool constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t i) {
+// The fused bias epilogue of MatMulLowBit: Y[m, n] += bias[n] for rows [m0, m1), columns [n0, n1) of Y [., ldy].
+// Run by each parallel task over the outputs it has just written (still in cache), so no separate Add pass; the
+// inner loop is a plain contiguous add that the compiler vectorizes.
+void add_bias(float* __restrict Y, int64_t ldy, const float* __restrict bias, int64_t m0, int64_t m1, int64_t n0,
+              int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float* __restrict y = Y + m * ldy;
+    for (int64_t n = n0; n < n1; ++n) y[n] += bias[n];
+  }
+}
+
+// True when the node omits optional input i (fewer inputs, or an empty name: zero_points "" before a bias).
+bool omitted_input(const OrtApi& api, const OrtKernelInfo* info, size_t i) {
   size_t count = 0;
   if (OrtStatus* st = api.KernelInfo_GetInputCount(info, &count)) {
     api.ReleaseStatus(st);
     return false;
   }
-  if (i >= count) return true;  // omitted optional input
+  if (i >= count) return true;
+  size_t len = 0;
+  if (OrtStatus* st = api.KernelInfo_GetInputName(info, i, nullptr, &len)) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  return len <= 1;  // the size includes the terminating NUL
+}
+
+// True when input i of the node is a constant initializer (its data cannot change between runs).
+bool constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t i) {
+  if (omitted_input(api, info, i)) return true;  // omitted optional input
   int is_const = 0;
   const OrtValue* v = nullptr;
   if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, i, &is_const, &v)) {
@@ -228,7 +250,8 @@ struct LowBitKernel {
   void Compute(OrtKernelContext* raw) {
     const OrtApi& api = Ort::GetApi();
     Ort::KernelContext ctx(raw);
-    TensorIn A = get_input(ctx, 0), B = get_input(ctx, 1), S = get_input(ctx, 2), Z = get_input(ctx, 3);
+    TensorIn A = get_input(ctx, 0), B = get_input(ctx, 1), S = get_input(ctx, 2), Z = get_input(ctx, 3),
+             Bias = get_input(ctx, 4);
     const int64_t Kp = round_up(K, group), groups = Kp / group;
     const int64_t row_bytes = bits == 3 ? 3 * ((Kp + 7) / 8) : (Kp * bits + 7) / 8;
     expect(A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && !A.shape.empty() && A.shape.back() == K,
@@ -243,6 +266,10 @@ struct LowBitKernel {
       expect(Z.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && Z.shape == std::vector<int64_t>{N, groups},
              "MatMulLowBit: zero_points must be uint8 [" + std::to_string(N) + ", " + std::to_string(groups) +
                  "], got " + shape_str(Z.shape));
+    if (Bias.data)
+      expect(Bias.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && Bias.shape == std::vector<int64_t>{N},
+             "MatMulLowBit: bias must be float32 [" + std::to_string(N) + "], got " + shape_str(Bias.shape));
+    const float* bias = static_cast<const float*>(Bias.data);
     std::vector<int64_t> yshape = A.shape;
     yshape.back() = N;
     const int64_t M = A.size() / K;
@@ -291,6 +318,7 @@ struct LowBitKernel {
           LowBitArgs b = a;
           b.M = m1 - m0, b.aq = qd + m0 * lda, b.a_scale = sd + m0, b.asum = gd + m0 * groups, b.Y = Y + m0 * N;
           pkk.run(b, *pk, 0, pk->tiles);
+          if (bias) add_bias(Y, N, bias, m0, m1, 0, N);
         };
         parallel_for(api, raw, static_cast<size_t>((M + kRows - 1) / kRows), body);
         return;
@@ -309,7 +337,9 @@ struct LowBitKernel {
         const size_t tasks = static_cast<size_t>((pk->tiles + per - 1) / per);
         auto body = [&](size_t t) {
           const int64_t t0 = static_cast<int64_t>(t) * per;
-          pkk.run(a, *pk, t0, std::min(pk->tiles, t0 + per));
+          const int64_t t1 = std::min(pk->tiles, t0 + per);
+          pkk.run(a, *pk, t0, t1);
+          if (bias) add_bias(Y, N, bias, 0, M, t0 * pkk.tile_rows, std::min(N, t1 * pkk.tile_rows));
         };
         parallel_for(api, raw, tasks, body);
         return;
@@ -324,7 +354,9 @@ struct LowBitKernel {
     const size_t tasks = static_cast<size_t>((N + block - 1) / block);
     auto body = [&](size_t t) {
       const int64_t n0 = static_cast<int64_t>(t) * block;
-      fn_ptr(a, n0, std::min(N, n0 + block));
+      const int64_t n1 = std::min(N, n0 + block);
+      fn_ptr(a, n0, n1);
+      if (bias) add_bias(Y, N, bias, 0, M, n0, n1);
     };
     parallel_for(api, raw, tasks, body);
   }
@@ -351,12 +383,13 @@ struct LowBitOp : Ort::CustomOpBase<LowBitOp, LowBitKernel, true> {
     }
   }
   const char* GetName() const { return "MatMulLowBit"; }
-  size_t GetInputTypeCount() const { return 4; }
+  // A, B_packed, scales, zero_points (optional), bias (optional)
+  size_t GetInputTypeCount() const { return 5; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return (i == 0 || i == 2) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    return (i == 0 || i == 2 || i == 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
