@@ -1,6 +1,7 @@
 """Per-layer allocation through the whole build: budgets honoured as measured, tables cached, clear errors."""
 
 import json
+import os
 
 import pytest
 
@@ -191,3 +192,32 @@ def test_a_tight_size_budget_uses_low_bit_options_and_apply_replays_it(run_cli, 
     again = tmp_path / "again"
     run_cli("apply", out / "digits-cnn" / "plan.json", "--model", "builtin:digits-cnn", "--out", again, "--no-latency")
     assert (again / "digits-cnn" / "model.onnx").read_bytes() == model.read_bytes()
+
+
+def test_the_edgekit_kernel_profile_exports_weight_only_layers_as_ai_edgekit_ops(run_cli, tmp_path):
+    """`--target cpu-x86-edgekit` (custom_op_domains = ai.edgekit): the same tight size budget, but the weight-only
+    Linear layers become ai.edgekit::MatMulLowBit (3-bit allowed), the build verifies through the native library,
+    and `edgekit apply` replays it."""
+    import onnx
+
+    from edgekit.kernels import ort_native
+
+    if ort_native.library_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("the native ai.edgekit library must be built in CI (make install builds it)")
+        pytest.skip("native ai.edgekit library not built")
+    out = tmp_path / "o"
+    run_cli("build", "--model", "builtin:digits-cnn", "--target", "cpu-x86-edgekit", "--budget", "size=35KB",
+            "--out", out, "--no-latency")
+    plan = json.loads((out / "digits-cnn" / "plan.json").read_text())
+    wonly = {c["option"] for c in plan["layers"]} & {f"w{b}g{g}" for b in (2, 3, 4) for g in (32, 64, 128)}
+    graph = onnx.load(str(out / "digits-cnn" / "model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" not in ops
+    if wonly:
+        assert "MatMulLowBit" in ops
+    report = json.loads((out / "digits-cnn" / "report.json").read_text())
+    assert report["verification"]["passed"]
+    again = tmp_path / "again"
+    run_cli("apply", out / "digits-cnn" / "plan.json", "--model", "builtin:digits-cnn", "--out", again, "--no-latency")
+    assert (again / "digits-cnn" / "model.onnx").read_bytes() == (out / "digits-cnn" / "model.onnx").read_bytes()

@@ -233,6 +233,12 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
     for domain in sorted({n.domain for n in g.node if n.domain in (MS_DOMAIN, EDGEKIT_DOMAIN)}):
-        if not any(o.domain == domain for o in out.opset_import):
+        # version 1, also where the base model already lists the domain: a model ONNX Runtime saved in a process that
+        # had registered our library lists ai.edgekit at the registry's version (1000), which made the bytes depend on
+        # what ran before in the process
+        found = [o for o in out.opset_import if o.domain == domain]
+        for o in found:
+            o.version = 1
+        if not found:
             out.opset_import.append(helper.make_opsetid(domain, 1))
     return out
