@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from edgekit.kernels import lowbit, ort_native, sparse24  # noqa: E402
+from edgekit.probe import cpu_model  # noqa: E402
 
 TP_FLOAT, TP_UINT8, TP_INT8 = 1, 2, 3
 # Every variant has its own session, hence its own intra-op thread pool; with spinning allowed (ORT's default),
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
     tg = targets(rows)
     info = {
         "machine": platform.processor() or platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "onnxruntime": ort.__version__,
         "isa": ort_native.best_isa(),
         "threads": args.threads,
@@ -401,14 +402,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -330,7 +330,8 @@ def probe(model_path: Path, options: list[str] | tuple[str, ...] = PROBE_OPTIONS
     return result
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo, else what platform knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -365,7 +366,7 @@ def _meta(threads: int | None, rounds: int, per_round: int) -> dict:
 
     from edgekit import __version__
 
-    return {"cpu": _cpu_model(), **_cpu_flags(), "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+    return {"cpu": cpu_model(), **_cpu_flags(), "logical_cpus": os.cpu_count(), "onnxruntime": ort.__version__,
             "threads": threads if threads else "default", "batch": 1, "rounds": rounds, "per_round": per_round,
             "disabled_optimizers": list(DISABLED_OPTIMIZERS), "edgekit": __version__,
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

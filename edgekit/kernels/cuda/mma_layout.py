@@ -376,7 +376,8 @@ def ldmatrix_x4(smem: np.ndarray, addrs) -> np.ndarray:
     ``+1`` of each 8 x 8 b16 matrix)."""
     smem = np.asarray(smem, dtype=np.uint8).reshape(-1)
     addrs = [int(a) for a in addrs]
-    assert len(addrs) == 32 and all(a % 16 == 0 for a in addrs), "ldmatrix rows are 16-byte aligned"
+    if len(addrs) != 32 or any(a % 16 for a in addrs):
+        raise ValueError("ldmatrix takes 32 row addresses, each 16-byte aligned")
     out = np.zeros((32, 4), dtype=np.uint32)
     for lane in range(32):
         for i in range(4):
