@@ -26,7 +26,7 @@ from edgekit.keys import key_id, load_public_key
 TINY = "fixtures_models:tiny_cnn"
 SHAPE = "1,3,16,16"
 NAME = "tiny_cnn"  # a factory's bundle is named after it
-TARGETS = ("cpu-arm64", "cpu-x86", "jetson-agx-orin", "jetson-orin-nano", "rtx-4090")
+TARGETS = ("cpu-arm64", "cpu-x86", "cpu-x86-edgekit", "jetson-agx-orin", "jetson-orin-nano", "rtx-4090")
 REPO_TARGETS = Path(__file__).resolve().parent.parent / "targets"
 
 
