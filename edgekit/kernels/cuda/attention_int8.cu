@@ -45,17 +45,7 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-__device__ __forceinline__ float h2f(unsigned short h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ unsigned short f2h(float f) {
-  unsigned short h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
+#include "fp16.cuh"
 
 __global__ void __launch_bounds__(kThreads)
     attention_int8_d64(const signed char* __restrict__ Q8, const float* __restrict__ q_scale,

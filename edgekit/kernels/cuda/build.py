@@ -34,7 +34,9 @@ SOURCES = {
     name: Path(__file__).with_name(f"{name}.cu") for name in ("matmul_lowbit", "matmul_sparse24", "attention_int8")
 }
 # Headers included by a source (not compiled on their own; listed so tools can track them).
-HEADERS = {"matmul_sparse24": (Path(__file__).with_name("matmul_sparse24_tiled.cuh"),)}
+_FP16 = Path(__file__).with_name("fp16.cuh")
+HEADERS = {"matmul_sparse24": (Path(__file__).with_name("matmul_sparse24_tiled.cuh"), _FP16),
+           "attention_int8": (_FP16,)}
 LAUNCHER = "edgekit_matmul_lowbit_f32"
 # Mirrors the constants of matmul_lowbit.cu.
 WARPS = 8

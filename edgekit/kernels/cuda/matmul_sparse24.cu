@@ -55,17 +55,7 @@ constexpr int kVBytes = 128;                      // bytes of a values row per s
 constexpr int kXStride = kXBytes + 16;            // padded smem rows: conflict-free fragment reads
 constexpr int kVStride = kVBytes + 16;
 
-__device__ __forceinline__ float h2f(unsigned short h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ unsigned short f2h(float f) {
-  unsigned short h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
+#include "fp16.cuh"
 
 // 16 bytes of a row at byte offset `off`, bytes at or past `limit` read as `fill`.
 __device__ __forceinline__ uint4 load16(const u8* __restrict__ row, i64 off, i64 limit, bool aligned, u32 fill) {

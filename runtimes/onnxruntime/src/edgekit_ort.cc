@@ -202,6 +202,17 @@ bool constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t i) {
   return is_const != 0;
 }
 
+// Runs f; an exception becomes an ORT_INVALID_ARGUMENT status with its message (custom ops must not throw into ORT).
+template <class F>
+OrtStatusPtr as_status(const OrtApi& api, F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  }
+}
+
 struct LowBitKernel {
   int64_t K, N, bits, group, accuracy_level;
   Isa isa;
@@ -362,12 +373,7 @@ struct LowBitKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    try {
-      Compute(ctx);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-    }
+    return as_status(Ort::GetApi(), [&] { Compute(ctx); });
   }
 };
 
@@ -375,12 +381,7 @@ struct LowBitOp : Ort::CustomOpBase<LowBitOp, LowBitKernel, true> {
   Isa isa;
   explicit LowBitOp(Isa i) : isa(i) {}
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new LowBitKernel(api, info, isa);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-    }
+    return as_status(api, [&] { *kernel = new LowBitKernel(api, info, isa); });
   }
   const char* GetName() const { return "MatMulLowBit"; }
   // A, B_packed, scales, zero_points (optional), bias (optional)
@@ -477,12 +478,7 @@ struct Sparse24Kernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-    try {
-      Compute(ctx);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-    }
+    return as_status(Ort::GetApi(), [&] { Compute(ctx); });
   }
 };
 
@@ -490,12 +486,7 @@ struct Sparse24Op : Ort::CustomOpBase<Sparse24Op, Sparse24Kernel, true> {
   Isa isa;
   explicit Sparse24Op(Isa i) : isa(i) {}
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new Sparse24Kernel(api, info, isa);
-      return nullptr;
-    } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-    }
+    return as_status(api, [&] { *kernel = new Sparse24Kernel(api, info, isa); });
   }
   const char* GetName() const { return "MatMulSparse24"; }
   size_t GetInputTypeCount() const { return 6; }
