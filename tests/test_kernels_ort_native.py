@@ -196,6 +196,29 @@ def test_sparse24_matches_reference(isa, variant):
             _check_fp32(y, ref, A.astype(np.float32), Wd)
 
 
+@pytest.mark.parametrize("variant", ["int8_u8", "int8_u8_zp"])
+def test_sparse24_prepacked_matches_unpacked(library, monkeypatch, variant):
+    """Batches of >= 8 rows of uint8 activations re-pack constant values and indices on AVX-512 (the pattern-table
+    GEMM of kernels_avx512_sparse.cc); both paths give the exact int32 sums, so the outputs are equal: batches in
+    passes of 1-4 blocks of 16 rows with tails, K with a half pair of groups and blocks of 16 pairs with tails,
+    several tasks over N, and batches below the threshold (unpacked)."""
+    if not _isa_available("avx512"):
+        pytest.skip("no avx512 path")
+    monkeypatch.setenv("EDGEKIT_ORT_ISA", "avx512")
+    rng = np.random.default_rng(11)
+    for M, K, N in ((8, 132, 5), (17, 520, 37), (32, 1028, 70), (45, 256, 800), (70, 100, 9), (40, 260, 400),
+                    (7, 128, 9), (1, 264, 3)):
+        model, A, ref, _ = _sparse_case(rng, M, K, N, variant)
+        monkeypatch.delenv("EDGEKIT_ORT_NO_PREPACK", raising=False)
+        sess = _session(model)
+        y1, y1b = sess.run(None, {"A": A})[0], sess.run(None, {"A": A})[0]
+        monkeypatch.setenv("EDGEKIT_ORT_NO_PREPACK", "1")
+        y0 = _session(model).run(None, {"A": A})[0]
+        np.testing.assert_array_equal(y1, ref)
+        np.testing.assert_array_equal(y1, y1b)
+        np.testing.assert_array_equal(y1, y0)
+
+
 def test_isa_paths_agree(library, monkeypatch):
     """scalar, AVX2 and AVX-512 give the same outputs (int8 sums exactly; fp32 up to summation order)."""
     paths = [i for i in ISAS if _isa_available(i)]

@@ -13,6 +13,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -213,15 +214,42 @@ OrtStatusPtr as_status(const OrtApi& api, F&& f) {
   }
 }
 
+// EDGEKIT_ORT_NO_PREPACK=1 (set, not "0"): every kernel runs on its inputs as given (the tests compare both paths).
+bool prepack_disabled() {
+  const char* v = std::getenv("EDGEKIT_ORT_NO_PREPACK");
+  return v && *v && std::string(v) != "0";
+}
+
+// Weights re-packed once per kernel instance, on first use, keyed by the input pointers they were packed from:
+// get(key, pack) returns the packed form, packing it with pack(P&) -> bool the first time; null when pack fails or
+// when the inputs are not the ones packed (not expected for constant initializers: the caller runs unpacked).
+template <class P>
+class PackOnce {
+ public:
+  template <class F>
+  const P* get(std::array<const void*, 3> key, F&& pack) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (packed_) return key == from_ ? packed_.get() : nullptr;
+    auto pk = std::make_unique<P>();
+    if (!pack(*pk)) return nullptr;
+    from_ = key;
+    packed_ = std::move(pk);
+    return packed_.get();
+  }
+
+ private:
+  std::mutex mu_;
+  std::unique_ptr<P> packed_;
+  std::array<const void*, 3> from_{};
+};
+
 struct LowBitKernel {
   int64_t K, N, bits, group, accuracy_level;
   Isa isa;
   // accuracy_level 4 on AVX-512: B, scales and zero points re-packed on the first run (when all are constant
   // initializers) into the tile layout of kernels_avx512_packed.cc, kept for the life of the kernel.
   bool prepack = false;
-  std::mutex pack_mu;
-  std::unique_ptr<PackedLowBit> packed;
-  const void* packed_from[3] = {nullptr, nullptr, nullptr};
+  PackOnce<PackedLowBit> packed;
 
   LowBitKernel(const OrtApi& api, const OrtKernelInfo* info, Isa isa_) : isa(isa_) {
     K = attr_int(api, info, "K", true, 0);
@@ -237,25 +265,14 @@ struct LowBitKernel {
     if (accuracy_level != 0 && accuracy_level != 4)
       throw Error("MatMulLowBit: accuracy_level=" + std::to_string(accuracy_level) +
                   " is not supported; use 0 (fp32 math) or 4 (int8 activations)");
-    const char* no_pack = std::getenv("EDGEKIT_ORT_NO_PREPACK");
-    prepack = accuracy_level == 4 && isa == Isa::kAvx512 && packed_lowbit_avx512() &&
-              !(no_pack && *no_pack && std::string(no_pack) != "0") && constant_input(api, info, 1) &&
+    prepack = accuracy_level == 4 && isa == Isa::kAvx512 && packed_lowbit_avx512() && !prepack_disabled() &&
+              constant_input(api, info, 1) &&
               constant_input(api, info, 2) && constant_input(api, info, 3);
   }
 
   // The packed weights for these inputs (packed on first use; null when B etc. are not the constant ones).
   const PackedLowBit* get_packed(const LowBitArgs& a) {
-    std::lock_guard<std::mutex> lock(pack_mu);
-    const void* key[3] = {a.B, a.scales, a.zero_points};
-    if (packed) {
-      if (std::equal(key, key + 3, packed_from)) return packed.get();
-      return nullptr;  // not expected for constant inputs: use the unpacked path
-    }
-    auto pk = std::make_unique<PackedLowBit>();
-    if (!packed_lowbit_avx512()->pack(a, *pk)) return nullptr;
-    std::copy(key, key + 3, packed_from);
-    packed = std::move(pk);
-    return packed.get();
+    return packed.get({a.B, a.scales, a.zero_points}, [&](PackedLowBit& pk) { return packed_lowbit_avx512()->pack(a, pk); });
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -399,9 +416,17 @@ struct LowBitOp : Ort::CustomOpBase<LowBitOp, LowBitKernel, true> {
 // ---------------------------------------------------------------------------------------------------------------
 // MatMulSparse24
 
+// Batches of at least this many rows with uint8 activations take the pre-packed GEMM path on AVX-512
+// (kernels_avx512_sparse.cc: 16 activation rows per vector; measured faster than the unpacked kernel from 8
+// rows on, which smaller batches keep); kSparseRowsPerTask: the fewest weight rows per task of that path.
+constexpr int64_t kSparsePackedMinRows = 8;
+constexpr int64_t kSparseRowsPerTask = 1024;
+
 struct Sparse24Kernel {
   int64_t K, N;
   Isa isa;
+  bool prepack = false;  // values and indices are constant initializers, AVX-512 (see kSparsePackedMinRows)
+  PackOnce<PackedSparse24> packed;
 
   Sparse24Kernel(const OrtApi& api, const OrtKernelInfo* info, Isa isa_) : isa(isa_) {
     K = attr_int(api, info, "K", true, 0);
@@ -409,6 +434,8 @@ struct Sparse24Kernel {
     if (K < 4 || N < 1 || K % 4)
       throw Error("MatMulSparse24: K must be a positive multiple of 4 and N positive, got K=" + std::to_string(K) +
                   ", N=" + std::to_string(N));
+    prepack = isa == Isa::kAvx512 && packed_sparse24_avx512() && !prepack_disabled() && constant_input(api, info, 1) &&
+              constant_input(api, info, 2);
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -466,6 +493,26 @@ struct Sparse24Kernel {
       a.A_u8 = padded_rows(static_cast<const uint8_t*>(A.data), M, K, lda, ubuf);
     else
       a.A = padded_rows(static_cast<const float*>(A.data), M, K, lda, fbuf);
+    const PackedSparse24* pk = nullptr;
+    if (u8 && prepack && M >= kSparsePackedMinRows)
+      pk = packed.get({a.values, a.indices, nullptr},
+                      [&](PackedSparse24& p) { return packed_sparse24_avx512()->pack(a, p); });
+    if (pk) {
+      const PackedSparse24Kernels& pkk = *packed_sparse24_avx512();
+      thread_local std::vector<uint8_t> xt;
+      pkk.relayout(a, *pk, xt);
+      // each task builds its own pattern tables (36 vectors per pair of groups and 16 activation rows): tasks of
+      // at least kSparseRowsPerTask weight rows keep that under ~10 % of the multiplies
+      const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(8, N / kSparseRowsPerTask));
+      const int64_t per = (N + tasks - 1) / tasks;
+      const uint8_t* x = xt.data();
+      auto body = [&](size_t t) {
+        const int64_t n0 = static_cast<int64_t>(t) * per;
+        if (n0 < N) pkk.run(a, *pk, x, n0, std::min(N, n0 + per));
+      };
+      parallel_for(api, raw, static_cast<size_t>(tasks), body);
+      return;
+    }
     const KernelTable& kt = table_for(isa);
     auto fn_ptr = u8 ? kt.sparse24_u8 : kt.sparse24_f32;
     const int64_t block = 16;
