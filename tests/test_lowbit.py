@@ -252,6 +252,46 @@ def test_fused_bias_runs_through_the_python_fallback(monkeypatch, tmp_path):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_matmul_then_bias_add_fuses_into_matmullowbit():
+    """torch exports nn.Linear as MatMul -> Add(bias [N]); on ai.edgekit targets that Add becomes MatMulLowBit's
+    fused bias (one op, no separate Add); an Add that could change the shape, adds a tensor that is not constant, or
+    reads a MatMul output something else reads too, stays as it is. Outputs equal the unfused graph's."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    from edgekit.agent.runtime import OrtRuntime
+
+    rng = np.random.default_rng(3)
+    K, N = 64, 40
+    ws = {f"W{i}": (rng.standard_normal((K, N)) * 0.1).astype(np.float32) for i in range(4)}
+    b = rng.standard_normal(N).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", "W0"], ["m0"], name="fc0"), h.make_node("Add", ["b", "m0"], ["y0"], name="a0"),
+             h.make_node("MatMul", ["x", "W1"], ["m1"], name="fc1"), h.make_node("Add", ["m1", "b2d"], ["y1"], name="a1"),
+             h.make_node("MatMul", ["x", "W2"], ["m2"], name="fc2"), h.make_node("Add", ["m2", "x40"], ["y2"], name="a2"),
+             h.make_node("MatMul", ["x", "W3"], ["m3"], name="fc3"), h.make_node("Add", ["m3", "b"], ["y3"], name="a3"),
+             h.make_node("Relu", ["m3"], ["r3"], name="relu3"),
+             h.make_node("Slice", ["x", "s0", "s1", "s2"], ["x40"], name="sl")]
+    inits = [numpy_helper.from_array(w, n) for n, w in ws.items()] + [
+        numpy_helper.from_array(b, "b"), numpy_helper.from_array(b[None], "b2d"),
+        numpy_helper.from_array(np.array([0]), "s0"), numpy_helper.from_array(np.array([N]), "s1"),
+        numpy_helper.from_array(np.array([1]), "s2")]
+    outs = [h.make_tensor_value_info(y, TP.FLOAT, None) for y in ("y0", "y1", "y2", "y3", "r3")]
+    model = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [3, K])], outs, inits),
+                         opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    qs = {f"fc{i}": rtn(ws[f"W{i}"].T.copy(), 4, 32) for i in range(4)}
+    fused = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0)
+    ops = {n.name: n for n in fused.graph.node}
+    assert "a0" not in ops and len(ops["fc0"].input) == 5 and ops["fc0"].output[0] == "y0"
+    assert {"a1", "a2", "a3"} <= set(ops) and all(len(ops[f"fc{i}"].input) < 5 for i in (1, 2, 3))
+    plain = apply_weight_only(model, qs, accuracy_level=0)  # MatMulNBits, the Adds kept
+    assert "a0" in {n.name for n in plain.graph.node}
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    got, ref = OrtRuntime(fused.SerializeToString()).run({"x": x}), OrtRuntime(plain.SerializeToString()).run({"x": x})
+    for y in ("y0", "y1", "y2", "y3", "r3"):
+        np.testing.assert_allclose(got[y], ref[y], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["y0"], x @ qs["fc0"].dequantize().T + b, rtol=1e-4, atol=1e-4)
+
+
 def _conv_model():
     """x [N, 64, 5, 5] -> 1x1 Conv (48 out, bias) -> Relu -> 3x3 Conv (padded, not lowerable)."""
     rng = np.random.default_rng(5)
