@@ -88,6 +88,13 @@ class Dataset:
         labels = None if self.labels is None else self.labels[:n]
         return Dataset(self.name, {k: v[:n] for k, v in self.inputs.items()}, labels, self.source)
 
+    def skip(self, n: int) -> Dataset:
+        """The samples after the first ``n`` (raises ConfigError when none are left)."""
+        if n >= len(self):
+            raise ConfigError(f"skip({n}) leaves no samples of {len(self)}")
+        labels = None if self.labels is None else self.labels[n:]
+        return Dataset(self.name, {k: v[n:] for k, v in self.inputs.items()}, labels, self.source)
+
     def feeds(self) -> list[dict[str, np.ndarray]]:
         """One feed dict per sample, each array with batch dimension 1 (e.g. for an ORT calibration reader)."""
         return [{k: v[i : i + 1] for k, v in self.inputs.items()} for i in range(len(self))]

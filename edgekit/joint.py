@@ -10,8 +10,8 @@ measured latency). Structural options add rows to the same tables:
   widths; the branch dropped) times the members' precision options; combinations that another combination beats in
   distortion, bytes and latency at once are left out (they can never be optimal), so rows stay small.
 - **Distortion** of a unit option = the structure's distortion (the FP32 model with only that group narrowed, or only
-  that branch removed, or only that layer factorized, measured on calibration data with the allocation's metric) +
-  the members' precision distortions. The additive model of the bits-only tables, extended.
+  that branch removed, or only that layer factorized, measured with the allocation's metric on calibration samples
+  the refit did not see) + the members' precision distortions. The additive model of the bits-only tables, extended.
 - **Cost** of a member at a reduced width is looked up in the target's hardware table under the narrowed layer's
   signature (``edgekit hardware probe`` on a pruned model measures them); where that signature was not measured, the
   unpruned layer's measured latency is scaled by the roofline ratio (source ``scaled:``), else the roofline stands.
@@ -314,7 +314,7 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
                 refit_feeds: list[dict] | None = None) -> JointSpace:
     """The rows of the joint problem (see the module docstring); ``structure=False`` gives the bits-only space in
     the same form, and a set of ``STRUCTURES`` offers only those kinds. ``sample`` (a Dataset) measures structural
-    distortions; ``feeds`` (per-sample dicts) give channel
+    distortions (samples the refit did not see: ``structure.held_out``); ``feeds`` (per-sample dicts) give channel
     importance and the inputs low-rank factors are fitted to; ``refit_feeds`` (default ``feeds``) the samples a pruned
     group's consumers are refit on (``compress.refit``), as ``structure.apply_structure`` will."""
     from edgekit.analyze import _run
@@ -563,7 +563,7 @@ class JointAllocator:
 
         from edgekit import mixed
         from edgekit.cost import layer_geometry
-        from edgekit.structure import REFIT_SAMPLES, sample_feeds
+        from edgekit.structure import held_out, refit_samples, sample_feeds
 
         self.profile, self.model, self.fp32, self.layers = profile, model, fp32, layers
         self.calib, self.work, self.cfg, self.ctx = calib, work, cfg, ctx
@@ -576,11 +576,14 @@ class JointAllocator:
                                geometry=layer_geometry(fp32.path),
                                bias_correction=cfg.bias_correction)
         self.space = build_space(onnx.load(str(fp32.path)), layers, profile, allowed, self.t.sens, self.cost,
-                                 self.hardware, calib.take(mixed.SENSITIVITY_SAMPLES), sample_feeds(calib),
+                                 self.hardware, held_out(calib, mixed.SENSITIVITY_SAMPLES)[0], sample_feeds(calib),
                                  structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
-                                 quantizer=self.t.quantizer, refit_feeds=sample_feeds(calib, REFIT_SAMPLES))
+                                 quantizer=self.t.quantizer,
+                                 refit_feeds=sample_feeds(calib, refit_samples(calib)[0]))
         self.structure = bool(structure_kinds(structure))
-        self._reference = None  # FP32 outputs on the calibration data, for measured distortions
+        # plans are compared on calibration samples the refit of pruned layers did not see
+        self._held_out, self.held_out = held_out(calib)
+        self._reference = None  # FP32 outputs on those samples, for measured distortions
         self.settings = mixed._settings(self.t)
         if recover_steps:
             self.settings["structure"] = {"recover_steps": int(recover_steps)}
@@ -694,24 +697,26 @@ class JointAllocator:
                     "latency_rounds": rounds, "applied": (best["plan"].layers, best["artifact"]),
                     "joint": {"space": "joint" if self.structure else "bits", "structure": self.space.structure,
                               "units": {u.name: list(u.layers) for u in self.space.units if len(u.layers) > 1},
+                              "selection_samples": {"count": len(self._held_out), "held_out": self.held_out},
                               "options": sum(len(r) for r in self.space.rows.values())}}
         plan = replace(best["plan"], budget={**best["plan"].budget, **{k: v for k, v in notes.items() if v}})
         return plan, analysis
 
 
     def _measure_distortion(self, candidates: list[dict]) -> None:
-        """Each candidate's distortion measured on the calibration data (the whole artifact, not the tables' sum):
-        structural and precision plans are compared on what they do, not on the additive prediction."""
+        """Each candidate's distortion measured on held-out calibration samples (the whole artifact, not the tables'
+        sum): structural and precision plans are compared on what they do, not on the additive prediction, and not on
+        the samples the pruned layers were refit to."""
         import onnx
 
         from edgekit.analyze import _run
 
         if self._reference is None:
-            self._reference = _run(onnx.load(str(self.fp32.path)), self.calib)
+            self._reference = _run(onnx.load(str(self.fp32.path)), self._held_out)
         for x in candidates:
             if "measured" not in x:
-                x["measured"] = round(distortion(self._reference, _run(onnx.load(str(x["artifact"].path)), self.calib),
-                                                 self.t.sens.metric), 6)
+                out = _run(onnx.load(str(x["artifact"].path)), self._held_out)
+                x["measured"] = round(distortion(self._reference, out, self.t.sens.metric), 6)
 
 
 def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg,

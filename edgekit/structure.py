@@ -7,8 +7,9 @@ ONNX graph in this order:
 1. ``+ch<N>``: each channel group (``compress.channels.channel_groups``, found on the original graph, as the tables
    were) whose producer says ``+ch<N>`` keeps its N most important channels (activation-aware importance on
    calibration data, centred); the constant a dropped channel still feeds forward is folded into the consumers'
-   biases, then the consumers are refit by ridge least squares to the original model's outputs on
-   ``REFIT_SAMPLES`` calibration samples (``compress.refit``: training-free, as the joint tables measured it);
+   biases, then the consumers are refit by ridge least squares to the original model's outputs on the first
+   ``refit_samples(calib)`` calibration samples (``compress.refit``: training-free, as the joint tables measured it;
+   the others are held out to measure on);
 2. ``drop``: the residual branches (``compress.graphedit.removable_units``) whose every layer says ``drop`` are
    removed (after pruning: removing a branch can turn a layer that fed it into a prunable producer, which the
    plan's ``+ch`` on that layer, written for the original graph, does not mean);
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 IMPORTANCE_SAMPLES = 16  # calibration samples for channel importance, low-rank eigenspaces and SparseGPT Hessians
 REFIT_SAMPLES = 64  # calibration samples a pruned group's consumers are refit on (7x7 maps: 3,136 rows per layer)
+MIN_HELD_OUT = 16  # fewest calibration samples past the refit's that count as a held-out set
 
 
 def sample_feeds(calib: Dataset, n: int = IMPORTANCE_SAMPLES) -> list[dict[str, np.ndarray]]:
@@ -44,6 +46,29 @@ def sample_feeds(calib: Dataset, n: int = IMPORTANCE_SAMPLES) -> list[dict[str, 
     d = calib.take(n)
     count = len(next(iter(d.inputs.values())))
     return [{k: v[i:i + 1] for k, v in d.inputs.items()} for i in range(count)]
+
+
+def refit_samples(calib: Dataset) -> tuple[int, bool]:
+    """How many leading calibration samples pruned layers are refit to, and whether at least ``MIN_HELD_OUT``
+    others are left to measure on: ``REFIT_SAMPLES`` when there are that many more; else all but ``MIN_HELD_OUT``
+    (from ``2 * MIN_HELD_OUT`` samples on); else every sample, none held out."""
+    n = len(calib)
+    if n >= REFIT_SAMPLES + MIN_HELD_OUT:
+        return REFIT_SAMPLES, True
+    if n >= 2 * MIN_HELD_OUT:
+        return n - MIN_HELD_OUT, True
+    return min(n, REFIT_SAMPLES), False
+
+
+def held_out(calib: Dataset, n: int | None = None) -> tuple[Dataset, bool]:
+    """Calibration samples the refit (``refit_samples``) did not see, at most ``n`` of them, and True; or, when too
+    few are left, the first ``n`` (all) samples and False. Distortions of refit structures measured on the refit's
+    own samples flatter them (the least squares fit those very outputs)."""
+    used, ok = refit_samples(calib)
+    if ok:
+        rest = calib.skip(used)
+        return (rest.take(n) if n else rest), True
+    return (calib.take(n) if n else calib), False
 
 
 def layer_inputs(model, layers: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -122,7 +147,7 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
     if groups:
         importance = channels.channel_importance(model, list(groups.values()), feeds, centered=True)
         keep = {name: np.sort(np.argsort(-importance[name], kind="stable")[:n]) for name, n in counts.items()}
-        model, fits = refit.prune_and_refit(model, keep, sample_feeds(calib, REFIT_SAMPLES),
+        model, fits = refit.prune_and_refit(model, keep, sample_feeds(calib, refit_samples(calib)[0]),
                                             groups=list(groups.values()))
         summary["pruned"] = {name: [int(groups[name].channels), int(n)] for name, n in counts.items()}
         summary["refit"] = {layer: {k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()}

@@ -170,7 +170,7 @@ def test_pruned_graph_is_the_masked_graph_refit(digits):
 
     from edgekit.compress.channels import channel_groups, channel_importance, masked_model, prune_channels
     from edgekit.compress.refit import prune_and_refit
-    from edgekit.structure import REFIT_SAMPLES, apply_structure, sample_feeds
+    from edgekit.structure import apply_structure, refit_samples, sample_feeds
 
     model = onnx.load(str(digits.fp32.path))
     groups = [g for g in channel_groups(model) if g.channels >= 32]
@@ -194,11 +194,35 @@ def test_pruned_graph_is_the_masked_graph_refit(digits):
     masked = run(masked_model(model, drop))
     # the smaller graph before its refit is the masked graph, to float rounding
     np.testing.assert_allclose(run(prune_channels(model, kept)), masked, rtol=1e-4, atol=1e-5)
-    # apply_structure = prune these channels, then refit the consumers on REFIT_SAMPLES calibration samples
-    refit, _ = prune_and_refit(model, kept, sample_feeds(digits.calib, REFIT_SAMPLES), groups=groups)
+    # apply_structure = prune these channels, then refit the consumers on the leading calibration samples
+    refit, _ = prune_and_refit(model, kept, sample_feeds(digits.calib, refit_samples(digits.calib)[0]), groups=groups)
     np.testing.assert_allclose(run(edited), run(refit), rtol=1e-4, atol=1e-5)
     assert summary["refit"] and all(v["after"] <= v["before"] for v in summary["refit"].values())
     assert sum(i.ByteSize() for i in edited.graph.initializer) < sum(i.ByteSize() for i in model.graph.initializer)
+
+
+def test_held_out_samples_are_the_ones_the_refit_did_not_see():
+    from edgekit.data import Dataset
+    from edgekit.structure import MIN_HELD_OUT, REFIT_SAMPLES, held_out, refit_samples, sample_feeds
+
+    def data(n):
+        return Dataset("c", {"x": np.arange(n, dtype=np.float32)[:, None]}, np.arange(n), "test")
+
+    for n, used in ((REFIT_SAMPLES + MIN_HELD_OUT + 5, REFIT_SAMPLES), (REFIT_SAMPLES, REFIT_SAMPLES - MIN_HELD_OUT),
+                    (2 * MIN_HELD_OUT, MIN_HELD_OUT)):
+        calib = data(n)
+        assert refit_samples(calib) == (used, True)
+        rest, ok = held_out(calib)
+        seen = {float(f["x"][0, 0]) for f in sample_feeds(calib, used)}
+        assert ok and len(rest) == n - used >= MIN_HELD_OUT and not seen & set(rest.inputs["x"][:, 0].tolist())
+        assert rest.labels.tolist() == list(range(used, n))
+        assert len(held_out(calib, 8)[0]) == 8
+    small = data(2 * MIN_HELD_OUT - 1)  # too few to hold any out: the refit sees every sample, and that is said
+    assert refit_samples(small) == (len(small), False)
+    rest, ok = held_out(small, 10)
+    assert not ok and rest.inputs["x"][:, 0].tolist() == list(range(10))
+    with pytest.raises(ConfigError, match="leaves no samples"):
+        small.skip(len(small))
 
 
 def test_plans_that_do_not_fit_the_graph_are_clear_errors(digits):
@@ -231,6 +255,11 @@ def test_joint_space_contains_the_bits_space_and_meets_a_size_budget(digits):
     assert pj.budget["predicted"]["distortion"] <= pb.budget["predicted"]["distortion"] + 1e-12
     assert aj["applied"][1].size <= 30_000 and ab["applied"][1].size <= 30_000
     assert aj["joint"]["space"] == "joint" and aj["joint"]["structure"]["groups"]
+    from edgekit.structure import refit_samples
+
+    sel = aj["joint"]["selection_samples"]  # plans are compared on samples the refit did not see
+    used, held = refit_samples(digits.calib)
+    assert sel == {"count": len(digits.calib) - used if held else len(digits.calib), "held_out": held}
     for c in pj.layers:
         check_option(c.option)
 
