@@ -315,6 +315,7 @@ struct LowBitKernel {
     const int64_t lda = round_up(Kp, 256);
     std::vector<float> abuf;
     std::vector<int8_t> qperm;
+    std::vector<float> fperm;
     const float* Af = static_cast<const float*>(A.data);
     if (accuracy_level == 4) {
       // Dynamic symmetric per-row int8 quantization of A: aq = round(a * 127 / max|a|), a ~= aq * max|a| / 127;
@@ -375,6 +376,7 @@ struct LowBitKernel {
       if (table_for(isa).lowbit_i8_prepare) table_for(isa).lowbit_i8_prepare(a, qperm);
     } else {
       a.A = padded_rows(Af, M, K, lda, abuf), a.lda = lda;
+      if (table_for(isa).lowbit_f32_prepare) table_for(isa).lowbit_f32_prepare(a, fperm);
     }
     const KernelTable& kt = table_for(isa);
     auto fn_ptr = accuracy_level == 4 ? kt.lowbit_i8 : kt.lowbit_f32;

@@ -29,6 +29,7 @@ struct LowBitArgs {
   // fp32 path: activations [M, lda] with zeros (or nothing read) past K; lda >= Kp64.
   const float* A = nullptr;
   int64_t lda = 0;
+  bool f32_reordered = false;  // A re-ordered by the ISA's lowbit_f32_prepare
   // int8 path: A quantized per row, symmetric: a ~= aq * a_scale[m]; aq [M, lda_q] (zeros past K, lda_q a
   // multiple of 256 >= Kp),
   // asum [M, groups] = sum of aq over each group.
@@ -63,6 +64,8 @@ struct KernelTable {
   void (*sparse24_u8)(const Sparse24Args&, int64_t n0, int64_t n1);   // uint8 activations, int8 values
   // Optional: rearrange a.aq (into buf) once per call before lowbit_i8 runs; null = natural order.
   void (*lowbit_i8_prepare)(LowBitArgs&, std::vector<int8_t>& buf);
+  // Optional: rearrange a.A (into buf) once per call before lowbit_f32 runs; null = natural order.
+  void (*lowbit_f32_prepare)(LowBitArgs&, std::vector<float>& buf);
 };
 
 // MatMulLowBit int8-activation weights re-packed once per kernel instance (constant B; see

@@ -193,7 +193,7 @@ EK_TARGET void sparse24_u8(const Sparse24Args& a, int64_t n0, int64_t n1) {
 }  // namespace
 
 const KernelTable* kernels_avx2() {
-  static const KernelTable table{lowbit_f32, lowbit_i8, sparse24_f32, sparse24_u8, nullptr};
+  static const KernelTable table{lowbit_f32, lowbit_i8, sparse24_f32, sparse24_u8, nullptr, nullptr};
   return &table;
 }
 

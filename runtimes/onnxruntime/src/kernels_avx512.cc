@@ -7,10 +7,12 @@
 //
 // MatMulLowBit, accuracy_level 4: the codes (unsigned, 0 .. 2^b-1) are the u8 operand of vpdpbusd and the
 // per-row int8 activations the s8 operand; per group  s * (sum q*a - zp * sum a), the zero-point term from the
-// activation group sums computed once per call. accuracy_level 0: codes -> fp32 through a 16-entry table
-// (q - zp) * s per group (vpermps), FMA with the fp32 activations.
+// activation group sums computed once per call. accuracy_level 0, 2/4 bits: see lowbit_f32_fast_tile (re-ordered
+// activations, shift + vpermps per 16 codes); 3/8 bits: codes -> fp32 through a 16-entry table (q - zp) * s per
+// group (vpermps), FMA with the fp32 activations.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -291,8 +293,95 @@ EK_TARGET void lowbit_f32_tile(const LowBitArgs& a, const Unpack& u, int64_t n, 
     for (int m = 0; m < MT; ++m) a.Y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+// 2- and 4-bit weights, fp32 activations (accuracy level 0), with the activations re-ordered by prepare_f32: int32
+// lane l of a 64-byte weight load holds V/16 consecutive codes (V = 512/BITS codes per load), code p of the lane in
+// bits BITS*p. Step p shifts the load right by BITS*p and vpermps reads each lane's low 4 bits as an index into a
+// constant table: 16 codes as fp32 in two instructions, no unpacking. Symmetric weights: the table holds
+// (code - 2^(BITS-1)) (the identity shifted, repeated every 2^BITS entries); with zero points it holds the code and
+// each lane subtracts its group's zero point (one more instruction). Either way the weights are the exact integers
+// q - zp in fp32, FMA'd with the activations stored in the same order (A'[b*V + 16p + l] = A[b*V + (V/16)*l + p]).
+// A lane's codes lie in one group, so per block each lane's sum takes its group's scale in one more FMA.
+template <int BITS, bool ZP, int NR, int MT>
+EK_TARGET void lowbit_f32_fast_tile(const LowBitArgs& a, int64_t n, int64_t m0) {
+  constexpr int V = 512 / BITS, P = 32 / BITS;
+  const int64_t nblk = (a.Kp + V - 1) / V;
+  const int64_t ng = V / a.group;  // groups per block (V >= group: 128 or 256 codes, groups of 32..128)
+  alignas(64) int32_t gi[16];
+  alignas(64) float tv[16];
+  for (int l = 0; l < 16; ++l)
+    gi[l] = (l * (V / 16)) / a.group, tv[l] = static_cast<float>((l & ((1 << BITS) - 1)) - (ZP ? 0 : 1 << (BITS - 1)));
+  const __m512i gidx = _mm512_load_si512(gi);
+  const __m512 table = _mm512_load_ps(tv);
+  __m512 accf[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) accf[r][m] = _mm512_setzero_ps();
+  const uint8_t* rows[NR];
+  const float* srow[NR];
+  const uint8_t* zrow[NR];
+  for (int r = 0; r < NR; ++r) {
+    rows[r] = a.B + (n + r) * a.row_bytes, srow[r] = a.scales + (n + r) * a.groups;
+    zrow[r] = ZP ? a.zero_points + (n + r) * a.groups : nullptr;
+  }
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m512i w[NR];
+    __m512 sv[NR], zv[NR], t[NR][MT];
+    const bool full = 64 * (b + 1) <= a.row_bytes;
+    const __mmask64 lm = full ? ~0ULL : ((1ULL << (a.row_bytes - 64 * b)) - 1);
+    const int64_t gl = a.groups - b * ng;
+    const __mmask16 gm = gl >= ng ? static_cast<__mmask16>((1u << ng) - 1) : static_cast<__mmask16>((1u << gl) - 1);
+    for (int r = 0; r < NR; ++r) {
+      w[r] = full ? _mm512_loadu_si512(rows[r] + 64 * b) : _mm512_maskz_loadu_epi8(lm, rows[r] + 64 * b);
+      sv[r] = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gm, srow[r] + b * ng));
+      if (ZP)
+        zv[r] = _mm512_permutexvar_ps(
+            gidx, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(gm, zrow[r] + b * ng))));
+      for (int m = 0; m < MT; ++m) t[r][m] = _mm512_setzero_ps();
+    }
+    for (int p = 0; p < P; ++p) {
+      __m512 q[NR];
+      for (int r = 0; r < NR; ++r) {
+        q[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(w[r], BITS * p), table);
+        if (ZP) q[r] = _mm512_sub_ps(q[r], zv[r]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512 av = _mm512_loadu_ps(a.A + (m0 + m) * a.lda + b * V + 16 * p);
+        for (int r = 0; r < NR; ++r) t[r][m] = _mm512_fmadd_ps(av, q[r], t[r][m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MT; ++m) accf[r][m] = _mm512_fmadd_ps(t[r][m], sv[r], accf[r][m]);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) a.Y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(accf[r][m]);
+}
+
+template <int BITS, bool ZP>
+EK_TARGET void lowbit_f32_fast(const LowBitArgs& a, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (a.M == 1) {
+    for (; n + 4 <= n1; n += 4) lowbit_f32_fast_tile<BITS, ZP, 4, 1>(a, n, 0);
+    for (; n < n1; ++n) lowbit_f32_fast_tile<BITS, ZP, 1, 1>(a, n, 0);
+    return;
+  }
+  for (; n < n1; n += 2) {
+    const bool two = n + 2 <= n1;
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4)
+      two ? lowbit_f32_fast_tile<BITS, ZP, 2, 4>(a, n, m) : lowbit_f32_fast_tile<BITS, ZP, 1, 4>(a, n, m);
+    for (; m < a.M; ++m)
+      two ? lowbit_f32_fast_tile<BITS, ZP, 2, 1>(a, n, m) : lowbit_f32_fast_tile<BITS, ZP, 1, 1>(a, n, m);
+    if (!two) break;
+  }
+}
+
 EK_TARGET void lowbit_f32(const LowBitArgs& a, int64_t n0, int64_t n1) {
+  if (a.f32_reordered) {
+    const bool zp = a.zero_points != nullptr;
+    if (a.bits == 4) return zp ? lowbit_f32_fast<4, true>(a, n0, n1) : lowbit_f32_fast<4, false>(a, n0, n1);
+    if (a.bits == 2) return zp ? lowbit_f32_fast<2, true>(a, n0, n1) : lowbit_f32_fast<2, false>(a, n0, n1);
+  }
   const Unpack u = make_unpack(a.bits);
+
   int64_t n = n0;
   if (a.M == 1) {
     for (; n + 4 <= n1; n += 4) lowbit_f32_tile<4, 1>(a, u, n, 0);
@@ -430,25 +519,40 @@ EK_TARGET void sparse24_u8(const Sparse24Args& a, int64_t n0, int64_t n1) {
   }
 }
 
-// Reorder the quantized activations for lowbit_i8_fast (2 and 4 bits); other widths keep the natural order.
-void prepare_i8(LowBitArgs& a, std::vector<int8_t>& buf) {
-  if (a.bits != 2 && a.bits != 4) return;
-  const int64_t V = 512 / a.bits, P = 8 / a.bits, per = V / 64;
-  buf.assign(static_cast<size_t>(a.M * a.lda_q), 0);
-  for (int64_t m = 0; m < a.M; ++m) {
-    const int8_t* src = a.aq + m * a.lda_q;
-    int8_t* dst = buf.data() + m * a.lda_q;
-    for (int64_t b = 0; b + V <= a.lda_q; b += V)
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t j = 0; j < 64; ++j) dst[b + 64 * p + j] = src[b + per * j + p];
+// Rows [M, ld] of T re-ordered for the 2/4-bit kernels: within each block of V = 512/bits values, vector p (LANES
+// elements) holds values p, p + per, p + 2*per, ... (per = V/LANES), the order the codes of a 64-byte weight load
+// come out in when each lane of LANES holds `per` consecutive codes. ld must be a multiple of V.
+template <class T, int LANES>
+const T* interleave(const T* rows, int64_t M, int64_t ld, int bits, std::vector<T>& buf) {
+  const int64_t V = 512 / bits, per = V / LANES;
+  buf.resize(static_cast<size_t>(M * ld));
+  for (int64_t m = 0; m < M; ++m) {
+    const T* src = rows + m * ld;
+    T* dst = buf.data() + m * ld;
+    for (int64_t b = 0; b + V <= ld; b += V)
+      for (int64_t p = 0; p < per; ++p)
+        for (int64_t j = 0; j < LANES; ++j) dst[b + LANES * p + j] = src[b + per * j + p];
   }
-  a.aq = buf.data();
+  return buf.data();
+}
+
+// lowbit_i8_fast: one int8 per byte lane (64 per vector); other widths keep the natural order.
+void prepare_i8(LowBitArgs& a, std::vector<int8_t>& buf) {
+  if (a.bits == 2 || a.bits == 4) a.aq = interleave<int8_t, 64>(a.aq, a.M, a.lda_q, a.bits, buf);
+}
+
+// lowbit_f32_fast: one float per int32 lane (16 per vector).
+void prepare_f32(LowBitArgs& a, std::vector<float>& buf) {
+  if (a.bits != 2 && a.bits != 4) return;
+  a.A = interleave<float, 16>(a.A, a.M, a.lda, a.bits, buf);
+  a.f32_reordered = true;
 }
 
 }  // namespace
 
 const KernelTable* kernels_avx512() {
-  static const KernelTable table{lowbit_f32, lowbit_i8, sparse24_f32, sparse24_u8, prepare_i8};
+
+  static const KernelTable table{lowbit_f32, lowbit_i8, sparse24_f32, sparse24_u8, prepare_i8, prepare_f32};
   return &table;
 }
 
