@@ -265,12 +265,11 @@ def test_matmul_then_bias_add_fuses_into_matmullowbit():
     K, N = 64, 40
     ws = {f"W{i}": (rng.standard_normal((K, N)) * 0.1).astype(np.float32) for i in range(4)}
     b = rng.standard_normal(N).astype(np.float32)
-    nodes = [h.make_node("MatMul", ["x", "W0"], ["m0"], name="fc0"), h.make_node("Add", ["b", "m0"], ["y0"], name="a0"),
-             h.make_node("MatMul", ["x", "W1"], ["m1"], name="fc1"), h.make_node("Add", ["m1", "b2d"], ["y1"], name="a1"),
-             h.make_node("MatMul", ["x", "W2"], ["m2"], name="fc2"), h.make_node("Add", ["m2", "x40"], ["y2"], name="a2"),
-             h.make_node("MatMul", ["x", "W3"], ["m3"], name="fc3"), h.make_node("Add", ["m3", "b"], ["y3"], name="a3"),
-             h.make_node("Relu", ["m3"], ["r3"], name="relu3"),
-             h.make_node("Slice", ["x", "s0", "s1", "s2"], ["x40"], name="sl")]
+    adds = {0: ["b", "m0"], 1: ["m1", "b2d"], 2: ["m2", "x40"], 3: ["m3", "b"]}  # bias first or second
+    nodes = [h.make_node("Slice", ["x", "s0", "s1", "s2"], ["x40"], name="sl")]
+    nodes += [n for i in range(4) for n in (h.make_node("MatMul", ["x", f"W{i}"], [f"m{i}"], name=f"fc{i}"),
+                                            h.make_node("Add", adds[i], [f"y{i}"], name=f"a{i}"))]
+    nodes.append(h.make_node("Relu", ["m3"], ["r3"], name="relu3"))
     inits = [numpy_helper.from_array(w, n) for n, w in ws.items()] + [
         numpy_helper.from_array(b, "b"), numpy_helper.from_array(b[None], "b2d"),
         numpy_helper.from_array(np.array([0]), "s0"), numpy_helper.from_array(np.array([N]), "s1"),
