@@ -266,13 +266,13 @@ struct LowBitKernel {
       throw Error("MatMulLowBit: accuracy_level=" + std::to_string(accuracy_level) +
                   " is not supported; use 0 (fp32 math) or 4 (int8 activations)");
     prepack = accuracy_level == 4 && isa == Isa::kAvx512 && packed_lowbit_avx512() && !prepack_disabled() &&
-              constant_input(api, info, 1) &&
-              constant_input(api, info, 2) && constant_input(api, info, 3);
+              constant_input(api, info, 1) && constant_input(api, info, 2) && constant_input(api, info, 3);
   }
 
   // The packed weights for these inputs (packed on first use; null when B etc. are not the constant ones).
   const PackedLowBit* get_packed(const LowBitArgs& a) {
-    return packed.get({a.B, a.scales, a.zero_points}, [&](PackedLowBit& pk) { return packed_lowbit_avx512()->pack(a, pk); });
+    return packed.get({a.B, a.scales, a.zero_points},
+                      [&](PackedLowBit& pk) { return packed_lowbit_avx512()->pack(a, pk); });
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -504,8 +504,10 @@ struct Sparse24Kernel {
       thread_local std::vector<uint8_t> xt;
       pkk.relayout(a, *pk, xt);
       // each task builds its own pattern tables (36 vectors per pair of groups and 16 activation rows): tasks of
-      // at least kSparseRowsPerTask weight rows keep that under ~10 % of the multiplies
-      const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(8, N / kSparseRowsPerTask));
+      // kSparseRowsPerTask weight rows keep that at ~4 % of the multiplies; smaller layers still get two tasks
+      // (from 256 rows), since two threads at ~20 % more work beat one
+      const int64_t tasks =
+          std::max<int64_t>({1, std::min<int64_t>(8, N / kSparseRowsPerTask), std::min<int64_t>(2, N / 128)});
       const int64_t per = (N + tasks - 1) / tasks;
       const uint8_t* x = xt.data();
       auto body = [&](size_t t) {
