@@ -160,9 +160,19 @@ def check_rewritable(node, inits: Mapping) -> None:
         raise ExportError(f"{node.name}: Gemm with transA, alpha or beta other than 1 is not supported weight-only")
 
 
+def _fused_bias(name: str, bias: str, inits: Mapping, n: int):
+    """The float32 ``[n]`` initializer ``<name>::bias`` holding constant ``bias`` (a Gemm/Conv input or an Add's
+    operand), the low-bit op's fused bias; ExportError when it is not a constant of n values."""
+    from onnx import numpy_helper
+
+    if bias not in inits or int(np.prod(inits[bias].dims)) != n:
+        raise ExportError(f"{name}: only a constant per-output bias ({n} values) can be fused")
+    return numpy_helper.from_array(numpy_helper.to_array(inits[bias]).reshape(n).astype(np.float32), f"{name}::bias")
+
+
 def _pointwise_conv(node, qw: QWeight, inits: Mapping, *, accuracy_level: int, edgekit_ops: bool):
     """``Transpose -> low-bit MatMul (bias fused) -> Transpose`` computing a 1x1 Conv with ``qw``."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     name, x, y = node.name, node.input[0], node.output[0]
     nodes = [helper.make_node("Transpose", [x], [f"{name}::nhwc"], name=f"{name}::to_nhwc", perm=[0, 2, 3, 1])]
@@ -170,10 +180,7 @@ def _pointwise_conv(node, qw: QWeight, inits: Mapping, *, accuracy_level: int, e
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     out = f"{name}::y_nhwc"
     if bias is not None:
-        if bias not in inits or int(np.prod(inits[bias].dims)) != qw.n:
-            raise ExportError(f"{name}: only a constant per-output bias ({qw.n} values) can be fused")
-        extra.append(numpy_helper.from_array(numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32),
-                                             f"{name}::bias"))
+        extra.append(_fused_bias(name, bias, inits, qw.n))
     use_nbits = qw.bits in MATMUL_BITS and not edgekit_ops
     make = matmul_nbits if use_nbits else matmul_lowbit
     mm, more = make(name, f"{name}::nhwc", out, qw, bias=f"{name}::bias" if bias else None,
@@ -248,13 +255,8 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
                 add, bias = bias_adds[node.name]
                 y = add.output[0]
             if bias is not None:
-                if bias not in inits or int(np.prod(inits[bias].dims)) != qw.n:
-                    raise ExportError(f"{node.name}: only a constant per-output bias ({qw.n} values) can be fused")
-                from onnx import numpy_helper
-
-                b = numpy_helper.to_array(inits[bias]).reshape(qw.n).astype(np.float32)
-                new_inits.append(numpy_helper.from_array(b, f"{node.name}::bias"))
-                bias = f"{node.name}::bias"
+                new_inits.append(_fused_bias(node.name, bias, inits, qw.n))
+                bias = new_inits[-1].name
             make = matmul_nbits if qw.bits in MATMUL_BITS and not edgekit_ops else matmul_lowbit
             n, extra = make(node.name, node.input[0], y, qw, bias=bias, accuracy_level=accuracy_level)
         new_nodes.append(n)
