@@ -29,6 +29,7 @@ from edgekit.model import LoadedModel, load_model
 from edgekit.plan import PRECISIONS, Plan, parse_option, tolerance_class
 from edgekit.tables import Budget
 from edgekit.targets import TargetProfile, load_target
+from edgekit.tensorrt_artifact import TrtGraph, apply_plan_tensorrt, bundle_form, engine_section, preflight_source
 from edgekit.verify import VerificationReport, require_pass, run_reference, verify_artifact
 from edgekit.zoo import DEFAULT_MODEL
 
@@ -73,6 +74,7 @@ class Candidate:
     artifact: Artifact
     verification: VerificationReport
     analysis: dict | None = None
+    trt: TrtGraph | None = None  # TensorRT targets: the TensorRT-ready graph behind the artifact
 
 
 @dataclass(frozen=True)
@@ -164,9 +166,9 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         raise ConfigError("give either --max-drop or --budget, not both")
     if req.max_drop is not None and req.precision != "auto":
         raise ConfigError("--max-drop chooses the precision per layer itself; leave --precision at auto")
-    if profile.runtime != "onnxruntime" and "onnxruntime" not in profile.runtimes:
+    if profile.runtime not in ("onnxruntime", "tensorrt") and "onnxruntime" not in profile.runtimes:
         raise UnsupportedOnTarget(
-            f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime only"
+            f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime and TensorRT only"
         )
     signing_key = _signing_key(req, ctx)
     log.info("loading model %s", req.model)
@@ -189,10 +191,13 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         work = Path(tmp)
         log.info("exporting %s to ONNX", model.source)
         fp32 = export_onnx(model, work / "model-fp32.onnx")
+        if profile.runtime == "tensorrt":  # an op TensorRT cannot parse fails now, before any compression work
+            preflight_source(fp32, profile)
         layers = layer_inventory(fp32.path)
         reference = run_reference(model, evald, ctx)
         chosen, tried = _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx)
-        latency = _latency(fp32, chosen.artifact, evald) if req.measure_latency else {}
+        # the host's ONNX Runtime says nothing of a TensorRT engine's speed: that is measured on the device
+        latency = _latency(fp32, chosen.artifact, evald) if req.measure_latency and chosen.trt is None else {}
         report = _report(req, profile, model, layers, fp32, chosen, tried, latency, calib, evald, t_start)
         bundle_dir = out_root / name
         archive = out_root / f"{name}.ekb"
@@ -275,7 +280,11 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
         log.info("applying %s plan (%d of %d layers quantized)", label,
                  sum(c.option != "fp32" for c in plan.layers), len(plan.layers))
         made = (analysis or {}).pop("applied", None)  # (plan layers, artifact) already built while allocating
-        if made and made[0] == plan.layers:
+        trt = None
+        if profile.runtime == "tensorrt":
+            artifact, trt = apply_plan_tensorrt(plan, fp32, calib, work / f"model-{plan.precision}.trt.onnx",
+                                                profile, ctx)
+        elif made and made[0] == plan.layers:
             artifact = made[1]
         else:
             artifact = apply_plan(plan, fp32, calib, work / f"model-{plan.precision}.onnx", cfg, ctx)
@@ -285,7 +294,7 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
         log.info("%s: %s", label, report.summary())
         tried.append({"precision": label, "size_bytes": artifact.size, "verification": report.summary(),
                       "passed": report.passed})
-        last = Candidate(plan, artifact, report, analysis)
+        last = Candidate(plan, artifact, report, analysis, trt)
         if report.passed:
             return last, tried
     if last is None:
@@ -444,17 +453,20 @@ def _write_bundle(stage: Path, req: BuildRequest, profile, model: LoadedModel, n
     from edgekit.bundle import seal
     from edgekit.report import write_report
 
-    shutil.copyfile(chosen.artifact.path, stage / ARTIFACT_NAME)
+    if chosen.trt is not None:
+        artifact = bundle_form(chosen.trt, stage / ARTIFACT_NAME)
+    else:
+        shutil.copyfile(chosen.artifact.path, stage / ARTIFACT_NAME)
+        artifact = describe(stage / ARTIFACT_NAME)
     chosen.plan.save(stage / "plan.json")
     chosen.verification.save(stage / "verification.json")
     write_report(report, stage)
-    artifact = describe(stage / ARTIFACT_NAME)
     refs = _reference(stage, model, chosen, calib, evald)
     manifest = {
         "name": name,
         "version": req.bundle_version if req.bundle_version is not None else int(time.time()),
         "target": profile.name,
-        "runtime": "onnxruntime",
+        "runtime": artifact.runtime,
         "artifact": artifact.to_dict(),
         "inputs": [s.to_dict() for s in artifact.inputs],
         "outputs": [s.to_dict() for s in artifact.outputs],
@@ -469,4 +481,6 @@ def _write_bundle(stage: Path, req: BuildRequest, profile, model: LoadedModel, n
                     "evaluation_sha256": report["data"]["evaluation"]["sha256"],
                     "versions": report["versions"]},
     }
+    if chosen.trt is not None:
+        manifest["engine"] = engine_section(chosen.trt, profile)
     return seal(stage, manifest, signing_key)
