@@ -36,6 +36,7 @@ from edgekit.zoo import DEFAULT_MODEL
 log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "model.onnx"
+EXPORTERS = ("onnxruntime", "tensorrt", "tflite")  # runtimes this build exports for
 TASKS = ("classification", "embedding", "generic")  # classification adds top-1 agreement and accuracy
 
 
@@ -166,9 +167,9 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         raise ConfigError("give either --max-drop or --budget, not both")
     if req.max_drop is not None and req.precision != "auto":
         raise ConfigError("--max-drop chooses the precision per layer itself; leave --precision at auto")
-    if profile.runtime not in ("onnxruntime", "tensorrt") and "onnxruntime" not in profile.runtimes:
+    if not set(profile.runtimes) & set(EXPORTERS):
         raise UnsupportedOnTarget(
-            f"target {profile.name} runs {profile.runtimes}; this build exports ONNX Runtime and TensorRT only"
+            f"target {profile.name} runs {profile.runtimes}; this build exports {', '.join(EXPORTERS)} only"
         )
     signing_key = _signing_key(req, ctx)
     log.info("loading model %s", req.model)
@@ -178,6 +179,7 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         if req.task not in TASKS:
             raise ConfigError(f"unknown task {req.task!r}", hint=f"one of {', '.join(TASKS)}")
         model = replace(model, task=req.task)
+    runtime = _export_runtime(profile, model)
     calib, evald = _load_datasets(model, req, ctx)
     name = req.name or model.name
     out_root = Path(req.out)
@@ -191,13 +193,14 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         work = Path(tmp)
         log.info("exporting %s to ONNX", model.source)
         fp32 = export_onnx(model, work / "model-fp32.onnx")
-        if profile.runtime == "tensorrt":  # an op TensorRT cannot parse fails now, before any compression work
+        if runtime == "tensorrt":  # an op TensorRT cannot parse fails now, before any compression work
             preflight_source(fp32, profile)
         layers = layer_inventory(fp32.path)
         reference = run_reference(model, evald, ctx)
-        chosen, tried = _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx)
+        chosen, tried = _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx,
+                                runtime=runtime)
         # the host's ONNX Runtime says nothing of a TensorRT engine's speed: that is measured on the device
-        latency = _latency(fp32, chosen.artifact, evald) if req.measure_latency and chosen.trt is None else {}
+        latency = _latency(fp32, chosen.artifact, evald) if req.measure_latency and runtime != "tensorrt" else {}
         report = _report(req, profile, model, layers, fp32, chosen, tried, latency, calib, evald, t_start)
         bundle_dir = out_root / name
         archive = out_root / f"{name}.ekb"
@@ -253,7 +256,25 @@ def _proposals(req, profile, model, layers, cfg, allocate, search):
         yield precision, make
 
 
-def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx) -> tuple[Candidate, list[dict]]:
+def _export_runtime(profile: TargetProfile, model: LoadedModel) -> str:
+    """The runtime this build exports for: the profile's first that edgekit exports and the model can go to (TFLite
+    converts PyTorch modules only; an ONNX model goes to the profile's next runtime)."""
+    for runtime in profile.runtimes:
+        if runtime not in EXPORTERS:
+            continue
+        if runtime == "tflite" and model.module is None:
+            log.warning("TFLite export converts PyTorch models and %s is ONNX: building for the target's next runtime",
+                        model.source)
+            continue
+        if runtime != profile.runtime:
+            log.info("target %s prefers %s; building for %s", profile.name, profile.runtime, runtime)
+        return runtime
+    raise UnsupportedOnTarget(f"no runtime of target {profile.name} ({', '.join(profile.runtimes)}) can take "
+                              f"{model.source}", hint="give a PyTorch model (TFLite export converts torch modules)")
+
+
+def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx,
+            *, runtime: str = "onnxruntime") -> tuple[Candidate, list[dict]]:
     tried: list[dict] = []
     last: Candidate | None = None
     def allocate():
@@ -281,9 +302,14 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
                  sum(c.option != "fp32" for c in plan.layers), len(plan.layers))
         made = (analysis or {}).pop("applied", None)  # (plan layers, artifact) already built while allocating
         trt = None
-        if profile.runtime == "tensorrt":
+        if runtime == "tensorrt":
             artifact, trt = apply_plan_tensorrt(plan, fp32, calib, work / f"model-{plan.precision}.trt.onnx",
                                                 profile, ctx)
+        elif runtime == "tflite":
+            from edgekit.export.tflite import export_tflite
+
+            artifact = export_tflite(model.module, model.inputs, model.output_names,
+                                     work / f"model-{plan.precision}.tflite", plan=plan, calib=calib, ctx=ctx)
         elif made and made[0] == plan.layers:
             artifact = made[1]
         else:
@@ -443,7 +469,10 @@ def _reference(stage: Path, model: LoadedModel, chosen: Candidate, calib: Datase
 
     bs = batch_size(chosen.artifact.inputs, 32)
     doc = reference.sketch(chosen.artifact.path, evald, model.task, bs)
-    convs = reference.norm_convs(model.module, example_inputs(model.inputs)) if model.module is not None else []
+    # norm adaptation rewrites ONNX initializers: TFLite artifacts have none to rewrite
+    onnx_graph = chosen.artifact.format != "tflite"
+    convs = (reference.norm_convs(model.module, example_inputs(model.inputs))
+             if model.module is not None and onnx_graph else [])
     layers = reference.adapt_table(chosen.artifact.path, convs, calib, bs)
     return reference.write(stage, doc, layers, len(calib))
 
@@ -455,6 +484,9 @@ def _write_bundle(stage: Path, req: BuildRequest, profile, model: LoadedModel, n
 
     if chosen.trt is not None:
         artifact = bundle_form(chosen.trt, stage / ARTIFACT_NAME)
+    elif chosen.artifact.format == "tflite":
+        shutil.copyfile(chosen.artifact.path, stage / "model.tflite")
+        artifact = replace(chosen.artifact, path=stage / "model.tflite")
     else:
         shutil.copyfile(chosen.artifact.path, stage / ARTIFACT_NAME)
         artifact = describe(stage / ARTIFACT_NAME)

@@ -66,6 +66,10 @@ def feature_tensor(model) -> str | None:
 
 
 def _runtime(path: Path | bytes):
+    if isinstance(path, Path) and path.suffix == ".tflite":
+        from edgekit.agent.backends import LiteRtRuntime
+
+        return LiteRtRuntime(path)
     from edgekit.agent.runtime import OrtRuntime
 
     return OrtRuntime(path)
@@ -90,9 +94,11 @@ def sketch(artifact: Path, data: Dataset, task: str | None, batch: int) -> dict:
         k = int(np.asarray(rt.run(next(data.batches(1)))[first]).shape[-1])
         counts = np.bincount(np.concatenate(preds), minlength=k)
         classes = [round(float(c) / counts.sum(), 6) for c in counts]
-    import onnx
+    feature = None
+    if task == "classification" and Path(artifact).suffix != ".tflite":
+        import onnx
 
-    feature = feature_tensor(onnx.load(str(artifact))) if task == "classification" else None
+        feature = feature_tensor(onnx.load(str(artifact)))
     return {"schema_version": SKETCH_SCHEMA, "task": task, "samples": len(data), "source": data.source,
             "scores": scores, "classes": classes, "feature": feature}
 
