@@ -53,14 +53,36 @@ def apply_plan_tensorrt(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, p
     if wonly:
         quantizer = plan_quantizer(plan, fp32, calib, ctx, layers=list(wonly))
         weights = {n: quantizer.qweight(n, o) for n, o in wonly.items()}
-    graph = tensorrt_graph(onnx.load(str(fp32.path)), plan, calib, tensorrt_major=profile.tensorrt.major,
-                           plugins="ai.edgekit" in profile.custom_op_domains, weights=weights, track=ctx.track)
+    options = {"tensorrt_major": profile.tensorrt.major, "plugins": "ai.edgekit" in profile.custom_op_domains,
+               "weights": weights, "track": ctx.track}
+    graph = tensorrt_graph(onnx.load(str(fp32.path)), plan, calib, **options)
+    if graph.int8_layers and plan.activations.get("bias_correction", True):
+        graph = _bias_corrected(graph, fp32, plan, calib, out, options)
     require(graph.for_tensorrt(), profile, sparse=bool(graph.sparse_layers), stage="TensorRT-ready graph")
     onnx.save(graph.model, str(out))
     log.info("TensorRT-ready graph: %d INT8, %d INT4, %d 2:4 and %d plugin layers; pre-flight passed",
              len(graph.int8_layers), len(graph.int4_layers), len(graph.sparse_layers), len(graph.plugin_layers))
     custom = ("ai.edgekit",) if graph.plugin_layers else ()
     return replace(describe(out, runtime="tensorrt", custom_ops=custom), format=FORMAT), graph
+
+
+def _bias_corrected(graph: TrtGraph, fp32: Artifact, plan: Plan, calib: Dataset, out: Path, options: dict
+                    ) -> TrtGraph:
+    """The graph again from a float model whose INT8 layers' biases absorb their weight-rounding shift (the same
+    bias correction as the ONNX Runtime path, ``compress.quant.correct_biases``); activation ranges are kept."""
+    import onnx
+
+    from edgekit.compress.quant import correct_biases
+
+    first = out.with_name(out.stem + ".uncorrected.onnx")
+    corrected = out.with_name(out.stem + ".fp32-bias-corrected.onnx")
+    onnx.save(graph.model, str(first))
+    try:
+        correct_biases(Path(fp32.path), first, graph.int8_layers, calib, corrected)
+        return tensorrt_graph(onnx.load(str(corrected)), plan, calib, amax=graph.amax, **options)
+    finally:
+        first.unlink(missing_ok=True)
+        corrected.unlink(missing_ok=True)
 
 
 def bundle_form(graph: TrtGraph, path: Path) -> Artifact:

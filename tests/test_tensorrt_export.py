@@ -311,3 +311,28 @@ def test_require_raises_one_clear_error_for_the_target():
     text = str(err.value)
     assert "TensorRT 10.3 pre-flight failed for the test graph" in text and "q (QuantizeLinear)" in text
     require(_qdq_model(), load_target("jetson-orin-nano"))  # passes silently
+
+
+def test_apply_plan_tensorrt_corrects_biases_and_preflights(tmp_path):
+    from dataclasses import replace
+
+    from edgekit.context import Context
+    from edgekit.export.onnx import describe
+    from edgekit.tensorrt_artifact import FORMAT, apply_plan_tensorrt
+
+    path = tmp_path / "fp32.onnx"
+    fp32 = residual_net(seed=3)
+    onnx.save(fp32, str(path))
+    calib = _calib(64)
+    plan = _plan(dict.fromkeys(LAYERS, "w8a8"))
+    profile = load_target("jetson-orin-nano")
+    art, g = apply_plan_tensorrt(plan, describe(path), calib, tmp_path / "a.onnx", profile, Context())
+    plain, _ = apply_plan_tensorrt(replace(plan, activations={"bias_correction": False}), describe(path), calib,
+                                   tmp_path / "b.onnx", profile, Context())
+    assert art.format == FORMAT and art.runtime == "tensorrt" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.onnx", "b.onnx", "fp32.onnx"]  # no temporary files left behind
+    x = calib.inputs["x"]
+    ref = _run(fp32, {"x": x})
+    err = {k: np.abs((_run(onnx.load(str(a.path)), {"x": x}) - ref).mean(axis=0)).mean() for k, a in
+           (("corrected", art), ("plain", plain))}
+    assert err["corrected"] < err["plain"], err  # the systematic (mean) error shrinks on the calibration data

@@ -222,9 +222,11 @@ def _route(plan: Plan, nodes: Mapping[str, object], inits: Mapping[str, np.ndarr
 
 
 def tensorrt_graph(fp32, plan: Plan, calib: Dataset, *, tensorrt_major: int = 10, plugins: bool = False,
-                   weights: Mapping[str, object] | None = None, method: str = "mse", track=None) -> TrtGraph:
+                   weights: Mapping[str, object] | None = None, method: str = "mse", track=None,
+                   amax: Mapping[str, float] | None = None) -> TrtGraph:
     """The TensorRT-ready form of ``fp32`` (a float ModelProto whose weighted nodes carry the plan's layer names,
-    after any structural step) under ``plan``. ``weights`` holds the plan's QWeights of weight-only layers."""
+    after any structural step) under ``plan``. ``weights`` holds the plan's QWeights of weight-only layers;
+    ``amax`` activation ranges already calibrated (else calibrated here)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -243,7 +245,8 @@ def tensorrt_graph(fp32, plan: Plan, calib: Dataset, *, tensorrt_major: int = 10
     act = [nodes[n].input[0] for n in int8]
     skips = _skip_inputs(graph, producer, set(int8))
     tensors = list(dict.fromkeys(act + skips))
-    amax = calibrate_amax(fp32, tensors, calib, method=method, track=track)
+    missing_amax = [t for t in tensors if amax is None or t not in amax]
+    amax = {**(amax or {}), **calibrate_amax(fp32, missing_amax, calib, method=method, track=track)}
 
     new_inits: list = []
     dq_of: dict[str, str] = {}  # activation tensor -> its DequantizeLinear output
