@@ -199,8 +199,9 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         reference = run_reference(model, evald, ctx)
         chosen, tried = _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cfg, ctx,
                                 runtime=runtime)
-        # the host's ONNX Runtime says nothing of a TensorRT engine's speed: that is measured on the device
-        latency = _latency(fp32, chosen.artifact, evald) if req.measure_latency and runtime != "tensorrt" else {}
+        # the host's speed of a TensorRT engine (it has none) or of a TFLite model (x86 XNNPACK) says nothing of the
+        # target's: those are measured on the device
+        latency = _latency(fp32, chosen.artifact, evald) if req.measure_latency and runtime == "onnxruntime" else {}
         report = _report(req, profile, model, layers, fp32, chosen, tried, latency, calib, evald, t_start)
         bundle_dir = out_root / name
         archive = out_root / f"{name}.ekb"

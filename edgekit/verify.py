@@ -142,11 +142,18 @@ def compare(
 
 
 def run_artifact(artifact: Artifact, data: Dataset, ctx: Context) -> dict[str, np.ndarray]:
-    """Run an ONNX artifact in ONNX Runtime over the whole dataset."""
-    from edgekit.agent.runtime import OrtRuntime
+    """Run an artifact over the whole dataset: a ``tflite`` one in LiteRT (float32 in and out, quantized I/O
+    converted by ``LiteRtRuntime``), anything else in ONNX Runtime."""
     from edgekit.model import batch_size
 
-    rt = OrtRuntime(artifact.path)
+    if artifact.format == "tflite":
+        from edgekit.agent.backends import LiteRtRuntime
+
+        rt = LiteRtRuntime(artifact.path)
+    else:
+        from edgekit.agent.runtime import OrtRuntime
+
+        rt = OrtRuntime(artifact.path)
     bs = batch_size(artifact.inputs, BATCH)
     return rt.run_batches(ctx.track(data.batches(bs), "verifying", total=math.ceil(len(data) / bs)))
 

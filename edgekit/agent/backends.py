@@ -43,7 +43,13 @@ def ort_providers(preferred: Sequence[str] | None = None) -> list[str]:
 
 
 class LiteRtRuntime:
-    """A ``.tflite`` artifact in the LiteRT interpreter."""
+    """A ``.tflite`` artifact in the LiteRT interpreter, float32 in and out like the ONNX artifact.
+
+    Quantized inputs (int8/uint8/int16 with a scale) are quantized from float feeds with the input's (scale,
+    zero_point), rounding half away from zero as TFLite's QUANTIZE does; quantized outputs are dequantized to float32.
+    Integer feeds to a quantized input are taken as already quantized. A batch larger than the model's is run by
+    resizing the inputs, or sample by sample when the model cannot be resized (its output batch stays fixed).
+    """
 
     name = "litert"
 
@@ -53,23 +59,78 @@ class LiteRtRuntime:
         except ImportError as exc:
             raise AgentError("this bundle is a TFLite model and needs LiteRT",
                              hint="pip install 'edgekit[tflite]' (ai-edge-litert)") from exc
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self.interpreter.allocate_tensors()
+        self.path = Path(path)
+        try:
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise AgentError(f"LiteRT cannot load {path}: {exc}") from exc
         self._in = self.interpreter.get_input_details()
         self._out = self.interpreter.get_output_details()
         self.input_names = [d["name"] for d in self._in]
         self.output_names = [d["name"] for d in self._out]
         self.providers = ["litert-cpu"]
+        self._per_sample = False  # set when a resized batch gave outputs of the wrong batch
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for d in self._in:
-            x = np.asarray(feeds[d["name"]], d["dtype"])
-            if tuple(d["shape"]) != x.shape:
+    @staticmethod
+    def _quantized(d: Mapping) -> bool:
+        return bool(d["quantization"][0]) and np.dtype(d["dtype"]).kind in "iu"
+
+    def _feed(self, d: Mapping, value) -> np.ndarray:
+        x = np.asarray(value)
+        if self._quantized(d) and x.dtype.kind == "f":
+            scale, zero_point = d["quantization"]
+            info = np.iinfo(d["dtype"])
+            q = x.astype(np.float64) / scale
+            q = np.sign(q) * np.floor(np.abs(q) + 0.5) + zero_point
+            return np.clip(q, info.min, info.max).astype(d["dtype"])
+        return np.ascontiguousarray(x, d["dtype"])
+
+    def _fetch(self, d: Mapping) -> np.ndarray:
+        y = self.interpreter.get_tensor(d["index"])
+        if self._quantized(d):
+            scale, zero_point = d["quantization"]
+            return ((y.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+        return y.copy()
+
+    def _invoke(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        xs = [self._feed(d, feeds[d["name"]]) for d in self._in]
+        if any(tuple(d["shape"]) != x.shape for d, x in zip(self._in, xs)):
+            for d, x in zip(self._in, xs):
                 self.interpreter.resize_tensor_input(d["index"], x.shape)
-                self.interpreter.allocate_tensors()
+            self.interpreter.allocate_tensors()
+            self._in = self.interpreter.get_input_details()
+            self._out = self.interpreter.get_output_details()
+        for d, x in zip(self._in, xs):
             self.interpreter.set_tensor(d["index"], x)
         self.interpreter.invoke()
-        return {d["name"]: self.interpreter.get_tensor(d["index"]).copy() for d in self._out}
+        return {d["name"]: self._fetch(d) for d in self._out}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise AgentError(f"missing inputs {missing} (the model takes {self.input_names})")
+        n = len(feeds[self.input_names[0]]) if self.input_names and np.ndim(feeds[self.input_names[0]]) else 1
+        if n > 1 and not self._per_sample:
+            try:
+                out = self._invoke(feeds)
+                if all(v.ndim and len(v) == n for v in out.values()):
+                    return out
+            except (ValueError, RuntimeError) as exc:
+                log.debug("LiteRT cannot resize %s to batch %d (%s); running sample by sample", self.path, n, exc)
+            self._per_sample = True
+        if n > 1:
+            parts = [self._invoke({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._invoke(feeds)
+
+    def run_batches(self, batches) -> dict[str, np.ndarray]:
+        """Run every batch and concatenate the outputs along the batch axis (as ``OrtRuntime.run_batches``)."""
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
+        for feeds in batches:
+            for k, v in self.run(feeds).items():
+                parts[k].append(v)
+        return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 class TensorRtRuntime:
