@@ -70,3 +70,29 @@ def test_unsupported_op_fails_before_compression(run_cli, tmp_path):
                   "--out", out, code=6)
     assert "pre-flight failed for the exported FP32 graph" in res.output and "hard (Hardmax)" in res.output
     assert not (out / "m").exists() and not list(out.glob("*.ekb"))
+
+
+@pytest.mark.e2e
+def test_agent_runs_the_jetson_bundle_in_onnx_runtime_without_tensorrt(jetson, tmp_path, caplog):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here: the agent would build an engine")
+    from edgekit.agent import Agent, AgentConfig
+    from edgekit.agent.runtime import OrtRuntime
+
+    bundle, _, out = jetson
+    agent = Agent.open(tmp_path / "state", AgentConfig())
+    try:
+        res = agent.install(out / f"{bundle.name}.ekb", probation=False)
+        assert res["installed"]
+        x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
+        with caplog.at_level("WARNING"):
+            got = agent.infer({"input": x})
+        ref = OrtRuntime(bundle / "model.onnx").run({"input": x})
+        np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    finally:
+        agent.close()
+    assert "TensorRT is not installed here" in caplog.text

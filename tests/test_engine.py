@@ -224,3 +224,18 @@ def test_real_tensorrt_build(tmp_path):
     onnx.save(g.model, str(path))
     res = build_engine(path, EngineSpec(int8=True), tmp_path / "cache")
     assert res.path.stat().st_size > 0 and res.timing_cache.exists()
+
+
+def test_open_runtime_needs_tensorrt_for_plugin_graphs(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here")
+    from edgekit.agent.backends import open_runtime
+
+    manifest = {"artifact": {"format": "tensorrt-onnx", "path": "model.onnx"},
+                "engine": {**MANIFEST["engine"], "plugin_library": "libedgekit_trt.so"}}
+    with pytest.raises(AgentError, match="plugins and TensorRT is not installed"):
+        open_runtime(manifest, tmp_path)

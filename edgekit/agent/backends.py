@@ -15,7 +15,6 @@ Every backend has the ``Runtime`` protocol of ``edgekit.agent.runtime`` (``run(f
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -134,48 +133,30 @@ class LiteRtRuntime:
 
 
 class TensorRtRuntime:
-    """A TensorRT engine built on this device from TensorRT-ready ONNX, cached under ``cache_dir``.
+    """A TensorRT engine built on this device from a bundle's TensorRT-ready ONNX (``edgekit.agent.engine``: flags
+    from the manifest, timing cache, cached per graph, GPU and TensorRT version).
 
-    Follows the TensorRT 10 Python API (``Builder``/``OnnxParser``/``IRuntime``, ``execute_async_v3`` with tensor
-    addresses); device memory through CuPy. Untested here: no machine this project builds on has TensorRT.
+    Follows the TensorRT 10 Python API (``IRuntime``, ``execute_async_v3`` with tensor addresses); device memory
+    through CuPy. Untested here: no machine this project builds on has TensorRT.
     """
 
     name = "tensorrt"
 
-    def __init__(self, onnx_path: Path, cache_dir: Path, *, fp16: bool = True, int8: bool = False) -> None:
+    def __init__(self, onnx_path: Path, cache_dir: Path, spec=None, *, plugin_libraries: Sequence[Path] = ()) -> None:
+        from edgekit.agent.engine import EngineSpec, build_engine, import_tensorrt
+
+        trt = import_tensorrt()
         try:
             import cupy as cp
-            import tensorrt as trt
         except ImportError as exc:
-            raise AgentError("TensorRT engines need the tensorrt and cupy packages and an NVIDIA GPU",
-                             hint="install TensorRT from NVIDIA's index, or run the bundle with ONNX Runtime") from exc
+            raise AgentError("TensorRT engines need CuPy and an NVIDIA GPU", hint="pip install cupy") from exc
         self._cp, self._trt = cp, trt
-        logger = trt.Logger(trt.Logger.WARNING)
-        props = cp.cuda.runtime.getDeviceProperties(0)
-        gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-        key = hashlib.sha256(Path(onnx_path).read_bytes() + gpu.encode() + trt.__version__.encode()).hexdigest()[:24]
-        engine_path = Path(cache_dir) / f"{key}.engine"
-        runtime = trt.Runtime(logger)
-        if engine_path.exists():
-            engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        else:
-            builder = trt.Builder(logger)
-            network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse(Path(onnx_path).read_bytes()):
-                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise AgentError(f"TensorRT cannot parse {onnx_path}: {errors}")
-            config = builder.create_builder_config()
-            if fp16:
-                config.set_flag(trt.BuilderFlag.FP16)
-            if int8:  # explicit quantization: the QDQ nodes carry the scales
-                config.set_flag(trt.BuilderFlag.INT8)
-            blob = builder.build_serialized_network(network, config)
-            if blob is None:
-                raise AgentError(f"TensorRT could not build an engine from {onnx_path}")
-            engine_path.parent.mkdir(parents=True, exist_ok=True)
-            engine_path.write_bytes(bytes(blob))
-            engine = runtime.deserialize_cuda_engine(blob)
+        built = build_engine(Path(onnx_path), spec or EngineSpec(), Path(cache_dir), trt=trt,
+                             plugin_libraries=plugin_libraries)
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(built.path.read_bytes())
+        if engine is None:
+            raise AgentError(f"TensorRT could not load the engine {built.path}",
+                             hint="delete it from the engine cache to rebuild it")
         self.engine = engine
         self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -213,9 +194,13 @@ def open_runtime(manifest: Mapping, root: Path, *, providers: Sequence[str] | No
     path = Path(root) / art.get("path", "model.onnx")
     if fmt == "tflite":
         return LiteRtRuntime(path, threads=threads)
-    if fmt == "tensorrt-onnx" or (providers and "tensorrt" in providers):
+    if fmt == "tensorrt-onnx":
+        runtime = _tensorrt_or_fallback(manifest, path, cache_dir or Path(root) / ".engines")
+        if runtime is not None:
+            return runtime
+    elif providers and "tensorrt" in providers:
         return TensorRtRuntime(path, cache_dir or Path(root) / ".engines")
-    if fmt != "onnx":
+    elif fmt != "onnx":
         raise AgentError(f"this agent cannot run artifacts of format {fmt!r}", hint="upgrade edgekit on the device")
     libs = [Path(root) / lib for lib in art.get("custom_op_libraries", [])]
     source: Path | bytes = path
@@ -223,6 +208,24 @@ def open_runtime(manifest: Mapping, root: Path, *, providers: Sequence[str] | No
         source = _with_outputs_cached(str(path), tuple(extra_outputs), path.stat().st_mtime_ns)
     return OrtRuntime(source, threads=threads, providers=ort_providers(providers), overrides=overrides,
                       custom_op_libraries=libs)
+
+
+def _tensorrt_or_fallback(manifest: Mapping, path: Path, cache_dir: Path):
+    """The TensorRT engine of a ``tensorrt-onnx`` artifact; without TensorRT here, None (run the same graph in ONNX
+    Runtime: Q/DQ graphs are standard ONNX), unless the graph needs edgekit's TensorRT plugins."""
+    from edgekit.agent.engine import EngineSpec
+
+    spec = EngineSpec.from_manifest(manifest) if manifest.get("engine") else EngineSpec()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        if spec.plugin_library:
+            raise AgentError("this bundle's graph uses edgekit's TensorRT plugins and TensorRT is not installed here",
+                             hint="install TensorRT (JetPack ships it) or build the model for an ONNX Runtime target"
+                             ) from None
+        log.warning("TensorRT is not installed here: running the TensorRT-ready graph in ONNX Runtime")
+        return None
+    return TensorRtRuntime(path, cache_dir, spec)
 
 
 @functools.lru_cache(maxsize=4)
