@@ -191,7 +191,8 @@ def test_install_from_url_resumes_a_partial_download(bundles, tmp_path):
 
 
 def test_runtime_choice_for_other_formats(tmp_path):
-    """TFLite needs LiteRT and TensorRT needs tensorrt + a GPU: without them, a clear AgentError."""
+    """TFLite needs LiteRT and TensorRT plugins need tensorrt + a GPU: without them, a clear AgentError (a
+    TensorRT-ready graph without plugins falls back to ONNX Runtime: tests/test_build_tensorrt.py)."""
     from edgekit.agent.backends import open_runtime, ort_providers
     from edgekit.errors import AgentError
 
@@ -208,7 +209,8 @@ def test_runtime_choice_for_other_formats(tmp_path):
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(AgentError, match="TensorRT"):
-            open_runtime({"artifact": {"format": "tensorrt-onnx", "path": "m.onnx"}}, tmp_path)
+            open_runtime({"artifact": {"format": "tensorrt-onnx", "path": "m.onnx"},
+                          "engine": {"plugin_library": "libedgekit_trt.so"}}, tmp_path)
 
 
 def test_agent_run_reports_a_busy_port(run_cli, tmp_path):
