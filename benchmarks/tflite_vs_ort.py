@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -49,22 +48,6 @@ def logits_metrics(ref: np.ndarray, out: np.ndarray) -> dict:
 
     return {"top1_agreement": round(float((ref.argmax(1) == out.argmax(1)).mean()), 4),
             "cosine": round(mean_cosine(ref, out), 5), "sqnr_db": round(sqnr_db(ref, out), 2)}
-
-
-def interleaved(runtimes: dict, feeds: dict, rounds: int, per_round: int) -> dict:
-    """Batch-1 medians (median of round medians), every runtime timed in every round, the order rotated."""
-    from edgekit.agent.runtime import compare_latency
-
-    names = list(runtimes)
-    med: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        stats = compare_latency({k: runtimes[k] for k in order}, feeds, rounds=1, per_round=per_round,
-                                warmup=10 if r == 0 else 2)
-        for k, s in stats.items():
-            med[k].append(s.median_ms)
-    return {k: {"median_ms": round(statistics.median(v), 3), "round_medians_ms": [round(x, 3) for x in v]}
-            for k, v in med.items()}
 
 
 def run(work: Path, calib_n: int, eval_n: int, rounds: int, per_round: int) -> dict:
@@ -119,7 +102,10 @@ def run(work: Path, calib_n: int, eval_n: int, rounds: int, per_round: int) -> d
     runtimes = {k: (LiteRtRuntime(a.path, threads=THREADS) if a.format == "tflite" else OrtRuntime(a.path,
                                                                                                   threads=THREADS))
                 for k, a in artifacts.items()}
-    latency = interleaved(runtimes, {model.inputs[0].name: evald.inputs[model.inputs[0].name][:1]}, rounds, per_round)
+    from benchmarks.measure import interleaved_latency
+
+    latency = interleaved_latency(runtimes, {model.inputs[0].name: evald.inputs[model.inputs[0].name][:1]},
+                                  rounds=rounds, per_round=per_round, baseline="ort-fp32", quiet_share=None)
     for k, v in latency.items():
         variants[k]["latency"] = v
     gap = variants["ort-int8"]["top1_agreement"] - variants["tflite-int8"]["top1_agreement"]

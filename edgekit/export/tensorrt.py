@@ -84,28 +84,25 @@ def _attr(node, name: str, default=None):
     return default
 
 
+# (output-channel axis, reduction axis) of a weighted node's weight, as TensorRT expects them (TENSORRT.md §2, §4)
+_AXES = {"Conv": (0, 1), "ConvTranspose": (1, 0), "MatMul": (1, 0), "Gemm": (1, 0), "Gemm.transB": (0, 1)}
+
+
+def _axes(node) -> tuple[int, int]:
+    key = "Gemm.transB" if node.op_type == "Gemm" and _attr(node, "transB", 0) else node.op_type
+    if key not in _AXES:
+        raise ExportError(f"{node.name}: {node.op_type} has no weight axis rule")
+    return _AXES[key]
+
+
 def weight_axis(node) -> int:
-    """The output-channel axis of a weighted node's weight, as TensorRT expects it (TENSORRT.md §2)."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    if node.op_type == "MatMul":
-        return 1
-    raise ExportError(f"{node.name}: {node.op_type} has no weight axis rule")
+    """The output-channel axis of a weighted node's weight (per-channel scales lie along it)."""
+    return _axes(node)[0]
 
 
 def reduction_axis(node) -> int:
     """The weight axis that is summed over (where 2:4 zeros and INT4 blocks lie)."""
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if _attr(node, "transB", 0) else 0
-    if node.op_type == "MatMul":
-        return 0
-    raise ExportError(f"{node.name}: {node.op_type} has no reduction axis rule")
+    return _axes(node)[1]
 
 
 def int8_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
