@@ -61,7 +61,7 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
     if plan.is_structural:  # prune / factorize / drop the float graph first, then quantize the result
-        fp32, plan = _apply_structure(plan, fp32, calib, out, ctx)
+        fp32, plan = structural_step(plan, fp32, calib, out, ctx)
         quantizer = None
         if not plan.is_quantized:
             os.replace(fp32.path, out)
@@ -105,7 +105,7 @@ def edgekit_ops(target: str) -> bool:
         return False
 
 
-def _apply_structure(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx: Context) -> tuple[Artifact, Plan]:
+def structural_step(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx: Context) -> tuple[Artifact, Plan]:
     """The edited float graph (``edgekit.structure``) beside ``out`` and the precision-only plan over its layers."""
     import onnx
 

@@ -42,12 +42,12 @@ def apply_plan_tensorrt(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, p
     """The TensorRT-ready artifact of ``plan`` at ``out`` (pre-flighted) and what its engine build needs."""
     import onnx
 
-    from edgekit.mixed import _apply_structure, plan_quantizer
+    from edgekit.mixed import plan_quantizer, structural_step
     from edgekit.wonly import weight_only
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if plan.is_structural:
-        fp32, plan = _apply_structure(plan, fp32, calib, out, ctx)
+        fp32, plan = structural_step(plan, fp32, calib, out, ctx)
     wonly = {c.layer: c.option for c in plan.layers if weight_only(c.option)}
     weights = None
     if wonly:
