@@ -53,10 +53,21 @@ def _code_bits(plan, layers) -> float:
     return sum(bits[n] * params[n] for n in bits) / sum(params[n] for n in bits)
 
 
-def build_variants(work: Path, budgets: list[float], max_code_bits: float, ctx) -> tuple[object, dict, dict]:
+def fixed_plan(model, layers, spec: str):
+    """A plan of one option per layer kind: ``spec`` is ``LINEAR/EMBEDDING`` (e.g. ``w4g32/w4g128``)."""
+    from edgekit.plan import LayerChoice, Plan
+
+    linear, embedding = spec.split("/")
+    return Plan(model.sha256, "cpu-x86", "mixed", tuple(
+        LayerChoice(layer.name, embedding if layer.kind == "embedding" else linear, "fixed by --options")
+        for layer in layers), solver="fixed")
+
+
+def build_variants(work: Path, budgets: list[float], max_code_bits: float, ctx, options: str | None = None
+                   ) -> tuple[object, dict, dict]:
     """(prepared MiniLM, {name: artifact path}, plan notes). The plan: edgekit's allocation under the largest
     ``avg-bits`` budget of ``budgets`` (which count scales and zero points) whose average code bits stay within
-    ``max_code_bits``."""
+    ``max_code_bits``; or, with ``options``, one weight-only option for linear layers and one for embeddings."""
     from benchmarks.allocation import prepare
     from edgekit.compress.quant import W8A8Config
     from edgekit.export.onnx import describe
@@ -68,6 +79,11 @@ def build_variants(work: Path, budgets: list[float], max_code_bits: float, ctx) 
     fp32 = describe(prep.fp32_path)
     cfg = W8A8Config()
     plan, tried = None, []
+    if options:
+        plan = fixed_plan(model, layers, options)
+        budgets = []
+        if _code_bits(plan, layers) > max_code_bits + 1e-9:
+            raise SystemExit(f"--options {options} has {_code_bits(plan, layers):.3f} average code bits")
     for bits in sorted(budgets):
         candidate, _ = allocate(budget=parse_budget([f"avg-bits={bits}"]), solver="auto",
                                 profile=load_target("cpu-x86"), model=model, fp32=fp32, layers=layers,
@@ -138,7 +154,7 @@ def run(args) -> dict:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         budgets = [float(b) for b in str(args.bits).split(",") if b.strip()]
-        prep, paths, plan_notes = build_variants(work, budgets, args.max_code_bits, ctx)
+        prep, paths, plan_notes = build_variants(work, budgets, args.max_code_bits, ctx, args.options)
         runtimes = {name: SessionRuntime(path, args.threads, args.spin) for name, path in paths.items()}
         feeds = prep.evaluation.feeds()
         reference = run_samples(runtimes["fp32"], feeds)
@@ -180,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="4.25,4.35,4.45",
                     help="comma-separated avg-bits budgets to allocate under (they count scales and zero points); "
                          "the largest whose plan stays within --max-code-bits is kept")
+    ap.add_argument("--options", metavar="LINEAR/EMBEDDING",
+                    help="instead of allocating: one weight-only option for every linear layer and one for the "
+                         "embeddings, e.g. w4g32/w4g128")
     ap.add_argument("--max-code-bits", type=float, default=4.0,
                     help="the issue's limit: average weight code bits of the plan (default 4)")
     ap.add_argument("--rounds", type=int, default=20)
