@@ -466,10 +466,12 @@ def plan_show(path: Path, as_json: bool) -> None:
 
 def _register() -> None:
     from edgekit.cli_agent import agent
+    from edgekit.cli_delta import delta
     from edgekit.cli_engine import engine
     from edgekit.cli_sync import sync
 
     cli.add_command(agent)
+    cli.add_command(delta)
     cli.add_command(engine)
     cli.add_command(sync)
 

@@ -253,8 +253,16 @@ class Agent:
     def install(self, source: str | Path, *, probation: bool = True) -> dict:
         """Verify a bundle (path or URL), install it into the inactive slot and switch to it. With a model already
         serving, the new one is on probation for ``config.probation.requests`` requests (see ``Probation``)."""
+        from edgekit.delta import DeltaBaseMismatch
+
         with self._install_lock:
-            staged, opened = self.slots.stage(source)
+            try:
+                staged, opened = self.slots.stage(source)
+            except DeltaBaseMismatch as exc:
+                if not exc.full:
+                    raise
+                log.warning("%s; installing the full bundle %s instead", exc.message, exc.full)
+                staged, opened = self.slots.stage(exc.full)
             active = self.model
             if active is not None and opened.manifest["artifact"]["sha256"] == active.sha:
                 import shutil

@@ -15,6 +15,7 @@ about to overwrite. So a crash or power loss at any step leaves the pointer nami
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -77,19 +78,34 @@ class Slotted:
         return open_bundle(self.dir / slot, trusted_keys=self.trusted_keys)
 
     # -- install ----------------------------------------------------------------------------------------------
+    def _base(self) -> tuple[Path | None, str | None]:
+        """The serving slot's folder and model file: what a delta applies to."""
+        active = self.state.slots().active
+        if active is None or not (self.dir / active / "manifest.json").is_file():
+            return None, None
+        try:
+            manifest = json.loads((self.dir / active / "manifest.json").read_text())
+            return self.dir / active, manifest["artifact"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, None
+
     def stage(self, source: str | Path) -> tuple[Path, OpenedBundle]:
-        """Fetch (a URL) or read (a path) a bundle, verify it and unpack it into a new staging folder."""
+        """Fetch (a URL) or read (a path) a bundle, verify it and unpack it into a new staging folder. A delta
+        (``edgekit.delta``) is applied to the serving model first and must then verify as the full bundle."""
+        from edgekit.delta import completer
+
         fetched = str(source).startswith(("http://", "https://"))
         local = self.fetch(str(source)) if fetched else Path(source)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.dir))
+        complete = completer(*self._base())
         try:
             if local.is_dir():
                 target = staging / "bundle"
                 shutil.copytree(local, target, symlinks=True)
-                opened = open_bundle(target, trusted_keys=self.trusted_keys)
+                opened = open_bundle(target, trusted_keys=self.trusted_keys, complete=complete)
             else:
                 target = staging / "bundle"
-                opened = open_bundle(local, trusted_keys=self.trusted_keys, workdir=target)
+                opened = open_bundle(local, trusted_keys=self.trusted_keys, workdir=target, complete=complete)
             _fsync_tree(staging)
             if fetched:
                 local.unlink(missing_ok=True)
