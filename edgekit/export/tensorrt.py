@@ -161,21 +161,17 @@ def calibrate_amax(model, tensors: list[str], calib: Dataset, *, method: str = "
     batches = list(calib.batches(batch))
     it = batches if track is None else track(batches, "calibrating (TensorRT INT8)", total=len(batches))
     peak = dict.fromkeys(tensors, 0.0)
-    hists: dict[str, np.ndarray] = {}
-    keep: list[dict[str, np.ndarray]] = []
-    for feeds in it:
+    for feeds in it:  # pass 1: the range of each tensor
         out = rt.run(feeds)
         for name in tensors:
             peak[name] = max(peak[name], float(np.abs(out[name]).max(initial=0.0)))
-        if method == "mse":
-            keep.append({name: out[name] for name in tensors})
     if method == "max":
         return {n: max(v, 1e-8) for n, v in peak.items()}
-    for chunk in keep:
+    hists = {n: np.zeros(HIST_BINS, np.int64) for n in tensors}
+    for feeds in batches:  # pass 2: histograms over those ranges (a second run keeps memory to one batch)
+        out = rt.run(feeds)
         for name in tensors:
-            top = max(peak[name], 1e-8)
-            h, _ = np.histogram(np.abs(chunk[name]), bins=HIST_BINS, range=(0.0, top))
-            hists[name] = hists.get(name, 0) + h
+            hists[name] += np.histogram(np.abs(out[name]), bins=HIST_BINS, range=(0.0, max(peak[name], 1e-8)))[0]
     return {n: mse_amax(hists[n], np.linspace(0.0, max(peak[n], 1e-8), HIST_BINS + 1)) for n in tensors}
 
 
