@@ -129,18 +129,27 @@ def test_agent_installs_the_delta_onto_its_base(releases, tmp_path):
         agent.close()
 
 
+def _edited(delta: Path, folder: Path, edit) -> Path:
+    """The delta unpacked into ``folder`` with ``edit(meta)`` applied to its delta.json."""
+    with tarfile.open(delta) as tar:
+        tar.extractall(folder, filter="data")
+    meta = json.loads((folder / "delta.json").read_text())
+    edit(meta)
+    (folder / "delta.json").write_text(json.dumps(meta))
+    return folder
+
+
 def test_tampered_delta_is_refused(releases, tmp_path):
     from edgekit.agent import Agent, AgentConfig
 
     res = releases["res"]
-    folder = tmp_path / "d"
-    with tarfile.open(res.delta) as tar:
-        tar.extractall(folder, filter="data")
-    meta = json.loads((folder / "delta.json").read_text())
-    name = next(iter(meta["tensors"]))
-    if meta["tensors"][name].get("encoding") == "int":
-        meta["tensors"][name]["scale"] *= 1.5
-    (folder / "delta.json").write_text(json.dumps(meta))
+
+    def scale_up(meta):
+        name = next(iter(meta["tensors"]))
+        if meta["tensors"][name].get("encoding") == "int":
+            meta["tensors"][name]["scale"] *= 1.5
+
+    folder = _edited(res.delta, tmp_path / "d", scale_up)
     agent = Agent.open(tmp_path / "state", AgentConfig())
     try:
         agent.install(releases["built"]["v1"], probation=False)
@@ -164,12 +173,7 @@ def test_delta_on_another_base_falls_back_to_the_full_bundle(releases, tmp_path)
     finally:
         agent.close()
     # without a full bundle to fall back to, a clear error
-    folder = tmp_path / "nofull"
-    with tarfile.open(res.delta) as tar:
-        tar.extractall(folder, filter="data")
-    meta = json.loads((folder / "delta.json").read_text())
-    meta["full"] = None
-    (folder / "delta.json").write_text(json.dumps(meta))
+    folder = _edited(res.delta, tmp_path / "nofull", lambda meta: meta.update(full=None))
     agent = Agent.open(tmp_path / "state2", AgentConfig())
     try:
         agent.install(releases["built"]["v2"], probation=False)
