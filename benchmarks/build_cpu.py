@@ -306,7 +306,8 @@ def check_goals(results: dict) -> list[str]:
     return missed
 
 
-def environment() -> dict:
+def environment(packages: tuple[str, ...] = ()) -> dict:
+    """The host, its CPU, and the versions of edgekit's main packages plus ``packages``."""
     cpu = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -320,7 +321,7 @@ def environment() -> dict:
     except OSError:
         pass
     vers = {}
-    for pkg in ("edgekit", "torch", "onnx", "onnxruntime", "onnxscript", "numpy"):
+    for pkg in ("edgekit", "torch", "onnx", "onnxruntime", "onnxscript", "numpy", *packages):
         try:
             vers[pkg] = version(pkg)
         except PackageNotFoundError:

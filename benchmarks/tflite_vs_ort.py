@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -122,22 +119,6 @@ def run(work: Path, calib_n: int, eval_n: int, rounds: int, per_round: int) -> d
             "reference": "fp32 (torch)", "variants": variants, "checks": checks, "timings_s": timings}
 
 
-def environment() -> dict:
-    versions = {}
-    for pkg in ("torch", "onnxruntime", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torchao"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    cpu = "?"
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), "?")
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "python": platform.python_version(), "versions": versions,
-            "threads": THREADS}
-
-
 def print_results(res: dict) -> None:
     v = res["variants"]
     print(f"\n{res['model']} on {res['data']['evaluation']['samples']} evaluation photos "
@@ -168,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--eval-samples must be at least 128")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    env = environment()
-    print(f"edgekit tflite_vs_ort — {env['date']} — {env['cpu']}, {env['cpu_count']} CPUs, {THREADS} threads — "
+    from benchmarks.build_cpu import environment
+
+    env = {**environment(("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torchao")), "threads": THREADS}
+    print(f"edgekit tflite_vs_ort — {env['date']} — {env['cpu'].get('model name', '?')}, {env['cpu_count']} CPUs, "
+          f"{THREADS} threads — "
           + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     with tempfile.TemporaryDirectory(prefix="edgekit-tflite-bench-") as tmp:
         work = args.keep or Path(tmp)
