@@ -383,6 +383,9 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
                 ],
             )
 
+    from edgekit.sync.web import install as install_web  # the fleet page and the JSON it reads
+
+    install_web(app, svc)
     return app
 
 

@@ -75,6 +75,9 @@ class Fleet(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     current_release: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the last completed rollout's
+    # what cloud adaptation jobs distill from (blobs): the teacher ONNX model and a replay set (.npz of source inputs)
+    teacher_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    replay_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EnrollToken(Base):
@@ -116,6 +119,32 @@ class Release(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # a release can also be shipped as a delta against a base release (edgekit.delta): its own TUF target
+    base_release_id: Mapped[int | None] = mapped_column(ForeignKey("releases.id"), nullable=True)
+    delta_target: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    delta_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    delta_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    origin: Mapped[str] = mapped_column(String(200), default="")  # "uploaded", or the job that made it
+
+
+class Job(Base):
+    """A cloud job (``edgekit.sync.jobs``): idempotent by ``key``, resumable from ``step``."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(ForeignKey("fleets.name"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of what defines the job's result
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|rejected|failed
+    step: Mapped[str] = mapped_column(String(32), default="")  # the last step whose output is saved
+    state: Mapped[dict] = mapped_column(JSON, default=dict)  # the saved steps' outputs (blob hashes, metrics)
+    error: Mapped[str] = mapped_column(String(1000), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    runner: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class Rollout(Base):

@@ -88,6 +88,16 @@ class Heartbeat(_Strict):
     events: Annotated[list[Event], Field(max_length=100)] = Field(default_factory=list)
 
 
+class DeltaOffer(BaseModel):
+    """The desired release as a delta (``edgekit.delta``) for devices that serve its base release."""
+
+    target: str  # its own TUF target (custom metadata: the base release's version and bundle hash)
+    sha256: str
+    size: int
+    base_version: str
+    base_sha256: str  # the base release's bundle (.ekb) hash
+
+
 class Desired(BaseModel):
     release_id: int
     name: str
@@ -95,6 +105,7 @@ class Desired(BaseModel):
     target: str  # the TUF target path: verify against the fleet's signed targets metadata
     sha256: str
     size: int
+    delta: DeltaOffer | None = None
 
 
 class HeartbeatResponse(BaseModel):
@@ -148,6 +159,11 @@ class ReleaseInfo(BaseModel):
     sha256: str
     size: int
     created_at: dt.datetime
+    base_release_id: int | None = None  # set when the release is also shipped as a delta against this release
+    delta_target: str | None = None
+    delta_sha256: str | None = None
+    delta_size: int | None = None
+    origin: str = ""
 
 
 class RolloutInfo(BaseModel):
