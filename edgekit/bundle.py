@@ -19,7 +19,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -282,20 +282,15 @@ def _check_files(root: Path, manifest: object, source: Path) -> None:
 
 
 def open_bundle(
-    path: Path, *, trusted_keys: Sequence[Ed25519PublicKey] | None = None, workdir: Path | None = None,
-    complete: Callable[[Path], None] | None = None,
+    path: Path, *, trusted_keys: Sequence[Ed25519PublicKey] | None = None, workdir: Path | None = None
 ) -> OpenedBundle:
     """Open a sealed folder or ``.ekb`` archive and verify signature, trust and every file.
 
     An archive is unpacked into ``workdir`` (created if absent, must be empty), or into a new temporary folder
     that the caller owns (pass ``workdir`` to control its lifetime). On failure what was unpacked is removed.
-    ``complete(root)`` runs on the unpacked files before they are verified (``edgekit.delta.completer`` rebuilds a
-    delta's model there); a folder given as ``path`` is then changed in place.
     """
     source = Path(path)
     if source.is_dir():
-        if complete is not None:
-            complete(source)
         return _verify(source, source, trusted_keys)
     if not source.is_file():
         raise BundleError(f"no bundle at {source}", hint=f"pass a sealed folder or a {BUNDLE_SUFFIX} file")
@@ -309,8 +304,6 @@ def open_bundle(
             raise BundleError(f"cannot unpack {source} into {root}: it is not an empty folder")
     try:
         _extract(source, root)
-        if complete is not None:
-            complete(root)
         return _verify(root, source, trusted_keys)
     except BaseException:
         if created:

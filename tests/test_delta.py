@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,24 @@ import pytest
 from onnx import numpy_helper
 
 from edgekit.bundle import open_bundle, pack, seal
-from edgekit.delta import DeltaBaseMismatch, DeltaError, decode, encode, make_delta
+from edgekit.delta import (
+    BITS,
+    DeltaBaseMismatch,
+    DeltaError,
+    _pack_codes,
+    _unpack_codes,
+    decode,
+    encode,
+    make_delta,
+    read_delta,
+    write_delta,
+)
 from edgekit.errors import BundleError
+from edgekit.fsutil import sha256_file
 from tests.agent_bundles import build_bundles, inputs
 
 
-@pytest.mark.parametrize("size, expect_bits", [(1e-4, 2), (3e-2, 8)])
+@pytest.mark.parametrize("size, expect_bits", [(1e-4, 2), (3e-2, 5)])
 def test_encode_takes_the_fewest_bits_within_the_bound(size, expect_bits):
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1, (64, 32)).astype(np.float32)
@@ -34,7 +45,7 @@ def test_encode_takes_the_fewest_bits_within_the_bound(size, expect_bits):
     got = decode(base, meta, codes)
     assert np.abs(got - new).max() <= bound * np.abs(new).max() + 1e-6
     if meta["bits"] > 2:  # one bit fewer would have broken the bound: the choice is minimal
-        fewer = {3: 2, 4: 3, 8: 4, 16: 8}[meta["bits"]]
+        fewer = BITS[BITS.index(meta["bits"]) - 1]
         levels = (1 << (fewer - 1)) - 1
         d = new.astype(np.float64) - base
         scale = np.abs(d).max() / levels
@@ -80,26 +91,25 @@ def releases(tmp_path_factory, test_models_importable):
     manifest = {k: v for k, v in base.manifest.items() if k not in ("files", "schema_version")}
     manifest["version"] = base.manifest["version"] + 10
     art = manifest["artifact"]
-    from edgekit.fsutil import sha256_file
-
     manifest["artifact"] = {**art, "sha256": sha256_file(adapted / "model.onnx"),
                             "size": (adapted / "model.onnx").stat().st_size}
     seal(adapted, manifest, key)
     new_archive = pack(adapted, root / "adapted.ekb")
     res = make_delta(built["v1"], new_archive, root / "out", key, error_bound=1e-3, full=str(root / "out" /
                                                                                              "tiny.ekb"))
-    return {"built": built, "res": res, "changed": changed, "root": root, "key": key}
+    return {"built": built, "res": res, "changed": changed, "root": root, "key": key, "base_root": base.root}
 
 
 def test_delta_holds_only_the_changed_tensors_and_is_tiny(releases):
     res = releases["res"]
     assert res.stats["tensors"] == len(releases["changed"])
-    assert res.stats["payload_bytes"] < res.stats["model_bytes"] / 4, res.stats
-    with tarfile.open(res.delta) as tar:
-        names = set(tar.getnames())
-    # the model and the files the base already has stay out (the tiny bundle's manifest is most of what is left)
-    assert {"delta.json", "delta.npz", "manifest.json", "manifest.sig"} <= names and "model.onnx" not in names
-    assert res.stats["files_from_base"] >= 3 and not names & {"sketch.json", "report.html"}
+    assert res.stats["codes_bytes"] < res.stats["model_bytes"] / 4, res.stats
+    manifest, sig, meta, codes, files = read_delta(res.delta, releases["base_root"])
+    # the model and the files the base already has stay out: only the manifest, its signature and the codes
+    assert files == {} and meta["artifact"] == "model.onnx" and len(codes) == res.stats["codes_bytes"]
+    assert manifest == (res.bundle_dir / "manifest.json").read_bytes()
+    assert sig == (res.bundle_dir / "manifest.sig").read_bytes()
+    assert res.stats["delta_bytes"] < len(codes) + 700, res.stats  # manifest + signature: a few hundred bytes
     # the result bundle is the adapted model within the bound
     result = onnx.load(str(res.bundle_dir / "model.onnx"))
     adapted = onnx.load(str(releases["root"] / "adapted" / "model.onnx"))
@@ -129,14 +139,12 @@ def test_agent_installs_the_delta_onto_its_base(releases, tmp_path):
         agent.close()
 
 
-def _edited(delta: Path, folder: Path, edit) -> Path:
-    """The delta unpacked into ``folder`` with ``edit(meta)`` applied to its delta.json."""
-    with tarfile.open(delta) as tar:
-        tar.extractall(folder, filter="data")
-    meta = json.loads((folder / "delta.json").read_text())
+def _edited(delta: Path, base_root: Path, out: Path, edit) -> Path:
+    """A copy of ``delta`` at ``out`` with ``edit(meta)`` applied to its meta."""
+    manifest, sig, meta, codes, files = read_delta(delta, base_root)
     edit(meta)
-    (folder / "delta.json").write_text(json.dumps(meta))
-    return folder
+    write_delta(out, base_root, manifest, sig, meta, codes, files)
+    return out
 
 
 def test_tampered_delta_is_refused(releases, tmp_path):
@@ -145,17 +153,27 @@ def test_tampered_delta_is_refused(releases, tmp_path):
     res = releases["res"]
 
     def scale_up(meta):
-        name = next(iter(meta["tensors"]))
-        if meta["tensors"][name].get("encoding") == "int":
-            meta["tensors"][name]["scale"] *= 1.5
+        meta["changes"]["t"][0][1]["scale"] *= 1.5
 
-    folder = _edited(res.delta, tmp_path / "d", scale_up)
+    tampered = _edited(res.delta, releases["base_root"], tmp_path / "t.ekd", scale_up)
     agent = Agent.open(tmp_path / "state", AgentConfig())
     try:
         agent.install(releases["built"]["v1"], probation=False)
         with pytest.raises(BundleError, match="sha256|hash|does not match|differs"):
-            agent.install(folder, probation=False)
+            agent.install(tampered, probation=False)
         assert agent.status()["model"]["version"] == 1  # still serving the base
+        # bytes flipped anywhere: a clear error, never a traceback or a half-installed model
+        raw = bytearray(res.delta.read_bytes())
+        for pos in (5, len(raw) // 2, len(raw) - 3):
+            bad = bytearray(raw)
+            bad[pos] ^= 0x5A
+            (tmp_path / "bad.ekd").write_bytes(bytes(bad))
+            with pytest.raises(BundleError):
+                agent.install(tmp_path / "bad.ekd", probation=False)
+        (tmp_path / "short.ekd").write_bytes(bytes(raw[: len(raw) // 3]))
+        with pytest.raises(BundleError):
+            agent.install(tmp_path / "short.ekd", probation=False)
+        assert agent.status()["model"]["version"] == 1
     finally:
         agent.close()
 
@@ -173,14 +191,81 @@ def test_delta_on_another_base_falls_back_to_the_full_bundle(releases, tmp_path)
     finally:
         agent.close()
     # without a full bundle to fall back to, a clear error
-    folder = _edited(res.delta, tmp_path / "nofull", lambda meta: meta.update(full=None))
+    nofull = _edited(res.delta, releases["base_root"], tmp_path / "nofull.ekd", lambda meta: meta.update(full=None))
     agent = Agent.open(tmp_path / "state2", AgentConfig())
     try:
         agent.install(releases["built"]["v2"], probation=False)
         with pytest.raises(DeltaBaseMismatch, match="another model"):
-            agent.install(folder, probation=False)
+            agent.install(nofull, probation=False)
     finally:
         agent.close()
+
+
+def test_norm_layer_changes_ship_as_scale_and_shift(releases, tmp_path):
+    """A per-channel affine change of the norm layers (what adaptation makes) is shipped as 2 numbers per channel,
+    and the device rebuilds the int8 graph's weight scales, int32 biases and bias scales from them."""
+    from edgekit.agent import Agent, AgentConfig
+    from edgekit.agent.normtable import initial_values, load_table, overrides
+
+    base = open_bundle(releases["built"]["v1"], workdir=tmp_path / "base")
+    layers = load_table(base.root / "adapt.json")
+    assert layers and all(la.weight_kind == "qdq" for la in layers)
+    model = onnx.load(str(base.root / "model.onnx"))
+    rng = np.random.default_rng(3)
+    scale = {la.name: rng.uniform(0.8, 1.25, la.channels) for la in layers}
+    shift = {la.name: rng.normal(0, 0.1, la.channels) for la in layers}
+    new = overrides(layers, initial_values(model, layers), scale, shift)
+    res = _resealed(base, new, tmp_path, releases["key"], version_step=20)
+    delta = make_delta(releases["built"]["v1"], res, tmp_path / "out", releases["key"], error_bound=1e-2)
+    assert delta.stats["norm_layers"] == len(layers) and delta.stats["tensors"] == 0, delta.stats
+    channels = sum(la.channels for la in layers)
+    assert delta.stats["codes_bytes"] <= 2 * channels * 2, delta.stats  # at most 16 bits per number
+    # the rebuilt tensors are the given ones within the bound
+    got = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(delta.bundle_dir / "model.onnx")).graph.initializer}
+    for name, want in new.items():
+        assert np.abs(got[name].astype(np.float64) - want).max() <= 1e-2 * np.abs(want).max() + 1e-9, name
+    agent = Agent.open(tmp_path / "state", AgentConfig())
+    try:
+        agent.install(releases["built"]["v1"], probation=False)
+        assert agent.install(delta.delta, probation=False)["installed"]
+        assert agent.status()["model"]["sha256"] == sha256_file(delta.bundle_dir / "model.onnx")
+    finally:
+        agent.close()
+
+
+def _resealed(base, values: dict, tmp_path: Path, key, version_step: int) -> Path:
+    folder = tmp_path / f"resealed{version_step}"
+    shutil.copytree(base.root, folder)
+    for name in ("manifest.json", "manifest.sig"):
+        (folder / name).unlink()
+    model = onnx.load(str(folder / "model.onnx"))
+    for init in model.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(values[init.name].astype(numpy_helper.to_array(init).dtype),
+                                                  init.name))
+    onnx.save(model, str(folder / "model.onnx"))
+    manifest = {k: v for k, v in base.manifest.items() if k not in ("files", "schema_version")}
+    manifest["version"] = base.manifest["version"] + version_step
+    manifest["artifact"] = {**manifest["artifact"], "sha256": sha256_file(folder / "model.onnx"),
+                            "size": (folder / "model.onnx").stat().st_size}
+    seal(folder, manifest, key)
+    return pack(folder, tmp_path / f"resealed{version_step}.ekb")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8, 12, 16])
+def test_codes_pack_and_unpack(bits):
+    levels = (1 << (bits - 1)) - 1
+    q = np.random.default_rng(bits).integers(-levels, levels + 1, 1001).astype(np.int32)
+    assert len(_pack_codes(q, bits)) == (q.size * bits + 7) // 8
+    np.testing.assert_array_equal(_unpack_codes(_pack_codes(q, bits), bits, q.size), q)
+
+
+def test_integer_tensors_are_exact():
+    base = np.array([5, -7, 1000, 0], np.int32)
+    new = base + np.array([3, 0, -2, 1], np.int32)
+    meta, codes = encode(base, new, 1e-3)
+    assert meta["bits"] == 3
+    np.testing.assert_array_equal(decode(base, meta, codes), new)
 
 
 def test_make_delta_refuses_other_graphs(releases, tmp_path):

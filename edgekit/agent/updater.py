@@ -15,7 +15,6 @@ about to overwrite. So a crash or power loss at any step leaves the pointer nami
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -78,34 +77,31 @@ class Slotted:
         return open_bundle(self.dir / slot, trusted_keys=self.trusted_keys)
 
     # -- install ----------------------------------------------------------------------------------------------
-    def _base(self) -> tuple[Path | None, str | None]:
-        """The serving slot's folder and model file: what a delta applies to."""
+    def _base(self) -> Path | None:
+        """The serving slot's folder: what a delta applies to."""
         active = self.state.slots().active
         if active is None or not (self.dir / active / "manifest.json").is_file():
-            return None, None
-        try:
-            manifest = json.loads((self.dir / active / "manifest.json").read_text())
-            return self.dir / active, manifest["artifact"]["path"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None, None
+            return None
+        return self.dir / active
 
     def stage(self, source: str | Path) -> tuple[Path, OpenedBundle]:
         """Fetch (a URL) or read (a path) a bundle, verify it and unpack it into a new staging folder. A delta
-        (``edgekit.delta``) is applied to the serving model first and must then verify as the full bundle."""
-        from edgekit.delta import completer
+        (``edgekit.delta``) is rebuilt from the serving bundle first and must then verify as the full bundle."""
+        from edgekit.delta import expand, is_delta
 
         fetched = str(source).startswith(("http://", "https://"))
         local = self.fetch(str(source)) if fetched else Path(source)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.dir))
-        complete = completer(*self._base())
         try:
+            target = staging / "bundle"
             if local.is_dir():
-                target = staging / "bundle"
                 shutil.copytree(local, target, symlinks=True)
-                opened = open_bundle(target, trusted_keys=self.trusted_keys, complete=complete)
+                opened = open_bundle(target, trusted_keys=self.trusted_keys)
+            elif is_delta(local):
+                expand(local, self._base(), target)
+                opened = open_bundle(target, trusted_keys=self.trusted_keys)
             else:
-                target = staging / "bundle"
-                opened = open_bundle(local, trusted_keys=self.trusted_keys, workdir=target, complete=complete)
+                opened = open_bundle(local, trusted_keys=self.trusted_keys, workdir=target)
             _fsync_tree(staging)
             if fetched:
                 local.unlink(missing_ok=True)
