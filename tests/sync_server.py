@@ -48,4 +48,4 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
-        self.service.engine.dispose()
+        self.service.close()

@@ -28,6 +28,7 @@ from edgekit.sync.db import Device, Fleet, Release, utcnow
 from edgekit.sync.protocol import (
     API,
     NAME,
+    AdaptJobCreate,
     ChallengeRequest,
     ChallengeResponse,
     DeviceInfo,
@@ -39,6 +40,7 @@ from edgekit.sync.protocol import (
     FleetStatus,
     Heartbeat,
     HeartbeatResponse,
+    JobInfo,
     ReleaseInfo,
     RolloutCreate,
     RolloutInfo,
@@ -332,6 +334,47 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         finally:
             body.close()
         return _release_info(r)
+
+    @app.put(f"{API}/fleets/{{fleet}}/{{asset}}", dependencies=[Depends(admin)],
+             responses={413: {"model": ErrorBody}, **ERRORS})
+    async def fleet_asset(fleet: str, asset: str, request: Request) -> dict:
+        """``teacher`` (the ONNX model cloud jobs distill from) or ``replay`` (an .npz of source-domain inputs)."""
+        _fleet_name(fleet)
+        if asset not in ("teacher", "replay"):
+            raise SyncError(f"no fleet asset {asset!r}; PUT teacher or replay", 404)
+        body = await _spool(request, svc.cfg.max_model_bytes)
+        try:
+            sha, size = await run_in_threadpool(svc.set_fleet_asset, fleet, asset, body)
+        finally:
+            body.close()
+        return {"fleet": fleet, "asset": asset, "sha256": sha, "size": size}
+
+    @app.post(f"{API}/fleets/{{fleet}}/jobs", response_model=JobInfo, dependencies=[Depends(admin)],
+              responses={409: {"model": ErrorBody}, **ERRORS})
+    def create_job(fleet: str, req: AdaptJobCreate) -> JobInfo:
+        """Start a cloud adaptation job (or return the one already made for the same inputs)."""
+        job, _ = svc.jobs.create(_fleet_name(fleet), req)
+        return JobInfo.model_validate(job, from_attributes=True)
+
+    @app.get(f"{API}/fleets/{{fleet}}/jobs", response_model=list[JobInfo], dependencies=[Depends(admin)],
+             responses=ERRORS)
+    def list_jobs(fleet: str, limit: int = Query(50, ge=1, le=1000)) -> list[JobInfo]:
+        from edgekit.sync.db import Job
+
+        with svc.sessions() as s:
+            rows = s.query(Job).filter(Job.fleet == _fleet_name(fleet)).order_by(Job.id.desc()).limit(limit).all()
+            return [JobInfo.model_validate(j, from_attributes=True) for j in rows]
+
+    @app.get(f"{API}/fleets/{{fleet}}/jobs/{{job_id}}", response_model=JobInfo, dependencies=[Depends(admin)],
+             responses=ERRORS)
+    def get_job(fleet: str, job_id: int) -> JobInfo:
+        from edgekit.sync.db import Job
+
+        with svc.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.fleet != _fleet_name(fleet):
+                raise SyncError(f"fleet {fleet!r} has no job {job_id}", 404)
+            return JobInfo.model_validate(job, from_attributes=True)
 
     @app.post(
         f"{API}/fleets/{{fleet}}/rollouts", response_model=RolloutInfo, dependencies=[Depends(admin)], responses=ERRORS

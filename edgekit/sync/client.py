@@ -74,6 +74,7 @@ class SyncClient:
         self._key = serialization.load_pem_private_key((self.dir / "device.pem").read_bytes(), None)
         self._token: tuple[str, float] | None = None
         self._rng = random.Random()
+        self.downloaded = 0  # release bytes received by this client
 
     # -- enrollment ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -189,10 +190,15 @@ class SyncClient:
         )
         return None if status == 304 else HeartbeatResponse.model_validate_json(data)
 
-    def download(self, desired: Desired, dest_dir: Path | None = None) -> Path:
-        """The release's bundle, verified against the fleet's signed TUF targets; resumes a partial download."""
+    def download(self, desired: Desired, dest_dir: Path | None = None, *, delta: bool = False) -> Path:
+        """The release's bundle (or, with ``delta``, its delta), verified against the fleet's signed TUF targets;
+        resumes a partial download."""
         from edgekit.sync.tuf_client import ReleaseVerifier
 
+        if delta and desired.delta is None:
+            raise SyncClientError(f"release {desired.version} has no delta")
+        target, sha, size = ((desired.delta.target, desired.delta.sha256, desired.delta.size) if delta
+                             else (desired.target, desired.sha256, desired.size))
         dest_dir = Path(dest_dir or self.dir / "downloads")
         dest_dir.mkdir(parents=True, exist_ok=True)
         verifier = ReleaseVerifier(
@@ -202,29 +208,28 @@ class SyncClient:
             headers={"Authorization": f"Bearer {self._auth()}"},
         )
         verifier.refresh()
-        target = verifier.target(desired.target)
-        if target["sha256"] != desired.sha256 or target["length"] != desired.size:
+        signed = verifier.target(target)
+        if signed["sha256"] != sha or signed["length"] != size:
             raise SyncClientError(
                 f"the server named release {desired.version} with a hash its signed metadata does not have; refusing it"
             )
-        final = dest_dir / f"{desired.sha256}.ekb"
+        final = dest_dir / f"{sha}{'.ekd' if delta else '.ekb'}"
         if final.exists():
-            verifier.verify_file(desired.target, final)
+            verifier.verify_file(target, final)
             return final
-        part = dest_dir / f"{desired.sha256}.part"
-        url = f"{self.server}{self.info['blobs_path']}{desired.sha256}"
+        part = dest_dir / f"{sha}.part"
+        url = f"{self.server}{self.info['blobs_path']}{sha}"
         failures = 0
         while True:
             have = part.stat().st_size if part.exists() else 0
-            if have > desired.size:
+            if have > size:
                 part.unlink()
                 have = 0
-            if have == desired.size:
+            if have == size:
                 break
             try:
-                _stream_to(
-                    url, {"Authorization": f"Bearer {self._auth()}", "Range": f"bytes={have}-"}, part, self.timeout
-                )
+                _stream_to(url, {"Authorization": f"Bearer {self._auth()}", "Range": f"bytes={have}-"}, part,
+                           self.timeout, counter=self._count)
             except HttpError as exc:
                 if exc.status == 401:
                     self._token = None
@@ -240,9 +245,24 @@ class SyncClient:
                 )
             if failures:
                 self._sleep(self._rng.uniform(0, self.backoff * (2**failures)))
-        verifier.verify_file(desired.target, part)
+        verifier.verify_file(target, part)
         os.replace(part, final)
         return final
+
+    def _count(self, n: int) -> None:
+        self.downloaded += n
+
+    def install(self, agent, desired: Desired, serving: str | None) -> dict:  # noqa: ANN001 - edgekit.agent.Agent
+        """Install ``desired``: as its delta when this device serves the delta's base release (the delta is a few
+        hundred bytes to kilobytes), else, or when the delta does not apply here, the full bundle."""
+        if desired.delta is not None and serving == desired.delta.base_version:
+            try:
+                res = agent.install(self.download(desired, delta=True))
+                return {**res, "via": "delta"}
+            except EdgekitError as exc:
+                log.warning("the delta of release %s did not apply (%s); fetching the full bundle", desired.version,
+                            exc.message)
+        return {**agent.install(self.download(desired)), "via": "full"}
 
     def upload_samples(self, agent, limit: int = 50) -> int:  # noqa: ANN001 - edgekit.agent.Agent
         """Send queued samples; each is acknowledged in the agent's queue once the server stored it."""
@@ -302,8 +322,7 @@ class SyncClient:
         d = resp.desired
         if d is not None and d.version != version and d.sha256 not in self.info.get("refused", []):
             try:
-                path = self.download(d)
-                res = agent.install(path)
+                res = self.install(agent, d, version)
                 self.info["installed"] = {"version": d.version, "sha256": d.sha256}
                 self._queue_event({"kind": "installed", "version": d.version, "detail": json.dumps(res)[:400]})
                 out["installed"] = d.version
@@ -366,7 +385,8 @@ def http_call(method: str, url: str, data: bytes | None, headers: dict, timeout:
         return e.code, dict(e.headers or {}), e.read() or b""
 
 
-def _stream_to(url: str, headers: dict, part: Path, timeout: float, chunk: int = 1 << 20) -> None:
+def _stream_to(url: str, headers: dict, part: Path, timeout: float, chunk: int = 1 << 20,
+               counter=None) -> None:  # noqa: ANN001 - called with each chunk's size
     """Append the (Range) response to ``part`` in chunks, fsynced: never the whole blob in memory, and whatever
     arrived before a broken connection is kept for the next attempt."""
     req = urllib.request.Request(url, headers=headers, method="GET")
@@ -381,6 +401,8 @@ def _stream_to(url: str, headers: dict, part: Path, timeout: float, chunk: int =
                 if not data:
                     break
                 f.write(data)
+                if counter is not None:
+                    counter(len(data))
         finally:
             f.flush()
             os.fsync(f.fileno())

@@ -150,6 +150,49 @@ class RolloutCreate(_Strict):
         return v
 
 
+class AdaptConfigIn(_Strict):
+    """``edgekit.cloud_adapt.AdaptJobConfig``'s fields, bounded."""
+
+    steps: Annotated[int, Field(ge=0, le=100_000)] = 150
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.02
+    batch: Annotated[int, Field(ge=1, le=4096)] = 64
+    temperature: Annotated[float, Field(gt=0, le=100)] = 2.0
+    entropy_margin: Annotated[float, Field(gt=0, le=1)] = 0.6
+    replay_weight: Annotated[float, Field(ge=0, le=100)] = 0.2
+    holdout: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    min_gain: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    seed: Annotated[int, Field(ge=0, le=2**31)] = 0
+
+
+class AdaptJobCreate(_Strict):
+    """A cloud adaptation job (``edgekit.sync.jobs``): the fleet's teacher distilled into ``release_id``'s model
+    (default: the fleet's current release) on the samples its devices uploaded while serving it."""
+
+    release_id: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    min_samples: Annotated[int, Field(ge=8, le=10**6)] = 32
+    max_samples: Annotated[int, Field(ge=8, le=10**6)] = 5000
+    config: AdaptConfigIn = Field(default_factory=AdaptConfigIn)
+    delta_error_bound: Annotated[float, Field(gt=0, lt=1)] = 1e-2
+    min_decoded_agreement: Annotated[float, Field(ge=0, le=1)] = 0.98
+    rollout: Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(max_length=20)] | None = None
+    stage_minutes: Annotated[float, Field(ge=0, le=7 * 1440)] = 10.0
+
+
+class JobInfo(BaseModel):
+    id: int
+    fleet: str
+    kind: str
+    status: str
+    step: str
+    attempts: int
+    error: str
+    runner: str
+    params: dict
+    state: dict
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
 class ReleaseInfo(BaseModel):
     id: int
     fleet: str

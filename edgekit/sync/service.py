@@ -28,6 +28,7 @@ from edgekit.sync.db import (
     DeviceEvent,
     EnrollToken,
     Fleet,
+    Job,
     Release,
     Rollout,
     Sample,
@@ -39,7 +40,7 @@ from edgekit.sync.db import (
     sessions,
     utcnow,
 )
-from edgekit.sync.protocol import Desired, Heartbeat, RolloutCreate
+from edgekit.sync.protocol import DeltaOffer, Desired, Heartbeat, RolloutCreate
 from edgekit.sync.tuf_repo import FleetRepository, Keyring
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class ServiceConfig:
     heartbeat_s: int = 30  # what devices are told to wait between heartbeats
     online_s: int = 120  # a device seen this recently is online
     tick_s: float = 5.0  # rollout gates and TUF expiry are checked this often
+    ray: str | None = None  # run cloud jobs' compute on this Ray cluster ("local": start one here); None: in-process
+    max_model_bytes: int = 2 << 30  # a fleet's teacher model or replay set
 
 
 class DbMetadataStore:
@@ -124,6 +127,22 @@ class Service:
         self._fleet_cache: dict[str, tuple[float, tuple]] = {}
         self._releases: dict[int, Desired] = {}
         self._lock = threading.Lock()
+        self._jobs = None
+
+    @property
+    def jobs(self):  # noqa: ANN201 - edgekit.sync.jobs.Jobs
+        """The cloud jobs (made on first use: with ``ray`` configured, that connects to the cluster)."""
+        with self._lock:
+            if self._jobs is None:
+                from edgekit.sync.jobs import Jobs
+
+                self._jobs = Jobs(self)
+            return self._jobs
+
+    def close(self) -> None:
+        if self._jobs is not None:
+            self._jobs.close()
+        self.engine.dispose()
 
     @staticmethod
     def _setting(s: Session, key: str, make) -> str:  # noqa: ANN001 - a zero-argument factory
@@ -232,8 +251,13 @@ class Service:
         hit = self._releases.get(rid)  # release rows never change: cached
         if hit is None:
             r = s.get(Release, rid)
+            offer = None
+            if r.delta_sha256 and r.base_release_id is not None:
+                base = s.get(Release, r.base_release_id)
+                offer = DeltaOffer(target=r.delta_target, sha256=r.delta_sha256, size=r.delta_size,
+                                   base_version=base.version, base_sha256=base.sha256)
             hit = self._releases[rid] = Desired(release_id=r.id, name=r.name, version=r.version, target=r.target,
-                                                sha256=r.sha256, size=r.size)
+                                                sha256=r.sha256, size=r.size, delta=offer)
         return hit
 
     def heartbeat(self, device_id: str, hb: Heartbeat) -> Desired | None:
@@ -266,7 +290,8 @@ class Service:
     def fleet_has_blob(self, fleet: str, sha256: str) -> bool:
         """Whether ``sha256`` is a release of ``fleet`` (what its devices may download)."""
         with self.sessions() as s:
-            stmt = select(Release.id).where(Release.fleet == fleet, Release.sha256 == sha256).limit(1)
+            stmt = select(Release.id).where(Release.fleet == fleet,
+                                            (Release.sha256 == sha256) | (Release.delta_sha256 == sha256)).limit(1)
             return s.scalars(stmt).first() is not None
 
     def add_sample(self, device_id: str, stream: BinaryIO, meta: dict) -> tuple[int, str, int, int]:
@@ -298,9 +323,17 @@ class Service:
             return row.id, sha, size, self.cfg.sample_bytes_per_day - device.samples_bytes
 
     # -- releases and rollouts --------------------------------------------------------------------------------------
-    def publish(self, fleet: str, stream: BinaryIO, name: str, version: str) -> Release:
-        """Store a bundle (streamed, size-limited) and add it to the fleet's signed TUF targets."""
+    def publish(self, fleet: str, stream: BinaryIO, name: str, version: str, *, delta: BinaryIO | None = None,
+                base_release_id: int | None = None, origin: str = "uploaded", on_commit=None) -> Release:  # noqa: ANN001
+        """Store a bundle (streamed, size-limited) and add it to the fleet's signed TUF targets; with ``delta``
+        (an ``edgekit.delta`` .ekd made against release ``base_release_id``), that too, as its own target whose
+        custom metadata names the base. ``on_commit(session, release)`` runs in the same transaction."""
         sha, size = self.store.put_stream(stream, max_bytes=self.cfg.max_bundle_bytes)
+        dsha = dsize = None
+        if delta is not None:
+            if base_release_id is None:
+                raise SyncError("a delta needs the release it was made against (base_release_id)", 422)
+            dsha, dsize = self.store.put_stream(delta, max_bytes=self.cfg.max_bundle_bytes)
         target = TARGET_SAFE.sub("_", f"{name}-{version}.ekb")[:200]
         with self.sessions.begin() as s:
             f = self.ensure_fleet(s, fleet)
@@ -312,13 +345,49 @@ class Service:
                     409,
                     hint="bump the bundle's version",
                 )
-            release = Release(fleet=fleet, name=name, version=version, target=target, sha256=sha, size=size)
+            base = None
+            if base_release_id is not None:
+                base = s.get(Release, base_release_id)
+                if base is None or base.fleet != fleet:
+                    raise SyncError(f"fleet {fleet!r} has no release {base_release_id} to be a delta's base", 404)
+            release = Release(fleet=fleet, name=name, version=version, target=target, sha256=sha, size=size,
+                              origin=origin[:200])
             s.add(release)
             s.flush()
-            FleetRepository(DbMetadataStore(s, fleet), self.keys).add_target(
-                target, size, sha, {"version": version, "name": name, "release_id": release.id}
-            )
+            repo = FleetRepository(DbMetadataStore(s, fleet), self.keys)
+            if base is not None and dsha is not None:
+                release.base_release_id, release.delta_sha256, release.delta_size = base.id, dsha, dsize
+                release.delta_target = TARGET_SAFE.sub("_", f"{name}-{version}-from-{base.version}.ekd")[:200]
+                repo.add_target(release.delta_target, dsize, dsha, {
+                    "version": version, "name": name, "release_id": release.id, "delta_of": base.id,
+                    "base_version": base.version, "base_sha256": base.sha256})
+            repo.add_target(target, size, sha, {"version": version, "name": name, "release_id": release.id})
+            if on_commit is not None:
+                on_commit(s, release)
         return release
+
+    def set_fleet_asset(self, fleet: str, kind: str, stream: BinaryIO) -> tuple[str, int]:
+        """Store the fleet's ``teacher`` (ONNX model) or ``replay`` set (.npz of source-domain inputs) for cloud
+        adaptation jobs."""
+        if kind not in ("teacher", "replay"):
+            raise SyncError(f"unknown fleet asset {kind!r}", 404)
+        sha, size = self.store.put_stream(stream, max_bytes=self.cfg.max_model_bytes)
+        with self.sessions.begin() as s:
+            f = self.ensure_fleet(s, fleet)
+            setattr(f, f"{kind}_sha256", sha)
+        return sha, size
+
+    def release_key(self):  # noqa: ANN201 - Ed25519PrivateKey
+        """The key the service signs the releases its jobs make with (``keys/release.key``, made on first use);
+        devices trust its public key (``keys/release.pub``) like the build's. Sign the base releases with it too
+        (``edgekit build --key``) and a delta carries a 64-byte signature instead of a new signature file."""
+        from edgekit.keys import generate_keypair, load_private_key
+
+        path = Path(self.cfg.keys) / "release.key"
+        with self._lock:
+            if not path.exists():
+                generate_keypair(Path(self.cfg.keys), name="release")
+        return load_private_key(path)
 
     def start_rollout(self, fleet: str, req: RolloutCreate) -> Rollout:
         with self.sessions.begin() as s:
@@ -348,4 +417,7 @@ class Service:
                 self._fleet_cache.pop(r.fleet, None)
             for name in s.scalars(select(Fleet.name)).all():
                 FleetRepository(DbMetadataStore(s, name), self.keys).refresh()
+            pending = s.scalars(select(Job.id).where(Job.status.in_(("queued", "running"))).limit(1)).first()
+        if pending is not None:  # jobs a restart interrupted, or whose process died: taken over
+            self.jobs.resume()
         return results
