@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[build,agent,examples,sync,tflite,dev]'
+	$(PY) -m pip install -q -e '.[build,agent,examples,sync,tflite,cloud,dev]'
 	touch $(STAMP)
 
 # Rebuild the native ONNX Runtime custom-op library (runtimes/onnxruntime/), failing loudly.

@@ -68,8 +68,11 @@ def sync() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8400, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes (use PostgreSQL for more than one).")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Run cloud jobs' training on this Ray cluster (ray.init address; 'local' starts one here). "
+                   "Default: in the service's own process.")
 def sync_serve(db: str | None, store: str | None, keys: Path | None, data: Path, host: str, port: int,
-               workers: int) -> None:
+               workers: int, ray_address: str | None) -> None:
     """Serve the sync API. Embedded by default: SQLite and blobs in the data folder, nothing to set up. Prints the
     admin token the first time (also written to DATA/admin.token)."""
     import secrets
@@ -89,7 +92,7 @@ def sync_serve(db: str | None, store: str | None, keys: Path | None, data: Path,
         click.echo(f"admin token (also in {token_path}): {token}", err=True)
     os.environ["EDGEKIT_SYNC_CONFIG"] = json.dumps({
         "db": db or f"sqlite:///{(data / 'sync.db').resolve()}", "store": store or str((data / "blobs").resolve()),
-        "keys": str((keys or data / "keys").resolve()), "admin_token": token})
+        "keys": str((keys or data / "keys").resolve()), "admin_token": token, "ray": ray_address})
     from edgekit.sync.app import app_from_env
 
     app_from_env()  # migrate and create keys once, before workers start
@@ -173,3 +176,103 @@ def sync_status(fleet: str, as_json: bool, server: str, admin_token: str | None,
     for d in st["devices"]:
         click.echo(f"  {d['id'][:12]}  {d['name'] or '-':<16} version {d['version'] or '-':<10} "
                    f"{'online' if d['online'] else 'offline'}  last seen {d['last_seen'] or 'never'}")
+
+
+@sync.command("teacher")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_FLEET
+@click.option("--replay", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An .npz of source-domain inputs (model layout, stacked on axis 0) for the replay buffer and the "
+                   "teacher's source statistics.")
+@_SERVER
+@_TOKEN
+@_DATA
+def sync_teacher(model: Path, fleet: str, replay: Path | None, server: str, admin_token: str | None,
+                 data: Path) -> None:
+    """Register MODEL (ONNX, e.g. the build's FP32 original or a larger model) as what FLEET's cloud adaptation jobs
+    distill from."""
+    token = _admin_token(admin_token, data)
+    for asset, path in (("teacher", model), ("replay", replay)):
+        if path is None:
+            continue
+        with open(path, "rb") as f:
+            res = _admin_call(server, token, "PUT", f"/v1/fleets/{fleet}/{asset}", f,
+                              headers={"Content-Type": "application/octet-stream",
+                                       "Content-Length": str(path.stat().st_size)})
+        click.echo(f"{asset} of fleet {fleet}: {path.name} ({res['size']:,} bytes, sha256 {res['sha256'][:12]})")
+
+
+@sync.command("adapt")
+@_FLEET
+@click.option("--release", "release_id", type=int, help="The release to adapt (default: the fleet's current one).")
+@click.option("--steps", type=click.IntRange(0, 100_000), default=150, show_default=True)
+@click.option("--min-samples", type=click.IntRange(8), default=32, show_default=True)
+@click.option("--rollout", "stages", help="Start a staged rollout of the result, e.g. 10,100 (default: only publish).")
+@click.option("--stage-minutes", type=float, default=10.0, show_default=True)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the job to end.")
+@click.option("--json", "as_json", is_flag=True)
+@_SERVER
+@_TOKEN
+@_DATA
+def sync_adapt(fleet: str, release_id: int | None, steps: int, min_samples: int, stages: str | None,
+               stage_minutes: float, wait: bool, as_json: bool, server: str, admin_token: str | None,
+               data: Path) -> None:
+    """Start a cloud adaptation job: FLEET's teacher distilled into the deployed model on the samples its devices
+    uploaded; published as a release and a delta only if the held-out uploads show an improvement."""
+    import time
+
+    from edgekit.errors import ConfigError
+
+    token = _admin_token(admin_token, data)
+    body: dict = {"min_samples": min_samples, "config": {"steps": steps}, "stage_minutes": stage_minutes}
+    if release_id is not None:
+        body["release_id"] = release_id
+    if stages:
+        try:
+            body["rollout"] = [int(x) for x in stages.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--rollout must be comma-separated percentages, not {stages!r}") from None
+    job = _admin_call(server, token, "POST", f"/v1/fleets/{fleet}/jobs", body)
+    click.echo(f"job {job['id']}: {job['status']}", err=True)
+    while wait and job["status"] in ("queued", "running"):
+        time.sleep(1.0)
+        job = _admin_call(server, token, "GET", f"/v1/fleets/{fleet}/jobs/{job['id']}")
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+    else:
+        click.echo(_job_line(job))
+    if job["status"] == "failed":
+        raise SystemExit(1)
+
+
+@sync.command("jobs")
+@_FLEET
+@click.option("--json", "as_json", is_flag=True)
+@_SERVER
+@_TOKEN
+@_DATA
+def sync_jobs(fleet: str, as_json: bool, server: str, admin_token: str | None, data: Path) -> None:
+    """FLEET's cloud jobs, newest first."""
+    jobs = _admin_call(server, _admin_token(admin_token, data), "GET", f"/v1/fleets/{fleet}/jobs")
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2))
+        return
+    for job in jobs:
+        click.echo(_job_line(job))
+
+
+def _job_line(job: dict) -> str:
+    line = f"job {job['id']} ({job['kind']}): {job['status']}, step {job['step'] or '-'}"
+    m = job.get("state", {}).get("trained", {}).get("metrics")
+    if m:
+        line += (f"; held-out KL {m['heldout_kl_before']:.3f} -> {m['heldout_kl_after']:.3f}, agreement with the "
+                 f"teacher {m['heldout_agreement_before']:.0%} -> {m['heldout_agreement_after']:.0%}")
+    pk = job.get("state", {}).get("packaged", {})
+    if "delta_size" in pk:
+        line += f"; delta {pk['delta_size']:,} bytes ({pk['delta_ratio']:.2%} of the bundle)"
+    pub = job.get("state", {}).get("published")
+    if pub:
+        line += f"; release {pub['release_id']} (version {pub['version']})"
+    if job.get("error"):
+        line += f"; {job['error']}"
+    return line

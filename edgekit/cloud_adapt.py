@@ -221,6 +221,7 @@ def adapt(student_model: bytes, layers: Sequence, teacher_model: bytes, uploads:
             else None, "heldout_kl_before": kl_before, "heldout_kl_after": kl_after,
             "heldout_agreement_before": _agreement(s_held0, t_held), "heldout_agreement_after": _agreement(s_held,
                                                                                                             t_held),
+            "heldout_agreement_base_after": _agreement(s_held, s_held0),
             "teacher_adapted": bool(t_affine), "config": asdict(cfg),
         }
         if t_replay is not None:

@@ -60,6 +60,9 @@ ADAPT = "adapt.json"
 # section ids
 S_MANIFEST, S_SIGNATURE, S_META, S_CODES, S_FILE, S_CODES_STORED, S_SIGNATURE_RAW = 1, 2, 3, 4, 5, 6, 7
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+# the preset dictionary of the meta section (part of format 2: never change it): its keys cost nothing then
+META_DICT = (b'{"artifact":"model.onnx","base":"","changes":{"a":[["",5,0.01,6,0.01]],"t":[["",8,0.001]]},'
+             b'"full":"","v":2}')
 
 
 class DeltaError(BundleError):
@@ -246,6 +249,28 @@ def _within(a: np.ndarray, b: np.ndarray, bound: float) -> bool:
     return float(np.abs(a64 - b64).max(initial=0.0)) <= bound * max(float(np.abs(b64).max(initial=0.0)), 1e-30)
 
 
+def _affine_bits(base_bytes: bytes, la, s: np.ndarray, t: np.ndarray, new: Mapping[str, np.ndarray],
+                 names: Sequence[str], error_bound: float):  # noqa: ANN001 - a NormLayer
+    """The fewest bits for ``scale`` (the weight-scale tensors within the bound, shift exact), then for ``shift``
+    (every tensor within the bound): ``((scale meta, codes), (shift meta, codes))``, or None when even 16 bits miss."""
+    import onnx
+    from onnx import numpy_helper
+
+    def ok(qs, qt, which: Sequence[str]) -> bool:
+        trial = {"a": [[la.name, qs[0], qt[0]]]}
+        got = rebuild(base_bytes, trial, {f"{la.name}:s": qs[1], f"{la.name}:t": qt[1]}, [la])
+        rebuilt = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(got).graph.initializer}
+        return all(_within(rebuilt[n], new[n], error_bound) for n in which)
+
+    exact_t = ({"encoding": "raw"}, t.astype(np.float64))
+    scale_tensors = [n for n in (la.weight, la.bias_scale) if n is not None]
+    qs = next((q for q in (quantize(s - 1.0, b) for b in BITS) if ok(q, exact_t, scale_tensors)), None)
+    if qs is None:
+        return None
+    qt = next((q for q in (quantize(t, b) for b in BITS) if ok(qs, q, names)), None)
+    return None if qt is None else (qs, qt)
+
+
 def _encode_changes(base_bytes: bytes, new_model, layers: Sequence, error_bound: float):
     """(changes, arrays) for make_delta: affine entries for the norm layers whose change is one, the rest per
     tensor."""
@@ -263,17 +288,12 @@ def _encode_changes(base_bytes: bytes, new_model, layers: Sequence, error_bound:
         if not changed & set(names) or any(n not in old for n in names):
             continue
         s, t = _affine_fit(la, old, new)
-        for bits in BITS:
-            ms, qs = quantize(s - 1.0, bits)
-            mt, qt = quantize(t, bits)
-            trial = {"a": [[la.name, ms, mt]]}
-            got = rebuild(base_bytes, trial, {f"{la.name}:s": qs, f"{la.name}:t": qt}, [la])
-            rebuilt = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(got).graph.initializer}
-            if all(_within(rebuilt[n], new[n], error_bound) for n in names):
-                changes["a"].append([la.name, ms, mt])
-                arrays[f"{la.name}:s"], arrays[f"{la.name}:t"] = qs, qt
-                changed -= set(names)
-                break
+        found = _affine_bits(base_bytes, la, s, t, new, names, error_bound)
+        if found is not None:
+            (ms, qs), (mt, qt) = found
+            changes["a"].append([la.name, ms, mt])
+            arrays[f"{la.name}:s"], arrays[f"{la.name}:t"] = qs, qt
+            changed -= set(names)
     for name in sorted(changed):
         meta, codes = encode(old[name], new[name], error_bound)
         if meta["encoding"] == "zero":
@@ -349,7 +369,7 @@ def write_delta(path: Path, base_root: Path, manifest: bytes, signature: bytes, 
     changes = meta["changes"]
     short = {**meta, "changes": {"t": [[n, *_short(m)] for n, m in changes.get("t", [])],
                                  "a": [[la, *_short(ms), *_short(mt)] for la, ms, mt in changes.get("a", [])]}}
-    sections = [(S_META, None, json.dumps(short, separators=(",", ":"), sort_keys=True).encode(), None),
+    sections = [(S_META, None, json.dumps(short, separators=(",", ":"), sort_keys=True).encode(), META_DICT),
                 (S_MANIFEST, None, manifest, base_manifest), (S_SIGNATURE, None, signature, base_file(SIGNATURE)),
                 (S_CODES, None, codes, None)]
     sections += [(S_FILE, name, data, base_file(name)) for name, data in sorted(files.items())]
@@ -430,7 +450,7 @@ def read_meta(path: Path) -> dict:
     """The delta's meta (base model hash, full bundle, changes): readable without the base."""
     try:
         body = next(b for sid, _, b in _split(path) if sid == S_META)
-        meta = json.loads(_inflate(body, None))
+        meta = json.loads(_inflate(body, META_DICT))
     except StopIteration:
         raise DeltaError("malformed delta: no meta section") from None
     except (zlib.error, ValueError, UnicodeDecodeError) as exc:

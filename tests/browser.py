@@ -24,8 +24,8 @@ import pytest
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
 # flags that work headless as root on a machine without a network, display or GPU
 FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 )
 # apt-get's words for package lists that are missing or out of date (an `apt-get update` fixes those, nothing else)
 _STALE_LISTS = ("Unable to locate package", "has no installation candidate", "Failed to fetch", "404  Not Found")
@@ -54,9 +54,9 @@ def ensure_chromium_installed() -> Path:
     if not (hasattr(os, "geteuid") and os.geteuid() == 0 and Path("/etc/debian_version").exists()
             and shutil.which("apt-get")):
         raise RuntimeError(
-            "no Chromium found (chromium, chromium-browser, google-chrome on PATH or in /usr/bin; or $EDGEKIT_CHROMIUM) "
-            "and it cannot be installed here (that needs root on Debian/Ubuntu); install one (apt-get install chromium, "
-            "brew install --cask chromium, ...) or set EDGEKIT_CHROMIUM to its binary"
+            "no Chromium found (chromium, chromium-browser, google-chrome on PATH or in /usr/bin; or "
+            "$EDGEKIT_CHROMIUM) and it cannot be installed here (that needs root on Debian/Ubuntu); install one "
+            "(apt-get install chromium, brew install --cask chromium, ...) or set EDGEKIT_CHROMIUM to its binary"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
@@ -117,10 +117,6 @@ class Browser:
             self.stop()
             raise
         return self
-
-    @property
-    def version(self) -> str:
-        return self._context.browser.version if self._context and self._context.browser else "?"
 
     def new_page(self) -> Any:
         """A new tab; its storage (sessionStorage) is its own, the profile's cookies are cleared."""

@@ -61,8 +61,17 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/fleets/{fleet}/rollouts"): "admin",
     ("POST", "/v1/fleets/{fleet}/rollouts/abort"): "admin",
     ("GET", "/v1/fleets/{fleet}"): "admin",
+    ("GET", "/fleet"): "public",  # the fleet web page (edgekit.sync.web) and the admin JSON it reads
+    ("GET", "/fleet/"): "public",
+    ("GET", "/v1/fleets"): "admin",
+    ("GET", "/v1/fleets/{fleet}/overview"): "admin",
+    ("PUT", "/v1/fleets/{fleet}/{asset}"): "admin",  # cloud jobs: the fleet's teacher and replay set
+    ("POST", "/v1/fleets/{fleet}/jobs"): "admin",
+    ("GET", "/v1/fleets/{fleet}/jobs"): "admin",
+    ("GET", "/v1/fleets/{fleet}/jobs/{job_id}"): "admin",
 }
-RAW_BODY_LIMITS = {"/v1/fleets/{fleet}/releases": BUNDLE_LIMIT, "/v1/samples": SAMPLE_LIMIT}
+RAW_BODY_LIMITS = {"/v1/fleets/{fleet}/releases": BUNDLE_LIMIT, "/v1/samples": SAMPLE_LIMIT,
+                   "/v1/fleets/{fleet}/{asset}": BUNDLE_LIMIT}
 
 # -- the service's known defects: none left (every one the fuzzer found was fixed; the tests at the end guard them) --
 KNOWN_CRASHES: dict = {}  # name -> (exception type, message fragment, routes): crashes the fuzzer would tolerate

@@ -444,6 +444,8 @@ def _check_success(w: World, key: tuple[str, str], req: Req, resp, params: dict,
     template = key[1]
     if template == "/health":
         assert resp.json() == {"ok": True}, where
+    elif template in ("/fleet", "/fleet/"):  # the fleet page: HTML that holds no data
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html"), where
     elif template in ("/v1/blobs/{sha256}", "/tuf/{fleet}/targets/{name}"):
         sha = params["sha256"] if "sha256" in params else params["name"][:64]
         fleet = params.get("fleet") or {"device": FLEET, "other": OTHER}[req.auth]
@@ -464,13 +466,16 @@ def _check_success(w: World, key: tuple[str, str], req: Req, resp, params: dict,
             assert req.headers.get("If-None-Match", b"").decode().strip('"') == resp.headers["etag"].strip('"'), where
         else:
             assert resp.status_code == 200 and "desired" in resp.json(), where
+    elif template == "/v1/fleets/{fleet}/jobs" and req.method == "GET":
+        assert resp.status_code == 200 and isinstance(resp.json(), list), where
     else:
         assert resp.status_code == 200 and isinstance(resp.json(), dict), where
     if "fleet" in params:  # nothing is created or found under a fleet name the service should refuse
         assert re.fullmatch(NAME_CHARS, params["fleet"]), where
+    body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else None
     for k in ("fleet", "name", "version"):
-        if template.startswith("/v1/fleets/") and isinstance(resp.json().get(k), str):
-            assert re.fullmatch(NAME_CHARS, resp.json()[k]), where
+        if template.startswith("/v1/fleets/") and isinstance(body, dict) and isinstance(body.get(k), str):
+            assert re.fullmatch(NAME_CHARS, body[k]), where
 
 
 @contextlib.contextmanager

@@ -290,7 +290,7 @@ class Agent:
                 self._serve(served)
                 self.probation = None
                 if on_probation:
-                    self.probation = Probation(self.config.probation, previous)
+                    self.probation = Probation(self.config.probation, previous, _expected_agreement(served))
             log.info("installed version %s into slot %s%s", served.version, slot,
                      " (on probation)" if on_probation else "")
             return {"installed": True, "slot": slot, "version": served.version, "probation": on_probation}
@@ -305,7 +305,7 @@ class Agent:
         except EdgekitError as exc:
             self.slots.commit(f"previous model unusable ({exc.message}); keeping the new one")
             return
-        self.probation = Probation(self.config.probation, prev)
+        self.probation = Probation(self.config.probation, prev, _expected_agreement(self.model))
 
     def rollback(self, reason: str = "requested") -> dict:
         with self._lock:
@@ -683,3 +683,9 @@ def _smoke_test(served: Served) -> None:
     for name, v in out.items():
         if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all():
             raise UpdateError(f"the model outputs NaN/Inf in {name!r} on a test input")
+
+
+def _expected_agreement(served) -> float | None:  # noqa: ANN001 - Served
+    """An adapted release's declared agreement with its base (``probation.Probation``), if it declares one."""
+    value = (served.manifest.get("adaptation") or {}).get("expected_agreement") if served is not None else None
+    return float(value) if isinstance(value, int | float) and 0 <= value <= 1 else None

@@ -5,6 +5,12 @@ It passes when it made no error, its median latency is within ``latency_factor``
 (timed on the same requests, interleaved), its score distribution is not shifted from the previous model's (KS
 statistic of max-softmax, or of the output norm for other tasks, at most ``max_ks``), and it agrees with the
 previous model on at least ``min_agreement`` of the shadowed requests (top-1, or cosine ≥ 0.98 for other tasks).
+
+A release made to *change* the predictions on the data devices see now (a cloud adaptation job's, ``edgekit.sync.jobs``)
+says so in its manifest: ``adaptation.expected_agreement``, its top-1 agreement with its base release on the uploads
+the job held out. Its probation then asks for that agreement less ``AGREEMENT_SLACK`` instead (a model that fixes a
+shift disagrees with the one it fixes), and a shift of its scores fails only if they fell (less confident); a higher
+confidence is what adaptation is for.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekit.agent.scores import ks_2samp, softmax
+
+AGREEMENT_SLACK = 0.15
 
 
 @dataclass
@@ -27,9 +35,13 @@ class ProbationConfig:
 
 
 class Probation:
-    def __init__(self, cfg: ProbationConfig, previous) -> None:
-        """``previous`` is the previous model (``core.Served``) with its runtime open."""
+    def __init__(self, cfg: ProbationConfig, previous, expected_agreement: float | None = None) -> None:
+        """``previous`` is the previous model (``core.Served``) with its runtime open; ``expected_agreement`` the
+        new release's declared agreement with it (an adapted release), if any."""
         self.cfg = cfg
+        self.expected = expected_agreement
+        self.min_agreement = cfg.min_agreement if expected_agreement is None else \
+            min(cfg.min_agreement, max(0.0, float(expected_agreement) - AGREEMENT_SLACK))
         self.previous = previous
         self.seen = 0
         self.shadowed = 0
@@ -86,9 +98,10 @@ class Probation:
         problems = []
         if new_ms > self.cfg.latency_factor * old_ms:
             problems.append(f"median latency {new_ms:.2f} ms vs {old_ms:.2f} ms before")
-        if agreement < self.cfg.min_agreement:
+        if agreement < self.min_agreement:
             problems.append(f"agrees with the previous model on {agreement:.1%} of requests")
-        if d > self.cfg.max_ks:
+        less_confident = float(np.median(self.score_new)) < float(np.median(self.score_old))
+        if d > self.cfg.max_ks and (self.expected is None or less_confident):
             problems.append(f"score distribution shifted (KS {d:.2f})")
         detail = (f"{self.seen} requests, agreement {agreement:.1%}, latency {new_ms:.2f} vs {old_ms:.2f} ms, "
                   f"score KS {d:.2f}")

@@ -126,6 +126,11 @@ class Jobs:
                 raise SyncError(f"fleet {fleet!r} has no teacher model", 409,
                                 hint="register one: edgekit sync teacher --fleet NAME MODEL.onnx [--replay X.npz]")
             base_id = req.release_id or f.current_release
+            if base_id is None:  # the first rollout is still going: its release
+                from edgekit.sync.rollout import latest_rollout
+
+                r = latest_rollout(s, fleet)
+                base_id = r.release_id if r is not None and r.status == "active" else None
             base = s.get(Release, base_id) if base_id else None
             if base is None or base.fleet != fleet:
                 raise SyncError(f"fleet {fleet!r} has no release {base_id} to adapt", 404,
@@ -355,6 +360,10 @@ def _adapted_bundle(opened, trained: dict, version: str, folder: Path, key, job:
     (folder / art).write_bytes(model.SerializeToString(deterministic=True))
     manifest = {k: v for k, v in opened.manifest.items() if k not in ("files", "schema_version")}
     manifest["version"] = int(version)
+    m = trained["metrics"]
+    # what the device's probation should expect: this release disagrees with its base where the base was wrong
+    # (kept to one number: the manifest travels in every delta, where a 48 KB model leaves 480 bytes for 1 %)
+    manifest["adaptation"] = {"expected_agreement": round(float(m["heldout_agreement_base_after"]), 3)}
     manifest["artifact"] = {**manifest["artifact"], "sha256": sha256_file(folder / art),
                             "size": (folder / art).stat().st_size}
     seal(folder, manifest, key)

@@ -172,7 +172,7 @@ class AdaptJobCreate(_Strict):
     min_samples: Annotated[int, Field(ge=8, le=10**6)] = 32
     max_samples: Annotated[int, Field(ge=8, le=10**6)] = 5000
     config: AdaptConfigIn = Field(default_factory=AdaptConfigIn)
-    delta_error_bound: Annotated[float, Field(gt=0, lt=1)] = 1e-2
+    delta_error_bound: Annotated[float, Field(gt=0, lt=1)] = 2e-2
     min_decoded_agreement: Annotated[float, Field(ge=0, le=1)] = 0.98
     rollout: Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(max_length=20)] | None = None
     stage_minutes: Annotated[float, Field(ge=0, le=7 * 1440)] = 10.0

@@ -74,9 +74,10 @@ def install(app: FastAPI, svc: Service) -> None:
         if not svc.admin_ok(token):
             raise SyncError("an admin token is required", 401, hint="Authorization: Bearer <admin token>")
 
-    @app.get("/fleet", response_class=HTMLResponse, include_in_schema=False)
-    @app.get("/fleet/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/fleet", response_class=HTMLResponse)
+    @app.get("/fleet/", response_class=HTMLResponse)
     def fleet_page() -> HTMLResponse:
+        """The fleet web page for operators (public: it holds no data; it reads the admin routes below)."""
         html, csp = _page()
         return HTMLResponse(html, headers={
             "Content-Security-Policy": csp, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
