@@ -276,3 +276,46 @@ def _job_line(job: dict) -> str:
     if job.get("error"):
         line += f"; {job['error']}"
     return line
+
+
+@sync.command("simulate")
+@click.option("--devices", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The release the fleet starts on (.ekb).")
+@click.option("--new", "new", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The release rolled out with faults (.ekb).")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("out/fleet-sim"),
+              show_default=True, help="Folder for the service and the devices' state (emptied first).")
+@click.option("--drop-rate", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Share of connections cut mid-response.")
+@click.option("--slow-share", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Share of connections throttled.")
+@click.option("--power-loss", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Share of devices that lose power during the download.")
+@click.option("--no-restart", is_flag=True, help="Do not restart the service mid-rollout.")
+@click.option("--stages", default="1,10,50,100", show_default=True)
+@click.option("--stage-seconds", type=float, default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def sync_simulate(devices: int, base: Path, new: Path, work: Path, drop_rate: float, slow_share: float,
+                  power_loss: float, no_restart: bool, stages: str, stage_seconds: float, as_json: bool) -> None:
+    """Run DEVICES virtual devices (the real agent and sync client over real HTTP) against a sync service this
+    command starts, roll BASE out, then NEW in stages with injected faults, and report rollout time, bytes moved,
+    lost messages and stuck devices (exit 1 unless the rollout completed with none lost or stuck)."""
+    from edgekit.errors import ConfigError
+    from edgekit.sync.simulate import SimConfig, simulate
+
+    try:
+        pct = tuple(int(x) for x in stages.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--stages must be comma-separated percentages, not {stages!r}") from None
+    cfg = SimConfig(devices=devices, drop_rate=drop_rate, slow_share=slow_share, power_loss=power_loss,
+                    restart=not no_restart, stages=pct, stage_seconds=stage_seconds)
+    report = simulate(work, base, new, cfg).to_dict()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{devices} devices: rollout {report['rollout_status']} in {report['rollout_s']} s; "
+                   f"{report['bytes_down']:,} bytes down, {report['bytes_up']:,} up; faults {report['faults']}; "
+                   f"lost messages {report['lost_messages']}, stuck devices {report['stuck']}")
+    if report["rollout_status"] != "completed" or report["lost_messages"] or report["stuck"]:
+        raise SystemExit(1)

@@ -105,6 +105,42 @@ def fake_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
         def get_error(self, i):
             return "In node 3 (importFallbackPluginImporter): UNSUPPORTED_NODE"
 
+    class Engine:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def serialize(self):
+            return self.blob
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            rec.calls.append(("deserialize", bytes(blob)))
+            return Engine(bytes(blob))
+
+    class Weights:
+        def __init__(self, array):
+            self.array = array
+
+    class Refitter:
+        def __init__(self, engine, logger):
+            self.engine, self.set = engine, {}
+
+        def set_named_weights(self, name, weights):
+            rec.calls.append(("set_named_weights", name, weights.array.tolist()))
+            self.set[name] = weights.array
+            return True
+
+        def get_missing_weights(self):
+            return []
+
+        def refit_cuda_engine(self):
+            rec.calls.append(("refit",))
+            self.engine.blob += b"+refit:" + b",".join(n.encode() for n in sorted(self.set))
+            return True
+
     flags = types.SimpleNamespace(FP16="FP16", INT8="INT8", SPARSE_WEIGHTS="SPARSE_WEIGHTS", REFIT="REFIT",
                                   REFIT_INDIVIDUAL="REFIT_INDIVIDUAL")
     mod = types.SimpleNamespace(
@@ -112,6 +148,7 @@ def fake_trt(version: str = "10.3.0", *, parse_ok: bool = True, build_ok: bool =
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         NetworkDefinitionCreationFlag=types.SimpleNamespace(EXPLICIT_BATCH=0),
         init_libnvinfer_plugins=lambda logger, ns: rec.calls.append(("init_plugins", ns)),
+        Runtime=Runtime, Refitter=Refitter, Weights=Weights,
     )
     return mod, rec
 
@@ -239,3 +276,42 @@ def test_open_runtime_needs_tensorrt_for_plugin_graphs(tmp_path):
                 "engine": {**MANIFEST["engine"], "plugin_library": "libedgekit_trt.so"}}
     with pytest.raises(AgentError, match="plugins and TensorRT is not installed"):
         open_runtime(manifest, tmp_path)
+
+
+def _conv_graph(path, bias, weight_scale=1.0):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array((np.ones((2, 3, 1, 1)) * weight_scale).astype(np.float32), "conv.weight")
+    b = numpy_helper.from_array(np.asarray(bias, np.float32), "conv.bias")
+    node = helper.make_node("Conv", ["input", "conv.weight", "conv.bias"], ["out"], name="conv")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 4, 4])], [w, b])
+    onnx.save(helper.make_model(g), str(path))
+    return path
+
+
+def test_a_release_that_changes_only_refittable_weights_is_refitted_not_rebuilt(tmp_path):
+    """What a delta's release does to a TensorRT device: the cached refittable engine of the base takes the new
+    biases (``trt.Refitter``) instead of a full build; any other change builds."""
+    trt, rec = fake_trt()
+    spec = EngineSpec(refit=True, refittable=("conv.bias",))
+    first = build_engine(_conv_graph(tmp_path / "a.onnx", [0.0, 1.0]), spec, tmp_path / "cache", trt=trt, gpu="Orin")
+    assert ("build",) in rec.calls and first.details["fixed_sha256"]
+    rec.calls.clear()
+    second = build_engine(_conv_graph(tmp_path / "b.onnx", [0.5, -1.0]), spec, tmp_path / "cache", trt=trt,
+                          gpu="Orin")
+    assert ("build",) not in rec.calls and ("refit",) in rec.calls
+    assert ("set_named_weights", "conv.bias", [0.5, -1.0]) in rec.calls
+    assert second.key != first.key and second.details["refitted_from"] == first.key
+    assert second.path.read_bytes() == b"ENGINE+refit:conv.bias"
+    # a weight that is not refittable changed: a build
+    rec.calls.clear()
+    build_engine(_conv_graph(tmp_path / "c.onnx", [0.5, -1.0], weight_scale=2.0), spec, tmp_path / "cache", trt=trt,
+                 gpu="Orin")
+    assert ("build",) in rec.calls and ("refit",) not in rec.calls
+    # another GPU never takes this GPU's engine
+    rec.calls.clear()
+    build_engine(_conv_graph(tmp_path / "d.onnx", [9.0, 9.0]), spec, tmp_path / "cache", trt=trt, gpu="RTX 4090")
+    assert ("build",) in rec.calls and ("refit",) not in rec.calls

@@ -215,7 +215,9 @@ def _tensorrt_or_fallback(manifest: Mapping, path: Path, cache_dir: Path):
     Runtime: Q/DQ graphs are standard ONNX), unless the graph needs edgekit's TensorRT plugins."""
     from edgekit.agent.engine import EngineSpec
 
-    spec = EngineSpec.from_manifest(manifest) if manifest.get("engine") else EngineSpec()
+    # refittable when the manifest names refittable weights: a later delta's release is then refitted, not rebuilt
+    refit = bool((manifest.get("engine") or {}).get("refittable"))
+    spec = EngineSpec.from_manifest(manifest, refit=refit) if manifest.get("engine") else EngineSpec()
     try:
         import tensorrt  # noqa: F401
     except ImportError:

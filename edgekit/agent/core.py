@@ -250,6 +250,11 @@ class Agent:
         return served.adapter
 
     # -- install / rollback --------------------------------------------------------------------------------------
+    def pause_uploads(self, paused: bool = True) -> None:
+        """Stop (or resume) selecting samples for upload, e.g. while the device's accuracy is being measured on data
+        that must not reach the cloud. Resuming keeps ``config.upload``'s say."""
+        self._upload_on = self.config.upload and not paused
+
     def install(self, source: str | Path, *, probation: bool = True) -> dict:
         """Verify a bundle (path or URL), install it into the inactive slot and switch to it. With a model already
         serving, the new one is on probation for ``config.probation.requests`` requests (see ``Probation``)."""

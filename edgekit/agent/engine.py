@@ -167,6 +167,22 @@ def build_engine(onnx_path: Path, spec: EngineSpec, cache_dir: Path, *, trt=None
     if spec.plugin_library and not plugin_libraries:
         raise AgentError(f"this graph uses edgekit's TensorRT plugins ({spec.plugin_library})",
                          hint="build runtimes/tensorrt on this device and pass --plugin-lib PATH")
+    fixed = fixed_digest(onnx_path, spec.refittable) if spec.refit and spec.refittable else None
+    donor = None if fixed is None or force else _refit_donor(cache_dir, fixed, gpu, str(trt.__version__), spec)
+    if donor is not None:  # the same graph but for refittable weights (a delta's release): refit, do not rebuild
+        t0 = time.time()
+        try:
+            blob = _refit(trt, cache_dir / f"{donor}.engine", onnx_path, spec.refittable, plugin_libraries)
+        except AgentError as exc:
+            log.warning("refitting engine %s failed (%s); building instead", donor, exc.message)
+        else:
+            _write_atomic(engine_path, blob)
+            details = {"onnx_sha256": digest, "fixed_sha256": fixed, "gpu": gpu, "tensorrt_version":
+                       str(trt.__version__), "refitted_from": donor, "built_at": int(time.time()),
+                       "spec": asdict(spec)}
+            _record(cache_dir, key, details)
+            log.info("refitted TensorRT engine %s from %s in %.2f s", engine_path.name, donor, time.time() - t0)
+            return EngineBuild(engine_path, key, False, timing_path, time.time() - t0, details)
     t0 = time.time()
     logger = trt.Logger(trt.Logger.WARNING)
     if plugin_libraries:
@@ -201,12 +217,73 @@ def build_engine(onnx_path: Path, spec: EngineSpec, cache_dir: Path, *, trt=None
                          hint="run with --verbose to see TensorRT's log")
     _write_atomic(engine_path, bytes(blob))
     _write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
-    details = {"onnx_sha256": digest, "gpu": gpu, "tensorrt_version": str(trt.__version__), "flags": set_flags,
+    details = {"onnx_sha256": digest, "fixed_sha256": fixed, "gpu": gpu, "tensorrt_version": str(trt.__version__),
+               "flags": set_flags,
                "dynamic_batch": dynamic, "built_at": int(time.time()), **{"spec": asdict(spec)}}
     _record(cache_dir, key, details)
     seconds = time.time() - t0
     log.info("built TensorRT engine %s in %.1f s (%s)", engine_path.name, seconds, ", ".join(set_flags))
     return EngineBuild(engine_path, key, False, timing_path, seconds, details)
+
+
+def fixed_digest(onnx_path: Path, refittable: Sequence[str]) -> str | None:
+    """sha256 of the graph with its ``refittable`` weights' values left out: two graphs with the same digest differ
+    only in weights a refit replaces (None when the file is not a readable ONNX model)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(onnx_path))
+    except Exception:  # noqa: BLE001 - not ONNX (or onnx missing): no refit, a build
+        return None
+    names = set(refittable)
+    for init in model.graph.initializer:
+        if init.name in names:
+            init.ClearField("raw_data")
+            for f in ("float_data", "int32_data", "int64_data", "double_data"):
+                init.ClearField(f)
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _refit_donor(cache_dir: Path, fixed: str, gpu: str, version: str, spec: EngineSpec) -> str | None:
+    """A cached refittable engine of a graph with the same ``fixed_digest``, GPU, TensorRT version and flags."""
+    try:
+        index = json.loads((cache_dir / INDEX).read_text())
+    except (OSError, ValueError):
+        return None
+    for key, d in sorted(index.items(), key=lambda kv: -int(kv[1].get("built_at", 0))):
+        if (d.get("fixed_sha256") == fixed and d.get("gpu") == gpu and d.get("tensorrt_version") == version
+                and d.get("spec") == json.loads(json.dumps(asdict(spec))) and (cache_dir / f"{key}.engine").exists()):
+            return key
+    return None
+
+
+def _refit(trt, engine_path: Path, onnx_path: Path, names: Sequence[str],
+           plugin_libraries: Sequence[Path]) -> bytes:  # noqa: ANN001 - the tensorrt module
+    """``engine_path``'s engine with the ``names`` weights of ``onnx_path`` written in (``trt.Refitter``)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    if plugin_libraries:
+        _load_plugins(trt, logger, plugin_libraries)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise AgentError(f"cannot deserialize {engine_path.name}")
+    refitter = trt.Refitter(engine, logger)
+    wanted = set(names)
+    model = onnx.load(str(onnx_path))
+    weights = {i.name: np.ascontiguousarray(numpy_helper.to_array(i)) for i in model.graph.initializer
+               if i.name in wanted}
+    for name, value in weights.items():  # kept alive until the refit: TensorRT reads them then
+        if not refitter.set_named_weights(name, trt.Weights(value)):
+            raise AgentError(f"the engine does not take refitted weights {name!r}")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        raise AgentError(f"the refit lacks weights {missing[:5]}")
+    if not refitter.refit_cuda_engine():
+        raise AgentError("TensorRT refused the refit")
+    return bytes(engine.serialize())
 
 
 def _record(cache_dir: Path, key: str, details: dict) -> None:

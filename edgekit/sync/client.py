@@ -87,8 +87,12 @@ class SyncClient:
         key_path = d / "device.pem"
         if key_path.exists():  # re-enrolling keeps the device's identity
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-        else:
+        else:  # saved before the request: a retry after a lost answer is the same device, not a second one
             key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            atomic_write_bytes(key_path, pem, mode=0o600)
         pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
         body = json.dumps({"token": token, "public_key": pub, "name": name}).encode()
         status, _, data = http_call(
@@ -97,11 +101,6 @@ class SyncClient:
         if status != 200:
             raise http_error(status, data, "enrollment refused")
         resp = json.loads(data)
-        if not key_path.exists():
-            pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            atomic_write_bytes(key_path, pem, mode=0o600)
         (d / "tuf").mkdir(exist_ok=True)
         atomic_write_text(d / "trusted_root.json", resp["trusted_root"])
         atomic_write_text(

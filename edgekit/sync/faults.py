@@ -198,7 +198,7 @@ class FaultProxy:
                 done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
                 if down not in done and up.result():  # the client half-closed: wait for the whole answer
                     await down
-                clean = down.result()
+                clean = down.done() and not down.cancelled() and down.exception() is None and down.result()
             finally:
                 for task in (up, down):
                     task.cancel()

@@ -166,10 +166,16 @@ class Service:
     def ensure_fleet(self, s: Session, name: str) -> Fleet:
         fleet = s.get(Fleet, name)
         if fleet is None:
-            fleet = Fleet(name=name)
-            s.add(fleet)
-            s.flush()
-            FleetRepository(DbMetadataStore(s, name), self.keys).init()
+            try:
+                with s.begin_nested():  # two requests may create the same new fleet at once: one wins
+                    fleet = Fleet(name=name)
+                    s.add(fleet)
+                    s.flush()
+                    FleetRepository(DbMetadataStore(s, name), self.keys).init()
+            except IntegrityError:
+                fleet = s.get(Fleet, name)
+                if fleet is None:
+                    raise
         return fleet
 
     def enroll_token(self, fleet: str, ttl_s: int) -> tuple[str, dt.datetime]:
