@@ -251,8 +251,9 @@ def _within(a: np.ndarray, b: np.ndarray, bound: float) -> bool:
 
 def _affine_bits(base_bytes: bytes, la, s: np.ndarray, t: np.ndarray, new: Mapping[str, np.ndarray],
                  names: Sequence[str], error_bound: float):  # noqa: ANN001 - a NormLayer
-    """The fewest bits for ``scale`` (the weight-scale tensors within the bound, shift exact), then for ``shift``
-    (every tensor within the bound): ``((scale meta, codes), (shift meta, codes))``, or None when even 16 bits miss."""
+    """The fewest bits for ``scale`` (the weight-scale tensors within the bound, shift exact) for which some width of
+    ``shift`` puts every tensor within the bound, and that width: ``((scale meta, codes), (shift meta, codes))``, or
+    None when even 16 bits miss."""
     import onnx
     from onnx import numpy_helper
 
@@ -264,11 +265,14 @@ def _affine_bits(base_bytes: bytes, la, s: np.ndarray, t: np.ndarray, new: Mappi
 
     exact_t = ({"encoding": "raw"}, t.astype(np.float64))
     scale_tensors = [n for n in (la.weight, la.bias_scale) if n is not None]
-    qs = next((q for q in (quantize(s - 1.0, b) for b in BITS) if ok(q, exact_t, scale_tensors)), None)
-    if qs is None:
-        return None
-    qt = next((q for q in (quantize(t, b) for b in BITS) if ok(qs, q, names)), None)
-    return None if qt is None else (qs, qt)
+    for bits_s in BITS:  # the bias depends on the scale too: a scale that is fine alone may leave no shift width
+        qs = quantize(s - 1.0, bits_s)
+        if not ok(qs, exact_t, scale_tensors):
+            continue
+        qt = next((q for q in (quantize(t, b) for b in BITS) if ok(qs, q, names)), None)
+        if qt is not None:
+            return qs, qt
+    return None
 
 
 def _encode_changes(base_bytes: bytes, new_model, layers: Sequence, error_bound: float):
