@@ -253,15 +253,21 @@ def _affine_bits(base_bytes: bytes, la, s: np.ndarray, t: np.ndarray, new: Mappi
                  names: Sequence[str], error_bound: float):  # noqa: ANN001 - a NormLayer
     """The fewest bits for ``scale`` (the weight-scale tensors within the bound, shift exact) for which some width of
     ``shift`` puts every tensor within the bound, and that width: ``((scale meta, codes), (shift meta, codes))``, or
-    None when even 16 bits miss."""
+    None when even 16 bits miss. An int32 bias is held to the bound as the float bias it encodes."""
     import onnx
     from onnx import numpy_helper
+
+    def value(tensors: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+        # an int32 bias is compared as the bias it stands for (times its scale, which follows the weight scale)
+        if name == la.bias and la.bias_kind == "qdq":
+            return tensors[name].astype(np.float64) * tensors[la.bias_scale].astype(np.float64)
+        return tensors[name]
 
     def ok(qs, qt, which: Sequence[str]) -> bool:
         trial = {"a": [[la.name, qs[0], qt[0]]]}
         got = rebuild(base_bytes, trial, {f"{la.name}:s": qs[1], f"{la.name}:t": qt[1]}, [la])
         rebuilt = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(got).graph.initializer}
-        return all(_within(rebuilt[n], new[n], error_bound) for n in which)
+        return all(_within(value(rebuilt, n), value(new, n), error_bound) for n in which)
 
     exact_t = ({"encoding": "raw"}, t.astype(np.float64))
     scale_tensors = [n for n in (la.weight, la.bias_scale) if n is not None]

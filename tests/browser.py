@@ -12,13 +12,14 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.debian import apt_install, can_install
 
 # the system's Chromium first; EDGEKIT_CHROMIUM names another binary
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
@@ -27,8 +28,6 @@ FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 )
-# apt-get's words for package lists that are missing or out of date (an `apt-get update` fixes those, nothing else)
-_STALE_LISTS = ("Unable to locate package", "has no installation candidate", "Failed to fetch", "404  Not Found")
 LAUNCH_TIMEOUT_MS = 60_000
 
 
@@ -43,40 +42,17 @@ def chromium_path() -> Path | None:
     return None
 
 
-def _apt_lists_present() -> bool:
-    return any(Path("/var/lib/apt/lists").glob("*_Packages*"))
-
-
 def ensure_chromium_installed() -> Path:
     """Return :func:`chromium_path`, installing Debian's ``chromium`` first where we may (root, Debian/Ubuntu)."""
     if (found := chromium_path()) is not None:
         return found
-    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and Path("/etc/debian_version").exists()
-            and shutil.which("apt-get")):
+    if not can_install():
         raise RuntimeError(
             "no Chromium found (chromium, chromium-browser, google-chrome on PATH or in /usr/bin; or "
             "$EDGEKIT_CHROMIUM) and it cannot be installed here (that needs root on Debian/Ubuntu); install one "
             "(apt-get install chromium, brew install --cask chromium, ...) or set EDGEKIT_CHROMIUM to its binary"
         )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-    def apt(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, timeout=900)
-
-    def update() -> None:
-        r = apt("update")
-        if r.returncode != 0:
-            raise RuntimeError(f"apt-get update failed:\n{r.stdout}{r.stderr}")
-
-    if not _apt_lists_present():  # a fresh image: no package lists at all
-        update()
-    install = ("install", "-y", "--no-install-recommends", "chromium")
-    r = apt(*install)
-    if r.returncode != 0 and any(s in r.stdout + r.stderr for s in _STALE_LISTS):
-        update()
-        r = apt(*install)
-    if r.returncode != 0:
-        raise RuntimeError(f"apt-get install chromium failed:\n{r.stdout}{r.stderr}")
+    apt_install("chromium")
     if (found := chromium_path()) is None:
         raise RuntimeError("apt-get installed chromium, but its binary is still not found")
     return found

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
+from tests.debian import apt_install, can_install
+
 PG_USER = "edgekit"
 PG_DATABASE = "edgekit_test"
 START_TIMEOUT = 60.0
-# apt-get's words for package lists that are missing or out of date (an `apt-get update` fixes those, nothing else)
-_STALE_LISTS = ("Unable to locate package", "has no installation candidate", "Failed to fetch", "404  Not Found")
 
 
 def postgres_bin() -> Path | None:
@@ -52,26 +52,13 @@ def ensure_postgres_installed() -> Path:
     """Return :func:`postgres_bin`, installing PostgreSQL first where we may (root on Debian/Ubuntu, e.g. CI images)."""
     if (found := postgres_bin()) is not None:
         return found
-    if not (_is_root() and Path("/etc/debian_version").exists() and shutil.which("apt-get")):
+    if not can_install():
         raise RuntimeError(
             "PostgreSQL's initdb and pg_ctl were not found (PATH, /usr/lib/postgresql/*/bin) and cannot be installed "
             "here (that needs root on Debian/Ubuntu); install PostgreSQL (apt-get install postgresql, "
             "brew install postgresql, ...) or put its bin folder on PATH"
         )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-    def apt(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, timeout=900)
-
-    install = ("install", "-y", "--no-install-recommends", "postgresql")
-    r = apt(*install)
-    if r.returncode != 0 and any(s in r.stdout + r.stderr for s in _STALE_LISTS):
-        update = apt("update")
-        if update.returncode != 0:
-            raise RuntimeError(f"apt-get update failed:\n{update.stdout}{update.stderr}")
-        r = apt(*install)
-    if r.returncode != 0:
-        raise RuntimeError(f"apt-get install postgresql failed:\n{r.stdout}{r.stderr}")
+    apt_install("postgresql")
     if (found := postgres_bin()) is None:
         raise RuntimeError("apt-get installed postgresql, but initdb/pg_ctl are still not found")
     return found
