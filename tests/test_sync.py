@@ -374,3 +374,31 @@ def test_agent_run_syncs_in_the_background(bundles, tmp_path, run_cli):
         assert "syncing with the enrolled server" in err and "Traceback" not in err
         st = json.loads(run_cli("sync", "status", "--fleet", "cameras", "--json", *common).stdout)
         assert st["devices"][0]["version"] == "1"
+
+
+def test_a_network_failure_never_refuses_a_release(bundles, tmp_path, monkeypatch):
+    """A download cut on every retry (or release metadata that cannot be fetched) is the network, not the release:
+    the device neither refuses it nor reports an install failure, and installs it at the next sync."""
+    from edgekit.sync.client import SyncUnreachable
+    from edgekit.sync.protocol import RolloutCreate
+    from edgekit.sync.tuf_client import TufUnreachable
+
+    with LiveServer(tmp_path / "server") as srv:
+        svc = srv.service
+        with open(bundles["v1"], "rb") as f:
+            r1 = svc.publish("f", f, "tiny", "1")
+        svc.start_rollout("f", RolloutCreate(release_id=r1.id, stages=[100], stage_minutes=0))
+        tok, _ = svc.enroll_token("f", 600)
+        client = SyncClient.enroll(srv.url, tok, tmp_path / "dev")
+        agent = _agent(tmp_path / "dev")
+        try:
+            real = client.download
+            for err in (SyncUnreachable("cut 5 times"), TufUnreachable("fetching the root failed")):
+                monkeypatch.setattr(client, "download", lambda *a, _e=err, **k: (_ for _ in ()).throw(_e))
+                out = client.sync_once(agent)
+                assert out["installed"] is None and client.info.get("refused", []) == []
+                assert client._events() == []  # no install_failed event
+            monkeypatch.setattr(client, "download", real)
+            assert client.sync_once(agent)["installed"] == "1"
+        finally:
+            agent.close()

@@ -7,6 +7,12 @@ ships the graph and the device builds. ``build_engine`` follows TensorRT 10's Py
 dynamic batch, ``REFIT_INDIVIDUAL`` + ``mark_weights_refittable``, ``build_serialized_network``) and TensorRT 8.x's
 explicit-batch flag. **It has never run against real TensorRT** (no machine this project builds on can install it):
 the tests drive it with a fake ``tensorrt`` module that records every call.
+
+A release that differs from a cached engine's graph only in weights marked refittable (a delta's release: adapted
+biases) is not built again: the cached engine is deserialized, ``trt.Refitter`` writes the new weights in
+(``set_named_weights``, ``refit_cuda_engine``) and the result is cached under the new graph's key. Which engine may
+donate is recorded in the cache index: the graph's hash with the refittable weights' values left out
+(``fixed_digest``), the GPU, the TensorRT version and the builder settings must all match; otherwise it builds.
 """
 
 from __future__ import annotations

@@ -45,6 +45,13 @@ CHALLENGE = b"edgekit-sync-challenge:"  # what auth.challenge_message prefixes (
 
 class SyncClientError(EdgekitError):
     exit_code = 11
+    transient = False  # True: the server could not be reached (retry later), nothing was refused
+
+
+class SyncUnreachable(SyncClientError):
+    """Every attempt at a request failed on the network, 429 or 5xx: the next sync tries again."""
+
+    transient = True
 
 
 class HttpError(SyncClientError):
@@ -170,7 +177,7 @@ class SyncClient:
                 raise http_error(status, resp, f"{method} {path}")
             if attempt + 1 < self.attempts:
                 self._sleep(self._rng.uniform(0, self.backoff * (2**attempt)))
-        raise SyncClientError(
+        raise SyncUnreachable(
             f"{method} {path} failed after {self.attempts} attempts: {status or 'no connection'} {resp[:200]!r}",
             hint="the device keeps its queue; it retries at the next sync",
         )
@@ -238,7 +245,7 @@ class SyncClient:
             except OSError:  # the connection broke: what arrived stays in the partial file
                 failures += 1
             if failures >= self.attempts:
-                raise SyncClientError(
+                raise SyncUnreachable(
                     f"downloading release {desired.version} failed {failures} times",
                     hint="the partial download is kept; the next sync resumes it",
                 )
@@ -255,9 +262,9 @@ class SyncClient:
         """Install ``desired``: as its delta when this device serves the delta's base release (the delta is a few
         hundred bytes to kilobytes), else, or when the delta does not apply here, the full bundle."""
         if desired.delta is not None and serving == desired.delta.base_version:
+            path = self.download(desired, delta=True)  # a network failure propagates: the next sync tries the delta
             try:
-                res = agent.install(self.download(desired, delta=True))
-                return {**res, "via": "delta"}
+                return {**agent.install(path), "via": "delta"}
             except EdgekitError as exc:
                 log.warning("the delta of release %s did not apply (%s); fetching the full bundle", desired.version,
                             exc.message)
@@ -287,6 +294,7 @@ class SyncClient:
         """One heartbeat (telemetry since the last one, pending events); install the desired release if it is new;
         flush queued samples. Returns what happened."""
         from edgekit.errors import UpdateError
+        from edgekit.sync.tuf_client import TufRefused
 
         st = agent.status()
         version = None if st["model"] is None else str(st["model"]["version"])
@@ -325,7 +333,14 @@ class SyncClient:
                 self.info["installed"] = {"version": d.version, "sha256": d.sha256}
                 self._queue_event({"kind": "installed", "version": d.version, "detail": json.dumps(res)[:400]})
                 out["installed"] = d.version
-            except (UpdateError, SyncClientError) as exc:
+            except (UpdateError, SyncClientError, TufRefused) as exc:
+                if getattr(exc, "transient", False):  # the network, not the release: the next sync tries again
+                    log.warning("release %s not downloaded yet: %s", d.version, exc.message)
+                    atomic_write_text(self.dir / "sync.json", json.dumps(self.info, indent=1))
+                    out["uploaded"] = 0
+                    return out
+                if isinstance(exc, TufRefused):  # release metadata refused: nothing is trusted, the caller hears it
+                    raise
                 self.info.setdefault("refused", []).append(d.sha256)
                 self._queue_event({"kind": "install_failed", "version": d.version, "detail": exc.message[:400]})
                 log.warning("release %s not installed: %s", d.version, exc.message)

@@ -39,6 +39,13 @@ class TufRefused(EdgekitError):
     """Release metadata or a release file failed TUF verification; nothing unverified was trusted or installed."""
 
     exit_code = 10  # the agent/update family: the device keeps what it runs
+    transient = False  # True when the metadata could not be fetched (network), not when it failed verification
+
+
+class TufUnreachable(TufRefused):
+    """The release metadata could not be fetched (connection cut, timeout, 5xx): nothing was refused, retry later."""
+
+    transient = True
 
 
 class HeaderFetcher(FetcherInterface):
@@ -294,4 +301,6 @@ class ReleaseVerifier:
             msg = f"the {role} metadata was refused ({detail})"
         if hint is None and not isinstance(e, tuf_exc.DownloadError):
             hint = "the device keeps its last verified release metadata; report this if it persists"
-        return TufRefused(msg, hint=hint)
+        network = (isinstance(e, tuf_exc.DownloadError) and not isinstance(e, tuf_exc.DownloadLengthMismatchError)
+                   and not (isinstance(e, tuf_exc.DownloadHTTPError) and e.status_code < 500 and e.status_code != 429))
+        return (TufUnreachable if network else TufRefused)(msg, hint=hint)
