@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -68,6 +68,7 @@ class AdaptOutcome:
     shift: dict[str, np.ndarray]
     improved: bool
     metrics: dict = field(default_factory=dict)
+    heldout_teacher_logits: np.ndarray | None = None  # what a decoded release is checked against
 
     def summary(self) -> dict:
         return {"improved": self.improved, **self.metrics}
@@ -237,7 +238,7 @@ def adapt(student_model: bytes, layers: Sequence, teacher_model: bytes, uploads:
     by_tensor = {la.tensor: la.name for la in layers}
     scale = {by_tensor[t]: p[0].detach().double().numpy() for t, p in params.items()}
     shift = {by_tensor[t]: p[1].detach().double().numpy() for t, p in params.items()}
-    return AdaptOutcome(scale, shift, improved, metrics)
+    return AdaptOutcome(scale, shift, improved, metrics, t_held.double().numpy())
 
 
 def _conv_outputs(model_bytes: bytes) -> list[str]:
@@ -248,12 +249,16 @@ def _conv_outputs(model_bytes: bytes) -> list[str]:
     return [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
 
 
-def evaluate_logits(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None = None) -> dict:
-    """Agreement (and accuracy) of ``logits`` with ``reference`` logits: numpy, for models run in ONNX Runtime."""
-    out = {"agreement": float((np.argmax(logits, -1) == np.argmax(reference, -1)).mean())}
-    if labels is not None:
-        out["accuracy"] = float((np.argmax(logits, -1) == np.asarray(labels)).mean())
-    return out
+def heldout_metrics(teacher: np.ndarray, student: np.ndarray) -> dict:
+    """Mean KL(teacher || student) at temperature 1 and top-1 agreement, in numpy (for models run in ONNX Runtime):
+    the same measures ``adapt`` reports as ``heldout_kl_*`` and ``heldout_agreement_*``."""
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lt, ls = log_softmax(np.asarray(teacher, np.float64)), log_softmax(np.asarray(student, np.float64))
+    return {"kl": float((np.exp(lt) * (lt - ls)).sum(-1).mean()),
+            "agreement": float((teacher.argmax(-1) == student.argmax(-1)).mean()), "held_out": len(teacher)}
 
 
 def stack_samples(payloads: Sequence[bytes], input_name: str) -> np.ndarray:
@@ -275,7 +280,3 @@ def stack_samples(payloads: Sequence[bytes], input_name: str) -> np.ndarray:
         common = max(shapes, key=lambda s: sum(a.shape == s for a in arrays))
         arrays = [a for a in arrays if a.shape == common]
     return np.concatenate(arrays)
-
-
-def as_mapping(values: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
-    return {k: np.asarray(v, np.float64).tolist() for k, v in values.items()}

@@ -173,7 +173,7 @@ class AdaptJobCreate(_Strict):
     max_samples: Annotated[int, Field(ge=8, le=10**6)] = 5000
     config: AdaptConfigIn = Field(default_factory=AdaptConfigIn)
     delta_error_bound: Annotated[float, Field(gt=0, lt=1)] = 2e-2
-    min_decoded_agreement: Annotated[float, Field(ge=0, le=1)] = 0.98
+    max_decoded_drop: Annotated[float, Field(ge=0, le=1)] = 0.02  # teacher agreement the delta's rounding may cost
     rollout: Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(max_length=20)] | None = None
     stage_minutes: Annotated[float, Field(ge=0, le=7 * 1440)] = 10.0
 
