@@ -67,13 +67,13 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     from edgekit.datasets import digits
     from edgekit.export.onnx import export_onnx
     from edgekit.model import load_model
-    from edgekit.sync.simulate import SimConfig, Simulator, _admin
+    from edgekit.sync.simulate import SimConfig, Simulator, _admin, prepare_work
     from edgekit.zoo import get_builtin
 
     cfg = SimConfig(devices=args.devices, threads=args.threads, drop_rate=args.drop_rate, slow_share=0.05,
                     power_loss=args.power_loss, stages=(10, 50, 100), stage_seconds=args.stage_seconds)
     agent_cfg = AgentConfig(select=SelectConfig(every=2, time_share=None, warmup=20))
-    sim = Simulator(work / "sim", cfg, agent_cfg)
+    sim = Simulator(prepare_work(work / "sim"), cfg, agent_cfg)
     out: dict = {"devices": args.devices, "corruption": args.corruption, "severity": args.severity}
     try:
         ctx = Context(seed=0)

@@ -25,3 +25,12 @@ def test_simulated_fleet_rollout_with_faults(tmp_path, run_cli):
     assert report["faults"]["dropped"] > 0
     # every device installed the new release once: its event reached the service
     assert report["events_stored"] >= 2 * 16  # installed v1, installed v2
+
+
+def test_simulate_refuses_a_work_folder_it_did_not_make(tmp_path, run_cli):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    bundles = tmp_path / "x.ekb"
+    bundles.write_bytes(b"not read")
+    res = run_cli("sync", "simulate", "--base", bundles, "--new", bundles, "--work", tmp_path / "mine", code=3)
+    assert "not a simulator's work folder" in res.output and (tmp_path / "mine" / "notes.txt").exists()

@@ -340,13 +340,29 @@ class Simulator:
         return r
 
 
+MARKER = ".edgekit-simulator"
+
+
+def prepare_work(work: Path) -> Path:
+    """An empty ``work`` folder: a previous simulation's is emptied; any other non-empty folder is refused."""
+    from edgekit.errors import ConfigError
+
+    work = Path(work)
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).exists():
+            raise ConfigError(f"{work} is not empty and is not a simulator's work folder",
+                              hint="pass --work with a new folder (the simulator empties its own on the next run)")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("edgekit sync simulate's work folder: emptied on the next run\n")
+    return work
+
+
 def simulate(work: Path, base: Path, new: Path, cfg: SimConfig) -> SimReport:
     """Enroll ``cfg.devices`` devices, roll ``base`` out fault-free, then ``new`` with faults; the report."""
     from edgekit.bundle import read_manifest
 
-    work = Path(work)
-    if work.exists():
-        shutil.rmtree(work)
+    work = prepare_work(work)
     sim = Simulator(work, cfg)
     try:
         sim.enroll()
