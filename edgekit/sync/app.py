@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgekit.errors import EdgekitError
+from edgekit.sync.auth import bearer
 from edgekit.sync.blobs import BlobNotFound, BlobTooLarge
 from edgekit.sync.db import Device, Fleet, Release, utcnow
 from edgekit.sync.protocol import (
@@ -49,26 +50,13 @@ from edgekit.sync.protocol import (
     TokenResponse,
 )
 from edgekit.sync.rollout import latest_rollout, stage_health
-from edgekit.sync.service import DbMetadataStore, Service, ServiceConfig, SyncError
+from edgekit.sync.service import FLEET_NAME, DbMetadataStore, Service, ServiceConfig, SyncError, fleet_name
 
 log = logging.getLogger(__name__)
 
 METADATA_NAME = re.compile(r"^(?:[0-9]{1,10}\.root|timestamp|[0-9]{1,10}\.snapshot|[0-9]{1,10}\.targets)\.json$")
 TARGET_NAME = re.compile(r"^([0-9a-f]{64})\.[A-Za-z0-9._-]{1,200}$")
-FLEET = re.compile(NAME)
 ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
-
-
-def _bearer(authorization: str | None) -> str | None:
-    if authorization and authorization.startswith("Bearer "):
-        return authorization.removeprefix("Bearer ").strip()
-    return None
-
-
-def _fleet_name(fleet: str) -> str:
-    if not FLEET.fullmatch(fleet):
-        raise SyncError("fleet names are 1-64 letters, digits, '.', '_' or '-'", 422)
-    return fleet
 
 
 async def _spool(request: Request, limit: int) -> tempfile.SpooledTemporaryFile:
@@ -158,11 +146,11 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         return JSONResponse({"error": "invalid request", "hint": json.dumps(errors)[:2000]}, status_code=422)
 
     def admin(authorization: str | None = Header(None)) -> None:
-        if not svc.admin_ok(_bearer(authorization)):
+        if not svc.admin_ok(bearer(authorization)):
             raise SyncError("an admin token is required", 401, hint="Authorization: Bearer <admin token>")
 
     async def device(authorization: str | None = Header(None)) -> str:  # a MAC check: no thread hand-off
-        return svc.device_for(_bearer(authorization))
+        return svc.device_for(bearer(authorization))
 
     # -- public -----------------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -257,9 +245,9 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
 
     # -- TUF repository (devices of the fleet, and admins) --------------------------------------------------------
     def tuf_reader(fleet: str, authorization: str | None = Header(None)) -> str:
-        token = _bearer(authorization)
+        token = bearer(authorization)
         if svc.admin_ok(token):
-            if not FLEET.fullmatch(fleet):  # never reaches a query (PostgreSQL refuses NUL in text)
+            if not FLEET_NAME.fullmatch(fleet):  # never reaches a query (PostgreSQL refuses NUL in text)
                 raise SyncError("no such fleet", 404)
             return fleet
         dev = svc.touch(svc.device_for(token))
@@ -314,7 +302,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         responses=ERRORS,
     )
     def enroll_token(fleet: str, req: EnrollTokenCreate) -> EnrollTokenResponse:
-        tok, exp = svc.enroll_token(_fleet_name(fleet), req.ttl_s)
+        tok, exp = svc.enroll_token(fleet_name(fleet), req.ttl_s)
         return EnrollTokenResponse(token=tok, fleet=fleet, expires_at=exp)
 
     @app.post(
@@ -327,7 +315,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         fleet: str, request: Request, name: str = Query(..., pattern=NAME), version: str = Query(..., pattern=NAME)
     ) -> ReleaseInfo:
         """The body is the bundle (``.ekb``), streamed; it becomes a signed TUF target of the fleet."""
-        _fleet_name(fleet)
+        fleet_name(fleet)
         body = await _spool(request, svc.cfg.max_bundle_bytes)
         try:
             r = await run_in_threadpool(svc.publish, fleet, body, name, version)
@@ -339,7 +327,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
              responses={413: {"model": ErrorBody}, **ERRORS})
     async def fleet_asset(fleet: str, asset: str, request: Request) -> dict:
         """``teacher`` (the ONNX model cloud jobs distill from) or ``replay`` (an .npz of source-domain inputs)."""
-        _fleet_name(fleet)
+        fleet_name(fleet)
         if asset not in ("teacher", "replay"):
             raise SyncError(f"no fleet asset {asset!r}; PUT teacher or replay", 404)
         body = await _spool(request, svc.cfg.max_model_bytes)
@@ -353,7 +341,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
               responses={409: {"model": ErrorBody}, **ERRORS})
     def create_job(fleet: str, req: AdaptJobCreate) -> JobInfo:
         """Start a cloud adaptation job (or return the one already made for the same inputs)."""
-        job, _ = svc.jobs.create(_fleet_name(fleet), req)
+        job, _ = svc.jobs.create(fleet_name(fleet), req)
         return JobInfo.model_validate(job, from_attributes=True)
 
     @app.get(f"{API}/fleets/{{fleet}}/jobs", response_model=list[JobInfo], dependencies=[Depends(admin)],
@@ -362,7 +350,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         from edgekit.sync.db import Job
 
         with svc.sessions() as s:
-            rows = s.query(Job).filter(Job.fleet == _fleet_name(fleet)).order_by(Job.id.desc()).limit(limit).all()
+            rows = s.query(Job).filter(Job.fleet == fleet_name(fleet)).order_by(Job.id.desc()).limit(limit).all()
             return [JobInfo.model_validate(j, from_attributes=True) for j in rows]
 
     @app.get(f"{API}/fleets/{{fleet}}/jobs/{{job_id}}", response_model=JobInfo, dependencies=[Depends(admin)],
@@ -372,7 +360,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
 
         with svc.sessions() as s:
             job = s.get(Job, job_id)
-            if job is None or job.fleet != _fleet_name(fleet):
+            if job is None or job.fleet != fleet_name(fleet):
                 raise SyncError(f"fleet {fleet!r} has no job {job_id}", 404)
             return JobInfo.model_validate(job, from_attributes=True)
 
@@ -380,7 +368,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         f"{API}/fleets/{{fleet}}/rollouts", response_model=RolloutInfo, dependencies=[Depends(admin)], responses=ERRORS
     )
     def start_rollout(fleet: str, req: RolloutCreate) -> RolloutInfo:
-        r = svc.start_rollout(_fleet_name(fleet), req)
+        r = svc.start_rollout(fleet_name(fleet), req)
         with svc.sessions() as s:
             return _rollout_info(s, s.get(type(r), r.id))
 
@@ -391,13 +379,13 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         responses={409: {"model": ErrorBody}, **ERRORS},
     )
     def abort_rollout(fleet: str) -> RolloutInfo:
-        r = svc.abort_rollout(_fleet_name(fleet), "aborted by an admin")
+        r = svc.abort_rollout(fleet_name(fleet), "aborted by an admin")
         with svc.sessions() as s:
             return _rollout_info(s, s.get(type(r), r.id))
 
     @app.get(f"{API}/fleets/{{fleet}}", response_model=FleetStatus, dependencies=[Depends(admin)], responses=ERRORS)
     def fleet_status(fleet: str) -> FleetStatus:
-        _fleet_name(fleet)
+        fleet_name(fleet)
         with svc.sessions() as s:
             f = s.get(Fleet, fleet)
             if f is None:
@@ -428,7 +416,7 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
 
     from edgekit.sync.web import install as install_web  # the fleet page and the JSON it reads
 
-    install_web(app, svc)
+    install_web(app, svc, admin)
     return app
 
 

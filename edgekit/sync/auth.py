@@ -25,6 +25,13 @@ CHALLENGE_TTL = dt.timedelta(seconds=60)
 DEVICE_TOKEN_TTL = dt.timedelta(minutes=15)
 
 
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (None without one)."""
+    if authorization and authorization.startswith("Bearer "):
+        return authorization.removeprefix("Bearer ").strip()
+    return None
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

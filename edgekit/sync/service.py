@@ -40,7 +40,7 @@ from edgekit.sync.db import (
     sessions,
     utcnow,
 )
-from edgekit.sync.protocol import DeltaOffer, Desired, Heartbeat, RolloutCreate
+from edgekit.sync.protocol import NAME, DeltaOffer, Desired, Heartbeat, RolloutCreate
 from edgekit.sync.tuf_repo import FleetRepository, Keyring
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,16 @@ class SyncError(EdgekitError):
     def __init__(self, message: str, status: int = 400, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.status = status
+
+
+FLEET_NAME = re.compile(NAME)
+
+
+def fleet_name(fleet: str) -> str:
+    """``fleet`` if it is a valid fleet name (it goes into URLs, paths and queries), else a 422."""
+    if not FLEET_NAME.fullmatch(fleet):
+        raise SyncError("fleet names are 1-64 letters, digits, '.', '_' or '-'", 422)
+    return fleet
 
 
 @dataclass

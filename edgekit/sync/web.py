@@ -17,21 +17,21 @@ import base64
 import datetime as dt
 import hashlib
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from edgekit.sync.db import Device, Fleet, Job, Release, Rollout, utcnow
-from edgekit.sync.protocol import API, NAME
+from edgekit.sync.protocol import API
 from edgekit.sync.rollout import stage_health
-from edgekit.sync.service import Service, SyncError
+from edgekit.sync.service import Service, SyncError, fleet_name
 
 PAGE = Path(__file__).resolve().parent / "static" / "fleet.html"
-FLEET = re.compile(NAME)
 DEVICES_SHOWN = 500  # the most recently seen; the totals count every device
 ROLLOUTS_SHOWN = 50
 RELEASES_SHOWN = 200
@@ -41,12 +41,6 @@ FLEETS_SHOWN = 1000
 
 def _iso(t: dt.datetime | None) -> str | None:
     return None if t is None else t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _fleet_name(fleet: str) -> str:
-    if not FLEET.fullmatch(fleet):
-        raise SyncError("fleet names are 1-64 letters, digits, '.', '_' or '-'", 422)
-    return fleet
 
 
 @lru_cache(maxsize=1)
@@ -65,14 +59,9 @@ def _page() -> tuple[str, str]:
     return html, csp
 
 
-def install(app: FastAPI, svc: Service) -> None:
-    """Add the fleet page (``/fleet``) and its admin JSON routes to ``app``."""
-
-    def admin(authorization: str | None = Header(None)) -> None:
-        token = authorization.removeprefix("Bearer ").strip() if authorization and authorization.startswith(
-            "Bearer ") else None
-        if not svc.admin_ok(token):
-            raise SyncError("an admin token is required", 401, hint="Authorization: Bearer <admin token>")
+def install(app: FastAPI, svc: Service, admin: Callable[..., None]) -> None:
+    """Add the fleet page (``/fleet``) and its admin JSON routes to ``app``; ``admin`` is the app's admin-token
+    dependency."""
 
     @app.get("/fleet", response_class=HTMLResponse)
     @app.get("/fleet/", response_class=HTMLResponse)
@@ -100,7 +89,7 @@ def install(app: FastAPI, svc: Service) -> None:
     @app.get(f"{API}/fleets/{{fleet}}/overview", dependencies=[Depends(admin)])
     def fleet_overview(fleet: str) -> JSONResponse:
         """Everything the fleet page shows, in one call."""
-        _fleet_name(fleet)
+        fleet_name(fleet)
         with svc.sessions() as s:
             body = overview(s, fleet, svc.cfg.online_s)
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
