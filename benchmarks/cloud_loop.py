@@ -67,7 +67,7 @@ def run(work: Path, args: argparse.Namespace) -> dict:
     from edgekit.datasets import digits
     from edgekit.export.onnx import export_onnx
     from edgekit.model import load_model
-    from edgekit.sync.simulate import SimConfig, Simulator, _admin, prepare_work
+    from edgekit.sync.simulate import SimConfig, Simulator, prepare_work
     from edgekit.zoo import get_builtin
 
     cfg = SimConfig(devices=args.devices, threads=args.threads, drop_rate=args.drop_rate, slow_share=0.05,
@@ -122,19 +122,19 @@ def run(work: Path, args: argparse.Namespace) -> dict:
         for _ in range(3):  # uploads flushed by the clients' syncs
             sim.round()
         seen = sum(d.agent.status()["queue"]["seen"] for d in sim.devices)
-        with sqlite3.connect(work / "sim" / "service" / "sync.db") as db:
+        with sqlite3.connect(work / "sim" / "service" / "sync.db") as db:  # the service is ours: its database
             uploaded = db.execute("select count(*) from samples").fetchone()[0]
         out["uploaded"] = uploaded
         out["upload_share"] = uploaded / (args.stream * args.devices)
         out["selector_seen"] = seen
 
         token = {"Content-Type": "application/octet-stream"}
-        _admin(sim.url, "PUT", f"/v1/fleets/{cfg.fleet}/teacher", (work / "teacher.onnx").read_bytes(), token)
-        _admin(sim.url, "PUT", f"/v1/fleets/{cfg.fleet}/replay", _npz(input=pre.apply(cal)), token)
-        job = _admin(sim.url, "POST", f"/v1/fleets/{cfg.fleet}/jobs", {"min_samples": 32})
+        sim.admin("PUT", f"/v1/fleets/{cfg.fleet}/teacher", (work / "teacher.onnx").read_bytes(), token)
+        sim.admin("PUT", f"/v1/fleets/{cfg.fleet}/replay", _npz(input=pre.apply(cal)), token)
+        job = sim.admin("POST", f"/v1/fleets/{cfg.fleet}/jobs", {"min_samples": 32})
         while job["status"] in ("queued", "running"):
             time.sleep(1.0)
-            job = _admin(sim.url, "GET", f"/v1/fleets/{cfg.fleet}/jobs/{job['id']}")
+            job = sim.admin("GET", f"/v1/fleets/{cfg.fleet}/jobs/{job['id']}")
         out["job"] = {"status": job["status"], "error": job["error"], "attempts": job["attempts"],
                       "metrics": job["state"].get("trained", {}).get("metrics"),
                       "seconds": job["state"].get("trained", {}).get("seconds")}
@@ -151,9 +151,7 @@ def run(work: Path, args: argparse.Namespace) -> dict:
         out["accuracy_after"] = phase(ev_shares, x_ev, ey, uploads=False)
         report = sim.finish(version)
         out["sim"] = report.to_dict()
-        with sqlite3.connect(work / "sim" / "service" / "sync.db") as db:
-            details = [d for (d,) in db.execute("select detail from device_events where kind='installed' and "
-                                                "version=?", (version,))]
+        details = [e["detail"] for e in sim.events() if e["kind"] == "installed" and e["version"] == version]
         out["installed_via"] = {"delta": sum('"via": "delta"' in d for d in details),
                                 "full": sum('"via": "full"' in d for d in details)}
         out["loop_s"] = round(time.monotonic() - t0, 1)

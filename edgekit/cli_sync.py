@@ -295,12 +295,18 @@ def _job_line(job: dict) -> str:
 @click.option("--no-restart", is_flag=True, help="Do not restart the service mid-rollout.")
 @click.option("--stages", default="1,10,50,100", show_default=True)
 @click.option("--stage-seconds", type=float, default=5.0, show_default=True)
+@click.option("--fleet", default="sim", show_default=True, help="The fleet the virtual devices enroll in.")
+@click.option("--server", help="Simulate against this running service (http://HOST:PORT; needs --admin-token) "
+                                "instead of one this command starts. No restart fault then.")
+@click.option("--admin-token", envvar="EDGEKIT_SYNC_ADMIN_TOKEN", help="The --server's admin token.")
 @click.option("--json", "as_json", is_flag=True)
 def sync_simulate(devices: int, base: Path, new: Path, work: Path, drop_rate: float, slow_share: float,
-                  power_loss: float, no_restart: bool, stages: str, stage_seconds: float, as_json: bool) -> None:
-    """Run DEVICES virtual devices (the real agent and sync client over real HTTP) against a sync service this
-    command starts, roll BASE out, then NEW in stages with injected faults, and report rollout time, bytes moved,
-    lost messages and stuck devices (exit 1 unless the rollout completed with none lost or stuck)."""
+                  power_loss: float, no_restart: bool, stages: str, stage_seconds: float, fleet: str,
+                  server: str | None, admin_token: str | None, as_json: bool) -> None:
+    """Run DEVICES virtual devices (the real agent and sync client over real HTTP, through a fault-injecting proxy)
+    against a sync service (one this command starts, or --server), roll BASE out, then NEW in stages with injected
+    faults, and report rollout time, bytes moved, lost messages and stuck devices (exit 1 unless the rollout
+    completed with none lost or stuck)."""
     from edgekit.errors import ConfigError
     from edgekit.sync.simulate import SimConfig, simulate
 
@@ -309,8 +315,8 @@ def sync_simulate(devices: int, base: Path, new: Path, work: Path, drop_rate: fl
     except ValueError:
         raise ConfigError(f"--stages must be comma-separated percentages, not {stages!r}") from None
     cfg = SimConfig(devices=devices, drop_rate=drop_rate, slow_share=slow_share, power_loss=power_loss,
-                    restart=not no_restart, stages=pct, stage_seconds=stage_seconds)
-    report = simulate(work, base, new, cfg).to_dict()
+                    restart=not no_restart, stages=pct, stage_seconds=stage_seconds, fleet=fleet)
+    report = simulate(work, base, new, cfg, server=server, admin_token=admin_token).to_dict()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -69,6 +69,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/fleets/{fleet}/jobs"): "admin",
     ("GET", "/v1/fleets/{fleet}/jobs"): "admin",
     ("GET", "/v1/fleets/{fleet}/jobs/{job_id}"): "admin",
+    ("GET", "/v1/fleets/{fleet}/events"): "admin",
 }
 RAW_BODY_LIMITS = {"/v1/fleets/{fleet}/releases": BUNDLE_LIMIT, "/v1/samples": SAMPLE_LIMIT,
                    "/v1/fleets/{fleet}/{asset}": BUNDLE_LIMIT}

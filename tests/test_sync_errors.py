@@ -114,7 +114,7 @@ def test_other_fleets_device_gets_403_on_tuf(world: World):
 @pytest.mark.parametrize("auth", ["device", "other", "challenge", "expired", "enroll"])
 def test_admin_routes_refuse_device_tokens(world: World, auth: str):
     admin_routes = [k for k, v in ROUTES.items() if v == "admin"]
-    assert len(admin_routes) == 11
+    assert len(admin_routes) == 12
     for method, template in admin_routes:
         url = template.replace("{fleet}", FLEET) + ("?name=x&version=admin-test" if "releases" in template else "")
         body = b'{"release_id": 1, "stages": [100]}' if "rollouts" in template and "abort" not in template else b"{}"

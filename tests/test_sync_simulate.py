@@ -5,6 +5,7 @@ nothing may be lost and no device may be left behind."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -34,3 +35,30 @@ def test_simulate_refuses_a_work_folder_it_did_not_make(tmp_path, run_cli):
     bundles.write_bytes(b"not read")
     res = run_cli("sync", "simulate", "--base", bundles, "--new", bundles, "--work", tmp_path / "mine", code=3)
     assert "not a simulator's work folder" in res.output and (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_simulate_against_a_running_service(tmp_path, run_cli):
+    """--server: the devices talk to a service that runs elsewhere (here a live test server); the events are read
+    back through its admin API."""
+    from tests.sync_server import ADMIN, LiveServer
+
+    bundles = build_bundles(tmp_path / "bundles")
+    with LiveServer(tmp_path / "srv") as srv:  # its own ticker is off: the rollout's gates are ticked here
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(0.5):
+                srv.service.tick()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            res = run_cli("sync", "simulate", "--devices", 6, "--base", bundles["v1"], "--new", bundles["v2"],
+                          "--work", tmp_path / "sim", "--server", srv.url, "--admin-token", ADMIN, "--fleet", "ext",
+                          "--stages", "50,100", "--stage-seconds", 0.5, "--json")
+        finally:
+            stop.set()
+            ticker.join()
+    report = json.loads(res.stdout)
+    assert report["rollout_status"] == "completed" and report["faults"]["restarts"] == 0
+    assert report["lost_messages"] == 0 and report["stuck"] == 0 and report["events_stored"] >= 12

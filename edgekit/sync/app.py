@@ -364,6 +364,21 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
                 raise SyncError(f"fleet {fleet!r} has no job {job_id}", 404)
             return JobInfo.model_validate(job, from_attributes=True)
 
+    @app.get(f"{API}/fleets/{{fleet}}/events", dependencies=[Depends(admin)], responses=ERRORS)
+    def fleet_events(fleet: str, after: int = Query(0, ge=0, le=2**62),
+                     limit: int = Query(1000, ge=1, le=10_000)) -> dict:
+        """The events the fleet's devices reported (installed, install failed, rolled back), oldest first, in pages:
+        pass the answer's ``next`` as ``after``."""
+        from edgekit.sync.db import DeviceEvent
+
+        fleet_name(fleet)
+        with svc.sessions() as s:
+            rows = (s.query(DeviceEvent).join(Device, Device.id == DeviceEvent.device_id)
+                    .filter(Device.fleet == fleet, DeviceEvent.id > after).order_by(DeviceEvent.id).limit(limit).all())
+            events = [{"id": e.id, "device_id": e.device_id, "kind": e.kind, "version": e.version, "detail": e.detail,
+                       "at": e.at.isoformat()} for e in rows]
+        return {"events": events, "next": events[-1]["id"] if len(events) == limit else None}
+
     @app.post(
         f"{API}/fleets/{{fleet}}/rollouts", response_model=RolloutInfo, dependencies=[Depends(admin)], responses=ERRORS
     )

@@ -171,6 +171,12 @@ class FaultProxy:
         return len(conns)
 
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(creader, cwriter)
+        except asyncio.CancelledError:  # cut_all() or stop(): the connection was aborted in _serve's cleanup
+            pass
+
+    async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         conn = _Conn(cwriter, asyncio.current_task())
         self._conns.add(conn)
         rng = self._rng  # three draws per connection whatever happens to it: decisions follow connection order

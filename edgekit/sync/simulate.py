@@ -191,10 +191,11 @@ class Device:
         return None if m is None else str(m["version"])
 
 
-def _admin(url: str, method: str, path: str, body=None, headers: dict | None = None):  # noqa: ANN001, ANN202
+def _admin(url: str, method: str, path: str, body=None, headers: dict | None = None,  # noqa: ANN001, ANN202
+           token: str = ADMIN):
     from edgekit.sync.client import http_call, http_error
 
-    hdrs = {"Authorization": f"Bearer {ADMIN}", **(headers or {})}
+    hdrs = {"Authorization": f"Bearer {token}", **(headers or {})}
     if isinstance(body, dict):
         body, hdrs["Content-Type"] = json.dumps(body).encode(), "application/json"
     for attempt in range(20):
@@ -212,17 +213,34 @@ def _admin(url: str, method: str, path: str, body=None, headers: dict | None = N
 
 
 class Simulator:
-    def __init__(self, work: Path, cfg: SimConfig, agent_config=None) -> None:  # noqa: ANN001
+    """Virtual devices against the service this simulator starts, or, with ``server`` (and ``admin_token``), against
+    one that runs elsewhere (then the restart fault is not available)."""
+
+    def __init__(self, work: Path, cfg: SimConfig, agent_config=None, *, server: str | None = None,  # noqa: ANN001
+                 admin_token: str | None = None) -> None:
+        from urllib.parse import urlsplit
+
         from edgekit.agent import AgentConfig
+        from edgekit.errors import ConfigError
         from edgekit.sync.faults import FaultProxy
 
         self.work, self.cfg = Path(work), cfg
-        self.service = ServiceProcess(self.work / "service")
-        self.service.start()
-        self.proxy = FaultProxy("127.0.0.1", self.service.port, drop_rate=cfg.drop_rate, slow_share=cfg.slow_share,
+        if server is None:
+            self.service: ServiceProcess | None = ServiceProcess(self.work / "service")
+            self.service.start()
+            self.url, self.token = f"http://127.0.0.1:{self.service.port}", ADMIN
+        else:
+            parts = urlsplit(server)
+            if parts.scheme != "http" or not parts.hostname or not admin_token:
+                raise ConfigError(f"cannot simulate against {server!r}",
+                                  hint="pass an http://HOST:PORT server and its --admin-token")
+            self.service, self.url, self.token = None, server.rstrip("/"), admin_token
+            cfg.restart = False  # not ours to restart
+        host, port = (("127.0.0.1", self.service.port) if self.service else
+                      (urlsplit(self.url).hostname, urlsplit(self.url).port or 80))
+        self.proxy = FaultProxy(host, port, drop_rate=cfg.drop_rate, slow_share=cfg.slow_share,
                                 slow_bytes_per_s=cfg.slow_bytes_per_s, seed=cfg.seed)
-        self.proxy.start()
-        self.url = f"http://127.0.0.1:{self.service.port}"  # admin calls go direct; devices through the proxy
+        self.proxy.start()  # admin calls go direct; devices through the proxy
         self.agent_config = agent_config or AgentConfig(adapt=(), adapt_when="never", upload=False)
         self.devices: list[Device] = []
         self.report = SimReport(devices=cfg.devices)
@@ -235,7 +253,11 @@ class Simulator:
             with contextlib.suppress(Exception):
                 d.agent.close()
         self.proxy.stop()
-        self.service.stop()
+        if self.service is not None:
+            self.service.stop()
+
+    def admin(self, method: str, path: str, body=None, headers: dict | None = None):  # noqa: ANN001, ANN201
+        return _admin(self.url, method, path, body, headers, token=self.token)
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def enroll(self) -> None:
@@ -244,7 +266,7 @@ class Simulator:
         def one(i: int) -> Device:
             root = self.work / "devices" / f"d{i:05d}"
             for attempt in range(10):
-                tok = _admin(self.url, "POST", f"/v1/fleets/{self.cfg.fleet}/tokens", {"ttl_s": 3600})["token"]
+                tok = self.admin("POST", f"/v1/fleets/{self.cfg.fleet}/tokens", {"ttl_s": 3600})["token"]
                 try:
                     SyncClient.enroll(self.proxy.url, tok, root, name=f"sim-{i}", timeout=20)
                     break
@@ -261,12 +283,12 @@ class Simulator:
 
         m = read_manifest(bundle)
         q = f"name={m['name']}&version={m['version']}"
-        rel = _admin(self.url, "POST", f"/v1/fleets/{self.cfg.fleet}/releases?{q}", bundle.read_bytes(),
+        rel = self.admin("POST", f"/v1/fleets/{self.cfg.fleet}/releases?{q}", bundle.read_bytes(),
                      {"Content-Type": "application/octet-stream"})
         return rel
 
     def rollout(self, release_id: int, stages: tuple[int, ...], stage_seconds: float) -> dict:
-        return _admin(self.url, "POST", f"/v1/fleets/{self.cfg.fleet}/rollouts",
+        return self.admin("POST", f"/v1/fleets/{self.cfg.fleet}/rollouts",
                       {"release_id": release_id, "stages": list(stages), "stage_minutes": stage_seconds / 60,
                        "gates": {"min_reports": 1, "max_latency_ratio": 100.0}})
 
@@ -285,7 +307,7 @@ class Simulator:
         self.report.rounds += 1
 
     def status(self) -> dict:
-        return _admin(self.url, "GET", f"/v1/fleets/{self.cfg.fleet}")
+        return self.admin("GET", f"/v1/fleets/{self.cfg.fleet}")
 
     def run_rollout(self, release: dict, between: Callable[[Device], None] | None = None) -> None:
         """Stage ``release`` out to the fleet with every fault on; returns once it completed (or timed out)."""
@@ -317,14 +339,21 @@ class Simulator:
                 break
         self.round()  # one more heartbeat each: queued events delivered
 
-    def finish(self, version: str) -> SimReport:
-        import sqlite3
+    def events(self) -> list[dict]:
+        """Every event the service stored for the fleet (``GET /v1/fleets/{fleet}/events``, page by page)."""
+        out, after = [], 0
+        while True:
+            page = self.admin("GET", f"/v1/fleets/{self.cfg.fleet}/events?after={after}&limit=10000")
+            out += page["events"]
+            if page["next"] is None:
+                return out
+            after = page["next"]
 
+    def finish(self, version: str) -> SimReport:
         r = self.report
         r.stuck = sum(d.serving() != version for d in self.devices)
         r.events_queued = sum(len(d.queued) for d in self.devices)
-        with contextlib.closing(sqlite3.connect(self.work / "service" / "sync.db")) as db:
-            stored = set(db.execute("select device_id, kind, version from device_events").fetchall())
+        stored = {(e["device_id"], e["kind"], e["version"]) for e in self.events()}
         r.events_stored = len(stored)
         # at-least-once delivery: an event whose answer was lost is sent again (stored twice); lost is one never
         # stored and no longer pending on its device
@@ -335,7 +364,7 @@ class Simulator:
         st = self.proxy.stats()
         r.bytes_down, r.bytes_up = st["bytes_down"], st["bytes_up"]
         r.faults.update(dropped=st["dropped"], slow=st["slow"], refused=st["refused"],
-                        restarts=self.service.restarts)
+                        restarts=self.service.restarts if self.service else 0)
         r.release_bytes = sum(d.client.downloaded for d in self.devices)
         return r
 
@@ -358,12 +387,14 @@ def prepare_work(work: Path) -> Path:
     return work
 
 
-def simulate(work: Path, base: Path, new: Path, cfg: SimConfig) -> SimReport:
-    """Enroll ``cfg.devices`` devices, roll ``base`` out fault-free, then ``new`` with faults; the report."""
+def simulate(work: Path, base: Path, new: Path, cfg: SimConfig, *, server: str | None = None,
+             admin_token: str | None = None) -> SimReport:
+    """Enroll ``cfg.devices`` devices, roll ``base`` out fault-free, then ``new`` with faults; the report. With
+    ``server``, against that service (its fleet ``cfg.fleet`` must be new: the versions must not exist there)."""
     from edgekit.bundle import read_manifest
 
     work = prepare_work(work)
-    sim = Simulator(work, cfg)
+    sim = Simulator(work, cfg, server=server, admin_token=admin_token)
     try:
         sim.enroll()
         rel = sim.publish(base)
