@@ -162,13 +162,14 @@ def adapt(student_model: bytes, layers: Sequence, teacher_model: bytes, uploads:
     teacher = TorchGraph(teacher_model).eval()
     student = TorchGraph(student_model).eval()
     t_out, s_out = teacher.output_names[0], student.output_names[0]
-    if teacher.input_names[0:1] != student.input_names[0:1] and len(teacher.input_names) != 1:
-        raise ConfigError("the teacher and the deployed model must take the same single input")
+    if len(teacher.input_names) != 1 or len(student.input_names) != 1:
+        raise ConfigError("cloud adaptation needs single-input models (the teacher and the deployed model)",
+                          hint="models with several inputs (token ids + masks) are not adapted by this job yet")
 
     # 2. the teacher, re-normalized to the uploads
     if replay is not None and len(replay):
         replay = np.ascontiguousarray(replay, np.float32)
-        convs = [o for n in _conv_outputs(teacher_model) for o in [n] if o in teacher.dynamic_tensors]
+        convs = [o for o in _conv_outputs(teacher_model) if o in teacher.dynamic_tensors]
         t_affine = renormalize(teacher, convs, uploads[train], source=replay)
     else:
         t_affine = {}
