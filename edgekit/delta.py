@@ -384,7 +384,7 @@ def write_delta(path: Path, base_root: Path, manifest: bytes, signature: bytes, 
                 (S_CODES, None, codes, None)]
     sections += [(S_FILE, name, data, base_file(name)) for name, data in sorted(files.items())]
     for sid, name, data, zdict in sections:
-        if sid == S_SIGNATURE:
+        if sid == S_SIGNATURE:  # as raw bytes when they rebuild the file: base64 and the key's id cost ~30 bytes
             raw = _raw_signature(zdict, data)
             if raw is not None:
                 sid, data, zdict = S_SIGNATURE_RAW, raw, None
@@ -401,29 +401,46 @@ def write_delta(path: Path, base_root: Path, manifest: bytes, signature: bytes, 
 
 
 def _signature_file(base_sig: bytes | None, raw: bytes) -> bytes:
+    """The signature file ``bundle.seal`` writes, from its raw parts: the 64-byte signature (signed by the base's
+    key: the rest as the base's file has it) or the 32-byte public key and the signature (another key)."""
     import base64
 
-    from edgekit.bundle import _canonical_json
+    from edgekit.bundle import SIGNATURE_ALGORITHM, _canonical_json
 
-    if base_sig is None or len(raw) != 64:
-        raise DeltaError("malformed delta: its signature")
     try:
-        doc = json.loads(base_sig)
-        doc["signature"] = base64.b64encode(raw).decode("ascii")
+        if len(raw) == 64 and base_sig is not None:
+            doc = json.loads(base_sig)
+        elif len(raw) == 96:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            from edgekit.keys import key_id
+
+            doc = {"algorithm": SIGNATURE_ALGORITHM, "key_id": key_id(Ed25519PublicKey.from_public_bytes(raw[:32])),
+                   "public_key": base64.b64encode(raw[:32]).decode("ascii")}
+        else:
+            raise DeltaError("malformed delta: its signature")
+        doc["signature"] = base64.b64encode(raw[-64:]).decode("ascii")
     except (ValueError, TypeError) as exc:
-        raise DeltaError(f"the installed bundle's signature file is unreadable: {exc}") from None
+        raise DeltaError(f"malformed delta: its signature ({exc})") from None
     return _canonical_json(doc)
 
 
 def _raw_signature(base_sig: bytes | None, sig: bytes) -> bytes | None:
-    """The raw signature when ``sig`` is the base's signature file with only the signature changed."""
+    """The raw parts of ``sig`` (see ``_signature_file``) when they rebuild it byte for byte, else None."""
     import base64
 
     try:
-        raw = base64.b64decode(json.loads(sig)["signature"])
-        return raw if _signature_file(base_sig, raw) == sig else None
-    except (ValueError, TypeError, KeyError, DeltaError):
-        return None
+        doc = json.loads(sig)
+        raw = base64.b64decode(doc["signature"])
+        for parts in (raw, base64.b64decode(doc["public_key"]) + raw):
+            try:
+                if _signature_file(base_sig, parts) == sig:
+                    return parts
+            except DeltaError:
+                continue
+    except (ValueError, TypeError, KeyError):
+        pass
+    return None
 
 
 def is_delta(path: Path) -> bool:
@@ -509,7 +526,7 @@ def read_delta(path: Path, base_root: Path) -> tuple[bytes, bytes, dict, bytes, 
                 got[sid] = _inflate(body, base_file(MANIFEST))
             elif sid == S_SIGNATURE:
                 got[S_SIGNATURE] = _inflate(body, base_file(SIGNATURE))
-            elif sid == S_SIGNATURE_RAW:  # signed by the base's key: its signature file with the new signature
+            elif sid == S_SIGNATURE_RAW:  # the signature file rebuilt from its raw parts
                 got[S_SIGNATURE] = _signature_file(base_file(SIGNATURE), body)
             elif sid == S_CODES:
                 got[S_CODES] = _inflate(body, None)

@@ -278,3 +278,18 @@ def test_cli_delta_make(releases, run_cli, tmp_path):
                   "--json")
     summary = json.loads(res.stdout)
     assert Path(summary["delta"]).is_file() and summary["tensors"] == len(releases["changed"])
+
+
+def test_a_release_signed_by_another_key_ships_its_raw_signature(releases, tmp_path):
+    """The service signs its jobs' releases with its own key: the delta then carries that public key and the
+    signature as 96 raw bytes, and the device rebuilds the signature file byte for byte."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgekit.delta import S_SIGNATURE_RAW, _split
+
+    other = Ed25519PrivateKey.generate()
+    res = make_delta(releases["built"]["v1"], releases["root"] / "adapted.ekb", tmp_path / "out", other)
+    sections = {sid: body for sid, _, body in _split(res.delta)}
+    assert len(sections[S_SIGNATURE_RAW]) == 96
+    _, sig, _, _, _ = read_delta(res.delta, releases["base_root"])
+    assert sig == (res.bundle_dir / "manifest.sig").read_bytes()
