@@ -233,10 +233,14 @@ def sync_adapt(fleet: str, release_id: int | None, steps: int, min_samples: int,
         except ValueError:
             raise ConfigError(f"--rollout must be comma-separated percentages, not {stages!r}") from None
     job = _admin_call(server, token, "POST", f"/v1/fleets/{fleet}/jobs", body)
-    click.echo(f"job {job['id']}: {job['status']}", err=True)
+    seen = (job["status"], job["step"])
+    click.echo(f"job {job['id']}: {job['status']}{', step ' + job['step'] if job['step'] else ''}", err=True)
     while wait and job["status"] in ("queued", "running"):
         time.sleep(1.0)
         job = _admin_call(server, token, "GET", f"/v1/fleets/{fleet}/jobs/{job['id']}")
+        if (job["status"], job["step"]) != seen:  # progress: trained → packaged → published
+            seen = (job["status"], job["step"])
+            click.echo(f"job {job['id']}: {job['status']}{', step ' + job['step'] if job['step'] else ''}", err=True)
     if as_json:
         click.echo(json.dumps(job, indent=2))
     else:
