@@ -1,5 +1,5 @@
 """Fleet simulator (issue 9, part 4): N virtual devices — the real agent and sync client, over real HTTP — against a
-sync service, with faults injected, through one staged rollout (and, with a workload, the cloud-edge loop).
+sync service, with faults injected, through one staged rollout.
 
 The simulator starts the service itself (``uvicorn`` in a child process over a data folder) so that it can restart
 it, and puts ``edgekit.sync.faults.FaultProxy`` between the devices and the service:
@@ -17,8 +17,8 @@ until it serves the fleet's desired release (or the timeout passes), and the rep
 moved through the proxy (both directions), faults injected, events the devices queued against events the service
 stored (**lost messages**, must be 0) and devices not on the desired release (**stuck**, must be 0).
 
-With ``workload`` (a function giving each device its inputs and labels) devices also serve requests between rounds:
-accuracy is measured per phase, and the agents' upload selection sends samples up, which a cloud job then uses.
+``benchmarks/cloud_loop.py`` drives the same ``Simulator`` through the cloud-edge loop: its devices serve requests
+(their agents' upload selection sends samples up at the next sync), a cloud job runs, and its delta goes out.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class SimReport:
     lost_messages: int = 0
     stuck: int = 0
     sync_errors: int = 0
-    phases: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
