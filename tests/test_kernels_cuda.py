@@ -28,6 +28,28 @@ def test_python_geometry_mirrors_the_cuda_source():
     assert f'extern "C" int {build.LAUNCHER}(' in src
 
 
+@needs_nvcc
+def test_lowbit_mma_path_is_in_sm80_builds_only(tmp_path):
+    """The tensor-core kernel (mma.sync m16n8k16 f16 -> f32) is compiled into sm_80+ device code; the sm_75 PTX has
+    the same entry points with empty bodies (the launcher falls back to the CUDA-core kernel there)."""
+    ptx = build.compile_device("matmul_lowbit", tmp_path / "l80.ptx", ["sm_80"], kind="ptx").read_text()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and "sub.rn.f16x2" in ptx
+    assert ptx.count(".entry _ZN7edgekit3mma17matmul_lowbit_mma") == 4 * len(build.LOWBIT_MMA_CONFIGS)
+    old = build.compile_device("matmul_lowbit", tmp_path / "l75.ptx", ["sm_75"], kind="ptx").read_text()
+    assert "mma.sync" not in old and old.count(".entry _ZN7edgekit3mma17matmul_lowbit_mma") == 12
+
+
+def test_lowbit_path_selector_mirrors_the_source():
+    src = build.SOURCE.read_text()
+    assert "constexpr int kPathAuto = 0, kPathOld = 1, kPathMma = 2;" in src
+    assert (build.LOWBIT_PATH_AUTO, build.LOWBIT_PATH_OLD, build.LOWBIT_PATH_MMA) == (0, 1, 2)
+    assert f"constexpr int kMmaMinM = {build.LOWBIT_MMA_MIN_M};" in src
+    for name in ("edgekit_matmul_lowbit_set_path(int mode)", "edgekit_matmul_lowbit_last_path(void)"):
+        assert f'extern "C" int {name}' in src
+    assert 'std::getenv("EDGEKIT_LOWBIT_PATH")' in src
+    assert "const int cfg = M <= 16 ? 0 : (M <= 32 ? 1 : 2);" in src
+
+
 def test_launch_arguments_are_validated():
     with pytest.raises(ValueError, match="bits=5"):
         build._check(1, 8, 64, 5, 32)

@@ -14,7 +14,12 @@ standard library only; the repository root is put on ``sys.path``)::
    batched one-hot probes, each operand on its own (``infer_b_map``: B alone; ``infer_a_map``: A against B;
    ``infer_metadata_map``: the metadata nibbles) and compared with the model (mismatches listed in the JSON).
 3. Correctness (tolerances below, all against the numpy references of ``edgekit/kernels``):
-   - MatMulLowBit: a subset of ``benchmarks/gpu_kernels.py``'s cases, its own tolerance (rtol 1e-3, atol 1e-3 max).
+   - MatMulLowBit, the CUDA-core kernel forced (``set_path(old)``): a subset of ``benchmarks/gpu_kernels.py``'s
+     cases, its own tolerance (rtol 1e-3, atol 1e-3 max).
+   - MatMulLowBit, the sm_80+ tensor-core path forced (``set_path(mma)``): ``LOWBIT_MMA_SHAPES`` x bits x groups
+     32/128 x zero points x M = 8, 16, 37, 128: ``|Y - ref16| <= 2e-5 * (max|ref16| + |ref16|)``, ref16 = the op on
+     the fp16-rounded activations in fp64 (the error against the fp32-activation reference is reported); then the
+     automatic choice (M = 7 old, M = 8 mma) and a ``compute_75`` build, where forcing mma must run the old kernel.
    - MatMulSparse24 f16 (tensor cores, and the fallback): ``|Y - ref| <= 2e-3 * max|ref| + 2e-3 * |ref|``,
      ``ref = sparse24.reference_matmul`` on the fp16-rounded inputs (the kernel rounds Y to fp16 once).
    - MatMulSparse24 int8 (u8 activations with a zero point): rtol 1e-5, atol 1e-5 * max|ref| (exact int32 sums).
@@ -25,9 +30,10 @@ standard library only; the repository root is put on ``sys.path``)::
    - AttentionInt8: ``|O - ref| <= 4e-3 + 1e-2 |ref|`` against ``attention.reference_quantized`` on the same
      quantized inputs; cosine >= 0.999 per row against exact fp64 attention.
 4. Benchmarks (CUDA events, median of samples, each batch queued behind a GPU sleep; weights rotated through
-   copies exceeding 4x L2): MatMulSparse24 f16 / int8 vs dense torch fp16 matmul and ``torch._int_mm``, M = 32,
-   128, 512 on 4096x4096 and 8192x8192, each for the reference kernel, the tiled path (automatic config) and
-   every tiled config; AttentionInt8 vs ``scaled_dot_product_attention`` fp16.
+   copies exceeding 4x L2): MatMulLowBit 4- and 2-bit g128, tensor-core path vs the CUDA-core kernel vs torch fp16
+   matmul, M = 16, 32, 128, 512 on 4096x4096 and 8192x8192; MatMulSparse24 f16 / int8 vs dense torch fp16 matmul
+   and ``torch._int_mm``, M = 32, 128, 512 on 4096x4096 and 8192x8192, each for the reference kernel, the tiled
+   path (automatic config) and every tiled config; AttentionInt8 vs ``scaled_dot_product_attention`` fp16.
 
 Every section runs in its own try/except; progress is printed with flush. Writes ``$OUT/check_gpu.json`` and
 ``$OUT/check_gpu.md`` (a summary for ``benchmarks/RESULTS_GPU.md``); exits 1 on any correctness or build failure.
@@ -57,7 +63,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from edgekit.kernels import attention, sparse24  # noqa: E402  (numpy only)
+from edgekit.kernels import attention, lowbit, sparse24  # noqa: E402  (numpy only)
 from edgekit.kernels.cuda import build, mma_layout  # noqa: E402
 
 
@@ -81,6 +87,19 @@ BENCH_SHAPES = [(4096, 4096), (8192, 8192)]
 BENCH_MS = (32, 128, 512)
 ATTN_BENCH = [(1, 16, 512), (8, 16, 512), (1, 16, 2048)]  # B, H, S (Skv = S, D = 64)
 LOWBIT_CASES = [(384, 1536), (4096, 4096)]
+# The tensor-core path (matmul_lowbit_mma): (K, N) shapes off every tile (N % 32, K % 128, K % group), token counts
+# M off the 16 / 32 / 64 token tiles; every bits x group (32, 128) x zero points (given / symmetric), except that
+# the 4096 x 4096 shape takes one set per bits (numpy time): group 32 with zero points for 2 and 4 bits, group 128
+# symmetric for 3 and 8.
+LOWBIT_MMA_SHAPES = [(384, 384), (1000, 130), (4096, 4096), (4160, 100)]
+LOWBIT_MMA_MS = (8, 16, 37, 128)
+# |Y - ref16| <= LOWBIT_MMA_TOL * (max|ref16| + |ref16|), ref16 = the op on the fp16-rounded activations (fp64
+# numpy). The kernel's integer codes (q - zp) are exact in fp16 and the scales are applied in fp32 per 32 values,
+# so only fp32 accumulation (tensor-core adds, then FFMA) separates it from ref16.
+LOWBIT_MMA_TOL = 2e-5
+LOWBIT_BENCH_MS = (16, 32, 128, 512)
+LOWBIT_BENCH_BITS = (4, 2)
+LOWBIT_BENCH_GROUP = 128
 
 RESULT: dict = {"status": "running", "sections": {}, "failures": []}
 _lock = threading.Lock()
@@ -149,6 +168,7 @@ def build_all(torch) -> dict:
         "sparse24": ("matmul_sparse24", arch),
         "attention": ("attention_int8", arch),
         "sparse24_fallback": ("matmul_sparse24", "compute_75"),
+        "lowbit_fallback": ("matmul_lowbit", "compute_75"),
     }
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
@@ -164,7 +184,7 @@ def build_all(torch) -> dict:
     libs = {}
     for key, path in paths.items():
         try:
-            if key == "lowbit":
+            if key.startswith("lowbit"):
                 libs[key] = build.LowBitLibrary(path)
             elif key.startswith("sparse24"):
                 libs[key] = build.Sparse24Library(path)
@@ -286,14 +306,102 @@ def check_lowbit(torch, lib) -> dict:
     rows = []
     cases = [(K, N, b, g, gk.CHECK_MS) for K, N in LOWBIT_CASES for b in (2, 3, 4, 8) for g in (32, 128)]
     cases += [(K, N, b, 32, Ms) for K, N, Ms in gk.EXTRA_CASES for b in (2, 3, 4, 8)]
-    for K, N, bits, group, Ms in cases:
-        rows += gk.check_case(torch, lib, rng, K, N, bits, group, Ms)
+    with _path(lib, build.LOWBIT_PATH_OLD):  # the CUDA-core kernel, whatever M (the mma path has its own section)
+        for K, N, bits, group, Ms in cases:
+            rows += gk.check_case(torch, lib, rng, K, N, bits, group, Ms)
+            if lib.last_path() != build.LOWBIT_PATH_OLD:
+                fail("MatMulLowBit", f"K={K} N={N} w{bits}g{group}: ran path {lib.last_path()}, expected the old one")
     bad = [r for r in rows if not r["ok"]]
     for r in bad:
         fail("MatMulLowBit", f"K={r['K']} N={r['N']} M={r['M']} w{r['bits']}g{r['group']} rel err {r['rel_err']:.2e}")
     worst = max(r["rel_err"] for r in rows)
     log(f"  {len(rows) - len(bad)}/{len(rows)} ok, worst rel err {worst:.1e}")
     return {"checks": len(rows), "failed": len(bad), "worst_rel_err": worst}
+
+
+def _lowbit_mma_rows(torch, lib, rng, K, N, bits, group, with_zp, Ms, label, want_path=build.LOWBIT_PATH_MMA):
+    """One weight set, every M in ``Ms`` under the current path mode: rows with the error against ref16 (the op on
+    fp16-rounded activations, fp64) and, for information, against ref32 (the op on the fp32 activations)."""
+    packed, scales, zp = gk.random_weights(rng, K, N, bits, group, with_zp)
+    op = gk.GpuOp(torch, lib, packed, scales, zp, K=K, N=N, bits=bits, group=group)
+    W = lowbit.dequantize(packed, scales, zp, bits, group, K).astype(np.float64)
+    A = rng.standard_normal((sum(Ms), K)).astype(np.float32)
+    ref16_all = A.astype(np.float16).astype(np.float64) @ W.T
+    ref32_all = A.astype(np.float64) @ W.T
+    rows, start = [], 0
+    for M in Ms:
+        a, ref16, ref32 = A[start : start + M], ref16_all[start : start + M], ref32_all[start : start + M]
+        start += M
+        Y_d = torch.full((M, N), float("nan"), device="cuda")
+        op(torch.from_numpy(a).cuda(), Y_d)
+        torch.cuda.synchronize()
+        path = lib.last_path()
+        y = Y_d.cpu().numpy().astype(np.float64)
+        scale = float(np.abs(ref16).max()) or 1.0
+        finite = bool(np.isfinite(y).all())
+        err = float(np.abs(y - ref16).max()) / scale if finite else float("inf")
+        err32 = float(np.abs(y - ref32).max()) / (float(np.abs(ref32).max()) or 1.0) if finite else float("inf")
+        if want_path == build.LOWBIT_PATH_OLD:  # the CUDA-core kernel (fp32 activations): its own tolerance
+            s32 = float(np.abs(ref32).max()) or 1.0
+            ok = finite and bool(np.allclose(y, ref32, rtol=1e-3, atol=1e-3 * s32))
+        else:
+            ok = finite and bool((np.abs(y - ref16) <= LOWBIT_MMA_TOL * (scale + np.abs(ref16))).all())
+        ok = ok and path == want_path
+        row = dict(K=K, N=N, M=M, bits=bits, group=group, zero_points=with_zp, rel_err=err, rel_err_vs_fp32=err32,
+                   path=path, ok=ok)  # fmt: skip
+        rows.append(row)
+        if not ok:
+            fail(label, f"K={K} N={N} M={M} w{bits}g{group} zp={with_zp} path {path}: rel err {err:.2e} vs ref16")
+    return rows
+
+
+@section("MatMulLowBit mma (sm_80+ tensor cores, fp16 activations)")
+def check_lowbit_mma(torch, lib) -> dict:
+    """The tensor-core path forced on LOWBIT_MMA_SHAPES x bits x groups x zero points x LOWBIT_MMA_MS (and M = 1,
+    3 on one shape), then the automatic choice at M = 7 (old path) and 8 (mma)."""
+    label = "MatMulLowBit mma"
+    rng = np.random.default_rng(21)
+    rows = []
+    with _path(lib, build.LOWBIT_PATH_MMA):
+        for K, N in LOWBIT_MMA_SHAPES:
+            for bits in (2, 3, 4, 8):
+                for group in (32, 128):
+                    for with_zp in (True, False):
+                        if K * N > 4_000_000 and (group, with_zp) != ((32, True) if bits in (2, 4) else (128, False)):
+                            continue  # numpy time: one weight set per bits on the big shape
+                        Ms = LOWBIT_MMA_MS + ((1, 3) if (K, N) == (1000, 130) else ())
+                        rows += _lowbit_mma_rows(torch, lib, rng, K, N, bits, group, with_zp, Ms, label)
+    with _path(lib, build.LOWBIT_PATH_AUTO):
+        rows += _lowbit_mma_rows(torch, lib, rng, 1000, 130, 4, 32, True, (8,), label)
+        auto_old = _lowbit_mma_rows(torch, lib, rng, 1000, 130, 4, 32, True, (7,), label, build.LOWBIT_PATH_OLD)
+        rows += auto_old
+    bad = [r for r in rows if not r["ok"]]
+    mma_rows = [r for r in rows if r["path"] == build.LOWBIT_PATH_MMA] or rows
+    worst = max(r["rel_err"] for r in mma_rows)
+    worst32 = max(r["rel_err_vs_fp32"] for r in mma_rows)
+    log(f"  {len(rows) - len(bad)}/{len(rows)} ok, worst rel err {worst:.1e} vs ref16 (tolerance {LOWBIT_MMA_TOL:.0e}),"
+        f" {worst32:.1e} vs the fp32-activation reference")  # fmt: skip
+    for r in bad[:10]:
+        log(f"    {r}")
+    return {"checks": len(rows), "failed": len(bad), "worst_rel_err": worst, "worst_rel_err_vs_fp32": worst32,
+            "tolerance": LOWBIT_MMA_TOL, "rows": rows}  # fmt: skip
+
+
+@section("MatMulLowBit fallback (compute_75 PTX: mma forced runs the CUDA-core kernel)")
+def check_lowbit_fallback(torch, lib) -> dict:
+    rng = np.random.default_rng(22)
+    rows = []
+    with _path(lib, build.LOWBIT_PATH_MMA):
+        for bits in (3, 4):
+            rows += gk.check_case(torch, lib, rng, 1000, 130, bits, 32, (16, 37))
+            if lib.last_path() != build.LOWBIT_PATH_OLD:
+                fail("MatMulLowBit fallback", f"mma forced ran path {lib.last_path()} in a compute_75 build")
+                rows[-1]["ok"] = False
+    for r in rows:
+        if not r["ok"]:
+            fail("MatMulLowBit fallback", f"K={r['K']} N={r['N']} M={r['M']} w{r['bits']} rel err {r['rel_err']:.2e}")
+    return {"checks": len(rows), "failed": sum(not r["ok"] for r in rows),
+            "worst_rel_err": max(r["rel_err"] for r in rows)}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)
@@ -592,6 +700,61 @@ def bench_sparse(torch, lib, l2_bytes: int) -> list:
     return rows
 
 
+@section("bench MatMulLowBit")
+def bench_lowbit(torch, lib, l2_bytes: int) -> list:
+    """Tensor-core path vs the CUDA-core kernel vs torch fp16 matmul (cuBLAS) of same-shaped dense weights; fp32
+    activations for the low-bit kernels (fp16 for cuBLAS), group 128 symmetric; weights rotated past 4x L2."""
+    rows = []
+    for K, N in BENCH_SHAPES:
+        groups = K // LOWBIT_BENCH_GROUP
+        dense = (torch.randn(N, K, device="cuda") / math.sqrt(K)).half()
+        dense_copies = [dense.clone() for _ in range(gk.copies_for(dense.numel() * 2, l2_bytes))]
+        del dense
+        weights = {}
+        for bits in LOWBIT_BENCH_BITS:  # random bytes are valid codes; speed does not depend on the values
+            row_bytes = lowbit.packed_row_bytes(K, bits)
+            nbytes = lowbit.storage_bytes(K, N, bits, LOWBIT_BENCH_GROUP, zero_points=False)
+            S = (torch.rand(N, groups, device="cuda") + 0.5) / (1 << (bits - 1)) / math.sqrt(K)
+            Bp = torch.randint(0, 256, (N, row_bytes), dtype=torch.uint8, device="cuda")
+            weights[bits] = (nbytes, [(Bp.clone(), S.clone()) for _ in range(gk.copies_for(nbytes, l2_bytes))])
+        for M in LOWBIT_BENCH_MS:
+            A32 = torch.randn(M, K, device="cuda")
+            A16 = A32.half()
+            entry = {"K": K, "N": N, "M": M}
+            entry["dense_fp16_ms"] = _timed(torch, [functools.partial(torch.matmul, A16, w.t()) for w in dense_copies])
+            for bits, (nbytes, copies) in weights.items():
+                Ys = {}
+                for name, mode in (("mma", build.LOWBIT_PATH_MMA), ("old", build.LOWBIT_PATH_OLD)):
+                    Y = torch.empty(M, N, device="cuda")
+                    fns = [functools.partial(lib.matmul, A32.data_ptr(), b.data_ptr(), s.data_ptr(), None,
+                                             Y.data_ptr(), M=M, N=N, K=K, bits=bits, group_size=LOWBIT_BENCH_GROUP)
+                           for b, s in copies]  # fmt: skip
+                    with _path(lib, mode):
+                        entry[f"w{bits}_{name}_ms"] = _timed(torch, fns)
+                        entry[f"w{bits}_{name}_path"] = lib.last_path()
+                        fns[0]()
+                    torch.cuda.synchronize()
+                    Ys[name] = Y
+                scale = float(Ys["old"].abs().max()) or 1.0
+                entry[f"w{bits}_mma_vs_old_rel_diff"] = float((Ys["mma"] - Ys["old"]).abs().max()) / scale
+                entry[f"w{bits}_mma_speedup_vs_old"] = entry[f"w{bits}_old_ms"] / entry[f"w{bits}_mma_ms"]
+                entry[f"w{bits}_mma_vs_dense_fp16"] = entry["dense_fp16_ms"] / entry[f"w{bits}_mma_ms"]
+                entry[f"w{bits}_old_vs_dense_fp16"] = entry["dense_fp16_ms"] / entry[f"w{bits}_old_ms"]
+                entry[f"w{bits}_mma_weight_GBps"] = nbytes / (entry[f"w{bits}_mma_ms"] * 1e-3) / 1e9
+                if entry[f"w{bits}_mma_path"] != build.LOWBIT_PATH_MMA:
+                    fail("bench MatMulLowBit", f"K={K} N={N} M={M} w{bits}: mma forced ran path "
+                                               f"{entry[f'w{bits}_mma_path']}")  # fmt: skip
+            rows.append(entry)
+            log(f"  K={K} N={N} M={M}: cuBLAS fp16 {entry['dense_fp16_ms'] * 1e3:.1f}us | " + " | ".join(
+                f"w{b}g{LOWBIT_BENCH_GROUP} mma {entry[f'w{b}_mma_ms'] * 1e3:.1f}us "
+                f"(x{entry[f'w{b}_mma_vs_dense_fp16']:.2f} vs fp16, x{entry[f'w{b}_mma_speedup_vs_old']:.2f} vs old "
+                f"{entry[f'w{b}_old_ms'] * 1e3:.1f}us, diff {entry[f'w{b}_mma_vs_old_rel_diff']:.0e})"
+                for b in LOWBIT_BENCH_BITS))  # fmt: skip
+        del dense_copies, weights
+        torch.cuda.empty_cache()
+    return rows
+
+
 @section("bench AttentionInt8")
 def bench_attention(torch, lib) -> list:
     rows = []
@@ -696,6 +859,26 @@ def markdown(result: dict) -> str:
                 f"{e.get('speedup_f16_tiled_vs_dense_fp16', nan):.2f}× | "
                 f"{e.get('speedup_int8_tiled_vs_int_mm', nan):.2f}× |"
             )
+    lb = result["sections"].get("bench MatMulLowBit", {}).get("result") or []
+    if lb:
+        lines += [
+            "",
+            f"## MatMulLowBit speed (g{LOWBIT_BENCH_GROUP} symmetric, µs per call, median)",
+            "",
+            "mma = the sm_80+ tensor-core path (fp32 activations rounded to fp16 in the kernel), old = the CUDA-core "
+            "kernel (fp32), cuBLAS = torch fp16 matmul of same-sized dense fp16 weights; ratios are cuBLAS time / "
+            "kernel time.",
+            "",
+            "| K × N | M | cuBLAS fp16 | " + " | ".join(f"w{b} mma | w{b} old | w{b} mma vs cuBLAS | w{b} old vs cuBLAS"
+                                                        for b in LOWBIT_BENCH_BITS) + " |",
+            "|---|---|---|" + "---|---|---|---|" * len(LOWBIT_BENCH_BITS),
+        ]  # fmt: skip
+        for e in lb:
+            cells = [f"{e['K']} × {e['N']}", str(e["M"]), _us(e, "dense_fp16_ms")]
+            for b in LOWBIT_BENCH_BITS:
+                cells += [_us(e, f"w{b}_mma_ms"), _us(e, f"w{b}_old_ms"), f"{e.get(f'w{b}_mma_vs_dense_fp16', 0):.2f}×",
+                          f"{e.get(f'w{b}_old_vs_dense_fp16', 0):.2f}×"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     at = result["sections"].get("bench AttentionInt8", {}).get("result") or []
     if at:
         lines += ["", "## AttentionInt8 speed (D = 64, µs)", ""]
@@ -756,8 +939,13 @@ def main(argv=None) -> int:
         check_attention(torch, libs["attention"])
     if "lowbit" in libs:
         check_lowbit(torch, libs["lowbit"])
+        check_lowbit_mma(torch, libs["lowbit"])
+    if "lowbit_fallback" in libs:
+        check_lowbit_fallback(torch, libs["lowbit_fallback"])
     if not args.skip_bench:
         l2 = int(env.get("l2_bytes", 50 << 20))
+        if "lowbit" in libs:
+            bench_lowbit(torch, libs["lowbit"], l2)
         if "sparse24" in libs:
             bench_sparse(torch, libs["sparse24"], l2)
         if "attention" in libs:

@@ -35,14 +35,23 @@ SOURCES = {
 }
 # Headers included by a source (not compiled on their own; listed so tools can track them).
 _FP16 = Path(__file__).with_name("fp16.cuh")
-HEADERS = {"matmul_sparse24": (Path(__file__).with_name("matmul_sparse24_tiled.cuh"), _FP16),
-           "attention_int8": (_FP16,)}
+HEADERS = {
+    "matmul_sparse24": (Path(__file__).with_name("matmul_sparse24_tiled.cuh"), _FP16),
+    "attention_int8": (_FP16,),
+}
 LAUNCHER = "edgekit_matmul_lowbit_f32"
 # Mirrors the constants of matmul_lowbit.cu.
 WARPS = 8
 ROWS_PER_WARP = 2
 THREADS = WARPS * 32
 TILE_MS = (1, 2, 4, 8)
+# The tensor-core path of matmul_lowbit.cu (matmul_lowbit_mma, sm_80+, mma.sync m16n8k16 f16 -> f32): the launcher's
+# path modes (edgekit_matmul_lowbit_set_path; default from $EDGEKIT_LOWBIT_PATH: auto, old, mma), the M from which
+# auto takes it, and (BN weight rows, BM tokens) per config (M <= 16: 0, M <= 32: 1, else 2). last_path(): 1 the
+# CUDA-core kernel, 2 the tensor-core kernel. Only the ctypes library has it: CupyLowBit launches the CUDA-core kernel.
+LOWBIT_PATH_AUTO, LOWBIT_PATH_OLD, LOWBIT_PATH_MMA = 0, 1, 2
+LOWBIT_MMA_MIN_M = 8
+LOWBIT_MMA_CONFIGS = ((128, 16), (128, 32), (128, 64))
 
 
 def find_nvcc() -> str | None:
@@ -180,6 +189,24 @@ class LowBitLibrary:
         self._fn = fn
         self._lib.edgekit_cuda_error_string.argtypes = [i]
         self._lib.edgekit_cuda_error_string.restype = ctypes.c_char_p
+        self._set_path = getattr(self._lib, "edgekit_matmul_lowbit_set_path", None)
+        self._last_path = getattr(self._lib, "edgekit_matmul_lowbit_last_path", None)
+        for f, args in ((self._set_path, [i]), (self._last_path, [])):
+            if f is not None:
+                f.argtypes, f.restype = args, i
+
+    def set_path(self, mode: int) -> int:
+        """Select the kernel for later calls (``LOWBIT_PATH_*``); returns the previous mode."""
+        if self._set_path is None:
+            raise RuntimeError(f"{self.path} has no edgekit_matmul_lowbit_set_path (built from an older source)")
+        prev = self._set_path(int(mode))
+        if prev < 0:
+            raise ValueError(f"MatMulLowBit CUDA: unknown path mode {mode}")
+        return prev
+
+    def last_path(self) -> int:
+        """The path of the last successful launch: 1 the CUDA-core kernel, 2 the tensor-core kernel (0: none yet)."""
+        return int(self._last_path()) if self._last_path is not None else 0
 
     def matmul(
         self,

@@ -394,3 +394,51 @@ def bank_conflict_ways(addrs, width: int = 16) -> int:
         for w in range(0, width, 4):
             banks.setdefault(((int(a) + w) // 4) % 32, set()).add((int(a) + w) // 128)
     return max(len(v) for v in banks.values())
+
+
+# ---- dense mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (matmul_lowbit.cu's tensor-core path) ----
+#
+# PTX ISA "Matrix Fragments for mma.m16n8k16 with floating point type", g = lane >> 2, t = lane % 4:
+#   A[r] (r = 0..3, two halves e, low first): row g + 8 (r & 1), col 2t + 8 (r >> 1) + e   (a_{2r}, a_{2r+1})
+#   B[r] (r = 0, 1): k 2t + 8r + e, col (token) g
+#   D[i]: row g + 8 (i >> 1), col 2t + (i & 1)   (d_coords above)
+
+
+def dense_a_coords() -> np.ndarray:
+    """[32, 4, 2, 2] (row, k) of each half of each A register of the dense f16 m16n8k16."""
+    g, t = _LANES // 4, _LANES % 4
+    out = np.zeros((32, 4, 2, 2), dtype=np.int64)
+    for r in range(4):
+        for e in range(2):
+            out[:, r, e, 0] = g + 8 * (r & 1)
+            out[:, r, e, 1] = 2 * t + 8 * (r >> 1) + e
+    return out
+
+
+def dense_b_coords() -> np.ndarray:
+    """[32, 2, 2, 2] (k, token) of each half of each B register of the dense f16 m16n8k16."""
+    g, t = _LANES // 4, _LANES % 4
+    out = np.zeros((32, 2, 2, 2), dtype=np.int64)
+    for r in range(2):
+        for e in range(2):
+            out[:, r, e, 0] = 2 * t + 8 * r + e
+            out[:, r, e, 1] = g
+    return out
+
+
+def emulate_dense(A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None) -> np.ndarray:
+    """D [..., 32, 4] (float64) of the dense f16 m16n8k16 from per-lane registers A [..., 32, 4] and B [..., 32, 2]
+    (uint32, two fp16 each, low half first) and optional C [..., 32, 4]; products and sums in float64."""
+    A, B = np.asarray(A, dtype=np.uint32), np.asarray(B, dtype=np.uint32)
+    batch = A.shape[:-2]
+    a16 = np.ascontiguousarray(A).view(np.float16).reshape(batch + (32, 4, 2)).astype(np.float64)
+    b16 = np.ascontiguousarray(B).view(np.float16).reshape(batch + (32, 2, 2)).astype(np.float64)
+    am = np.zeros(batch + (16, 16))
+    bm = np.zeros(batch + (16, 8))
+    ac, bc = dense_a_coords(), dense_b_coords()
+    am[..., ac[..., 0], ac[..., 1]] = a16
+    bm[..., bc[..., 0], bc[..., 1]] = b16
+    full = am @ bm  # [..., 16, 8]
+    dc = d_coords()
+    D = full[..., dc[..., 0], dc[..., 1]]
+    return D if C is None else D + np.asarray(C, dtype=np.float64)
