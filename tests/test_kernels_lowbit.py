@@ -206,9 +206,25 @@ def test_make_node_attributes_and_validation():
     for ins in (["A", "B", "S", "Z", "bias"], ["A", "B", "S", "", "bias"]):
         node = lowbit.make_node(ins, ["Y"], K=64, N=8, bits=4, group_size=32)
         assert list(node.input) == ins
-    for ins in (["A", "B", "S", ""], ["A", "B", "S", "Z", ""], ["A", "", "S"], ["A", "B", "S", "Z", "b", "x"]):
+    for ins in (["A", "B", "S", ""], ["A", "B", "S", "Z", ""], ["A", "", "S"],
+                ["A", "B", "S", "Z", "b", "x", "g", "e", "?"],
+                ["A", "B", "S", "", "", "", "", "beta"]):  # (ln_bias without ln_scale)
         with pytest.raises(ValueError, match="inputs"):
             lowbit.make_node(ins, ["Y"], K=64, N=8, bits=4, group_size=32)
+    # the residual + LayerNorm epilogue's inputs, epsilon, activation and split attributes
+    node = lowbit.make_node(["A", "B", "S", "", "b", "skip", "g", "beta"], ["Y"], K=64, N=8, bits=4, group_size=32,
+                            activation="Gelu", epsilon=1e-12)
+    attrs = {a.name: a for a in node.attribute}
+    assert attrs["activation"].s == b"Gelu" and abs(attrs["epsilon"].f - 1e-12) < 1e-18
+    node = lowbit.make_node(["A", "B", "S"], ["Q", "K", "V"], K=64, N=8, bits=4, group_size=32, split=[2, 2, 4])
+    assert list({a.name: a for a in node.attribute}["split"].ints) == [2, 2, 4] and list(node.output) == ["Q", "K", "V"]
+    for kwargs, outs, ins in (({"split": [2, 2, 3]}, ["Q", "K", "V"], ["A", "B", "S"]),
+                              ({"split": [8]}, ["Y"], ["A", "B", "S"]),
+                              ({"split": [4, 4]}, ["Y"], ["A", "B", "S"]),
+                              ({"split": [4, 4]}, ["Y", "Z"], ["A", "B", "S", "", "", "skip"]),
+                              ({"activation": "Relu"}, ["Y"], ["A", "B", "S"])):
+        with pytest.raises(ValueError):
+            lowbit.make_node(ins, outs, K=64, N=8, bits=4, group_size=32, **kwargs)
 
 
 @pytest.mark.parametrize("bits,with_zp", [(2, True), (3, False), (4, True), (4, False), (8, True)])

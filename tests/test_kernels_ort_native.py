@@ -4,9 +4,9 @@ Tolerances:
 - fp32 math (MatMulLowBit accuracy_level 0, MatMulSparse24 with float activations): the dequantized weights are
   bit-identical to the reference's, only the summation order differs, so
   ``|y - ref| <= 1e-5 * (|A| @ |W|.T) + 1e-30``.
-- int8 activations (MatMulLowBit accuracy_level 4): A is quantized per row, symmetric, step ``s_m = max|A_m|/127``,
-  so each activation moves by at most ``s_m / 2`` and ``|y - ref| <= s_m / 2 * sum_k |W[n, k]|`` (plus the fp32
-  rounding above); also cosine(y, ref) >= 0.999.
+- int8 activations (MatMulLowBit accuracy_level 4): A is quantized per row, asymmetric, step
+  ``s_m = (max(0, max A_m) - min(0, min A_m)) / 255``, so each activation moves by at most ``s_m / 2`` and
+  ``|y - ref| <= s_m / 2 * sum_k |W[n, k]|`` (plus the fp32 rounding above); also cosine(y, ref) >= 0.999.
 - MatMulSparse24 with uint8 activations: the int32 sums are exact and the epilogue is the reference's float64
   product, so the outputs must be equal.
 
@@ -104,7 +104,8 @@ def _check_fp32(y, ref, A, Wd):
 
 
 def _check_int8_activations(y, ref, A, Wd):
-    step = np.abs(A).max(axis=1, keepdims=True) / 127.0
+    A64 = A.astype(np.float64)
+    step = (np.maximum(A64.max(axis=1, keepdims=True), 0) - np.minimum(A64.min(axis=1, keepdims=True), 0)) / 255.0
     bound = 0.5 * step * np.abs(Wd).sum(axis=1)[None, :] * 1.0001
     bound += 1e-5 * (np.abs(A).astype(np.float64) @ np.abs(Wd).T.astype(np.float64)) + 1e-30
     err = np.abs(y.astype(np.float64) - ref)
@@ -284,6 +285,47 @@ def test_imports_without_torch():
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_lowbit_int8_activations_equal_the_quantized_reference(isa, signed):
+    """accuracy_level 4 is exactly ``lowbit.quantize_activations`` followed by exact math: against
+    ``reference_matmul(accuracy_level=4)`` only the fp32 summation differs (1e-5 of what is summed), on GEMV, GEMM
+    and MiniLM-sized shapes, signed and one-signed (GELU-like) activations: the second is where the asymmetric
+    levels matter (half the step of symmetric int8), so a symmetric quantizer fails this test."""
+    rng = np.random.default_rng(4 + signed)
+    for M, K, N, bits, group, zp in ((1, 300, 40, 4, 32, True), (5, 1000, 33, 2, 64, False),
+                                     (128, 384, 384, 4, 128, False), (128, 1536, 96, 8, 32, True),
+                                     (16, 260, 70, 3, 128, True)):
+        model, A, _, Wd = _lowbit_case(rng, M, K, N, bits, group, zp, 4)
+        if not signed:
+            A = np.maximum(A, -0.17).astype(np.float32)  # a GELU output's range
+        w = {i.name: nh.to_array(i) for i in model.graph.initializer}
+        ref = lowbit.reference_matmul(A, w["B"], w["S"], w.get("Z"), bits=bits, group_size=group, K=K, N=N,
+                                      accuracy_level=4)
+        q, scale, zero = lowbit.quantize_activations(A)
+        Aq = (q.astype(np.float64) - zero[:, None]) * scale[:, None]
+        y = _session(model).run(None, {"A": A})[0]
+        # fp32 rounding of what the kernels sum: the shifted levels q (|q| up to 128, not |a|) and the zero-point
+        # term subtracted after (scale * zero * column sums)
+        wabs = np.abs(Wd).T.astype(np.float64)
+        bound = 1e-5 * (scale[:, None] * (np.abs(q.astype(np.float64)) @ wabs + np.abs(zero)[:, None] * wabs.sum(0)))
+        bound += 1e-5 * (np.abs(Aq) @ wabs) + 1e-6
+        err = np.abs(y.astype(np.float64) - ref)
+        assert (err <= bound).all(), (M, K, N, bits, group, float((err / bound).max()))
+
+
+def test_quantize_activations_levels():
+    """The quantizer's contract: zero is exact, lo maps to level 0, hi to level 255 (within rounding), steps are
+    (hi - lo) / 255, all-zero rows are all zero."""
+    A = np.array([[-1.0, 0.0, 3.0, 1.5], [0.0, 0.0, 0.0, 0.0], [0.5, 2.0, 1.0, 0.25]], np.float32)
+    q, scale, zero = lowbit.quantize_activations(A)
+    assert scale[0] == np.float32(4.0 / 255) and scale[1] == 0 and scale[2] == np.float32(2.0 / 255)
+    assert q[0, 0] == -128 and q[0, 2] == 127 and q[0, 1] == zero[0]
+    assert (q[1] == 0).all() and zero[1] == 0
+    assert zero[2] == -128 and q[2, 1] == 127  # one-signed: lo = 0, the whole range for [0, hi]
+    back = (q.astype(np.float64) - zero[:, None]) * scale[:, None]
+    assert np.abs(back - A).max() <= scale.max() / 2 + 1e-7
+
+
 @pytest.mark.parametrize("acc", [0, 4])
 def test_lowbit_gemm_minilm_shapes(isa, acc):
     """The batched GEMM path at MiniLM's shapes (sequence 128: M = 128; K x N = 384x384, 384x1536, 1536x384),
@@ -356,6 +398,117 @@ def test_lowbit_bias_prepacked_matches_unpacked(library, monkeypatch, bits):
             y0 = _session(model).run(None, {"A": A})[0]
             _check_int8_activations(y1, ref, A, Wd)
             np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5 * float(np.abs(y0).max()))
+
+
+@pytest.mark.parametrize("acc", [0, 4])
+@pytest.mark.parametrize("prepack", [True, False])
+def test_lowbit_gelu_epilogue_matches_reference(isa, acc, prepack, monkeypatch):
+    """activation="Gelu": the exact GELU after the bias, on every kernel path (GEMV, small batches, the batched and
+    the row-block GEMM; prepacked or not; N off the 16-column tiles), against ``reference_matmul(activation="Gelu",
+    accuracy_level=acc)`` (float64 erf): |y - ref| <= 2e-6 * max|ref| + the kernel's own rounding bound."""
+    if not prepack:
+        monkeypatch.setenv("EDGEKIT_ORT_NO_PREPACK", "1")
+    rng = np.random.default_rng(30 + acc + 2 * prepack)
+    for M, K, N, bits, group, zp in ((1, 200, 50, 4, 32, True), (8, 384, 70, 2, 64, False),
+                                     (37, 256, 33, 8, 128, True), (128, 384, 200, 4, 128, False)):
+        model, A, _, Wd = _lowbit_case(rng, M, K, N, bits, group, zp, acc, bias=True)
+        node = model.graph.node[0]
+        node.attribute.append(oh.make_attribute("activation", "Gelu"))
+        w = {i.name: nh.to_array(i) for i in model.graph.initializer}
+        ref = lowbit.reference_matmul(A, w["B"], w["S"], w.get("Z"), bits=bits, group_size=group, K=K, N=N,
+                                      bias=w["bias"], activation="Gelu", accuracy_level=acc)
+        y = _session(model).run(None, {"A": A})[0]
+        if acc == 4:
+            q, scale, zero = lowbit.quantize_activations(A)
+            mag = scale[:, None] * ((np.abs(q) + np.abs(zero)[:, None]) @ np.abs(Wd).T.astype(np.float64))
+        else:
+            mag = np.abs(A).astype(np.float64) @ np.abs(Wd).T.astype(np.float64)
+        bound = 2e-6 * np.abs(ref).max() + 1e-5 * mag  # gelu' <= 1.13: the pre-activation's rounding carries over
+        err = np.abs(y.astype(np.float64) - ref)
+        assert (err <= bound).all(), (M, K, N, bits, float((err / bound).max()))
+        assert (y < 0).any() and (y > 0).any()  # both branches of the epilogue ran
+
+
+@pytest.mark.parametrize("acc", [0, 4])
+@pytest.mark.parametrize("prepack", [True, False])
+def test_lowbit_split_outputs_are_the_columns_of_y(isa, acc, prepack, monkeypatch):
+    """split=[a, b, c]: three outputs holding Y's columns [0, a), [a, a+b), [a+b, N) bit for bit, on every kernel path
+    (GEMV, batched, the row-block GEMM), with a bias and the GELU epilogue before the split."""
+    if not prepack:
+        monkeypatch.setenv("EDGEKIT_ORT_NO_PREPACK", "1")
+    rng = np.random.default_rng(40 + acc + 2 * prepack)
+    for M, N, split in ((1, 72, [24, 24, 24]), (9, 50, [17, 33]), (128, 200, [64, 64, 40, 32])):
+        model, A, _, _ = _lowbit_case(rng, M, 96, N, 4, 32, True, acc, bias=True)
+        full = _session(model).run(None, {"A": A})[0]
+        node = model.graph.node[0]
+        node.attribute.append(oh.make_attribute("activation", "Gelu"))
+        gelu = _session(model).run(None, {"A": A})[0]
+        node.attribute.append(oh.make_attribute("split", split))
+        del node.output[:]
+        node.output.extend([f"Y{i}" for i in range(len(split))])
+        del model.graph.output[:]
+        model.graph.output.extend([oh.make_tensor_value_info(f"Y{i}", TP.FLOAT, [M, w]) for i, w in enumerate(split)])
+        parts = _session(model).run(None, {"A": A})
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), gelu)
+        assert not np.array_equal(gelu, full)
+
+
+@pytest.mark.parametrize("acc", [0, 4])
+@pytest.mark.parametrize("prepack", [True, False])
+def test_lowbit_residual_layernorm_epilogue_matches_reference(isa, acc, prepack, monkeypatch):
+    """Inputs skip, ln_scale, ln_bias and epsilon: Y = LayerNorm(A W^T + bias + skip) * scale + bias, on every kernel
+    path (GEMV and small batches normalize in a pass after the GEMM, the row-block GEMM inside its tasks), against
+    ``reference_matmul(skip=..., ln_scale=..., ...)`` in float64: |y - ref| <= 2e-4 * max|ln_scale| (the LayerNorm
+    divides the pre-norm rounding by each row's standard deviation, which this data keeps near 1 or above)."""
+    if not prepack:
+        monkeypatch.setenv("EDGEKIT_ORT_NO_PREPACK", "1")
+    rng = np.random.default_rng(50 + acc + 2 * prepack)
+    for M, K, N, bits, group, zp, beta in ((1, 200, 50, 4, 32, True, True), (9, 256, 70, 2, 64, False, False),
+                                           (128, 384, 200, 4, 128, False, True), (40, 96, 16, 8, 32, True, True)):
+        model, A, _, _ = _lowbit_case(rng, M, K, N, bits, group, zp, acc, bias=True)
+        skip = rng.standard_normal((M, N)).astype(np.float32) * 3
+        gamma = (rng.random(N) + 0.5).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32) if beta else None
+        node = model.graph.node[0]
+        node.input.extend(["skip", "gamma"] + (["beta"] if beta else []))
+        node.attribute.append(oh.make_attribute("epsilon", 1e-6))
+        model.graph.input.append(oh.make_tensor_value_info("skip", TP.FLOAT, [M, N]))
+        model.graph.initializer.extend([nh.from_array(gamma, "gamma")] + ([nh.from_array(b, "beta")] if beta else []))
+        w = {i.name: nh.to_array(i) for i in model.graph.initializer}
+        ref = lowbit.reference_matmul(A, w["B"], w["S"], w.get("Z"), bits=bits, group_size=group, K=K, N=N,
+                                      bias=w["bias"], accuracy_level=acc, skip=skip, ln_scale=gamma, ln_bias=b,
+                                      epsilon=1e-6)
+        y = _session(model).run(None, {"A": A, "skip": skip})[0]
+        err = np.abs(y.astype(np.float64) - ref).max()
+        assert err <= 2e-4 * gamma.max(), (M, K, N, bits, err)
+        np.testing.assert_allclose(((y - (b if beta else 0)) / gamma).mean(axis=1), 0, atol=1e-4)
+
+
+def test_lowbit_residual_layernorm_rejects_bad_inputs(library):
+    rng = np.random.default_rng(5)
+    model, A, _, _ = _lowbit_case(rng, 2, 64, 16, 4, 32, False, 0, bias=True)
+    node = model.graph.node[0]
+    node.input.extend(["skip", "gamma"])
+    model.graph.input.append(oh.make_tensor_value_info("skip", TP.FLOAT, [2, 8]))
+    model.graph.initializer.append(nh.from_array(np.ones(16, np.float32), "gamma"))
+    with pytest.raises(Exception, match=r"skip must be float32 \[2, 16\]"):
+        _session(model).run(None, {"A": A, "skip": np.zeros((2, 8), np.float32)})
+
+
+def test_lowbit_rejects_a_bad_split(library):
+    rng = np.random.default_rng(3)
+    model, A, _, _ = _lowbit_case(rng, 2, 64, 16, 4, 32, False, 0)
+    model.graph.node[0].attribute.append(oh.make_attribute("split", [8, 4]))
+    with pytest.raises(Exception, match="split must be 2 to 4 positive sizes that sum to N=16"):
+        _session(model).run(None, {"A": A})
+
+
+def test_lowbit_rejects_an_unknown_activation(library):
+    rng = np.random.default_rng(2)
+    model, A, _, _ = _lowbit_case(rng, 2, 64, 16, 4, 32, False, 0)
+    model.graph.node[0].attribute.append(oh.make_attribute("activation", "Relu"))
+    with pytest.raises(Exception, match="activation='Relu' is not supported"):
+        _session(model).run(None, {"A": A})
 
 
 def test_lowbit_bad_bias_raises_a_clear_error(library):

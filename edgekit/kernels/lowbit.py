@@ -15,16 +15,36 @@ Inputs
                      symmetric: every zero point is ``2 ** (bits - 1)``.
     ``bias``         optional float32 ``[N]``: added to every output row (the fused epilogue of a Gemm / 1x1 Conv
                      bias; implementations add it in the same pass that writes ``Y``, not as a separate ``Add``).
+    ``skip``         optional float32, ``Y``'s shape: a residual added after the bias and the activation.
+    ``ln_scale``     optional float32 ``[N]``: then each output row is layer-normalized (mean and biased variance
+                     over its ``N`` values, ``epsilon``) and multiplied by it: ONNX ``LayerNormalization`` over the
+                     last axis, fused (a transformer's ``Add`` + ``LayerNorm`` after its output projections).
+    ``ln_bias``      optional float32 ``[N]``: added after ``ln_scale`` (needs it).
+                     Absent optional inputs are omitted at the end or named ``""`` before a later one.
 Attributes (INT)
     ``K``, ``N``     the logical reduction length and the number of outputs.
     ``bits``         2, 3, 4 or 8.
     ``group_size``   32, 64 or 128: consecutive values of a row along K that share a scale and a zero point.
     ``accuracy_level`` optional (native library, ``runtimes/onnxruntime/``): 0 = fp32 math (default, the reference
-                     exactly up to float rounding); 4 = each activation row quantized to symmetric int8 (step
-                     ``max|a| / 127``) and multiplied in int8 (VNNI); the error per output is at most
-                     ``step / 2 * sum_k |dequant(B)[n, k]|`` (plus fp32 rounding).
+                     exactly up to float rounding); 4 = each activation row quantized to 8 bits, asymmetric
+                     (``quantize_activations``: step ``(max(0, max a) - min(0, min a)) / 255``, a zero point per
+                     row) and multiplied in integers (VNNI); the error per output is at most
+                     ``step / 2 * sum_k |dequant(B)[n, k]|`` (plus fp32 rounding), and
+                     ``reference_matmul(..., accuracy_level=4)`` is the same quantization followed by exact math.
+Attributes (FLOAT)
+    ``epsilon``      the LayerNorm's (default 1e-5).
+Attributes (INTS)
+    ``split``        optional: 2 to ``MAX_SPLIT`` positive widths summing to ``N``; the op then has one output per
+                     width, each ``[..., width]``, holding consecutive columns of ``Y`` (a transformer's Q, K and V
+                     projections computed as one GEMM; implementations copy them out in the epilogue). Absent: one
+                     output ``Y``.
+Attributes (STRING)
+    ``activation``   optional: ``"Gelu"`` applies the exact GELU ``0.5 * y * (1 + erf(y / sqrt(2)))`` (ONNX ``Gelu``,
+                     torch's ``nn.GELU()``) to every output after the bias, in the same epilogue pass; absent or
+                     ``""`` = none. The native library evaluates erf to within 1.5e-7 (Abramowitz & Stegun 7.1.26;
+                     ``runtimes/onnxruntime/src/epilogue.cc``).
 Output
-    ``Y``            float32 ``[..., N]`` = ``A @ dequant(B)[:, :K].T (+ bias)``, where
+    ``Y``            float32 ``[..., N]`` = ``LN(act(A @ dequant(B)[:, :K].T (+ bias)) (+ skip))``, where
                      ``dequant(q)[n, k] = (q[n, k] - zp[n, k // group_size]) * scale[n, k // group_size]``.
 
 Padding. ``K`` need not be a multiple of ``group_size``: the stored rows are padded to
@@ -55,6 +75,9 @@ DOMAIN = "ai.edgekit"
 OP_TYPE = "MatMulLowBit"
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+ACTIVATIONS = ("", "Gelu")
+MAX_SPLIT = 4  # outputs of one op (the split attribute)
+INPUTS = ("A", "B_packed", "scales", "zero_points", "bias", "skip", "ln_scale", "ln_bias")
 
 
 def check_attributes(K: int, N: int, bits: int, group_size: int) -> None:
@@ -192,11 +215,23 @@ def reference_matmul(
     K: int,
     N: int,
     bias: np.ndarray | None = None,
+    activation: str = "",
+    accuracy_level: int = 0,
+    skip: np.ndarray | None = None,
+    ln_scale: np.ndarray | None = None,
+    ln_bias: np.ndarray | None = None,
+    epsilon: float = 1e-5,
 ) -> np.ndarray:
-    """The op's output ``Y[..., N] = A[..., K] @ dequantize(...).T (+ bias[N])`` in float32."""
+    """The op's output ``Y[..., N] = act(A[..., K] @ dequantize(...).T (+ bias[N]))`` in float32; with
+    ``accuracy_level=4``, ``A`` is first replaced by its per-row 8-bit quantization (``quantize_activations``)."""
     A = np.asarray(A, dtype=np.float32)
     if A.shape[-1:] != (K,):
         raise ValueError(f"A's last dimension must be K={K}, got shape {A.shape}")
+    if accuracy_level not in (0, 4):
+        raise ValueError(f"MatMulLowBit: accuracy_level must be 0 or 4, got {accuracy_level!r}")
+    if accuracy_level == 4:
+        q, scale, zero = quantize_activations(A.reshape(-1, K))
+        A = ((q.astype(np.float64) - zero[:, None]) * scale[:, None]).reshape(A.shape)
     W = dequantize(packed, scales, zero_points, bits, group_size, K)
     if W.shape[0] != N:
         raise ValueError(f"B_packed has {W.shape[0]} rows but the attribute N={N}")
@@ -206,7 +241,51 @@ def reference_matmul(
         if bias.shape != (N,) or not np.issubdtype(bias.dtype, np.floating):
             raise ValueError(f"MatMulLowBit: bias must be float32 [N] = [{N}], got {bias.dtype} {bias.shape}")
         Y += bias.astype(np.float32)
+    Y = apply_activation(Y, activation)
+    if skip is not None:
+        Y = (Y + np.asarray(skip, np.float32)).astype(np.float32)
+    if ln_scale is not None:
+        y = Y.astype(np.float64)
+        mean = y.mean(axis=-1, keepdims=True)
+        var = ((y - mean) ** 2).mean(axis=-1, keepdims=True)
+        y = (y - mean) / np.sqrt(var + float(epsilon)) * np.asarray(ln_scale, np.float64)
+        Y = (y + (0.0 if ln_bias is None else np.asarray(ln_bias, np.float64))).astype(np.float32)
+    elif ln_bias is not None:
+        raise ValueError("MatMulLowBit: ln_bias needs ln_scale")
     return Y
+
+
+def quantize_activations(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``A [M, K]`` quantized as ``accuracy_level`` 4 does, in the native library's float32 arithmetic
+    (bit for bit): ``lo = min(0, min a)``, ``hi = max(0, max a)``, ``inv = 255 / (hi - lo)``, uint8 zero point
+    ``z = clip(round(-lo * inv), 0, 255)``, levels ``u = clip(round(a * inv) + z, 0, 255)`` (round half to even).
+    Returns ``(q, scale, zero)``: ``q = u - 128`` int8 ``[M, K]``, ``scale = (hi - lo) / 255`` float32 ``[M]`` and
+    ``zero = z - 128`` int32 ``[M]``, so that ``a ~= (q - zero) * scale``. All-zero rows: scale 0, q 0, zero 0."""
+    A = np.asarray(A, dtype=np.float32)
+    if A.ndim != 2:
+        raise ValueError(f"quantize_activations expects A [M, K], got shape {A.shape}")
+    f = np.float32
+    lo = np.minimum(A.min(axis=1), f(0)) if A.shape[1] else np.zeros(len(A), f)
+    hi = np.maximum(A.max(axis=1), f(0)) if A.shape[1] else np.zeros(len(A), f)
+    rng = (hi - lo).astype(f)
+    live = rng > 0
+    inv = np.where(live, f(255) / np.where(live, rng, f(1)), f(0)).astype(f)
+    z = np.where(live, np.clip(np.rint((-lo * inv).astype(f)), 0, 255), f(128)).astype(f)
+    u = np.clip(np.rint((A * inv[:, None]).astype(f)) + z[:, None], 0, 255)
+    return (u - 128).astype(np.int8), (rng / f(255)).astype(f), (z - 128).astype(np.int32)
+
+
+def apply_activation(Y: np.ndarray, activation: str) -> np.ndarray:
+    """``Y`` through the op's ``activation`` (``ACTIVATIONS``), in float64 math, returned as float32."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"MatMulLowBit: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not activation:
+        return Y
+    from math import erf, sqrt
+
+    y = np.asarray(Y, np.float64)
+    phi = 0.5 * (1.0 + np.vectorize(erf, otypes=[np.float64])(y / sqrt(2.0)))
+    return (y * phi).astype(np.float32)
 
 
 def quantize_rtn(
@@ -254,28 +333,48 @@ def make_node(
     group_size: int,
     name: str | None = None,
     domain: str = DOMAIN,
+    activation: str = "",
+    split: list[int] | None = None,
+    epsilon: float | None = None,
 ):
-    """An ONNX NodeProto for MatMulLowBit; ``inputs`` = [A, B_packed, scales(, zero_points(, bias))].
+    """An ONNX NodeProto for MatMulLowBit; ``inputs`` = [A, B_packed, scales(, zero_points(, bias(, skip(,
+    ln_scale(, ln_bias))))))]; ``activation`` (``ACTIVATIONS``), ``split`` (one output per part) and ``epsilon`` are
+    written only when set.
 
-    ``zero_points`` may be ``""`` (symmetric) when ``bias`` is given; every other name must be non-empty.
+    Optional inputs may be ``""`` before a later one (e.g. symmetric zero points before a bias); the last one named
+    and A, B_packed, scales must be non-empty; ``ln_bias`` needs ``ln_scale``; ``split`` excludes skip/ln_scale.
     ``domain`` defaults to ``ai.edgekit``; ``edgekit.kernels.ort_python`` rewrites it for its Python fallback.
     """
     import onnx.helper
 
     check_attributes(K, N, bits, group_size)
     inputs = list(inputs)
-    required = inputs[:3] + inputs[4:]  # zero_points (index 3) may be empty when a bias follows
+    named = dict(zip(INPUTS, [bool(i) for i in inputs]))
     if (
-        len(inputs) not in (3, 4, 5)
-        or not all(required)
-        or (len(inputs) == 4 and not inputs[3])
-        or len(outputs) != 1
-        or not outputs[0]
+        not 3 <= len(inputs) <= len(INPUTS)
+        or not all(inputs[:3])
+        or not inputs[-1]
+        or (named.get("ln_bias") and not named.get("ln_scale"))
+        or (split and (named.get("skip") or named.get("ln_scale")))
+        or len(outputs) != (len(split) if split else 1)
+        or not all(outputs)
     ):
         raise ValueError(
-            "MatMulLowBit takes inputs [A, B_packed, scales(, zero_points(, bias))] (non-empty names; zero_points "
-            f"may be '' only before a bias) and one output; got inputs {inputs}, outputs {list(outputs)}"
+            f"MatMulLowBit takes inputs {list(INPUTS)} (the first three and the last named non-empty, others '' "
+            "when absent; ln_bias only with ln_scale; split not with skip/ln_scale) and one output per split part; "
+            f"got inputs {inputs}, outputs {list(outputs)}"
         )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"MatMulLowBit: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    extra = {"activation": activation} if activation else {}
+    if epsilon is not None:
+        extra["epsilon"] = float(epsilon)
+    if split:
+        split = [int(v) for v in split]
+        if not 2 <= len(split) <= MAX_SPLIT or min(split) < 1 or sum(split) != N:
+            raise ValueError(f"MatMulLowBit: split must be 2 to {MAX_SPLIT} positive widths summing to N={N}, "
+                             f"got {split}")
+        extra["split"] = split
     return onnx.helper.make_node(
-        OP_TYPE, inputs, outputs, name=name, domain=domain, K=K, N=N, bits=bits, group_size=group_size
+        OP_TYPE, inputs, outputs, name=name, domain=domain, K=K, N=N, bits=bits, group_size=group_size, **extra
     )

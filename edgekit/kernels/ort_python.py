@@ -7,7 +7,9 @@ rewritten copy of the model:
 - ``to_contrib_domain(model)`` moves every ``ai.edgekit::MatMulLowBit`` node to ``ai.onnx.contrib::MatMulLowBit``
   and gives the symmetric ones (3 inputs) an explicit zero-point initializer filled with ``2 ** (bits - 1)``,
   which is the same op by the specification in ``edgekit.kernels.lowbit``; a ``bias`` (5th input) moves into a
-  following ``Add`` node (the Python op has 4 inputs), which computes the same sum;
+  following ``Add`` node (the Python op has 4 inputs), which computes the same sum, and ``activation="Gelu"`` into
+  standard ``Div``/``Erf``/``Add``/``Mul`` nodes after it, ``skip`` into an ``Add``, ``ln_scale``/``ln_bias`` into a
+  ``LayerNormalization`` and a ``split`` into a ``Split`` node;
 - ``register_python_op()`` registers the numpy reference under that name once per process (the registry of
   onnxruntime-extensions is process-global) and returns the library path for the session options.
 
@@ -17,9 +19,9 @@ Usage::
     so.register_custom_ops_library(register_python_op())
     sess = onnxruntime.InferenceSession(to_contrib_domain(model).SerializeToString(), so)
 
-A native custom-op library for ``ai.edgekit`` (planned under ``runtimes/onnxruntime/``) would serve the op
-directly; this module is the fallback that keeps graphs with the op runnable (and testable) anywhere
-onnxruntime-extensions installs.
+The native custom-op library (``runtimes/onnxruntime/``, ``edgekit.kernels.ort_native``) serves the op directly;
+this module is the fallback that keeps graphs with the op runnable (and testable) anywhere onnxruntime-extensions
+installs.
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def _attrs(node) -> dict[str, int]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _gelu(x: str, y: str, prefix: str, fresh):
+    """Standard ONNX nodes (and their constants) computing ``y = 0.5 * x * (1 + erf(x / sqrt(2)))``."""
+    import onnx.helper
+    import onnx.numpy_helper
+
+    c = {k: fresh(f"{prefix}::{k}") for k in ("sqrt2", "one", "half")}
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.float32), c[k])
+             for k, v in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))]
+    t = [fresh(f"{prefix}::t{i}") for i in range(4)]
+    nodes = [onnx.helper.make_node("Div", [x, c["sqrt2"]], [t[0]], name=f"{prefix}_div"),
+             onnx.helper.make_node("Erf", [t[0]], [t[1]], name=f"{prefix}_erf"),
+             onnx.helper.make_node("Add", [t[1], c["one"]], [t[2]], name=f"{prefix}_add"),
+             onnx.helper.make_node("Mul", [x, t[2]], [t[3]], name=f"{prefix}_mul"),
+             onnx.helper.make_node("Mul", [t[3], c["half"]], [y], name=f"{prefix}_half")]
+    return nodes, inits
+
+
 def to_contrib_domain(model):
     """A copy of ``model`` whose ``ai.edgekit::MatMulLowBit`` nodes run with ``register_python_op``'s library.
 
@@ -95,23 +114,50 @@ def to_contrib_domain(model):
         if node.domain != lowbit.DOMAIN or node.op_type != lowbit.OP_TYPE:
             continue
         changed = True
-        if len(node.input) > 4:
-            bias = node.input[4]
-            del node.input[4:]
-            if bias:  # the Python op has no bias input: Y = MatMulLowBit(...) + bias
-                y = node.output[0]
-                mid = f"{y}::no_bias"
-                while mid in taken:
-                    mid += "_"
-                taken.add(mid)
-                node.output[0] = mid
-                added_add = True
-                new_nodes.append(
-                    onnx.helper.make_node("Add", [mid, bias], [y], name=f"{node.name or 'MatMulLowBit'}_{idx}_bias")
-                )
+        gelu = _attrs(node).get("activation", b"") in ("Gelu", b"Gelu")
+        split = [int(v) for v in _attrs(node).get("split", [])]
+        eps = float(_attrs(node).get("epsilon", 1e-5))
+        bias, skip, gamma, beta = (node.input[i] if len(node.input) > i else "" for i in (4, 5, 6, 7))
+        del node.input[4:]
+        if bias or gelu or split or skip or gamma:  # the Python op has none of these: standard ops after it
+            outs, prefix = list(node.output), node.name or f"MatMulLowBit_{idx}"
+
+            def fresh(base: str) -> str:
+                while base in taken:
+                    base += "_"
+                taken.add(base)
+                return base
+
+            added_add = True
+            steps = ["bias"] * bool(bias) + ["gelu"] * gelu + ["skip"] * bool(skip) + ["ln"] * bool(gamma)
+            steps += ["split"] * bool(split)
+            del node.output[:]
+            cur = fresh(f"{outs[0]}::raw")
+            node.output.append(cur)
+            for k, step in enumerate(steps):
+                nxt = outs[0] if k == len(steps) - 1 and step != "split" else fresh(f"{outs[0]}::{step}")
+                if step == "bias":
+                    new_nodes.append(onnx.helper.make_node("Add", [cur, bias], [nxt], name=f"{prefix}_{idx}_bias"))
+                elif step == "gelu":
+                    nodes_, inits_ = _gelu(cur, nxt, f"{prefix}_{idx}_gelu", fresh)
+                    new_nodes += nodes_
+                    graph.initializer.extend(inits_)
+                elif step == "skip":
+                    new_nodes.append(onnx.helper.make_node("Add", [cur, skip], [nxt], name=f"{prefix}_{idx}_skip"))
+                elif step == "ln":  # (the exporter fuses this only from a LayerNormalization: opset >= 17)
+                    new_nodes.append(onnx.helper.make_node(
+                        "LayerNormalization", [cur, gamma] + ([beta] if beta else []), [nxt], axis=-1, epsilon=eps,
+                        name=f"{prefix}_{idx}_ln"))
+                else:
+                    sizes = fresh(f"{prefix}_{idx}::split")
+                    graph.initializer.append(onnx.numpy_helper.from_array(np.array(split, np.int64), sizes))
+                    new_nodes.append(onnx.helper.make_node("Split", [cur, sizes], outs, axis=-1,
+                                                           name=f"{prefix}_{idx}_split"))
+                cur = nxt
         node.domain = CONTRIB_DOMAIN
         # the Python op declares K, N, bits and group_size; accuracy_level (native int8 math) does not apply to the
         # reference, which computes in fp32
+        # (nor do activation, epsilon and split, applied above in standard ops)
         extra = [a for a in node.attribute if a.name not in ("K", "N", "bits", "group_size")]
         for a in extra:
             node.attribute.remove(a)

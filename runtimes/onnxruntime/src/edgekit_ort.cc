@@ -141,27 +141,70 @@ const T* padded_rows(const T* src, int64_t M, int64_t K, int64_t lda, std::vecto
 // ---------------------------------------------------------------------------------------------------------------
 // MatMulLowBit
 
-// accuracy_level 4: rows [m0, m1) of A [M, K] quantized per row, symmetric, aq = round(a * 127 / max|a_row|)
-// into q [M, lda] (zeros in [K, lda)), a_scale = max|a_row| / 127, asum [M, groups] = sums of aq per group.
-// The AVX-512 quantizer (kernels_avx512_packed.cc) gives the same bits.
+// accuracy_level 4: rows [m0, m1) of A [M, K] quantized per row, asymmetric: with lo = min(0, min a_row),
+// hi = max(0, max a_row), a_scale = (hi - lo) / 255 and the uint8 zero point z = round(-lo * 255 / (hi - lo)), each
+// value's level u = clamp(round(a * 255 / (hi - lo)) + z, 0, 255) is stored as q = u - 128 (int8, so the kernels'
+// vpdpbusd / vpmaddubsw keep the unsigned codes on the other side) and a ~= (q - a_zero) * a_scale with
+// a_zero = z - 128. Rows that are all zero get a_scale 0, q 0, a_zero 0. q [M, lda] (zeros in [K, lda)),
+// asum [M, groups] = sums of q per group (k < K). The AVX-512 quantizer (kernels_avx512_packed.cc) gives the same
+// bits. Against symmetric int8 (max|a| / 127) the step is at most the same and half of it for one-signed rows
+// (GELU and ReLU outputs).
 void quantize_rows_scalar(const float* A, int64_t K, int64_t lda, int group, int64_t groups, int64_t m0, int64_t m1,
-                          int8_t* q, float* a_scale, int32_t* asum) {
+                          int8_t* q, float* a_scale, int32_t* a_zero, int32_t* asum) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* x = A + m * K;
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    a_scale[m] = amax / 127.f;
+    float lo = 0.f, hi = 0.f;
+    for (int64_t k = 0; k < K; ++k) lo = std::min(lo, x[k]), hi = std::max(hi, x[k]);
+    const float range = hi - lo;
+    const float inv = range > 0.f ? 255.f / range : 0.f;
+    const int32_t z = range > 0.f ? static_cast<int32_t>(std::min(255.f, std::max(0.f, std::nearbyint(-lo * inv)))) : 128;
+    a_scale[m] = range / 255.f;
+    a_zero[m] = z - 128;
     int8_t* qr = q + m * lda;
     int32_t* gs = asum + m * groups;
     std::fill(gs, gs + groups, 0);
     for (int64_t k = 0; k < K; ++k) {
-      const float r = std::nearbyint(x[k] * inv);
-      qr[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+      const float r = std::nearbyint(x[k] * inv) + static_cast<float>(z);
+      qr[k] = static_cast<int8_t>(static_cast<int32_t>(std::min(255.f, std::max(0.f, r))) - 128);
       gs[k / group] += qr[k];
     }
     std::fill(qr + K, qr + lda, int8_t(0));
   }
+}
+
+// The activations' zero-point term of accuracy_level 4: Y[m, n] -= off[m] * colsum[n] for rows [m0, m1), columns
+// [n0, n1), where off[m] = a_scale[m] * a_zero[m] and colsum[n] = sum_{k<K} dequant(B)[n, k].
+void sub_zero_term(float* __restrict Y, int64_t ldy, const float* __restrict off, const float* __restrict colsum,
+                   int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    if (off[m] == 0.f) continue;
+    float* __restrict y = Y + m * ldy;
+    const float o = off[m];
+    for (int64_t n = n0; n < n1; ++n) y[n] -= o * colsum[n];
+  }
+}
+
+// colsum[n] = sum_{k<K} (q[n, k] - zp[n, g]) * scale[n, g] of a MatMulLowBit weight (float64 sums, rounded once).
+std::vector<float> weight_column_sums(const LowBitArgs& a) {
+  std::vector<float> out(static_cast<size_t>(a.N));
+  const int64_t mask = (1 << a.bits) - 1;
+  for (int64_t n = 0; n < a.N; ++n) {
+    const uint8_t* row = a.B + n * a.row_bytes;
+    double total = 0.0;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      int64_t qs = 0, cnt = 0;
+      for (int64_t k = g * a.group; k < std::min(a.K, (g + 1) * a.group); ++k, ++cnt) {
+        const int64_t bit = k * a.bits, byte = bit >> 3;
+        unsigned v = row[byte];
+        if (byte + 1 < a.row_bytes) v |= static_cast<unsigned>(row[byte + 1]) << 8;
+        qs += (v >> (bit & 7)) & mask;
+      }
+      const int64_t zp = a.zero_points ? a.zero_points[n * a.groups + g] : (int64_t(1) << (a.bits - 1));
+      total += static_cast<double>(a.scales[n * a.groups + g]) * static_cast<double>(qs - zp * cnt);
+    }
+    out[static_cast<size_t>(n)] = static_cast<float>(total);
+  }
+  return out;
 }
 
 // The fused bias epilogue of MatMulLowBit: Y[m, n] += bias[n] for rows [m0, m1), columns [n0, n1) of Y [., ldy].
@@ -173,6 +216,48 @@ void add_bias(float* __restrict Y, int64_t ldy, const float* __restrict bias, in
     float* __restrict y = Y + m * ldy;
     for (int64_t n = n0; n < n1; ++n) y[n] += bias[n];
   }
+}
+
+// A STRING attribute, or dflt when the node has none.
+std::string attr_string(const OrtApi& api, const OrtKernelInfo* info, const char* name, const std::string& dflt) {
+  size_t size = 0;
+  if (OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &size)) {
+    api.ReleaseStatus(st);
+    return dflt;
+  }
+  std::string v(size, '\0');
+  if (OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, v.data(), &size)) {
+    api.ReleaseStatus(st);
+    return dflt;
+  }
+  v.resize(size > 0 ? size - 1 : 0);  // the size includes the terminating NUL
+  return v;
+}
+
+// A FLOAT attribute, or dflt when the node has none.
+float attr_float(const OrtApi& api, const OrtKernelInfo* info, const char* name, float dflt) {
+  float v = 0.f;
+  if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, &v)) {
+    api.ReleaseStatus(st);
+    return dflt;
+  }
+  return v;
+}
+
+// An INTS attribute, or empty when the node has none.
+std::vector<int64_t> attr_ints(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
+  size_t size = 0;
+  if (OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)) {
+    api.ReleaseStatus(st);
+    return {};
+  }
+  std::vector<int64_t> v(size);
+  if (size == 0) return v;
+  if (OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, v.data(), &size)) {
+    api.ReleaseStatus(st);
+    return {};
+  }
+  return v;
 }
 
 // True when the node omits optional input i (fewer inputs, or an empty name: zero_points "" before a bias).
@@ -245,11 +330,18 @@ class PackOnce {
 
 struct LowBitKernel {
   int64_t K, N, bits, group, accuracy_level;
+  bool gelu = false;  // activation="Gelu": the fused epilogue applies the exact GELU after the bias
+  // split: Y's columns go to len(split) outputs of these widths (e.g. Q, K and V of one fused projection), copied
+  // out by each task's epilogue from a scratch [M, N] while still in cache; empty: one output.
+  static constexpr size_t kMaxSplit = 4;
+  std::vector<int64_t> split;
+  float epsilon = 1e-5f;  // the LayerNorm epilogue's (inputs ln_scale, ln_bias)
   Isa isa;
   // accuracy_level 4 on AVX-512: B, scales and zero points re-packed on the first run (when all are constant
   // initializers) into the tile layout of kernels_avx512_packed.cc, kept for the life of the kernel.
   bool prepack = false;
   PackOnce<PackedLowBit> packed;
+  PackOnce<std::vector<float>> colsums;  // weight_column_sums of the constant weights (accuracy_level 4)
 
   LowBitKernel(const OrtApi& api, const OrtKernelInfo* info, Isa isa_) : isa(isa_) {
     K = attr_int(api, info, "K", true, 0);
@@ -262,6 +354,20 @@ struct LowBitKernel {
     if (!(group == 32 || group == 64 || group == 128))
       throw Error("MatMulLowBit: group_size=" + std::to_string(group) + " is not supported; use 32, 64 or 128");
     if (K < 1 || N < 1) throw Error("MatMulLowBit: K and N must be positive");
+    const std::string act = attr_string(api, info, "activation", "");
+    if (act != "" && act != "Gelu")
+      throw Error("MatMulLowBit: activation='" + act + "' is not supported; use 'Gelu' or leave it out");
+    gelu = act == "Gelu";
+    split = attr_ints(api, info, "split");
+    epsilon = attr_float(api, info, "epsilon", 1e-5f);
+    if (!(epsilon >= 0.f)) throw Error("MatMulLowBit: epsilon must be >= 0");
+    if (!split.empty()) {
+      int64_t total = 0;
+      for (int64_t v : split) total += v > 0 ? v : -(int64_t(1) << 40);
+      if (split.size() < 2 || split.size() > kMaxSplit || total != N)
+        throw Error("MatMulLowBit: split must be 2 to " + std::to_string(kMaxSplit) +
+                    " positive sizes that sum to N=" + std::to_string(N));
+    }
     if (accuracy_level != 0 && accuracy_level != 4)
       throw Error("MatMulLowBit: accuracy_level=" + std::to_string(accuracy_level) +
                   " is not supported; use 0 (fp32 math) or 4 (int8 activations)");
@@ -279,7 +385,7 @@ struct LowBitKernel {
     const OrtApi& api = Ort::GetApi();
     Ort::KernelContext ctx(raw);
     TensorIn A = get_input(ctx, 0), B = get_input(ctx, 1), S = get_input(ctx, 2), Z = get_input(ctx, 3),
-             Bias = get_input(ctx, 4);
+             Bias = get_input(ctx, 4), Skip = get_input(ctx, 5), Gamma = get_input(ctx, 6), Beta = get_input(ctx, 7);
     const int64_t Kp = round_up(K, group), groups = Kp / group;
     const int64_t row_bytes = bits == 3 ? 3 * ((Kp + 7) / 8) : (Kp * bits + 7) / 8;
     expect(A.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && !A.shape.empty() && A.shape.back() == K,
@@ -300,10 +406,45 @@ struct LowBitKernel {
     const float* bias = static_cast<const float*>(Bias.data);
     std::vector<int64_t> yshape = A.shape;
     yshape.back() = N;
+    if (Skip.data)
+      expect(Skip.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && Skip.shape == yshape,
+             "MatMulLowBit: skip must be float32 " + shape_str(yshape) + " (the output's shape), got " +
+                 shape_str(Skip.shape));
+    for (const TensorIn* t : {&Gamma, &Beta})
+      if (t->data)
+        expect(t->type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t->shape == std::vector<int64_t>{N},
+               std::string("MatMulLowBit: ") + (t == &Gamma ? "ln_scale" : "ln_bias") + " must be float32 [" +
+                   std::to_string(N) + "], got " + shape_str(t->shape));
+    expect(!Beta.data || Gamma.data, "MatMulLowBit: ln_bias needs ln_scale");
+    expect(split.empty() || (!Skip.data && !Gamma.data), "MatMulLowBit: split cannot be combined with skip/ln_scale");
     const int64_t M = A.size() / K;
-    Ort::UnownedValue Yv = ctx.GetOutput(0, yshape);
-    float* Y = Yv.GetTensorMutableData<float>();
+    float* Y = nullptr;
+    std::array<float*, kMaxSplit> outs{};
+    if (split.empty()) {
+      Y = ctx.GetOutput(0, yshape).GetTensorMutableData<float>();
+    } else {
+      for (size_t i = 0; i < split.size(); ++i) {
+        yshape.back() = split[i];
+        outs[i] = ctx.GetOutput(i, yshape).GetTensorMutableData<float>();
+      }
+      thread_local std::vector<float> ybuf;
+      if (ybuf.size() < static_cast<size_t>(M * N)) ybuf.resize(static_cast<size_t>(M * N));
+      Y = ybuf.data();
+    }
     if (M == 0) return;
+    Epilogue ep{bias, nullptr, nullptr, split.empty() ? nullptr : outs.data(), static_cast<const float*>(Skip.data),
+                static_cast<const float*>(Gamma.data), static_cast<const float*>(Beta.data)};
+    // whole-row epilogues (residual, LayerNorm) run in the tasks of the row-block path, else in a pass over rows
+    // after the GEMM (the others' tasks own column slices)
+    bool rows_pending = ep.skip || ep.gamma;
+    auto finish_rows = [&] {
+      if (!rows_pending) return;
+      auto rbody = [&](size_t t) {
+        const int64_t m0 = static_cast<int64_t>(t) * 16;
+        residual_layernorm_rows(isa, Y, N, ep.skip, ep.gamma, ep.beta, epsilon, m0, std::min(M, m0 + 16));
+      };
+      parallel_for(api, raw, static_cast<size_t>((M + 15) / 16), rbody);
+    };
 
     LowBitArgs a;
     a.M = M, a.K = K, a.N = N, a.bits = static_cast<int>(bits), a.group = static_cast<int>(group);
@@ -317,23 +458,37 @@ struct LowBitKernel {
     std::vector<int8_t> qperm;
     std::vector<float> fperm;
     const float* Af = static_cast<const float*>(A.data);
+    std::vector<float> own_colsum;
     if (accuracy_level == 4) {
-      // Dynamic symmetric per-row int8 quantization of A: aq = round(a * 127 / max|a|), a ~= aq * max|a| / 127;
-      // rows in parallel (vectorized on AVX-512), into per-thread scratch reused across calls.
+      // Dynamic asymmetric per-row 8-bit quantization of A (quantize_rows_scalar); rows in parallel (vectorized on
+      // AVX-512), into per-thread scratch reused across calls. off[m] = a_scale[m] * a_zero[m] for the epilogue.
       thread_local std::vector<int8_t> qs;
-      thread_local std::vector<float> ss;
-      thread_local std::vector<int32_t> gs;
+      thread_local std::vector<float> ss, os;
+      thread_local std::vector<int32_t> gs, zs;
       if (qs.size() < static_cast<size_t>(M * lda)) qs.resize(static_cast<size_t>(M * lda));
-      if (ss.size() < static_cast<size_t>(M)) ss.resize(static_cast<size_t>(M));
+      if (ss.size() < static_cast<size_t>(M)) ss.resize(static_cast<size_t>(M)), os.resize(static_cast<size_t>(M)),
+          zs.resize(static_cast<size_t>(M));
       if (gs.size() < static_cast<size_t>(M * groups)) gs.resize(static_cast<size_t>(M * groups));
-      QuantizeRowsFn qf = quantize_rows_scalar;
-      if (isa == Isa::kAvx512 && packed_lowbit_avx512()) qf = packed_lowbit_avx512()->quantize;
+      QuantizeRowsFn qf0 = quantize_rows_scalar;
+      if (isa == Isa::kAvx512 && packed_lowbit_avx512()) qf0 = packed_lowbit_avx512()->quantize;
       const int64_t rows_per = std::max<int64_t>(1, (M + 7) / 8);
       const size_t qtasks = static_cast<size_t>((M + rows_per - 1) / rows_per);
       int8_t* qd = qs.data();
       float* sd = ss.data();
+      float* od = os.data();
       int32_t* gd = gs.data();
+      int32_t* zd = zs.data();
+      auto qf = [&](int64_t m0, int64_t m1) {
+        qf0(Af, K, lda, static_cast<int>(group), groups, m0, m1, qd, sd, zd, gd);
+        for (int64_t m = m0; m < m1; ++m) od[m] = sd[m] * static_cast<float>(zd[m]);
+      };
       a.aq = qd, a.lda_q = lda, a.a_scale = sd, a.asum = gd;
+      const std::vector<float>* cs = colsums.get({a.B, a.scales, a.zero_points}, [&](std::vector<float>& v) {
+        v = weight_column_sums(a);
+        return true;
+      });
+      if (!cs) own_colsum = weight_column_sums(a), cs = &own_colsum;
+      ep.off = od, ep.colsum = cs->data();
       const PackedLowBit* pk = prepack ? get_packed(a) : nullptr;
       if (pk && M >= 32 && pk->w.size() <= (8u << 20)) {
         // GEMM (pre-packed) with cache-resident weights: one parallel pass over blocks of 16 rows, each quantizing
@@ -343,18 +498,19 @@ struct LowBitKernel {
         constexpr int64_t kRows = 16;
         auto body = [&](size_t t) {
           const int64_t m0 = static_cast<int64_t>(t) * kRows, m1 = std::min(M, m0 + kRows);
-          qf(Af, K, lda, static_cast<int>(group), groups, m0, m1, qd, sd, gd);
+          qf(m0, m1);
           LowBitArgs b = a;
           b.M = m1 - m0, b.aq = qd + m0 * lda, b.a_scale = sd + m0, b.asum = gd + m0 * groups, b.Y = Y + m0 * N;
           pkk.run(b, *pk, 0, pk->tiles);
-          if (bias) add_bias(Y, N, bias, m0, m1, 0, N);
+          epilogue(Y, ep, m0, m1, 0, N);
+          if (rows_pending) residual_layernorm_rows(isa, Y, N, ep.skip, ep.gamma, ep.beta, epsilon, m0, m1);
         };
         parallel_for(api, raw, static_cast<size_t>((M + kRows - 1) / kRows), body);
         return;
       }
       auto qbody = [&](size_t t) {
         const int64_t m0 = static_cast<int64_t>(t) * rows_per;
-        qf(Af, K, lda, static_cast<int>(group), groups, m0, std::min(M, m0 + rows_per), qd, sd, gd);
+        qf(m0, std::min(M, m0 + rows_per));
       };
       if (M * K >= 16384)
         parallel_for(api, raw, qtasks, qbody);
@@ -368,9 +524,10 @@ struct LowBitKernel {
           const int64_t t0 = static_cast<int64_t>(t) * per;
           const int64_t t1 = std::min(pk->tiles, t0 + per);
           pkk.run(a, *pk, t0, t1);
-          if (bias) add_bias(Y, N, bias, 0, M, t0 * pkk.tile_rows, std::min(N, t1 * pkk.tile_rows));
+          epilogue(Y, ep, 0, M, t0 * pkk.tile_rows, std::min(N, t1 * pkk.tile_rows));
         };
         parallel_for(api, raw, tasks, body);
+        finish_rows();
         return;
       }
       if (table_for(isa).lowbit_i8_prepare) table_for(isa).lowbit_i8_prepare(a, qperm);
@@ -386,9 +543,36 @@ struct LowBitKernel {
       const int64_t n0 = static_cast<int64_t>(t) * block;
       const int64_t n1 = std::min(N, n0 + block);
       fn_ptr(a, n0, n1);
-      if (bias) add_bias(Y, N, bias, 0, M, n0, n1);
+      epilogue(Y, ep, 0, M, n0, n1);
     };
     parallel_for(api, raw, tasks, body);
+    finish_rows();
+  }
+
+  // The activations' zero-point term (accuracy_level 4: off, colsum; else null), the bias, then the activation,
+  // over rows [m0, m1) and columns [n0, n1) of Y [M, N] that a task has just written.
+  struct Epilogue {
+    const float* bias;
+    const float* off;     // accuracy_level 4: a_scale * a_zero per row (else null) ...
+    const float* colsum;  // ... and the weight's column sums
+    float* const* outs;   // split: the outputs (else null: Y is the output)
+    const float* skip;    // whole-row epilogue, after the activation: + skip [M, N], then LayerNorm with
+    const float* gamma;   // ln_scale [N] (null: none) ...
+    const float* beta;    // ... and ln_bias [N] (null: 0)
+  };
+  void epilogue(float* Y, const Epilogue& e, int64_t m0, int64_t m1, int64_t n0, int64_t n1) const {
+    if (e.off) sub_zero_term(Y, N, e.off, e.colsum, m0, m1, n0, n1);
+    if (e.bias) add_bias(Y, N, e.bias, m0, m1, n0, n1);
+    if (gelu) gelu_rows(isa, Y, N, m0, m1, n0, n1);
+    if (e.outs) {  // columns [n0, n1) to the outputs they belong to
+      int64_t c0 = 0;
+      for (size_t i = 0; i < split.size(); c0 += split[i], ++i) {
+        const int64_t lo = std::max(n0, c0), hi = std::min(n1, c0 + split[i]);
+        if (lo >= hi) continue;
+        for (int64_t m = m0; m < m1; ++m)
+          std::memcpy(e.outs[i] + m * split[i] + (lo - c0), Y + m * N + lo, static_cast<size_t>(hi - lo) * 4);
+      }
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
@@ -403,16 +587,20 @@ struct LowBitOp : Ort::CustomOpBase<LowBitOp, LowBitKernel, true> {
     return as_status(api, [&] { *kernel = new LowBitKernel(api, info, isa); });
   }
   const char* GetName() const { return "MatMulLowBit"; }
-  // A, B_packed, scales, zero_points (optional), bias (optional)
-  size_t GetInputTypeCount() const { return 5; }
+  // A, B_packed, scales, zero_points (optional), bias, skip, ln_scale, ln_bias (optional)
+  size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return (i == 0 || i == 2 || i == 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    return (i == 1 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
+  // Y, or with the split attribute one output per part (the optional ones after the first)
+  size_t GetOutputTypeCount() const { return LowBitKernel::kMaxSplit; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i >= 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------------------

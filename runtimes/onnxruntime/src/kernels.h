@@ -30,9 +30,10 @@ struct LowBitArgs {
   const float* A = nullptr;
   int64_t lda = 0;
   bool f32_reordered = false;  // A re-ordered by the ISA's lowbit_f32_prepare
-  // int8 path: A quantized per row, symmetric: a ~= aq * a_scale[m]; aq [M, lda_q] (zeros past K, lda_q a
-  // multiple of 256 >= Kp),
-  // asum [M, groups] = sum of aq over each group.
+  // int8 path: A quantized per row, asymmetric (uint8 levels shifted by -128): a ~= (aq - a_zero[m]) * a_scale[m];
+  // aq [M, lda_q] (zeros past K, lda_q a multiple of 256 >= Kp), asum [M, groups] = sum of aq over each group.
+  // The kernels compute a_scale[m] * sum_g s (sum_k q aq - zp asum); the a_zero term (a_scale a_zero times the
+  // column sums of the dequantized weight) is subtracted by the caller (edgekit_ort.cc, the epilogue).
   const int8_t* aq = nullptr;
   int64_t lda_q = 0;
   const float* a_scale = nullptr;
@@ -78,11 +79,11 @@ struct PackedLowBit {
   std::vector<uint8_t> zp;  // [tiles][groups][16] or empty (symmetric)
 };
 
-// Symmetric per-row int8 quantization of activation rows [m0, m1) of A [M, K] (see edgekit_ort.cc's
-// quantize_rows_scalar, which this must match bit for bit): q [M, lda] (zeros in [K, lda)), a_scale [M],
-// asum [M, groups].
+// Asymmetric per-row 8-bit quantization of activation rows [m0, m1) of A [M, K] (see edgekit_ort.cc's
+// quantize_rows_scalar, which this must match bit for bit): q [M, lda] (uint8 level - 128; zeros in [K, lda)),
+// a_scale [M], a_zero [M] (the zero point, as q), asum [M, groups].
 using QuantizeRowsFn = void (*)(const float* A, int64_t K, int64_t lda, int group, int64_t groups, int64_t m0,
-                                int64_t m1, int8_t* q, float* a_scale, int32_t* asum);
+                                int64_t m1, int8_t* q, float* a_scale, int32_t* a_zero, int32_t* asum);
 
 struct PackedLowBitKernels {
   bool (*pack)(const LowBitArgs& a, PackedLowBit& out);  // a: B, scales, zero_points, N, K, bits, group
@@ -111,6 +112,14 @@ struct PackedSparse24Kernels {
 };
 
 const PackedSparse24Kernels* packed_sparse24_avx512();  // null when not compiled in
+
+// MatMulLowBit's fused activation (activation="Gelu"): Y = gelu(Y) in place for rows [m0, m1), columns [n0, n1)
+// of Y [., ldy]; the exact (erf) GELU, vectorized for the given ISA (epilogue.cc).
+void gelu_rows(Isa isa, float* Y, int64_t ldy, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// MatMulLowBit's residual + LayerNorm epilogue over whole rows [m0, m1) of Y [M, N]: Y += skip (when given); then,
+// with gamma, each row normalized (biased variance, + eps) and scaled by gamma (+ beta).
+void residual_layernorm_rows(Isa isa, float* Y, int64_t N, const float* skip, const float* gamma, const float* beta,
+                             float eps, int64_t m0, int64_t m1);
 
 const KernelTable& kernels_scalar();
 const KernelTable* kernels_avx2();    // null when not compiled in

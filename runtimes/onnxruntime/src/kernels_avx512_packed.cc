@@ -14,6 +14,8 @@
 // Each thread streams whole tiles: one sequential stream, prefetched ahead.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -251,25 +253,33 @@ EK_TARGET void lowbit_i8_packed(const LowBitArgs& a, const PackedLowBit& pk, int
   }
 }
 
-// Per-row symmetric int8 quantization, bit-identical to the scalar quantize_rows (max is exact; x * inv is the
-// same fp32 product; cvtps rounds to nearest even like nearbyint in the default rounding mode).
+// Per-row asymmetric 8-bit quantization, bit-identical to the scalar quantize_rows_scalar (min and max are exact;
+// x * inv is the same fp32 product; cvtps rounds to nearest even like nearbyint in the default rounding mode; the
+// zero point and the clamps are applied to the same integers).
 EK_TARGET void quantize_rows(const float* A, int64_t K, int64_t lda, int group, int64_t groups, int64_t m0,
-                             int64_t m1, int8_t* q, float* a_scale, int32_t* asum) {
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+                             int64_t m1, int8_t* q, float* a_scale, int32_t* a_zero, int32_t* asum) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* x = A + m * K;
-    __m512 mx = _mm512_setzero_ps();
+    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_loadu_ps(x + k), absmask));
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(x + k);
+      vlo = _mm512_min_ps(vlo, v), vhi = _mm512_max_ps(vhi, v);
+    }
     if (k < K) {
       const __mmask16 r = static_cast<__mmask16>((1u << (K - k)) - 1u);
-      mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_maskz_loadu_ps(r, x + k), absmask));
+      const __m512 v = _mm512_maskz_loadu_ps(r, x + k);  // zeros in the masked lanes: lo <= 0 <= hi anyway
+      vlo = _mm512_min_ps(vlo, v), vhi = _mm512_max_ps(vhi, v);
     }
-    const float amax = _mm512_reduce_max_ps(mx);
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    a_scale[m] = amax / 127.f;
+    const float lo = _mm512_reduce_min_ps(vlo), hi = _mm512_reduce_max_ps(vhi);
+    const float range = hi - lo;
+    const float inv = range > 0.f ? 255.f / range : 0.f;
+    const int32_t z =
+        range > 0.f ? static_cast<int32_t>(std::min(255.f, std::max(0.f, std::nearbyint(-lo * inv)))) : 128;
+    a_scale[m] = range / 255.f;
+    a_zero[m] = z - 128;
     const __m512 vinv = _mm512_set1_ps(inv);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512i vz = _mm512_set1_epi32(z - 128), lo8 = _mm512_set1_epi32(-128), hi8 = _mm512_set1_epi32(127);
     int8_t* qr = q + m * lda;
     int32_t* gs = asum + m * groups;
     for (int64_t g = 0; g < groups; ++g) {
@@ -279,7 +289,7 @@ EK_TARGET void quantize_rows(const float* A, int64_t K, int64_t lda, int group, 
         const __mmask16 r = left >= 16 ? static_cast<__mmask16>(0xFFFF)
                                        : (left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u));
         __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(r, x + k0), vinv));
-        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        v = _mm512_maskz_mov_epi32(r, _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(v, vz), lo8), hi8));
         sum = _mm512_add_epi32(sum, v);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k0), _mm512_cvtepi32_epi8(v));
       }
