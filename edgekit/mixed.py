@@ -86,8 +86,11 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
         if quantizer is None:
             quantizer = plan_quantizer(plan, fp32, calib, ctx, layers=list(wonly))
         weights = {n: quantizer.qweight(n, o) for n, o in wonly.items()}
+        native = edgekit_ops(plan.target) if edgekit_kernels is None else edgekit_kernels
+        # this artifact runs in ONNX Runtime (TensorRT exports rewrite their own copy), whose native library has
+        # the fused-activation epilogue
         model = apply_weight_only(onnx.load(str(base)), weights, accuracy_level=quantizer.config.accuracy_level,
-                                  edgekit_ops=edgekit_ops(plan.target) if edgekit_kernels is None else edgekit_kernels)
+                                  edgekit_ops=native, fuse_activations=native)
         onnx.save(model, str(out))
         if base != Path(fp32.path):
             base.unlink(missing_ok=True)

@@ -291,6 +291,183 @@ def test_matmul_then_bias_add_fuses_into_matmullowbit():
     np.testing.assert_allclose(got["y0"], x @ qs["fc0"].dequantize().T + b, rtol=1e-4, atol=1e-4)
 
 
+def _gelu_model(rng, K=64, N=40):
+    """x [3, K] -> four MatMul (+ bias Add) -> exact GELU as torch exports it, in the two Mul orders, one GELU whose
+    intermediate is also an output, and one after a MatMul without bias."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    ws = {f"W{i}": (rng.standard_normal((K, N)) * 0.3).astype(np.float32) for i in range(4)}
+    b = rng.standard_normal(N).astype(np.float32)
+    consts = {"sqrt2": np.float32(np.sqrt(2.0)), "one": np.float32(1.0), "half": np.float32(0.5)}
+    nodes = []
+    for i in range(4):
+        y = f"y{i}"
+        nodes.append(h.make_node("MatMul", ["x", f"W{i}"], [f"m{i}"], name=f"fc{i}"))
+        if i != 3:
+            nodes.append(h.make_node("Add", [f"m{i}", "b"], [y], name=f"add{i}"))
+        else:
+            y = f"m{i}"
+        nodes += [h.make_node("Div", [y, "sqrt2"], [f"d{i}"], name=f"div{i}"),
+                  h.make_node("Erf", [f"d{i}"], [f"e{i}"], name=f"erf{i}"),
+                  h.make_node("Add", [f"e{i}", "one"], [f"p{i}"], name=f"plus{i}")]
+        if i == 1:  # Mul(y, erf + 1) -> Mul(0.5)
+            nodes += [h.make_node("Mul", [y, f"p{i}"], [f"u{i}"], name=f"mul{i}"),
+                      h.make_node("Mul", [f"u{i}", "half"], [f"g{i}"], name=f"half{i}")]
+        else:  # Mul(0.5, erf + 1) -> Mul(y), as torch's exporter
+            nodes += [h.make_node("Mul", ["half", f"p{i}"], [f"u{i}"], name=f"half{i}"),
+                      h.make_node("Mul", [y, f"u{i}"], [f"g{i}"], name=f"mul{i}")]
+    outs = [f"g{i}" for i in range(4)] + ["e2"]  # erf2 is read outside its GELU: that one must stay
+    inits = [numpy_helper.from_array(w, n) for n, w in ws.items()] + [numpy_helper.from_array(b, "b")] + [
+        numpy_helper.from_array(np.array(v), k) for k, v in consts.items()]
+    model = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [3, K])],
+                                      [h.make_tensor_value_info(o, TP.FLOAT, None) for o in outs], inits),
+                         opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    return model, {f"fc{i}": rtn(ws[f"W{i}"].T.copy(), 4, 32) for i in range(4)}, b
+
+
+def test_matmul_then_gelu_fuses_into_matmullowbit(monkeypatch):
+    """On ai.edgekit ONNX Runtime targets (``fuse_activations``), torch's exact GELU after a low-bit MatMul (+ bias)
+    becomes MatMulLowBit's ``activation="Gelu"``: its five nodes go, in either Mul order, with or without a bias;
+    a GELU whose intermediate something else reads stays. Outputs equal the unfused graph's (native library, fp32
+    math: to float rounding), and the Python fallback computes the same."""
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.kernels import ort_native
+
+    if ort_native.library_path() is None and not os.environ.get("CI"):
+        pytest.skip("native ai.edgekit library not built")
+    rng = np.random.default_rng(11)
+    model, qs, b = _gelu_model(rng)
+    fused = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0, fuse_activations=True)
+    ops = {n.name: n for n in fused.graph.node}
+    act = {n: {a.name: a.s for a in ops[n].attribute}.get("activation", b"") for n in ("fc0", "fc1", "fc2", "fc3")}
+    assert act == {"fc0": b"Gelu", "fc1": b"Gelu", "fc2": b"", "fc3": b"Gelu"}
+    for i in (0, 1, 3):
+        assert not {f"div{i}", f"erf{i}", f"plus{i}", f"mul{i}", f"half{i}"} & set(ops)
+        assert ops[f"fc{i}"].output[0] == f"g{i}"
+    assert {"div2", "erf2", "plus2", "mul2", "half2"} <= set(ops)
+    assert len(ops["fc0"].input) == 5 and len(ops["fc3"].input) < 5  # biases fused where there is one
+    unfused = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0)
+    assert not any(a.name == "activation" for n in unfused.graph.node for a in n.attribute)
+    x = (rng.standard_normal((3, 64)) * 2).astype(np.float32)
+    got = OrtRuntime(fused.SerializeToString()).run({"x": x})
+    ref = OrtRuntime(unfused.SerializeToString()).run({"x": x})
+    for y in ("g0", "g1", "g2", "g3", "e2"):
+        np.testing.assert_allclose(got[y], ref[y], rtol=1e-5, atol=1e-5)
+    from math import erf
+
+    h0 = x.astype(np.float64) @ qs["fc0"].dequantize().T.astype(np.float64) + b
+    gelu = h0 * 0.5 * (1 + np.vectorize(erf)(h0 / np.sqrt(2)))
+    np.testing.assert_allclose(got["g0"], gelu, rtol=1e-4, atol=1e-4)
+    pytest.importorskip("onnxruntime_extensions")
+    monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", "/nonexistent/libedgekit_ort.so")
+    slow = OrtRuntime(fused.SerializeToString()).run({"x": x})
+    for y in ("g0", "g1", "g3"):
+        np.testing.assert_allclose(slow[y], ref[y], rtol=1e-5, atol=1e-5)
+
+
+def test_sibling_matmuls_merge_into_one_matmullowbit_with_split_outputs(monkeypatch):
+    """On ai.edgekit ONNX Runtime targets, low-bit MatMuls that read the same input in the same weight format (Q, K
+    and V) become one MatMulLowBit whose ``split`` outputs are theirs (biases concatenated, zeros where a member had
+    none); a different format or a fused GELU stays separate. Outputs equal the unmerged graph's, natively and
+    through the Python fallback."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.kernels import ort_native
+
+    if ort_native.library_path() is None and not os.environ.get("CI"):
+        pytest.skip("native ai.edgekit library not built")
+    rng = np.random.default_rng(12)
+    K = 64
+    widths = {"q": 40, "k": 40, "v": 24, "o": 40}
+    ws = {n: (rng.standard_normal((K, w)) * 0.2).astype(np.float32) for n, w in widths.items()}
+    bq, bv = rng.standard_normal(40).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", f"W{n}"], [f"m{n}"], name=n) for n in widths]
+    nodes += [h.make_node("Add", ["mq", "bq"], ["yq"], name="addq"),
+              h.make_node("Add", ["bv", "mv"], ["yv"], name="addv")]
+    inits = [numpy_helper.from_array(w, f"W{n}") for n, w in ws.items()]
+    inits += [numpy_helper.from_array(bq, "bq"), numpy_helper.from_array(bv, "bv")]
+    outs = [h.make_tensor_value_info(y, TP.FLOAT, None) for y in ("yq", "mk", "yv", "mo")]
+    model = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [5, K])], outs, inits),
+                         opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    qs = {n: rtn(ws[n].T.copy(), 4, 32) for n in ("q", "k", "v")} | {"o": rtn(ws["o"].T.copy(), 2, 32)}
+    merged = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0, fuse_activations=True)
+    lowbit_nodes = [n for n in merged.graph.node if n.op_type == "MatMulLowBit"]
+    assert len(lowbit_nodes) == 2 and "Add" not in {n.op_type for n in merged.graph.node}
+    qkv = next(n for n in lowbit_nodes if len(n.output) == 3)
+    assert qkv.name == "q+k+v" and list(qkv.output) == ["yq", "mk", "yv"]
+    assert [a.ints for a in qkv.attribute if a.name == "split"] == [[40, 40, 24]]
+    bias = numpy_helper.to_array(next(i for i in merged.graph.initializer if i.name == qkv.input[4]))
+    np.testing.assert_array_equal(bias, np.concatenate([bq, np.zeros(40, np.float32), bv]))
+    plain = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0)
+    assert sum(n.op_type == "MatMulLowBit" for n in plain.graph.node) == 4
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    got, ref = OrtRuntime(merged.SerializeToString()).run({"x": x}), OrtRuntime(plain.SerializeToString()).run({"x": x})
+    for y in ("yq", "mk", "yv", "mo"):
+        np.testing.assert_allclose(got[y], ref[y], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["yv"], x @ qs["v"].dequantize().T + bv, rtol=1e-4, atol=1e-4)
+    pytest.importorskip("onnxruntime_extensions")
+    monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", "/nonexistent/libedgekit_ort.so")
+    slow = OrtRuntime(merged.SerializeToString()).run({"x": x})
+    for y in ("yq", "mk", "yv", "mo"):
+        np.testing.assert_allclose(slow[y], ref[y], rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_residual_layernorm_fuses_into_matmullowbit(monkeypatch):
+    """A low-bit MatMul (+ bias) -> Add(residual of the same shape) -> LayerNormalization(constant scale, bias) becomes
+    one MatMulLowBit with skip/ln_scale/ln_bias inputs and the LayerNorm's epsilon, emitted where the LayerNorm was
+    (its residual may be computed after the MatMul); a residual that broadcasts (shape [1, N]) is not fused. Outputs
+    equal the unfused graph's, natively and through the Python fallback."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.kernels import ort_native
+
+    if ort_native.library_path() is None and not os.environ.get("CI"):
+        pytest.skip("native ai.edgekit library not built")
+    rng = np.random.default_rng(13)
+    K, N = 64, 48
+    w = {f"W{i}": (rng.standard_normal((K, N)) * 0.2).astype(np.float32) for i in range(2)}
+    consts = {"b": rng.standard_normal(N), "g": rng.random(N) + 0.5, "beta": rng.standard_normal(N)}
+    nodes = [h.make_node("MatMul", ["x", "W0"], ["m0"], name="fc0"),
+             h.make_node("Add", ["m0", "b"], ["y0"], name="bias0"),
+             h.make_node("Relu", ["r_in"], ["r"], name="late_residual"),  # computed after fc0
+             h.make_node("Add", ["y0", "r"], ["s0"], name="res0"),
+             h.make_node("LayerNormalization", ["s0", "g", "beta"], ["ln0"], name="ln0", axis=-1, epsilon=1e-6),
+             h.make_node("MatMul", ["x", "W1"], ["m1"], name="fc1"),
+             h.make_node("Add", ["m1", "row"], ["s1"], name="res1"),  # [1, N] residual: broadcasts
+             h.make_node("LayerNormalization", ["s1", "g"], ["ln1"], name="ln1", axis=-1)]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()]
+    ins = [h.make_tensor_value_info("x", TP.FLOAT, [5, K]), h.make_tensor_value_info("r_in", TP.FLOAT, [5, N]),
+           h.make_tensor_value_info("row", TP.FLOAT, [1, N])]
+    outs = [h.make_tensor_value_info(y, TP.FLOAT, None) for y in ("ln0", "ln1")]
+    model = h.make_model(h.make_graph(nodes, "g", ins, outs, inits), opset_imports=[h.make_opsetid("", 21)],
+                         ir_version=10)
+    qs = {f"fc{i}": rtn(w[f"W{i}"].T.copy(), 4, 32) for i in range(2)}
+    fused = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0, fuse_activations=True)
+    ops = {n.name: n for n in fused.graph.node}
+    assert not {"bias0", "res0", "ln0"} & set(ops) and {"res1", "ln1"} <= set(ops)
+    fc0 = ops["fc0"]
+    assert list(fc0.input[4:]) == ["fc0::bias", "r", "g", "beta"] and list(fc0.output) == ["ln0"]
+    assert abs({a.name: a.f for a in fc0.attribute}["epsilon"] - 1e-6) < 1e-12
+    order = [n.name for n in fused.graph.node]
+    assert order.index("late_residual") < order.index("fc0")
+    plain = apply_weight_only(model, qs, edgekit_ops=True, accuracy_level=0)
+    feeds = {"x": rng.standard_normal((5, K)), "r_in": rng.standard_normal((5, N)), "row": rng.standard_normal((1, N))}
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    got, ref = OrtRuntime(fused.SerializeToString()).run(feeds), OrtRuntime(plain.SerializeToString()).run(feeds)
+    for y in ("ln0", "ln1"):
+        np.testing.assert_allclose(got[y], ref[y], rtol=1e-4, atol=1e-4)
+    pytest.importorskip("onnxruntime_extensions")
+    monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", "/nonexistent/libedgekit_ort.so")
+    slow = OrtRuntime(fused.SerializeToString()).run(feeds)
+    np.testing.assert_allclose(slow["ln0"], ref["ln0"], rtol=1e-4, atol=1e-4)
+
+
 def _conv_model():
     """x [N, 64, 5, 5] -> 1x1 Conv (48 out, bias) -> Relu -> 3x3 Conv (padded, not lowerable)."""
     rng = np.random.default_rng(5)

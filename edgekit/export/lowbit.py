@@ -8,7 +8,9 @@
   native library, ``runtimes/onnxruntime/``). ONNX Runtime runs the op in that library when it is built, else through
   the Python reference (``edgekit.agent.runtime.prepare_model``). There, a MatMul whose output only feeds an ``Add``
   of a constant ``[N]`` bias (torch's ``nn.Linear``) takes that bias as its fused input and the Add goes (MiniLM:
-  36 Adds fewer, ~0.5 ms of ~11 ms at sequence 128).
+  36 Adds fewer, ~0.5 ms of ~11 ms at sequence 128). With ``fuse_activations`` (ONNX Runtime targets), an exact GELU
+  after such a MatMul (``Div -> Erf -> Add -> Mul -> Mul``, as torch exports ``nn.GELU()``) becomes the op's
+  ``activation="Gelu"`` epilogue too (MiniLM: 30 nodes fewer).
 - A 1x1 Conv (group 1, stride 1, no padding or dilation effect) is lowered to the same op over channels-last rows:
   ``Transpose(NCHW -> NHWC)``, the MatMul op on ``[..., Cin]`` (bias fused), ``Transpose`` back. 1x1 convolutions
   dominate MobileNet/EfficientNet compute, and this lets them take any low-bit width the MatMul kernels run.
@@ -30,6 +32,7 @@ import numpy as np
 
 from edgekit.compress.wquant import QWeight
 from edgekit.errors import ExportError
+from edgekit.export.ort_fusions import gelu_tails, residual_layernorms, sibling_groups
 from edgekit.kernels.lowbit import pack
 
 MS_DOMAIN = "com.microsoft"
@@ -70,13 +73,16 @@ def matmul_nbits(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = N
     return node, inits
 
 
-def matmul_lowbit(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = None,
-                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
+def matmul_lowbit(name: str, x: str, y: str | list[str], qw: QWeight, *, bias: str | None = None,
+                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL, activation: str = "", split: list[int] | None = None,
+                  residual_ln: tuple[str, str, str, float] | None = None):
     """An ``ai.edgekit::MatMulLowBit`` node computing ``y = x @ dequant(qw).T (+ bias)`` (any of 2/3/4/8 bits;
     ``edgekit.kernels.lowbit``) and its initializers: the format for bit-widths ONNX Runtime has no kernel for
     (3 bits), and for every bit-width on targets with the native library. Zero points are one byte each; ``bias``
     (a float32 ``[N]`` tensor name) is the op's 5th input, fused in the kernels' epilogue; ``accuracy_level`` 4
-    lets the native kernel multiply in int8."""
+    lets the native kernel multiply in int8; ``activation`` ("Gelu") is the op's fused activation; ``split`` (with
+    one output name per part in ``y``) sends consecutive columns of the result to separate outputs;
+    ``residual_ln`` = (skip, ln_scale, ln_bias or "", epsilon) fuses the residual add and LayerNorm after them."""
     from onnx import numpy_helper
 
     from edgekit.kernels import lowbit as spec
@@ -89,7 +95,12 @@ def matmul_lowbit(name: str, x: str, y: str, qw: QWeight, *, bias: str | None = 
         inputs.append(f"{name}::zero_points")
     if bias:
         inputs += [""] * (4 - len(inputs)) + [bias]
-    node = spec.make_node(inputs, [y], K=qw.k, N=qw.n, bits=qw.bits, group_size=qw.group, name=name)
+    epsilon = None
+    if residual_ln:
+        skip, gamma, beta, epsilon = residual_ln
+        inputs += [""] * (5 - len(inputs)) + [skip, gamma] + ([beta] if beta else [])
+    node = spec.make_node(inputs, [y] if isinstance(y, str) else list(y), K=qw.k, N=qw.n, bits=qw.bits,
+                          group_size=qw.group, name=name, activation=activation, split=split, epsilon=epsilon)
     if accuracy_level:
         from onnx import helper
 
@@ -217,11 +228,45 @@ def _bias_adds(g, weights: Mapping[str, QWeight], inits) -> dict:
     return found
 
 
+def _concat(parts: list[QWeight]) -> QWeight:
+    """One weight whose rows are ``parts``' rows in order (same bits, group and K)."""
+    zeros = None if parts[0].zeros is None else np.concatenate([p.zeros for p in parts])
+    return QWeight(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]), zeros,
+                   parts[0].bits, parts[0].group, parts[0].k)
+
+
+def _merged(members: list, weights: Mapping[str, QWeight], bias_adds: Mapping, inits, accuracy_level: int):
+    """The ``MatMulLowBit`` (``split`` outputs) computing sibling MatMuls ``members``, each output written where that
+    member's (bias-fused) output was; a member without a bias gets zeros in the concatenated one."""
+    from onnx import numpy_helper
+
+    parts = [weights[m.name] for m in members]
+    ys, biases = [], []
+    for m, qw in zip(members, parts):
+        add_bias = bias_adds.get(m.name)
+        ys.append(add_bias[0].output[0] if add_bias else m.output[0])
+        biases.append(numpy_helper.to_array(inits[add_bias[1]]).reshape(qw.n).astype(np.float32) if add_bias
+                      else np.zeros(qw.n, np.float32))
+    merged = "+".join(m.name for m in members)
+    extra = []
+    bias = None
+    if any(m.name in bias_adds for m in members):
+        extra.append(numpy_helper.from_array(np.concatenate(biases), f"{merged}::bias"))
+        bias = extra[0].name
+    n, more = matmul_lowbit(merged, members[0].input[0], ys, _concat(parts), bias=bias,
+                            accuracy_level=accuracy_level, split=[p.n for p in parts])
+    return n, extra + more
+
+
 def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
-                      edgekit_ops: bool = False):
+                      edgekit_ops: bool = False, fuse_activations: bool = False):
     """A copy of ``model`` (ModelProto) whose nodes named in ``weights`` read those low-bit weights instead of their
     float initializers (which are dropped when nothing else reads them). ``edgekit_ops``: every low-bit MatMul/Gemm
-    becomes ``ai.edgekit::MatMulLowBit`` (else only the bit-widths ``MatMulNBits`` lacks)."""
+    becomes ``ai.edgekit::MatMulLowBit`` (else only the bit-widths ``MatMulNBits`` lacks). ``fuse_activations``
+    (with ``edgekit_ops``; the native ONNX Runtime library has these, the TensorRT plugins do not): an exact GELU
+    after a low-bit MatMul becomes the op's ``activation="Gelu"``, a following residual ``Add`` and
+    ``LayerNormalization`` its ``skip``/``ln_scale``/``ln_bias`` inputs, and sibling MatMuls one op with ``split``
+    outputs (``export.ort_fusions``)."""
     import onnx
     from onnx import helper
 
@@ -232,9 +277,31 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
     found = set()
     new_nodes, new_inits = [], []
     bias_adds = _bias_adds(g, weights, inits) if edgekit_ops else {}
-    fused = {add.name for add, _ in bias_adds.values()}
+    fused = {add.output[0] for add, _ in bias_adds.values()}  # nodes that go, by output
+    gelus = {}
+    if edgekit_ops and fuse_activations:
+        outputs_of = {n.name: (bias_adds[n.name][0].output[0] if n.name in bias_adds else n.output[0])
+                      for n in g.node if n.name in weights and n.op_type in ("MatMul", "Gemm")}
+        gelus = gelu_tails(g, outputs_of, inits)
+        fused |= {t.output[0] for tail, _ in gelus.values() for t in tail}
+        lns = residual_layernorms(out, {n: gelus[n][1] if n in gelus else y for n, y in outputs_of.items()}, inits)
+        fused |= {t.output[0] for add, ln, *_ in lns.values() for t in (add, ln)}
+        pending = {ln.output[0]: mm for mm, (_, ln, *_) in lns.items()}  # emitted where the LayerNorm was
+    else:
+        lns, pending = {}, {}
+    groups = {}  # first member -> the group; the other members are skipped
+    if edgekit_ops and fuse_activations:
+        for names in sibling_groups(g, weights, set(gelus) | set(lns)):
+            groups[names[0]] = names
+            fused |= {n.output[0] for n in g.node if n.name in names[1:]}
+    nodes_by_name = {n.name: n for n in g.node}
     for node in g.node:
-        if node.name in fused:
+        if node.output and node.output[0] in pending:  # the LayerNorm's place: its MatMul, with the whole tail
+            node = nodes_by_name[pending[node.output[0]]]
+        elif node.output and node.output[0] in fused or node.name in lns:
+            if node.name in weights:
+                check_rewritable(node, inits)
+                found.add(node.name)
             continue
         qw = weights.get(node.name)
         if qw is None:
@@ -242,6 +309,12 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
             continue
         check_rewritable(node, inits)
         found.add(node.name)
+        if node.name in groups:
+            n, extra = _merged([nodes_by_name[m] for m in groups[node.name]], weights, bias_adds, inits,
+                               accuracy_level)
+            new_nodes.append(n)
+            new_inits += extra
+            continue
         if node.op_type == "Gather":
             n, extra = gather_block_quantized(node.name, node.input[1], node.output[0], qw)
         elif node.op_type == "Conv":
@@ -254,11 +327,20 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
             if node.name in bias_adds:  # MatMul -> Add(constant [N]): the Add's bias fused, the Add's output written
                 add, bias = bias_adds[node.name]
                 y = add.output[0]
+            if node.name in gelus:  # ... -> GELU: the activation fused, the GELU's output written
+                y = gelus[node.name][1]
+            residual_ln = None
+            if node.name in lns:  # ... -> Add(residual) -> LayerNormalization: both fused, the LayerNorm's output
+                _, ln, residual, gamma, beta, eps = lns[node.name]
+                y, residual_ln = ln.output[0], (residual, gamma, beta, eps)
             if bias is not None:
                 new_inits.append(_fused_bias(node.name, bias, inits, qw.n))
                 bias = new_inits[-1].name
             make = matmul_nbits if qw.bits in MATMUL_BITS and not edgekit_ops else matmul_lowbit
-            n, extra = make(node.name, node.input[0], y, qw, bias=bias, accuracy_level=accuracy_level)
+            fusions = {"activation": "Gelu"} if node.name in gelus else {}
+            if residual_ln:
+                fusions["residual_ln"] = residual_ln
+            n, extra = make(node.name, node.input[0], y, qw, bias=bias, accuracy_level=accuracy_level, **fusions)
         new_nodes.append(n)
         new_inits += extra
     missing = sorted(set(weights) - found)
