@@ -53,21 +53,43 @@ def _code_bits(plan, layers) -> float:
     return sum(bits[n] * params[n] for n in bits) / sum(params[n] for n in bits)
 
 
+def _selects(selector: str, layer, largest_embedding: str) -> bool:
+    """Whether ``--options`` selector matches ``layer``: ``linear``/``embedding`` (its kind), ``word_embedding`` (the
+    largest embedding table), or a weight shape ``RxC`` (e.g. ``384x1536``: MiniLM's FFN up-projection)."""
+    if selector in ("linear", "embedding"):
+        return layer.kind == selector
+    if selector == "word_embedding":
+        return layer.name == largest_embedding
+    return "x".join(str(d) for d in layer.weight_shape) == selector
+
+
 def fixed_plan(model, layers, spec: str):
-    """A plan of one option per layer kind: ``spec`` is ``LINEAR/EMBEDDING`` (e.g. ``w4g32/w4g128``)."""
+    """A plan fixed by ``spec``: ``LINEAR/EMBEDDING`` (one option for every linear layer and one for every
+    embedding, e.g. ``w4g32/w4g128``), or comma-separated ``SELECTOR=OPTION`` rules, the first match winning, e.g.
+    ``384x384=w4g32,linear=w4g128,word_embedding=w4g128,embedding=w4g32`` (see ``_selects``)."""
     from edgekit.plan import LayerChoice, Plan
 
-    linear, embedding = spec.split("/")
-    return Plan(model.sha256, "cpu-x86", "mixed", tuple(
-        LayerChoice(layer.name, embedding if layer.kind == "embedding" else linear, "fixed by --options")
-        for layer in layers), solver="fixed")
+    if "=" not in spec:
+        linear, embedding = spec.split("/")
+        spec = f"linear={linear},embedding={embedding}"
+    rules = [tuple(r.split("=", 1)) for r in spec.split(",") if r.strip()]
+    embeddings = [layer for layer in layers if layer.kind == "embedding"]
+    largest = max(embeddings, key=lambda layer: layer.params).name if embeddings else ""
+    choices = []
+    for layer in layers:
+        option = next((o for sel, o in rules if _selects(sel.strip(), layer, largest)), None)
+        if option is None:
+            raise SystemExit(f"--options {spec}: no rule matches layer {layer.name} ({layer.kind}, "
+                             f"{'x'.join(map(str, layer.weight_shape))})")
+        choices.append(LayerChoice(layer.name, option.strip(), "fixed by --options"))
+    return Plan(model.sha256, "cpu-x86", "mixed", tuple(choices), solver="fixed")
 
 
 def build_variants(work: Path, budgets: list[float], max_code_bits: float, ctx, options: str | None = None
                    ) -> tuple[object, dict, dict]:
     """(prepared MiniLM, {name: artifact path}, plan notes). The plan: edgekit's allocation under the largest
     ``avg-bits`` budget of ``budgets`` (which count scales and zero points) whose average code bits stay within
-    ``max_code_bits``; or, with ``options``, one weight-only option for linear layers and one for embeddings."""
+    ``max_code_bits``; or, with ``options``, the plan ``fixed_plan`` makes of them."""
     from benchmarks.allocation import prepare
     from edgekit.compress.quant import W8A8Config
     from edgekit.export.onnx import describe
@@ -196,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="4.25,4.35,4.45",
                     help="comma-separated avg-bits budgets to allocate under (they count scales and zero points); "
                          "the largest whose plan stays within --max-code-bits is kept")
-    ap.add_argument("--options", metavar="LINEAR/EMBEDDING",
-                    help="instead of allocating: one weight-only option for every linear layer and one for the "
-                         "embeddings, e.g. w4g32/w4g128")
+    ap.add_argument("--options", metavar="SPEC",
+                    help="instead of allocating, a fixed plan: LINEAR/EMBEDDING (e.g. w4g32/w4g128), or "
+                         "SELECTOR=OPTION rules, first match wins (selectors: linear, embedding, word_embedding, a "
+                         "weight shape RxC), e.g. 384x384=w4g32,linear=w4g128,word_embedding=w4g128,embedding=w4g32")
     ap.add_argument("--max-code-bits", type=float, default=4.0,
                     help="the issue's limit: average weight code bits of the plan (default 4)")
     ap.add_argument("--rounds", type=int, default=20)
