@@ -4,7 +4,7 @@
 Run from the repository root on a machine with an NVIDIA GPU, torch (CUDA) and nvcc (numpy, torch and the
 standard library only; the repository root is put on ``sys.path``)::
 
-    OUT=/some/dir python3 runtimes/cuda/check_gpu.py [--skip-bench] [--budget-s 115]
+    OUT=/some/dir python3 runtimes/cuda/check_gpu.py [--skip-bench] [--budget-s 140]
 
 1. Build: ``matmul_lowbit.cu``, ``matmul_sparse24.cu``, ``attention_int8.cu`` with nvcc for the local compute
    capability (in parallel), plus ``matmul_sparse24.cu`` as ``compute_75`` PTX, which the driver JIT-compiles with
@@ -27,13 +27,16 @@ standard library only; the repository root is put on ``sys.path``)::
      (``matmul_sparse24_tiled.cuh``; shapes it does not take, K % 64 (f16) / 128 (int8) != 0, run the reference
      and are marked ``path 1``; a qualifying shape that did not run tiled fails), with extra tiled-friendly shapes
      (N and M tails) and every tiled config (128x128, 128x64, 64x64, 64x32) forced on two of them.
-   - AttentionInt8: ``|O - ref| <= 4e-3 + 1e-2 |ref|`` against ``attention.reference_quantized`` on the same
-     quantized inputs; cosine >= 0.999 per row against exact fp64 attention.
+   - AttentionInt8, both kernels (the CUDA-core one and the sm_80+ tensor-core one, each forced with
+     ``set_path``; ``last_path`` must say which ran): ``|O - ref| <= 4e-3 + 1e-2 |ref|`` against
+     ``attention.reference_quantized`` on the same quantized inputs; cosine >= 0.999 per row against exact fp64
+     attention. A compute_75 PTX build with the tensor-core path forced must fall back to the CUDA-core kernel.
 4. Benchmarks (CUDA events, median of samples, each batch queued behind a GPU sleep; weights rotated through
    copies exceeding 4x L2): MatMulLowBit 4- and 2-bit g128, tensor-core path vs the CUDA-core kernel vs torch fp16
    matmul, M = 16, 32, 128, 512 on 4096x4096 and 8192x8192; MatMulSparse24 f16 / int8 vs dense torch fp16 matmul
    and ``torch._int_mm``, M = 32, 128, 512 on 4096x4096 and 8192x8192, each for the reference kernel, the tiled
-   path (automatic config) and every tiled config; AttentionInt8 vs ``scaled_dot_product_attention`` fp16.
+   path (automatic config) and every tiled config; AttentionInt8 (both kernels) vs
+   ``scaled_dot_product_attention`` fp16.
 
 Every section runs in its own try/except; progress is printed with flush. Writes ``$OUT/check_gpu.json`` and
 ``$OUT/check_gpu.md`` (a summary for ``benchmarks/RESULTS_GPU.md``); exits 1 on any correctness or build failure.
@@ -169,6 +172,7 @@ def build_all(torch) -> dict:
         "attention": ("attention_int8", arch),
         "sparse24_fallback": ("matmul_sparse24", "compute_75"),
         "lowbit_fallback": ("matmul_lowbit", "compute_75"),
+        "attention_fallback": ("attention_int8", "compute_75"),
     }
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
@@ -582,29 +586,58 @@ def _attn_run(torch, lib, qz, B, H, S, Skv, q_block, k_block, out=None):
     return call, O, dev
 
 
-@section("AttentionInt8")
-def check_attention(torch, lib) -> list:
-    rng = np.random.default_rng(3)
+ATTN_PATHS = (("old", build.ATTN_PATH_OLD), ("mma", build.ATTN_PATH_MMA))
+
+
+def _attn_case(torch, lib, rng, i, B, H, S, Skv, qb, paths, want=None):
+    outliers = i % 2 == 1
+    q, k, v = _attn_inputs(rng, B, H, S, Skv, outliers)
+    qz = attention.quantize(q, k, v, q_block=qb, k_block=64)
+    ref = attention.reference_quantized(qz, q_block=qb, k_block=64)
+    exact = attention.reference_exact(q, k, v)
     rows = []
-    for i, (B, H, S, Skv, qb) in enumerate(ATTN_CHECK):
-        outliers = i % 2 == 1
-        q, k, v = _attn_inputs(rng, B, H, S, Skv, outliers)
-        qz = attention.quantize(q, k, v, q_block=qb, k_block=64)
-        ref = attention.reference_quantized(qz, q_block=qb, k_block=64)
+    for name, mode in paths:
+        lib.set_path(mode)
         call, O, _ = _attn_run(torch, lib, qz, B, H, S, Skv, qb, 64)
         call()
         torch.cuda.synchronize()
+        ran = lib.last_path()
         o = O.float().cpu().numpy()
         finite = bool(np.isfinite(o).all())
         err = float(np.abs(o - ref).max()) if finite else float("inf")
-        cos = float(attention.cosine_per_row(o, attention.reference_exact(q, k, v)).min()) if finite else 0.0
+        cos = float(attention.cosine_per_row(o, exact).min()) if finite else 0.0
         ok = finite and bool((np.abs(o - ref) <= 4e-3 + 1e-2 * np.abs(ref)).all()) and cos >= 0.999
-        row = dict(B=B, H=H, S=S, Skv=Skv, q_block=qb, outlier_k=outliers, max_abs_err=err, min_cos_exact=cos, ok=ok)
+        expect = (want or {}).get(name, mode)
+        if ran != expect:
+            fail("AttentionInt8", f"{name} forced, B={B} H={H} S={S} Skv={Skv}: ran path {ran}, expected {expect}")
+            ok = False
+        row = dict(path=name, ran=ran, B=B, H=H, S=S, Skv=Skv, q_block=qb, outlier_k=outliers, max_abs_err=err,
+                   min_cos_exact=cos, ok=ok)  # fmt: skip
         rows.append(row)
         if not ok:
-            fail("AttentionInt8", f"B={B} H={H} S={S} Skv={Skv} qb={qb}: max abs err {err:.2e}, min cos {cos:.5f}")
-        log(f"  B={B} H={H} S={S} Skv={Skv} qb={qb} outliers={outliers}: err {err:.1e} cos {cos:.5f} {ok}")
+            what = f"{name}: B={B} H={H} S={S} Skv={Skv} qb={qb}: max abs err {err:.2e}, min cos {cos:.5f}"
+            fail("AttentionInt8", what)
+        log(f"  {name}: B={B} H={H} S={S} Skv={Skv} qb={qb} outliers={outliers}: err {err:.1e} cos {cos:.5f} {ok}")
+    lib.set_path(build.ATTN_PATH_AUTO)
     return rows
+
+
+@section("AttentionInt8")
+def check_attention(torch, lib) -> list:
+    """Both kernels (old forced, mma forced) against the quantized reference and exact attention."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, (B, H, S, Skv, qb) in enumerate(ATTN_CHECK):
+        rows += _attn_case(torch, lib, rng, i, B, H, S, Skv, qb, ATTN_PATHS)
+    return rows
+
+
+@section("AttentionInt8 fallback")
+def check_attention_fallback(torch, lib) -> list:
+    """A compute_75 PTX build (JIT on this GPU) has an empty tensor-core kernel: mma forced must run the old one."""
+    rng = np.random.default_rng(4)
+    B, H, S, Skv, qb = ATTN_CHECK[2]
+    return _attn_case(torch, lib, rng, 2, B, H, S, Skv, qb, ATTN_PATHS[1:], want={"mma": build.ATTN_PATH_OLD})
 
 
 # ------------------------------------------------------------------------------------------------- benchmarks
@@ -767,16 +800,22 @@ def bench_attention(torch, lib) -> list:
         qt, kt, vt = (torch.from_numpy(a).cuda().half() for a in (q, k, v))
         entry = {"B": B, "H": H, "S": S, "D": 64}
         entry["sdpa_fp16_ms"] = _timed(torch, [functools.partial(F.scaled_dot_product_attention, qt, kt, vt)])
-        entry["int8_kernel_ms"] = _timed(torch, [call])
-        entry["speedup_vs_sdpa"] = entry["sdpa_fp16_ms"] / entry["int8_kernel_ms"]
-        call()
         sd = F.scaled_dot_product_attention(qt, kt, vt).float().cpu().numpy()
-        entry["min_cos_vs_sdpa"] = float(attention.cosine_per_row(O.float().cpu().numpy(), sd).min())
+        for name, mode in ATTN_PATHS:
+            lib.set_path(mode)
+            entry[f"int8_{name}_ms"] = _timed(torch, [call])
+            entry[f"int8_{name}_path"] = lib.last_path()
+            entry[f"{name}_vs_sdpa"] = entry["sdpa_fp16_ms"] / entry[f"int8_{name}_ms"]
+            call()
+            entry[f"{name}_min_cos_vs_sdpa"] = float(attention.cosine_per_row(O.float().cpu().numpy(), sd).min())
+        lib.set_path(build.ATTN_PATH_AUTO)
+        entry["mma_vs_old"] = entry["int8_old_ms"] / entry["int8_mma_ms"]
         rows.append(entry)
         log(
-            f"  B={B} H={H} S={S}: sdpa {entry['sdpa_fp16_ms'] * 1e3:.1f}us, int8 kernel "
-            f"{entry['int8_kernel_ms'] * 1e3:.1f}us (x{entry['speedup_vs_sdpa']:.2f}), "
-            f"cos {entry['min_cos_vs_sdpa']:.5f}"
+            f"  B={B} H={H} S={S}: sdpa {entry['sdpa_fp16_ms'] * 1e3:.1f}us, old {entry['int8_old_ms'] * 1e3:.1f}us "
+            f"(x{entry['old_vs_sdpa']:.2f}), mma {entry['int8_mma_ms'] * 1e3:.1f}us (x{entry['mma_vs_sdpa']:.2f}, "
+            f"path {entry['int8_mma_path']}), mma vs old x{entry['mma_vs_old']:.1f}, "
+            f"cos {entry['mma_min_cos_vs_sdpa']:.5f}"
         )
     return rows
 
@@ -881,13 +920,14 @@ def markdown(result: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     at = result["sections"].get("bench AttentionInt8", {}).get("result") or []
     if at:
-        lines += ["", "## AttentionInt8 speed (D = 64, µs)", ""]
-        lines.append("| B | H | S | SDPA fp16 | int8 kernel | speed-up | min cos vs SDPA |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines += ["", "## AttentionInt8 speed (D = 64, µs; old = CUDA-core kernel, mma = tensor-core kernel)", ""]
+        lines.append("| B | H | S | SDPA fp16 | old | mma | old vs SDPA | mma vs SDPA | mma vs old | min cos vs SDPA |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for e in at:
             lines.append(
-                f"| {e['B']} | {e['H']} | {e['S']} | {e['sdpa_fp16_ms'] * 1e3:.1f} | {e['int8_kernel_ms'] * 1e3:.1f} | "
-                f"{e['speedup_vs_sdpa']:.2f}× | {e['min_cos_vs_sdpa']:.5f} |"
+                f"| {e['B']} | {e['H']} | {e['S']} | {_us(e, 'sdpa_fp16_ms')} | {_us(e, 'int8_old_ms')} | "
+                f"{_us(e, 'int8_mma_ms')} | {e.get('old_vs_sdpa', 0):.2f}× | {e.get('mma_vs_sdpa', 0):.2f}× | "
+                f"{e.get('mma_vs_old', 0):.1f}× | {e.get('mma_min_cos_vs_sdpa', 0):.5f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -895,7 +935,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-bench", action="store_true", help="correctness only")
-    ap.add_argument("--budget-s", type=float, default=115.0, help="watchdog: write results and exit 1 after this")
+    ap.add_argument("--budget-s", type=float, default=140.0, help="watchdog: write results and exit 1 after this")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -937,6 +977,8 @@ def main(argv=None) -> int:
         check_sp24_fallback(torch, libs["sparse24_fallback"])
     if "attention" in libs:
         check_attention(torch, libs["attention"])
+    if "attention_fallback" in libs:
+        check_attention_fallback(torch, libs["attention_fallback"])
     if "lowbit" in libs:
         check_lowbit(torch, libs["lowbit"])
         check_lowbit_mma(torch, libs["lowbit"])

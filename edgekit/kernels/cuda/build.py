@@ -380,6 +380,13 @@ class Sparse24Library(_Library):
         self._check("edgekit_mma_sp_probe", rc)
 
 
+# AttentionInt8 paths (edgekit_attention_int8_set_path; default from $EDGEKIT_ATTN_PATH: auto, old, mma): auto and
+# mma take the tensor-core kernel (attention_int8_d64_mma) wherever it can run (sm_80+ device and build), old the
+# CUDA-core kernel. last_path(): 1 the CUDA-core kernel, 2 the tensor-core kernel. ATTN_MMA_ROWS queries per block.
+ATTN_PATH_AUTO, ATTN_PATH_OLD, ATTN_PATH_MMA = 0, 1, 2
+ATTN_MMA_ROWS = 64
+
+
 class AttentionLibrary(_Library):
     """``attention_int8.cu`` compiled as a shared library."""
 
@@ -387,6 +394,19 @@ class AttentionLibrary(_Library):
         super().__init__(path)
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         self._attn = self._fn("edgekit_attention_int8_d64", [p, p, p, p, p, p, p, i, i, i, i, i, f, p])
+        self._set_path = self._fn("edgekit_attention_int8_set_path", [i])
+        self._last_path = self._fn("edgekit_attention_int8_last_path", [])
+
+    def set_path(self, mode: int) -> int:
+        """Select the kernel for later calls (``ATTN_PATH_*``); returns the previous mode."""
+        prev = self._set_path(int(mode))
+        if prev < 0:
+            raise ValueError(f"AttentionInt8 CUDA: unknown path mode {mode}")
+        return prev
+
+    def last_path(self) -> int:
+        """The path of the last successful launch: 1 the CUDA-core kernel, 2 the tensor-core kernel."""
+        return int(self._last_path())
 
     def attention(
         self,

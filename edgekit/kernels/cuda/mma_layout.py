@@ -442,3 +442,75 @@ def emulate_dense(A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None) -> 
     dc = d_coords()
     D = full[..., dc[..., 0], dc[..., 1]]
     return D if C is None else D + np.asarray(C, dtype=np.float64)
+
+
+# ---- dense mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 (attention_int8.cu's tensor-core Q.K^T) ----
+#
+# PTX ISA "Matrix Fragments for mma.m16n8k32" (integer types), g = lane >> 2, t = lane % 4:
+#   A[r] (r = 0..3, four bytes e, low first): row g + 8 (r & 1), col 4t + 16 (r >> 1) + e   (a_{4r} .. a_{4r+3})
+#   B[r] (r = 0, 1): k 4t + 16r + e, col g
+#   D[i]: row g + 8 (i >> 1), col 2t + (i & 1)   (d_coords above; .s32)
+# The sparse s8 A model above (the same pattern on the compressed 16 x 32 matrix) was measured on an H100.
+
+
+def dense_s8_a_coords() -> np.ndarray:
+    """[32, 4, 4, 2] (row, k) of each byte of each A register of the dense s8 m16n8k32."""
+    g, t = _LANES // 4, _LANES % 4
+    out = np.zeros((32, 4, 4, 2), dtype=np.int64)
+    for r in range(4):
+        for e in range(4):
+            out[:, r, e, 0] = g + 8 * (r & 1)
+            out[:, r, e, 1] = 4 * t + 16 * (r >> 1) + e
+    return out
+
+
+def dense_s8_b_coords() -> np.ndarray:
+    """[32, 2, 4, 2] (k, col) of each byte of each B register of the dense s8 m16n8k32."""
+    g, t = _LANES // 4, _LANES % 4
+    out = np.zeros((32, 2, 4, 2), dtype=np.int64)
+    for r in range(2):
+        for e in range(4):
+            out[:, r, e, 0] = 4 * t + 16 * r + e
+            out[:, r, e, 1] = g
+    return out
+
+
+def emulate_dense_s8(A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None) -> np.ndarray:
+    """D [..., 32, 4] (int64, exact) of the dense s8 m16n8k32 from per-lane registers A [..., 32, 4] and
+    B [..., 32, 2] (uint32, four int8 each, low byte first) and optional C [..., 32, 4]."""
+    A, B = np.asarray(A, dtype=np.uint32), np.asarray(B, dtype=np.uint32)
+    batch = A.shape[:-2]
+    a8 = np.ascontiguousarray(A).view(np.int8).reshape(batch + (32, 4, 4)).astype(np.int64)
+    b8 = np.ascontiguousarray(B).view(np.int8).reshape(B.shape[:-2] + (32, 2, 4)).astype(np.int64)
+    am = np.zeros(batch + (16, 32), dtype=np.int64)
+    bm = np.zeros(B.shape[:-2] + (32, 8), dtype=np.int64)
+    ac, bc = dense_s8_a_coords(), dense_s8_b_coords()
+    am[..., ac[..., 0], ac[..., 1]] = a8
+    bm[..., bc[..., 0], bc[..., 1]] = b8
+    full = am @ bm  # [..., 16, 8]
+    dc = d_coords()
+    D = full[..., dc[..., 0], dc[..., 1]]
+    return D if C is None else D + np.asarray(C, dtype=np.int64)
+
+
+def ldmatrix_x4_trans(smem: np.ndarray, addrs) -> np.ndarray:
+    """``ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16`` on a byte array ``smem`` (vectorized): lane ``l`` supplies
+    ``addrs[..., l]``, the address of row ``l % 8`` of matrix ``l // 8`` (16 contiguous bytes, 8 b16 elements);
+    with ``.trans`` register ``i`` of lane ``l`` holds elements ``(2 (l % 4), l // 4)`` (low half) and
+    ``(2 (l % 4) + 1, l // 4)`` (high half), (row, column), of matrix ``i``: the transpose of what ``ldmatrix_x4``
+    gives. Returns [..., 32, 4] uint32."""
+    smem = np.asarray(smem, dtype=np.uint8).reshape(-1)
+    addrs = np.asarray(addrs, dtype=np.int64)
+    if addrs.shape[-1] != 32 or (addrs % 16).any():
+        raise ValueError("ldmatrix takes 32 row addresses, each 16-byte aligned")
+    lane = _LANES
+    i = np.arange(4)
+    # element (row r, column col) of matrix i sits at bytes addrs[8 i + r] + 2 col .. + 1
+    col = lane[:, None] // 4  # [32, 1]
+    r_lo = 2 * (lane[:, None] % 4) + 0 * i  # [32, 4]
+    base_lo = addrs[..., 8 * i[None, :] + r_lo] + 2 * col
+    base_hi = addrs[..., 8 * i[None, :] + r_lo + 1] + 2 * col
+    h = smem.view(np.uint16) if smem.size % 2 == 0 else smem[:-1].view(np.uint16)
+    lo = h[base_lo // 2].astype(np.uint32)
+    hi = h[base_hi // 2].astype(np.uint32)
+    return lo | (hi << np.uint32(16))
