@@ -279,10 +279,11 @@ def test_source_has_the_emulated_expressions():
 
 def test_path_selector_mirrors_the_source():
     src = SRC.read_text()
-    assert "constexpr int kPathAuto = 0, kPathOld = 1, kPathMma = 2;" in src
+    switch = SRC.with_name("kernel_path.cuh").read_text()  # the path switch both tensor-core libraries share
+    assert "constexpr int kPathAuto = 0, kPathOld = 1, kPathMma = 2;" in switch
     assert (build.ATTN_PATH_AUTO, build.ATTN_PATH_OLD, build.ATTN_PATH_MMA) == (0, 1, 2)
     assert build.ATTN_MMA_ROWS == ROWS
-    assert 'std::getenv("EDGEKIT_ATTN_PATH")' in src
+    assert 'PathSwitch g_switch("EDGEKIT_ATTN_PATH");' in src and "std::getenv(env_)" in switch
     for name in ("edgekit_attention_int8_set_path(int mode)", "edgekit_attention_int8_last_path(void)"):
         assert f'extern "C" int {name}' in src
     # the host API the TensorRT plugin core links against is unchanged

@@ -41,12 +41,13 @@ def test_lowbit_mma_path_is_in_sm80_builds_only(tmp_path):
 
 def test_lowbit_path_selector_mirrors_the_source():
     src = build.SOURCE.read_text()
-    assert "constexpr int kPathAuto = 0, kPathOld = 1, kPathMma = 2;" in src
+    switch = build.SOURCE.with_name("kernel_path.cuh").read_text()  # the path switch both tensor-core libraries share
+    assert "constexpr int kPathAuto = 0, kPathOld = 1, kPathMma = 2;" in switch
     assert (build.LOWBIT_PATH_AUTO, build.LOWBIT_PATH_OLD, build.LOWBIT_PATH_MMA) == (0, 1, 2)
     assert f"constexpr int kMmaMinM = {build.LOWBIT_MMA_MIN_M};" in src
     for name in ("edgekit_matmul_lowbit_set_path(int mode)", "edgekit_matmul_lowbit_last_path(void)"):
         assert f'extern "C" int {name}' in src
-    assert 'std::getenv("EDGEKIT_LOWBIT_PATH")' in src
+    assert 'PathSwitch g_switch("EDGEKIT_LOWBIT_PATH");' in src and "std::getenv(env_)" in switch
     assert "const int cfg = M <= 16 ? 0 : (M <= 32 ? 1 : 2);" in src
 
 

@@ -48,6 +48,8 @@
 
 #include <cstdlib>
 #include <cstring>
+
+#include "kernel_path.cuh"
 #endif
 
 namespace edgekit_attn {
@@ -442,21 +444,8 @@ namespace {
 // first launch): 0 auto and 2 mma both take the tensor-core kernel wherever it can run (an sm_80+ device and a build
 // with its sm_80+ body; a compute_75 PTX build JIT-compiled on a newer GPU has an empty one), 1 the CUDA-core kernel
 // always. Values of edgekit_attention_int8_last_path: 1 CUDA-core kernel, 2 tensor-core kernel.
-constexpr int kPathAuto = 0, kPathOld = 1, kPathMma = 2;
-int g_path = -1;
-int g_last_path = 0;
-
-int parse_path(const char* s) {
-  if (s == nullptr || *s == 0) return kPathAuto;
-  if (std::strcmp(s, "old") == 0) return kPathOld;
-  if (std::strcmp(s, "mma") == 0) return kPathMma;
-  return kPathAuto;
-}
-
-int path_mode() {
-  if (g_path < 0) g_path = parse_path(std::getenv("EDGEKIT_ATTN_PATH"));
-  return g_path;
-}
+using namespace edgekit_path;
+PathSwitch g_switch("EDGEKIT_ATTN_PATH");
 
 // Whether the tensor-core kernel can run on the current device: checked once per device (devices 0..31).
 bool mma_usable() {
@@ -496,34 +485,31 @@ extern "C" int edgekit_attention_int8_d64(const void* Q8, const float* q_scale, 
   const auto* k8 = static_cast<const signed char*>(K8);
   const auto* v16 = static_cast<const unsigned short*>(V);
   auto* o16 = static_cast<unsigned short*>(O);
-  if (path_mode() != kPathOld && mma_usable()) {
+  if (g_switch.mode() != kPathOld && mma_usable()) {
     const dim3 grid((S + mma::kRows - 1) / mma::kRows, BH);
     attention_int8_d64_mma<<<grid, mma::kThreads, 0, s>>>(q8, q_scale, k8, k_scale, k_bias, v16, o16, S, Skv, q_block,
                                                           k_block, sm_scale);
     const int rc = static_cast<int>(cudaGetLastError());
-    if (rc == 0) g_last_path = kPathMma;
+    if (rc == 0) g_switch.last = kPathMma;
     return rc;
   }
   const dim3 grid((S + kQueries - 1) / kQueries, BH);
   attention_int8_d64<<<grid, kThreads, 0, s>>>(q8, q_scale, k8, k_scale, k_bias, v16, o16, S, Skv, q_block, k_block,
                                                sm_scale);
   const int rc = static_cast<int>(cudaGetLastError());
-  if (rc == 0) g_last_path = kPathOld;
+  if (rc == 0) g_switch.last = kPathOld;
   return rc;
 }
 
-// Path selection (see path_mode above): 0 auto, 1 the CUDA-core kernel, 2 the tensor-core kernel wherever it can
+// Path selection (g_switch above, kernel_path.cuh): 0 auto, 1 the CUDA-core kernel, 2 the tensor-core kernel wherever it can
 // run; -1 re-reads $EDGEKIT_ATTN_PATH. Returns the previous mode, or -1 for an unknown mode (nothing changed). Not
 // thread-safe against concurrent launches.
 extern "C" int edgekit_attention_int8_set_path(int mode) {
-  if (mode != -1 && mode != kPathAuto && mode != kPathOld && mode != kPathMma) return -1;
-  const int prev = path_mode();
-  g_path = mode;
-  return prev;
+  return g_switch.set(mode);
 }
 
 // The path the last successful launch took: 1 CUDA-core kernel, 2 tensor-core kernel (0 before any launch).
-extern "C" int edgekit_attention_int8_last_path(void) { return g_last_path; }
+extern "C" int edgekit_attention_int8_last_path(void) { return g_switch.last; }
 
 extern "C" const char* edgekit_cuda_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));

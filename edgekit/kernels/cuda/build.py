@@ -35,9 +35,11 @@ SOURCES = {
 }
 # Headers included by a source (not compiled on their own; listed so tools can track them).
 _FP16 = Path(__file__).with_name("fp16.cuh")
+_PATH = Path(__file__).with_name("kernel_path.cuh")
 HEADERS = {
+    "matmul_lowbit": (_PATH,),
     "matmul_sparse24": (Path(__file__).with_name("matmul_sparse24_tiled.cuh"), _FP16),
-    "attention_int8": (_FP16,),
+    "attention_int8": (_FP16, _PATH),
 }
 LAUNCHER = "edgekit_matmul_lowbit_f32"
 # Mirrors the constants of matmul_lowbit.cu.

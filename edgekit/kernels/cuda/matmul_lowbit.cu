@@ -50,6 +50,8 @@
 
 #ifndef EDGEKIT_NO_HOST
 #include <cuda_runtime.h>
+
+#include "kernel_path.cuh"
 #endif
 
 namespace edgekit {
@@ -652,23 +654,10 @@ cudaError_t launch_bits(const float* A, const unsigned char* B, const float* sca
 // first launch): 0 auto (the tensor-core kernel for M >= kMmaMinM on sm_80+ builds and devices, else the CUDA-core
 // kernel), 1 the CUDA-core kernel always, 2 the tensor-core kernel for every M where it can run. Values of
 // edgekit_matmul_lowbit_last_path: 1 CUDA-core kernel, 2 tensor-core kernel.
-constexpr int kPathAuto = 0, kPathOld = 1, kPathMma = 2;
+using namespace edgekit_path;
 constexpr int kMmaMinM = 8;  // auto: smaller M stay on the CUDA-core kernel (weight-bandwidth bound there)
 constexpr int kMaxSplit = 8;  // most K parts of the tensor-core kernel's grid split (atomicAdd into a zeroed Y)
-int g_path = -1;
-int g_last_path = 0;
-
-int parse_path(const char* s) {
-  if (s == nullptr || *s == 0) return kPathAuto;
-  if (std::strcmp(s, "old") == 0) return kPathOld;
-  if (std::strcmp(s, "mma") == 0) return kPathMma;
-  return kPathAuto;
-}
-
-int path_mode() {
-  if (g_path < 0) g_path = parse_path(std::getenv("EDGEKIT_LOWBIT_PATH"));
-  return g_path;
-}
+PathSwitch g_switch("EDGEKIT_LOWBIT_PATH");
 
 bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0; }
 
@@ -726,7 +715,7 @@ int launch_mma(const float* A, const unsigned char* B, const float* scales, cons
 template <int BITS>
 int try_mma(const float* A, const unsigned char* B, const float* scales, const unsigned char* zp, float* Y, int M,
             int N, int K, int group_size, cudaStream_t stream) {
-  const int mode = path_mode();
+  const int mode = g_switch.mode();
   if (mode == kPathOld || (mode == kPathAuto && M < kMmaMinM)) return -1;
   int dev = 0, major = 0, sms = 1;
   if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ||
@@ -749,7 +738,7 @@ int try_mma(const float* A, const unsigned char* B, const float* scales, const u
         break;
     }
   }
-  if (rc == 0) g_last_path = kPathMma;
+  if (rc == 0) g_switch.last = kPathMma;
   return rc;
 }
 
@@ -783,22 +772,19 @@ extern "C" int edgekit_matmul_lowbit_f32(const float* A, const void* B_packed, c
     case 4: rc = static_cast<int>(launch_bits<4>(A, B, scales, zp, Y, M, N, K, group_size, s)); break;
     default: rc = static_cast<int>(launch_bits<8>(A, B, scales, zp, Y, M, N, K, group_size, s));
   }
-  if (rc == 0) g_last_path = kPathOld;
+  if (rc == 0) g_switch.last = kPathOld;
   return rc;
 }
 
-// Path selection (see path_mode above): 0 auto, 1 the CUDA-core kernel, 2 the tensor-core kernel whenever it can
+// Path selection (g_switch above, kernel_path.cuh): 0 auto, 1 the CUDA-core kernel, 2 the tensor-core kernel whenever it can
 // run (any M); -1 re-reads $EDGEKIT_LOWBIT_PATH. Returns the previous mode, or -1 for an unknown mode (nothing
 // changed). Not thread-safe against concurrent launches.
 extern "C" int edgekit_matmul_lowbit_set_path(int mode) {
-  if (mode != -1 && mode != kPathAuto && mode != kPathOld && mode != kPathMma) return -1;
-  const int prev = path_mode();
-  g_path = mode;
-  return prev;
+  return g_switch.set(mode);
 }
 
 // The path the last successful launch took: 1 CUDA-core kernel, 2 tensor-core kernel (0 before any launch).
-extern "C" int edgekit_matmul_lowbit_last_path(void) { return g_last_path; }
+extern "C" int edgekit_matmul_lowbit_last_path(void) { return g_switch.last; }
 
 extern "C" const char* edgekit_cuda_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));
