@@ -11,8 +11,11 @@ low-bit plan of at most 4 average weight bits, against ONNX Runtime FP32 and ``q
    measured sensitivity tables) under each of ``--bits`` and keeps the plan of the largest budget whose average
    *code* bits (scales and zero points not counted) stay within ``--max-code-bits`` (the issue's "≤ 4 average
    bits"; edgekit's avg-bits budget counts the scales too), then builds it twice: with ``ai.edgekit::MatMulLowBit``
-   nodes (``apply_plan(edgekit_kernels=True)``: the native library, ``accuracy_level`` 4 = int8 activations with
-   VNNI) and with ONNX Runtime's ``com.microsoft.MatMulNBits`` (the same weights).
+   nodes (``apply_plan(edgekit_kernels=True)``: the native library, ``accuracy_level`` 4 = 8-bit activations with
+   VNNI, and the library's fused epilogues: GELU, residual + LayerNorm, Q/K/V as one op) and with ONNX Runtime's
+   ``com.microsoft.MatMulNBits`` (the same weights). ``--options`` fixes the plan instead (``fixed_plan``); the
+   recorded run that meets the targets used
+   ``--options 384x384=w4g32,linear=w4g128,word_embedding=w4g128,embedding=w4g32``.
 3. Builds ORT's ``quantize_dynamic`` (QInt8 weights, per-tensor) peer.
 4. Times every variant (each its own session: ``--threads`` intra-op threads, thread spinning off unless ``--spin``,
    the native library registered for all alike) at batch 1 interleaved with FP32
