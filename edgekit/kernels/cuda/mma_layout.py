@@ -404,44 +404,60 @@ def bank_conflict_ways(addrs, width: int = 16) -> int:
 #   D[i]: row g + 8 (i >> 1), col 2t + (i & 1)   (d_coords above)
 
 
+def _dense_a(e: int) -> np.ndarray:
+    """[32, 4, e, 2] (row, k) of element j of each A register of a dense m16n8k(8e) mma with e elements per
+    32-bit register (e = 2: f16 m16n8k16, e = 4: s8 m16n8k32): row g + 8 (r & 1), k e t + 4e (r >> 1) + j."""
+    g, t = _LANES // 4, _LANES % 4
+    out = np.zeros((32, 4, e, 2), dtype=np.int64)
+    for r in range(4):
+        for j in range(e):
+            out[:, r, j, 0] = g + 8 * (r & 1)
+            out[:, r, j, 1] = e * t + 4 * e * (r >> 1) + j
+    return out
+
+
+def _dense_b(e: int) -> np.ndarray:
+    """[32, 2, e, 2] (k, column) of element j of each B register of the same mma: k e t + 4e r + j, column g."""
+    g, t = _LANES // 4, _LANES % 4
+    out = np.zeros((32, 2, e, 2), dtype=np.int64)
+    for r in range(2):
+        for j in range(e):
+            out[:, r, j, 0] = e * t + 4 * e * r + j
+            out[:, r, j, 1] = g
+    return out
+
+
+def _emulate(A, B, C, e: int, element, acc) -> np.ndarray:
+    """D [..., 32, 4] of the dense m16n8k(8e) mma from per-lane registers A [..., 32, 4] and B [..., 32, 2] (uint32,
+    e elements of dtype ``element`` each, low first), products and sums in dtype ``acc``, plus optional C."""
+    A, B = np.asarray(A, dtype=np.uint32), np.asarray(B, dtype=np.uint32)
+    a = np.ascontiguousarray(A).view(element).reshape(A.shape[:-2] + (32, 4, e)).astype(acc)
+    b = np.ascontiguousarray(B).view(element).reshape(B.shape[:-2] + (32, 2, e)).astype(acc)
+    am = np.zeros(A.shape[:-2] + (16, 8 * e), dtype=acc)
+    bm = np.zeros(B.shape[:-2] + (8 * e, 8), dtype=acc)
+    ac, bc = _dense_a(e), _dense_b(e)
+    am[..., ac[..., 0], ac[..., 1]] = a
+    bm[..., bc[..., 0], bc[..., 1]] = b
+    full = am @ bm  # [..., 16, 8]
+    dc = d_coords()
+    D = full[..., dc[..., 0], dc[..., 1]]
+    return D if C is None else D + np.asarray(C, dtype=acc)
+
+
 def dense_a_coords() -> np.ndarray:
     """[32, 4, 2, 2] (row, k) of each half of each A register of the dense f16 m16n8k16."""
-    g, t = _LANES // 4, _LANES % 4
-    out = np.zeros((32, 4, 2, 2), dtype=np.int64)
-    for r in range(4):
-        for e in range(2):
-            out[:, r, e, 0] = g + 8 * (r & 1)
-            out[:, r, e, 1] = 2 * t + 8 * (r >> 1) + e
-    return out
+    return _dense_a(2)
 
 
 def dense_b_coords() -> np.ndarray:
     """[32, 2, 2, 2] (k, token) of each half of each B register of the dense f16 m16n8k16."""
-    g, t = _LANES // 4, _LANES % 4
-    out = np.zeros((32, 2, 2, 2), dtype=np.int64)
-    for r in range(2):
-        for e in range(2):
-            out[:, r, e, 0] = 2 * t + 8 * r + e
-            out[:, r, e, 1] = g
-    return out
+    return _dense_b(2)
 
 
 def emulate_dense(A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None) -> np.ndarray:
     """D [..., 32, 4] (float64) of the dense f16 m16n8k16 from per-lane registers A [..., 32, 4] and B [..., 32, 2]
     (uint32, two fp16 each, low half first) and optional C [..., 32, 4]; products and sums in float64."""
-    A, B = np.asarray(A, dtype=np.uint32), np.asarray(B, dtype=np.uint32)
-    batch = A.shape[:-2]
-    a16 = np.ascontiguousarray(A).view(np.float16).reshape(batch + (32, 4, 2)).astype(np.float64)
-    b16 = np.ascontiguousarray(B).view(np.float16).reshape(batch + (32, 2, 2)).astype(np.float64)
-    am = np.zeros(batch + (16, 16))
-    bm = np.zeros(batch + (16, 8))
-    ac, bc = dense_a_coords(), dense_b_coords()
-    am[..., ac[..., 0], ac[..., 1]] = a16
-    bm[..., bc[..., 0], bc[..., 1]] = b16
-    full = am @ bm  # [..., 16, 8]
-    dc = d_coords()
-    D = full[..., dc[..., 0], dc[..., 1]]
-    return D if C is None else D + np.asarray(C, dtype=np.float64)
+    return _emulate(A, B, C, 2, np.float16, np.float64)
 
 
 # ---- dense mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 (attention_int8.cu's tensor-core Q.K^T) ----
@@ -455,42 +471,18 @@ def emulate_dense(A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None) -> 
 
 def dense_s8_a_coords() -> np.ndarray:
     """[32, 4, 4, 2] (row, k) of each byte of each A register of the dense s8 m16n8k32."""
-    g, t = _LANES // 4, _LANES % 4
-    out = np.zeros((32, 4, 4, 2), dtype=np.int64)
-    for r in range(4):
-        for e in range(4):
-            out[:, r, e, 0] = g + 8 * (r & 1)
-            out[:, r, e, 1] = 4 * t + 16 * (r >> 1) + e
-    return out
+    return _dense_a(4)
 
 
 def dense_s8_b_coords() -> np.ndarray:
     """[32, 2, 4, 2] (k, col) of each byte of each B register of the dense s8 m16n8k32."""
-    g, t = _LANES // 4, _LANES % 4
-    out = np.zeros((32, 2, 4, 2), dtype=np.int64)
-    for r in range(2):
-        for e in range(4):
-            out[:, r, e, 0] = 4 * t + 16 * r + e
-            out[:, r, e, 1] = g
-    return out
+    return _dense_b(4)
 
 
 def emulate_dense_s8(A: np.ndarray, B: np.ndarray, C: np.ndarray | None = None) -> np.ndarray:
     """D [..., 32, 4] (int64, exact) of the dense s8 m16n8k32 from per-lane registers A [..., 32, 4] and
     B [..., 32, 2] (uint32, four int8 each, low byte first) and optional C [..., 32, 4]."""
-    A, B = np.asarray(A, dtype=np.uint32), np.asarray(B, dtype=np.uint32)
-    batch = A.shape[:-2]
-    a8 = np.ascontiguousarray(A).view(np.int8).reshape(batch + (32, 4, 4)).astype(np.int64)
-    b8 = np.ascontiguousarray(B).view(np.int8).reshape(B.shape[:-2] + (32, 2, 4)).astype(np.int64)
-    am = np.zeros(batch + (16, 32), dtype=np.int64)
-    bm = np.zeros(B.shape[:-2] + (32, 8), dtype=np.int64)
-    ac, bc = dense_s8_a_coords(), dense_s8_b_coords()
-    am[..., ac[..., 0], ac[..., 1]] = a8
-    bm[..., bc[..., 0], bc[..., 1]] = b8
-    full = am @ bm  # [..., 16, 8]
-    dc = d_coords()
-    D = full[..., dc[..., 0], dc[..., 1]]
-    return D if C is None else D + np.asarray(C, dtype=np.int64)
+    return _emulate(A, B, C, 4, np.int8, np.int64)
 
 
 def ldmatrix_x4_trans(smem: np.ndarray, addrs) -> np.ndarray:
