@@ -42,4 +42,8 @@ def test_quick_run_prints_a_parsable_table(tmp_path):
     assert any(line.startswith(("MET", "MISS")) for line in lines)
     data = json.loads(out.read_text())
     assert data["info"]["bandwidth_gbs"] > 0 and len(data["rows"]) == len(rows)
+    # the reference is the probe interleaved with the timings (default), reported beside the start/end reads
+    info = data["info"]
+    assert info["bandwidth_reference"] == "interleaved" and info["bandwidth_gbs"] == info["bandwidth_gbs_interleaved"]
+    assert all(b > 0 for b in info["bandwidth_gbs_start_end"])
     assert {"target", "ratio", "need", "met"} <= set(data["targets"][0])

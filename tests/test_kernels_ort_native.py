@@ -199,16 +199,17 @@ def test_sparse24_matches_reference(isa, variant):
 
 @pytest.mark.parametrize("variant", ["int8_u8", "int8_u8_zp"])
 def test_sparse24_prepacked_matches_unpacked(library, monkeypatch, variant):
-    """Batches of >= 8 rows of uint8 activations re-pack constant values and indices on AVX-512 (the pattern-table
-    GEMM of kernels_avx512_sparse.cc); both paths give the exact int32 sums, so the outputs are equal: batches in
-    passes of 1-4 blocks of 16 rows with tails, K with a half pair of groups and blocks of 16 pairs with tails,
-    several tasks over N, and batches below the threshold (unpacked)."""
+    """Batches of >= 8 rows of uint8 activations re-pack constant values and indices on AVX-512 (the shuffle GEMM
+    of kernels_avx512_sparse.cc); both paths give the exact int32 sums, so the outputs are equal: blocks of 8 rows
+    with tails (zero-padded copies), K with a half pair of groups, an odd number of pairs (a half step) and a single
+    group, N not a multiple of the 32-row register block, several tasks over N (the last one partial), and batches
+    below the threshold (unpacked)."""
     if not _isa_available("avx512"):
         pytest.skip("no avx512 path")
     monkeypatch.setenv("EDGEKIT_ORT_ISA", "avx512")
     rng = np.random.default_rng(11)
     for M, K, N in ((8, 132, 5), (17, 520, 37), (32, 1028, 70), (45, 256, 800), (70, 100, 9), (40, 260, 400),
-                    (7, 128, 9), (1, 264, 3)):
+                    (9, 8, 129), (16, 4, 33), (13, 24, 160), (7, 128, 9), (1, 264, 3)):
         model, A, ref, _ = _sparse_case(rng, M, K, N, variant)
         monkeypatch.delenv("EDGEKIT_ORT_NO_PREPACK", raising=False)
         sess = _session(model)

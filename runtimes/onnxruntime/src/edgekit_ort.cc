@@ -607,10 +607,11 @@ struct LowBitOp : Ort::CustomOpBase<LowBitOp, LowBitKernel, true> {
 // MatMulSparse24
 
 // Batches of at least this many rows with uint8 activations take the pre-packed GEMM path on AVX-512
-// (kernels_avx512_sparse.cc: 16 activation rows per vector; measured faster than the unpacked kernel from 8
-// rows on, which smaller batches keep); kSparseRowsPerTask: the fewest weight rows per task of that path.
+// (kernels_avx512_sparse.cc: 8 activation rows per register block; smaller batches, weight-bandwidth bound, keep
+// the unpacked kernel); kSparseTasks: about as many tasks of that path per call (whole register blocks of weight
+// rows each; enough that 2-8 threads get even shares of a layer as small as MiniLM's N = 384).
 constexpr int64_t kSparsePackedMinRows = 8;
-constexpr int64_t kSparseRowsPerTask = 1024;
+constexpr int64_t kSparseTasks = 16;
 
 struct Sparse24Kernel {
   int64_t K, N;
@@ -675,34 +676,28 @@ struct Sparse24Kernel {
     Ort::UnownedValue Yv = ctx.GetOutput(0, yshape);
     a.Y = Yv.GetTensorMutableData<float>();
     if (M == 0) return;
-    const int64_t lda = round_up(K, 128);
-    a.lda = lda;
-    std::vector<float> fbuf;
-    std::vector<uint8_t> ubuf;
-    if (u8)
-      a.A_u8 = padded_rows(static_cast<const uint8_t*>(A.data), M, K, lda, ubuf);
-    else
-      a.A = padded_rows(static_cast<const float*>(A.data), M, K, lda, fbuf);
     const PackedSparse24* pk = nullptr;
     if (u8 && prepack && M >= kSparsePackedMinRows)
       pk = packed.get({a.values, a.indices, nullptr},
                       [&](PackedSparse24& p) { return packed_sparse24_avx512()->pack(a, p); });
+    // the unpacked kernels read rows padded to 128 values; the pre-packed GEMM reads K rounded up to 16 bytes
+    const int64_t lda = pk && K % 16 == 0 ? K : round_up(K, 128);
+    a.lda = lda;
+    std::vector<float> fbuf;
+    std::vector<uint8_t> ubuf;
+    if (u8)
+      a.A_u8 = lda == K ? static_cast<const uint8_t*>(A.data)
+                        : padded_rows(static_cast<const uint8_t*>(A.data), M, K, lda, ubuf);
+    else
+      a.A = padded_rows(static_cast<const float*>(A.data), M, K, lda, fbuf);
     if (pk) {
       const PackedSparse24Kernels& pkk = *packed_sparse24_avx512();
-      thread_local std::vector<uint8_t> xt;
-      pkk.relayout(a, *pk, xt);
-      // each task builds its own pattern tables (36 vectors per pair of groups and 16 activation rows): tasks of
-      // kSparseRowsPerTask weight rows keep that at ~4 % of the multiplies; smaller layers still get two tasks
-      // (from 256 rows), since two threads at ~20 % more work beat one
-      const int64_t tasks =
-          std::max<int64_t>({1, std::min<int64_t>(8, N / kSparseRowsPerTask), std::min<int64_t>(2, N / 128)});
-      const int64_t per = (N + tasks - 1) / tasks;
-      const uint8_t* x = xt.data();
+      const int64_t per = round_up((N + kSparseTasks - 1) / kSparseTasks, pkk.row_block);
       auto body = [&](size_t t) {
         const int64_t n0 = static_cast<int64_t>(t) * per;
-        if (n0 < N) pkk.run(a, *pk, x, n0, std::min(N, n0 + per));
+        pkk.run(a, *pk, n0, std::min(N, n0 + per));
       };
-      parallel_for(api, raw, static_cast<size_t>(tasks), body);
+      parallel_for(api, raw, static_cast<size_t>((N + per - 1) / per), body);
       return;
     }
     const KernelTable& kt = table_for(isa);

@@ -96,19 +96,19 @@ struct PackedLowBitKernels {
 const PackedLowBitKernels* packed_lowbit_avx512();  // null when not compiled in
 
 // MatMulSparse24 int8 values re-packed once per kernel instance (constant values and indices; see
-// kernels_avx512_sparse.cc): per block of pairs of groups and per row, the pairs' sparsity patterns and kept values.
+// kernels_avx512_sparse.cc): tiles of 16 rows (an even number of them), per step of 2 pairs of groups the tile's
+// kept values and their positions.
 struct PackedSparse24 {
-  int64_t n = 0, pairs = 0, pairs_per_block = 0, blocks = 0;
-  std::vector<uint8_t> data;    // [blocks][n][pairs_per_block pattern bytes, then as many int32 words of values]
-  std::vector<int32_t> rowsum;  // [n]: sum of each row's values (the zero-point term)
+  int64_t n = 0, tiles = 0, steps = 0;
+  std::vector<uint8_t> data;    // [tiles][steps][2 x 64 value bytes, 64 position bytes]
+  std::vector<int32_t> rowsum;  // [tiles * 16]: sum of each row's values (the zero-point term), 0 past n
 };
 
 struct PackedSparse24Kernels {
   bool (*pack)(const Sparse24Args& a, PackedSparse24& out);  // a: values (int8), indices, K, N
-  // Once per call: a.A_u8 (padded rows, as for sparse24_u8) re-laid for run (16 activation rows per vector).
-  void (*relayout)(const Sparse24Args& a, const PackedSparse24& pk, std::vector<uint8_t>& xt);
-  // Y rows [n0, n1) for all M. Each call builds its own pattern tables: give it a few hundred rows or more.
-  void (*run)(const Sparse24Args& a, const PackedSparse24& pk, const uint8_t* xt, int64_t n0, int64_t n1);
+  // Y rows [n0, n1) for all M, from a.A_u8 (padded rows, as for sparse24_u8); n0 a multiple of row_block.
+  void (*run)(const Sparse24Args& a, const PackedSparse24& pk, int64_t n0, int64_t n1);
+  int64_t row_block;  // weight rows per register block (split N in multiples of it)
 };
 
 const PackedSparse24Kernels* packed_sparse24_avx512();  // null when not compiled in

@@ -1,23 +1,29 @@
 // AVX-512 VNNI MatMulSparse24 (int8 values, uint8 activations) for batches: the GEMM path, on weights re-packed
 // once per kernel instance (constant values and indices).
 //
-// Why not gather per row: the unpacked kernel (kernels_avx512.cc) gathers, for every weight row and activation
-// row, the 64 activations the weight row keeps (vpermt2b) and multiplies them (vpdpbusd). On the cores measured
-// here the gather and the multiply issue on the same port at the same rate, so a gather per multiply costs what
-// 2:4 saves: 0.85x dense int8 at best.
+// Lanes are weight rows (16 per vector, as in a dense int8 GEMM), so a weight vector holds, per pair of groups
+// (8 dense positions), the 4 kept values of each of 16 rows, and the activation vector it multiplies must hold, in
+// lane n, the 4 activations row n keeps. One `vpshufb` builds that vector from the 8 activations of the pair
+// broadcast to every 128-bit lane (`vpbroadcastq`), with a per-lane index vector (the kept positions, 0-7): one
+// in-lane shuffle and one `vpdpbusd` per 4 kept products per lane, twice dense int8's products per multiply.
 //
-// Here the gathers are shared by all weight rows. A pair of groups (8 dense positions, 4 kept values) has one of
-// 6 x 6 = 36 sparsity patterns. For 16 activation rows at a time (one per int32 lane: "lanes = m"), the kernel
-// builds a table with, per pair and pattern, the 64-byte vector whose lane m holds the 4 activations of row m at
-// that pattern's positions (one vpermt2b each, from the pair's 8 activations of the 16 rows). A weight row then
-// costs, per pair, one table load (chosen by its pattern) and one vpdpbusd with its 4 kept values broadcast to all
-// lanes: 4 useful products per lane, twice dense int8's per instruction. The table (36 vectors per pair and 16
-// rows) is built per block of P pairs (in L2), once per task, and is amortized over the task's weight rows.
+// Why this shape (measured on the Zen 5 cores of these machines, register-resident probes; runtimes/onnxruntime/
+// README.md): a 512-bit `vpdpbusd` issues at one per cycle; a `vpshufb` beside it costs ~0.45 cycle (they overlap),
+// where a cross-lane `vpermt2b` gather per multiply and a pattern-table load per multiply (the two earlier designs)
+// both capped the kernel near dense speed. A 512-bit load costs ~1.2 cycles here, so the weights and indices are
+// loaded once per pair and reused by 8 activation rows, and the indices of two pairs share one vector (low and high
+// nibble: `vpshufb` reads bits 0-3 and 7 of an index byte, positions are 0-7, so the high nibble never zeroes a
+// lane, and one `vpsrlw` by 4 exposes the second pair's positions).
 //
-// Packed layout (PackedSparse24): per block of P pairs and per weight row, P pattern bytes (6 * p0 + p1, p0/p1 the
-// index of each group's nibble in kNibbles) then P int32 words of the 4 kept values (group 2j's two, then group
-// 2j+1's, in position order), blocks outermost so that a task streams its rows block by block. Row sums of the
-// values give the zero-point term. Activations are re-laid as [pairs][16-row blocks][16 rows][8 bytes] per call.
+// Register block: 2 tiles (32 weight rows) x 8 activation rows = 16 accumulators, held in zmm0-15 by the inline
+// assembly below (GCC 12 spills or copies accumulators of a 16-accumulator vpdpbusd block written with intrinsics:
+// measured 8-20 % slower).
+//
+// Packed layout (PackedSparse24): tiles of 16 weight rows, their count rounded up to even (rows past N are zero);
+// per tile, per step of 2 pairs (16 dense positions): 64 bytes of values of the first pair (lane n: the row's 4
+// kept values, group 2j's two then group 2j+1's, in position order), 64 bytes of the second pair's, then 64 bytes of
+// positions (byte b of lane n: position of value b in the first pair's 8 activations | that of the second pair's
+// << 4). 0.75 bytes per dense position (the op's own format: 0.625). Row sums of the values give the zero-point term.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -26,165 +32,141 @@
 
 #include "kernels.h"
 
-#define EK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma,bmi2")))
+#define EK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
 namespace edgekit {
 namespace {
 
-constexpr uint8_t kNibbles[6] = {0x4, 0x8, 0xC, 0x9, 0xD, 0xE};  // i0 | i1 << 2 (sparse24.VALID_NIBBLES)
-constexpr int64_t kPairsPerBlock = 16;
-constexpr int kMaxBlocksOfRows = 4;  // 16-row activation blocks per pass (registers: one accumulator each)
-constexpr int kRowsPerStep = 4;      // weight rows per step (measured: 4 beats 1, 2 and 8 at M = 32 and 128)
-
-int pattern_of(int nibble) {
-  for (int i = 0; i < 6; ++i)
-    if (kNibbles[i] == nibble) return i;
-  return -1;
-}
+constexpr int64_t kStepBytes = 192;  // per tile and step: 2 x 64 value bytes, 64 position bytes
+constexpr int kRows = 8;             // activation rows per block
 
 bool pack(const Sparse24Args& a, PackedSparse24& out) {
   if (!a.int8_values || a.K % 4 || a.N < 1) return false;
-  const int64_t groups = a.K / 4, kept = a.K / 2, pairs = (groups + 1) / 2, P = kPairsPerBlock;
-  out.n = a.N, out.pairs = pairs, out.pairs_per_block = P, out.blocks = (pairs + P - 1) / P;
-  out.data.assign(static_cast<size_t>(out.blocks * a.N * 5 * P), 0);
-  out.rowsum.assign(static_cast<size_t>(a.N), 0);
+  const int64_t groups = a.K / 4, kept = a.K / 2, pairs = (groups + 1) / 2;
+  out.n = a.N, out.tiles = (a.N + 31) / 32 * 2, out.steps = (pairs + 1) / 2;
+  out.data.assign(static_cast<size_t>(out.tiles * out.steps * kStepBytes), 0);
+  out.rowsum.assign(static_cast<size_t>(out.tiles * 16), 0);
   const int8_t* values = static_cast<const int8_t*>(a.values);
   for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t lane = n % 16;
     int32_t sum = 0;
     for (int64_t p = 0; p < pairs; ++p) {
-      uint8_t* row = out.data.data() + ((p / P) * a.N + n) * 5 * P;
-      int pattern = 0;
-      int8_t w[4] = {0, 0, 0, 0};
+      uint8_t* step = out.data.data() + ((n / 16) * out.steps + p / 2) * kStepBytes;
+      uint8_t* w = step + 64 * (p % 2) + 4 * lane;
+      uint8_t* pos = step + 128 + 4 * lane;
       for (int h = 0; h < 2; ++h) {
         const int64_t g = 2 * p + h;
-        int pg = 0;  // a missing last group: pattern (0, 1), values 0
-        if (g < groups) {
-          pg = pattern_of((a.indices[n * a.index_row_bytes + g / 2] >> (4 * (g % 2))) & 15);
-          if (pg < 0) return false;  // not a valid nibble: the unpacked kernel reads it as the spec says
-          w[2 * h] = values[n * kept + 2 * g], w[2 * h + 1] = values[n * kept + 2 * g + 1];
+        if (g >= groups) break;  // a missing last group: values 0 (positions 0)
+        // the nibble's positions as the unpacked kernels read them (i0 = bits 0-1, i1 = bits 2-3)
+        const int nibble = (a.indices[n * a.index_row_bytes + g / 2] >> (4 * (g % 2))) & 15;
+        for (int e = 0; e < 2; ++e) {
+          const int8_t v = values[n * kept + 2 * g + e];
+          w[2 * h + e] = static_cast<uint8_t>(v);
+          pos[2 * h + e] |= static_cast<uint8_t>((4 * h + ((nibble >> (2 * e)) & 3)) << (4 * (p % 2)));
+          sum += v;
         }
-        pattern = 6 * pattern + pg;
       }
-      row[p % P] = static_cast<uint8_t>(pattern);
-      std::memcpy(row + P + 4 * (p % P), w, 4);
-      sum += w[0] + w[1] + w[2] + w[3];
     }
     out.rowsum[static_cast<size_t>(n)] = sum;
   }
   return true;
 }
 
-// The 36 vpermt2b index vectors: lane j (activation row j of 16) takes bytes i0, i1 of its group 0 and i0', i1'
-// of its group 1 from its 8 bytes (8j .. 8j + 7 of the two source registers).
-struct PatternIndex {
-  alignas(64) uint8_t v[36][64];
-  PatternIndex() {
-    for (int c = 0; c < 36; ++c) {
-      const int n0 = kNibbles[c / 6], n1 = kNibbles[c % 6];
-      const int pos[4] = {n0 & 3, n0 >> 2, 4 + (n1 & 3), 4 + (n1 >> 2)};
-      for (int j = 0; j < 16; ++j)
-        for (int b = 0; b < 4; ++b) v[c][4 * j + b] = static_cast<uint8_t>(8 * j + pos[b]);
-    }
-  }
-};
+// One activation row (address `addr`, accumulators zmm`r` and zmm`r2` for the two tiles): broadcast the pair's 8
+// activations, select each lane's 4 (zmm17 / zmm19: the tiles' positions), multiply by the values (zmm16 / zmm18).
+#define EK_ROW(addr, r, r2)                                                                             \
+  "vpbroadcastq " addr ", %%zmm20\n\t"                                                                  \
+  "vpshufb %%zmm17, %%zmm20, %%zmm21\n\t"                                                               \
+  "vpshufb %%zmm19, %%zmm20, %%zmm22\n\t"                                                               \
+  "vpdpbusd %%zmm16, %%zmm21, %%zmm" #r "\n\t"                                                          \
+  "vpdpbusd %%zmm18, %%zmm22, %%zmm" #r2 "\n\t"
+#define EK_ROWS(off)                                                                                    \
+  EK_ROW(off "(%[a0])", 0, 8) EK_ROW(off "(%[a0],%[lda])", 1, 9) EK_ROW(off "(%[a0],%[lda],2)", 2, 10) \
+  EK_ROW(off "(%[a0],%[lda3])", 3, 11) EK_ROW(off "(%[a4])", 4, 12) EK_ROW(off "(%[a4],%[lda])", 5, 13) \
+  EK_ROW(off "(%[a4],%[lda],2)", 6, 14) EK_ROW(off "(%[a4],%[lda3])", 7, 15)
+#define EK_ZERO(r) "vpxord %%zmm" #r ", %%zmm" #r ", %%zmm" #r "\n\t"
+#define EK_STORE(r) "vmovdqa64 %%zmm" #r ", " #r "*64(%[out])\n\t"
 
-// Activations [M, lda] -> xt [pairs][mblocks][16][8] (rows past M and positions past K are zero).
-void relayout(const Sparse24Args& a, const PackedSparse24& pk, std::vector<uint8_t>& xt) {
-  const int64_t mblocks = (a.M + 15) / 16;
-  xt.assign(static_cast<size_t>(pk.pairs * mblocks * 128), 0);
-  for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t p = 0; p < pk.pairs; ++p) {
-      const int64_t len = std::min<int64_t>(8, a.K - 8 * p);
-      std::memcpy(xt.data() + ((p * mblocks + m / 16) * 16 + m % 16) * 8, a.A_u8 + m * a.lda + 8 * p,
-                  static_cast<size_t>(len));
-    }
+// int32 sums of 8 activation rows (A, stride lda; 16 bytes readable past every pair) with tiles t and t + 1:
+// out[16][16] (tile t's rows 0-7, then tile t + 1's).
+EK_TARGET void block(const PackedSparse24& pk, const uint8_t* A, int64_t lda, int64_t t, int32_t* out) {
+  const uint8_t* a0 = A;
+  const uint8_t* a4 = A + 4 * lda;
+  const uint8_t* p = pk.data.data() + t * pk.steps * kStepBytes;
+  const int64_t lda3 = 3 * lda, ts = pk.steps * kStepBytes;
+  int64_t count = pk.steps;
+  asm volatile(
+      EK_ZERO(0) EK_ZERO(1) EK_ZERO(2) EK_ZERO(3) EK_ZERO(4) EK_ZERO(5) EK_ZERO(6) EK_ZERO(7)
+      EK_ZERO(8) EK_ZERO(9) EK_ZERO(10) EK_ZERO(11) EK_ZERO(12) EK_ZERO(13) EK_ZERO(14) EK_ZERO(15)
+      "1:\n\t"
+      "vmovdqu64 128(%[p]), %%zmm17\n\t"
+      "vmovdqu64 128(%[p],%[ts]), %%zmm19\n\t"
+      "vmovdqu64 (%[p]), %%zmm16\n\t"
+      "vmovdqu64 (%[p],%[ts]), %%zmm18\n\t"
+      EK_ROWS("0")
+      "vpsrlw $4, %%zmm17, %%zmm17\n\t"
+      "vpsrlw $4, %%zmm19, %%zmm19\n\t"
+      "vmovdqu64 64(%[p]), %%zmm16\n\t"
+      "vmovdqu64 64(%[p],%[ts]), %%zmm18\n\t"
+      EK_ROWS("8")
+      "add $16, %[a0]\n\t"
+      "add $16, %[a4]\n\t"
+      "add $192, %[p]\n\t"
+      "dec %[count]\n\t"
+      "jnz 1b\n\t"
+      EK_STORE(0) EK_STORE(1) EK_STORE(2) EK_STORE(3) EK_STORE(4) EK_STORE(5) EK_STORE(6) EK_STORE(7)
+      EK_STORE(8) EK_STORE(9) EK_STORE(10) EK_STORE(11) EK_STORE(12) EK_STORE(13) EK_STORE(14) EK_STORE(15)
+      : [a0] "+r"(a0), [a4] "+r"(a4), [p] "+r"(p), [count] "+r"(count)
+      : [lda] "r"(lda), [lda3] "r"(lda3), [ts] "r"(ts), [out] "r"(out)
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22");
+  static_assert(kStepBytes == 192 && kRows == 8, "the assembly's strides and registers");
 }
 
-// NR weight rows [n, n + NR) over block b of pairs (np of them), MB activation blocks: the int32 sums in part
-// (rows relative to n0) are loaded (after the first block), accumulated and stored. NR rows at once give NR * MB
-// independent accumulators and share the table row addresses' arithmetic.
-template <int MB, int NR>
-EK_TARGET inline __attribute__((always_inline)) void rows(const PackedSparse24& pk, const uint8_t* tab, int64_t b,
-                                                          int64_t np, int64_t n, int64_t n0,
-                                                          std::vector<int32_t>& part) {
-  const int64_t P = pk.pairs_per_block;
-  const uint8_t* row[NR];
-  int32_t* out[NR];
-  __m512i acc[NR][MB];
-  for (int r = 0; r < NR; ++r) {
-    row[r] = pk.data.data() + (b * pk.n + n + r) * 5 * P;
-    out[r] = part.data() + (n + r - n0) * MB * 16;
-    for (int mb = 0; mb < MB; ++mb) acc[r][mb] = b ? _mm512_loadu_si512(out[r] + 16 * mb) : _mm512_setzero_si512();
-  }
-  for (int64_t j = 0; j < np; ++j) {
-    const uint8_t* tj = tab + j * 36 * MB * 64;
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* t = tj + row[r][j] * MB * 64;
-      int32_t wj;
-      std::memcpy(&wj, row[r] + P + 4 * j, 4);
-      const __m512i wb = _mm512_set1_epi32(wj);
-      for (int mb = 0; mb < MB; ++mb) acc[r][mb] = _mm512_dpbusd_epi32(acc[r][mb], _mm512_load_si512(t + 64 * mb), wb);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int mb = 0; mb < MB; ++mb) _mm512_storeu_si512(out[r] + 16 * mb, acc[r][mb]);
-}
-
-// Rows [n0, n1), activation blocks [mb0, mb0 + MB): int32 sums into part [n1 - n0][MB][16], then Y.
-template <int MB>
-EK_TARGET void pass(const Sparse24Args& a, const PackedSparse24& pk, const uint8_t* xt, int64_t mb0, int64_t n0,
-                    int64_t n1, std::vector<uint8_t>& table, std::vector<int32_t>& part) {
-  static const PatternIndex index;
-  const int64_t P = pk.pairs_per_block, mblocks = (a.M + 15) / 16, count = n1 - n0;
-  table.resize(static_cast<size_t>(P * 36 * MB * 64 + 64));
-  uint8_t* tab = table.data() + (64 - reinterpret_cast<uintptr_t>(table.data()) % 64) % 64;  // 64-byte aligned
-  part.resize(static_cast<size_t>(count * MB * 16));
-  for (int64_t b = 0; b < pk.blocks; ++b) {
-    const int64_t p0 = b * P, np = std::min(P, pk.pairs - p0);
-    for (int64_t j = 0; j < np; ++j)
-      for (int mb = 0; mb < MB; ++mb) {
-        const uint8_t* src = xt + ((p0 + j) * mblocks + mb0 + mb) * 128;
-        const __m512i r0 = _mm512_loadu_si512(src), r1 = _mm512_loadu_si512(src + 64);
-        for (int c = 0; c < 36; ++c)
-          _mm512_store_si512(tab + ((j * 36 + c) * MB + mb) * 64,
-                             _mm512_permutex2var_epi8(r0, _mm512_load_si512(index.v[c]), r1));
-      }
-    int64_t n = n0;
-    for (; n + kRowsPerStep <= n1; n += kRowsPerStep) rows<MB, kRowsPerStep>(pk, tab, b, np, n, n0, part);
-    for (; n < n1; ++n) rows<MB, 1>(pk, tab, b, np, n, n0, part);
-  }
-  for (int64_t n = n0; n < n1; ++n) {
-    const int32_t zterm = a.a_zero_point * pk.rowsum[static_cast<size_t>(n)];
-    const double scale = static_cast<double>(a.a_scale) * static_cast<double>(a.w_scale[n]);
-    const int32_t* s = part.data() + (n - n0) * MB * 16;
-    for (int64_t m = 16 * mb0; m < std::min(a.M, 16 * (mb0 + MB)); ++m)
-      a.Y[m * a.N + n] = static_cast<float>(static_cast<double>(s[m - 16 * mb0] - zterm) * scale);
+// Y[m0 + r, n] = (s - a_zero * rowsum[n]) * a_scale * w_scale[n] in double (the reference's order), for rows
+// r < rows and columns n in [n, n1) of tile t.
+EK_TARGET void store(const Sparse24Args& a, const PackedSparse24& pk, const int32_t* s, int64_t t, int64_t m0,
+                     int rows, int64_t n1) {
+  const int64_t n = 16 * t;
+  if (n >= n1) return;
+  const __mmask16 mask = static_cast<__mmask16>(n1 - n >= 16 ? 0xFFFF : (1u << (n1 - n)) - 1);
+  const __m512i z = _mm512_mullo_epi32(_mm512_set1_epi32(a.a_zero_point), _mm512_loadu_si512(pk.rowsum.data() + n));
+  const __m512 ws = _mm512_maskz_loadu_ps(mask, a.w_scale + n);
+  const __m512d as = _mm512_set1_pd(static_cast<double>(a.a_scale));
+  const __m512d ws_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(ws));
+  const __m512d ws_hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ws), 1)));
+  for (int r = 0; r < rows; ++r) {
+    const __m512i v = _mm512_sub_epi32(_mm512_load_si512(s + 16 * r), z);
+    const __m512d lo = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)), as), ws_lo);
+    const __m512d hi = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1)), as), ws_hi);
+    const __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+    _mm512_mask_storeu_ps(a.Y + (m0 + r) * a.N + n, mask, y);
   }
 }
 
-void run(const Sparse24Args& a, const PackedSparse24& pk, const uint8_t* xt, int64_t n0, int64_t n1) {
-  thread_local std::vector<uint8_t> table;
-  thread_local std::vector<int32_t> part;
-  const int64_t mblocks = (a.M + 15) / 16;
-  for (int64_t mb = 0; mb < mblocks;) {
-    const int64_t left = mblocks - mb;
-    if (left >= 4) {
-      pass<4>(a, pk, xt, mb, n0, n1, table, part), mb += 4;
-    } else if (left == 3) {
-      pass<3>(a, pk, xt, mb, n0, n1, table, part), mb += 3;
-    } else if (left == 2) {
-      pass<2>(a, pk, xt, mb, n0, n1, table, part), mb += 2;
-    } else {
-      pass<1>(a, pk, xt, mb, n0, n1, table, part), mb += 1;
-    }
+EK_TARGET void run(const Sparse24Args& a, const PackedSparse24& pk, int64_t n0, int64_t n1) {
+  // the last block of rows (M % 8 of them) runs on a zero-padded copy
+  thread_local std::vector<uint8_t> tail;
+  const int64_t full = a.M / kRows * kRows, left = a.M - full;
+  if (left) {
+    tail.assign(static_cast<size_t>(kRows * a.lda + 16), 0);
+    std::memcpy(tail.data(), a.A_u8 + full * a.lda, static_cast<size_t>(left * a.lda));
   }
-  static_assert(kMaxBlocksOfRows == 4, "run() dispatches passes of up to 4 blocks of 16 rows");
+  alignas(64) int32_t s[2 * kRows * 16];
+  for (int64_t t = n0 / 32 * 2; 16 * t < n1; t += 2)
+    for (int64_t m0 = 0; m0 < a.M; m0 += kRows) {
+      const bool whole = m0 < full;
+      block(pk, whole ? a.A_u8 + m0 * a.lda : tail.data(), a.lda, t, s);
+      const int rows = whole ? kRows : static_cast<int>(left);
+      store(a, pk, s, t, m0, rows, n1);
+      store(a, pk, s + kRows * 16, t + 1, m0, rows, n1);
+    }
 }
 
 }  // namespace
 
 const PackedSparse24Kernels* packed_sparse24_avx512() {
-  static const PackedSparse24Kernels k{pack, relayout, run};
+  static const PackedSparse24Kernels k{pack, run, 32};
   return &k;
 }
 
