@@ -56,45 +56,69 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
                quantizer: LowBitQuantizer | None = None, *, edgekit_kernels: bool | None = None) -> Artifact:
     """The artifact of a plan: the FP32 graph itself; or ORT's static or dynamic int8 quantizer on the plan's int8
     layers (the others excluded), then the weight-only layers rewritten to low-bit kernels (``export.lowbit``):
-    ``ai.edgekit`` ops when ``edgekit_kernels`` (default: when the plan's target profile lists the domain)."""
+    ``ai.edgekit`` ops when ``edgekit_kernels`` (default: when the plan's target profile lists the domain). With
+    those kernels, linear layers with 2:4 weights and int8 activations become ``ai.edgekit::MatMulSparse24`` on
+    dynamically quantized activations (``export.ort_sparse``), static ``w8a8`` ones included."""
     if not plan.is_quantized:
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
+    native = edgekit_ops(plan.target) if edgekit_kernels is None else edgekit_kernels
+    sparse = _sparse24_int8(plan) if native else set()
     if plan.is_structural:  # prune / factorize / drop the float graph first, then quantize the result
         fp32, plan = structural_step(plan, fp32, calib, out, ctx)
         quantizer = None
         if not plan.is_quantized:
             os.replace(fp32.path, out)
             return describe(out)
+    if sparse:  # linear 2:4 int8 layers run as ai.edgekit::MatMulSparse24 (1x1 convs stay dense int8)
+        import onnx
+
+        from edgekit.export.ort_sparse import rewritable
+
+        g = onnx.load(str(fp32.path)).graph
+        inits = {i.name: i for i in g.initializer}
+        sparse = {n.name for n in g.node if n.name in sparse and rewritable(n, inits)}
     wonly = {c.layer: c.option for c in plan.layers if weight_only(c.option)}
-    int8 = replace(plan, layers=tuple(LayerChoice(c.layer, "fp32", c.reason) if c.layer in wonly else c
-                                      for c in plan.layers)) if wonly else plan
+    own = set(wonly) | sparse  # layers edgekit writes itself; ONNX Runtime's int8 quantizer leaves them float
+    int8 = replace(plan, layers=tuple(LayerChoice(c.layer, "fp32", c.reason) if c.layer in own else c
+                                      for c in plan.layers)) if own else plan
     base = Path(fp32.path)
     if int8.is_quantized:
-        base = out.with_name(out.stem + ".int8.onnx") if wonly else out
+        base = out.with_name(out.stem + ".int8.onnx") if own else out
         if int8.layers_with("w8a8d"):
             if int8.layers_with("w8a8"):
                 raise ConfigError("a plan cannot mix static (w8a8) and dynamic (w8a8d) int8 layers")
             quantize_w8a8d(fp32.path, base, int8)
         else:
             quantize_w8a8(fp32.path, base, int8, calib, cfg, track=ctx.track)
-    if wonly:
+    if own:
         import onnx
 
-        from edgekit.export.lowbit import apply_weight_only
+        model = onnx.load(str(base))
+        if sparse:
+            from edgekit.export.ort_sparse import apply_sparse24
 
-        if quantizer is None:
-            quantizer = plan_quantizer(plan, fp32, calib, ctx, layers=list(wonly))
-        weights = {n: quantizer.qweight(n, o) for n, o in wonly.items()}
-        native = edgekit_ops(plan.target) if edgekit_kernels is None else edgekit_kernels
-        # this artifact runs in ONNX Runtime (TensorRT exports rewrite their own copy), whose native library has
-        # the fused-activation epilogue
-        model = apply_weight_only(onnx.load(str(base)), weights, accuracy_level=quantizer.config.accuracy_level,
-                                  edgekit_ops=native, fuse_activations=native)
+            model = apply_sparse24(model, sorted(sparse))
+        if wonly:
+            from edgekit.export.lowbit import apply_weight_only
+
+            if quantizer is None:
+                quantizer = plan_quantizer(plan, fp32, calib, ctx, layers=list(wonly))
+            weights = {n: quantizer.qweight(n, o) for n, o in wonly.items()}
+            # this artifact runs in ONNX Runtime (TensorRT exports rewrite their own copy), whose native library
+            # has the fused-activation epilogue
+            model = apply_weight_only(model, weights, accuracy_level=quantizer.config.accuracy_level,
+                                      edgekit_ops=native, fuse_activations=native)
         onnx.save(model, str(out))
         if base != Path(fp32.path):
             base.unlink(missing_ok=True)
     return describe(out)
+
+
+def _sparse24_int8(plan: Plan) -> set[str]:
+    """The plan's layers with 2:4 weights and int8 activations (``sparse2:4+w8a8``, ``sparse2:4+w8a8d``)."""
+    return {c.layer for c in plan.layers
+            if (p := parse_option(c.option)).sparsity == "sparse2:4" and p.base in ("w8a8", "w8a8d")}
 
 
 def edgekit_ops(target: str) -> bool:

@@ -222,7 +222,7 @@ class TargetProfile(_Frozen):
                 return False
             acts = _FLOAT_ACT_BITS if s.activation_bits is None else (s.activation_bits,)
             return s.sparsity is None and any(a in o.activation_bits for a in acts)
-        if s.dynamic and (not o.dynamic_activations or s.sparsity is not None):
+        if s.dynamic and not o.dynamic_activations:
             return False
         return s.group is None and s.activation_bits in o.activation_bits
 

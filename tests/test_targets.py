@@ -112,6 +112,12 @@ def test_profiles_are_frozen():
         ("cpu-x86", "embedding", "w4g128", True),  # GatherBlockQuantized
         ("cpu-x86", "embedding", "w8a8", False),
         ("cpu-x86", "conv", "sparse2:4+w8a8", False),
+        ("cpu-x86", "linear", "sparse2:4+w8a8d", False),  # no sparse kernel in stock ONNX Runtime
+        ("cpu-x86-edgekit", "linear", "sparse2:4+w8a8d", True),  # ai.edgekit::MatMulSparse24
+        ("cpu-x86-edgekit", "linear", "sparse2:4+w8a8", True),
+        ("cpu-x86-edgekit", "linear", "sparse4:8+w8a8d", False),
+        ("cpu-x86-edgekit", "linear", "sparse2:4+w4g32", False),  # no sparse weight-only kernel
+        ("cpu-x86-edgekit", "conv", "sparse2:4+w8a8", False),
         ("cpu-arm64", "conv", "fp16", True),
         ("cpu-arm64", "conv", "w8a8", True),
         ("cpu-arm64", "linear", "w4g128", False),
