@@ -268,7 +268,6 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
     ``LayerNormalization`` its ``skip``/``ln_scale``/``ln_bias`` inputs, and sibling MatMuls one op with ``split``
     outputs (``export.ort_fusions``)."""
     import onnx
-    from onnx import helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -346,9 +345,19 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
     missing = sorted(set(weights) - found)
     if missing:
         raise ExportError(f"layers not in the graph: {', '.join(missing[:5])}")
+    commit_rewrite(out, new_nodes, new_inits)
+    return out
+
+
+def commit_rewrite(model, nodes: list, inits: list) -> None:
+    """Make ``nodes`` the graph of ``model`` (in place), add ``inits``, drop the initializers nothing reads any more,
+    and list the contrib domains the nodes use (``com.microsoft``, ``ai.edgekit``) at version 1."""
+    from onnx import helper
+
+    g = model.graph
     del g.node[:]
-    g.node.extend(new_nodes)
-    g.initializer.extend(new_inits)
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
     used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
@@ -356,9 +365,8 @@ def apply_weight_only(model, weights: Mapping[str, QWeight], *, accuracy_level: 
         # version 1, also where the base model already lists the domain: a model ONNX Runtime saved in a process that
         # had registered our library lists ai.edgekit at the registry's version (1000), which made the bytes depend on
         # what ran before in the process
-        found = [o for o in out.opset_import if o.domain == domain]
-        for o in found:
+        listed = [o for o in model.opset_import if o.domain == domain]
+        for o in listed:
             o.version = 1
-        if not found:
-            out.opset_import.append(helper.make_opsetid(domain, 1))
-    return out
+        if not listed:
+            model.opset_import.append(helper.make_opsetid(domain, 1))

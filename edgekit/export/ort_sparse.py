@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from edgekit.errors import ExportError
-from edgekit.export.lowbit import EDGEKIT_DOMAIN, _attr, weight_matrix
+from edgekit.export.lowbit import _attr, commit_rewrite, weight_matrix
 from edgekit.kernels import sparse24
 
 
@@ -93,16 +93,5 @@ def apply_sparse24(model, layers: Iterable[str]):
     missing = sorted(wanted - found)
     if missing:
         raise ExportError(f"layers not in the graph: {', '.join(missing[:5])}")
-    del g.node[:]
-    g.node.extend(new_nodes)
-    g.initializer.extend(new_inits)
-    used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
-    if found:  # version 1, as export.lowbit writes it
-        listed = [o for o in out.opset_import if o.domain == EDGEKIT_DOMAIN]
-        for o in listed:
-            o.version = 1
-        if not listed:
-            out.opset_import.append(helper.make_opsetid(EDGEKIT_DOMAIN, 1))
+    commit_rewrite(out, new_nodes, new_inits)
     return out
