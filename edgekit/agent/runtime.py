@@ -89,10 +89,21 @@ def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] 
             inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
     if int4:
         log.debug("widened %d int4 initializers to 8 bits for ONNX Runtime's integer kernels", widen_int4(model))
+    if custom and any(n.op_type == "MatMulSparse24" for n in model.graph.node if n.domain == "ai.edgekit"):
+        from edgekit.kernels.ort_python import sparse24_to_standard
+
+        try:
+            model = sparse24_to_standard(model)
+        except ValueError as exc:
+            raise ExportError(f"{exc}; the native library is not built here",
+                              hint="build it: python runtimes/onnxruntime/build.py (or make native)") from exc
+        log.warning("native ai.edgekit kernels are not built here: running MatMulSparse24 as dense standard ops "
+                    "(no 2:4 speed-up; build them with python runtimes/onnxruntime/build.py)")
+        custom = any(n.domain == "ai.edgekit" for n in model.graph.node)
     if custom:
-        sparse = sorted({n.op_type for n in model.graph.node if n.domain == "ai.edgekit"} - {"MatMulLowBit"})
-        if sparse:
-            raise ExportError(f"this model uses ai.edgekit ops {sparse}, which only the native library runs, and it "
+        other = sorted({n.op_type for n in model.graph.node if n.domain == "ai.edgekit"} - {"MatMulLowBit"})
+        if other:
+            raise ExportError(f"this model uses ai.edgekit ops {other}, which only the native library runs, and it "
                               "is not built here", hint="build it: python runtimes/onnxruntime/build.py (or make "
                               "native)")
         try:

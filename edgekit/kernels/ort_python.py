@@ -22,13 +22,19 @@ Usage::
 The native custom-op library (``runtimes/onnxruntime/``, ``edgekit.kernels.ort_native``) serves the op directly;
 this module is the fallback that keeps graphs with the op runnable (and testable) anywhere onnxruntime-extensions
 installs.
+
+``MatMulSparse24`` needs no Python op: ``sparse24_to_standard(model)`` rewrites each node whose values and indices
+are constant initializers into standard ONNX ops over the dense weight they stand for (``sparse24.unpack``): with
+uint8 activations ``MatMulInteger`` (u8 x s8, exact int32 sums) -> ``Cast`` -> ``Mul(a_scale)`` -> ``Mul(w_scale)``,
+otherwise ``MatMul`` by the dequantized float weight. Same math as the reference (the epilogue in float32 rather
+than float64), at ONNX Runtime's dense speed, without the 2:4 speed-up.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from edgekit.kernels import lowbit
+from edgekit.kernels import lowbit, sparse24
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
 _REGISTERED: dict[str, str] = {}
@@ -187,4 +193,63 @@ def to_contrib_domain(model):
         out.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
         if added_add and not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
             out.opset_import.append(onnx.helper.make_opsetid("", 13))
+    return out
+
+
+def sparse24_to_standard(model):
+    """A copy of ``model`` whose ``ai.edgekit::MatMulSparse24`` nodes are standard ONNX ops (see the module
+    docstring); ValueError for a node whose values or indices are not constant initializers."""
+    import onnx
+    import onnx.helper as oh
+    import onnx.numpy_helper as nh
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, new_inits, changed = [], [], False
+    for idx, node in enumerate(graph.node):
+        if node.domain != sparse24.DOMAIN or node.op_type != sparse24.OP_TYPE:
+            new_nodes.append(node)
+            continue
+        changed = True
+        a = _attrs(node)
+        K, name = int(a["K"]), node.name or f"MatMulSparse24_{idx}"
+        ins = list(node.input) + [""] * (6 - len(node.input))
+        const = [t for t in ins[1:4] if t]
+        if any(t not in inits for t in const):
+            raise ValueError(f"{name}: MatMulSparse24 runs without the native library only with constant values, "
+                             "indices and w_scale")
+        values, indices = nh.to_array(inits[ins[1]]), nh.to_array(inits[ins[2]])
+        w_scale = nh.to_array(inits[ins[3]]).astype(np.float32) if ins[3] else None
+        y = node.output[0]
+        if ins[4]:  # uint8 activations: exact int32 sums, then the two scales
+            b = f"{name}::dense_int8"
+            new_inits.append(nh.from_array(np.ascontiguousarray(sparse24.unpack(values, indices, K).T), b))
+            new_inits.append(nh.from_array(w_scale, f"{name}::w_scale_f"))
+            mm = [ins[0], b] + ([ins[5]] if ins[5] else [])
+            new_nodes += [oh.make_node("MatMulInteger", mm, [f"{name}::acc"], name=f"{name}_mmi"),
+                          oh.make_node("Cast", [f"{name}::acc"], [f"{name}::accf"], to=onnx.TensorProto.FLOAT,
+                                       name=f"{name}_cast"),
+                          oh.make_node("Mul", [f"{name}::accf", ins[4]], [f"{name}::scaled"], name=f"{name}_ascale"),
+                          oh.make_node("Mul", [f"{name}::scaled", f"{name}::w_scale_f"], [y], name=f"{name}_wscale")]
+        else:
+            b = f"{name}::dense"
+            w = sparse24.dequantize(values, indices, w_scale, K)
+            new_inits.append(nh.from_array(np.ascontiguousarray(w.T), b))
+            new_nodes.append(oh.make_node("MatMul", [ins[0], b], [y], name=f"{name}_matmul"))
+    if not changed:
+        return out
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    used = {t for n in graph.node for t in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    if not any(n.domain == sparse24.DOMAIN for n in graph.node):
+        kept = [o for o in out.opset_import if o.domain != sparse24.DOMAIN]
+        del out.opset_import[:]
+        out.opset_import.extend(kept)
+    if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
+        out.opset_import.append(oh.make_opsetid("", 13))
     return out
