@@ -37,3 +37,46 @@ def conv_net(seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def sparse24_case(rng, M: int, K: int, N: int, variant: str):
+    """A one-node ``ai.edgekit::MatMulSparse24`` model ``A [M, K] -> Y [M, N]`` over a random 2:4 weight (0-2
+    non-zeros per group) and its references: ``(model, A, reference output, dense float weight)``. ``variant``:
+    ``fp32`` (float values), ``int8_float_act`` (int8 values, float activations), ``int8_u8`` / ``int8_u8_zp``
+    (int8 values, uint8 activations, without / with a zero point)."""
+    from edgekit.kernels import sparse24
+
+    W = sparse24.random_2of4(rng, N, K, full=False)
+    vals, idx = sparse24.pack(W)
+    inits = [numpy_helper.from_array(idx, "I")]
+    if variant == "fp32":
+        A = rng.standard_normal((M, K)).astype(np.float32)
+        inits.append(numpy_helper.from_array(vals, "V"))
+        ins, a_type = ["A", "V", "I"], TensorProto.FLOAT
+        ref = sparse24.reference_matmul(A, vals, idx, K=K, N=N)
+        Wd = sparse24.dequantize(vals, idx, None, K)
+    else:
+        q, ws = sparse24.quantize_int8_rows(vals)
+        inits += [numpy_helper.from_array(q, "V"), numpy_helper.from_array(ws, "WS")]
+        ins = ["A", "V", "I", "WS"]
+        Wd = sparse24.dequantize(q, idx, ws, K)
+        if variant == "int8_float_act":
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            a_type = TensorProto.FLOAT
+            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N)
+        else:
+            A, a_scale, a_zp = sparse24.quantize_activations_u8(rng.standard_normal((M, K)).astype(np.float32) + 0.3)
+            a_type = TensorProto.UINT8
+            inits += [numpy_helper.from_array(np.array(a_scale, np.float32), "AS")]
+            ins.append("AS")
+            if variant == "int8_u8_zp":
+                inits.append(numpy_helper.from_array(np.array(a_zp, np.uint8), "AZ"))
+                ins.append("AZ")
+            else:
+                a_zp = 0
+            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N, a_scale=a_scale, a_zero_point=a_zp)
+    graph = helper.make_graph([sparse24.make_node(ins, ["Y"], K=K, N=N)], "t",
+                              [helper.make_tensor_value_info("A", a_type, [M, K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.edgekit", 1)])
+    return model, A, ref, Wd

@@ -23,13 +23,15 @@ import sys
 import numpy as np
 import pytest
 
-from edgekit.kernels import lowbit, ort_native, sparse24
+from edgekit.kernels import lowbit, ort_native
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto as TP  # noqa: E402
 from onnx import helper as oh  # noqa: E402
 from onnx import numpy_helper as nh  # noqa: E402
+
+from tests.onnx_graphs import sparse24_case  # noqa: E402
 
 ISAS = ("scalar", "avx2", "avx512")
 LOWBIT_SHAPES = [(1, 200, 37), (8, 256, 19), (33, 96, 40)]  # (M, K, N): GEMV, small GEMM, GEMM; K % group != 0
@@ -151,44 +153,11 @@ def test_lowbit_large_gemv_and_batched_axes(isa, acc):
     (_check_fp32 if acc == 0 else _check_int8_activations)(y.reshape(6, 24), ref.reshape(6, 24), A.reshape(6, 160), Wd)
 
 
-def _sparse_case(rng, M, K, N, variant):
-    W = sparse24.random_2of4(rng, N, K, full=False)
-    vals, idx = sparse24.pack(W)
-    inits = [nh.from_array(idx, "I")]
-    if variant == "fp32":
-        A = rng.standard_normal((M, K)).astype(np.float32)
-        inits.append(nh.from_array(vals, "V"))
-        ins, a_type = ["A", "V", "I"], TP.FLOAT
-        ref = sparse24.reference_matmul(A, vals, idx, K=K, N=N)
-        Wd = sparse24.dequantize(vals, idx, None, K)
-    else:
-        q, ws = sparse24.quantize_int8_rows(vals)
-        inits += [nh.from_array(q, "V"), nh.from_array(ws, "WS")]
-        ins = ["A", "V", "I", "WS"]
-        Wd = sparse24.dequantize(q, idx, ws, K)
-        if variant == "int8_float_act":
-            A = rng.standard_normal((M, K)).astype(np.float32)
-            a_type = TP.FLOAT
-            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N)
-        else:
-            A, a_scale, a_zp = sparse24.quantize_activations_u8(rng.standard_normal((M, K)).astype(np.float32) + 0.3)
-            a_type = TP.UINT8
-            inits += [nh.from_array(np.array(a_scale, np.float32), "AS")]
-            ins.append("AS")
-            if variant == "int8_u8_zp":
-                inits.append(nh.from_array(np.array(a_zp, np.uint8), "AZ"))
-                ins.append("AZ")
-            else:
-                a_zp = 0
-            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N, a_scale=a_scale, a_zero_point=a_zp)
-    return _model(sparse24.make_node(ins, ["Y"], K=K, N=N), a_type, M, K, N, inits), A, ref, Wd
-
-
 @pytest.mark.parametrize("variant", ["fp32", "int8_float_act", "int8_u8", "int8_u8_zp"])
 def test_sparse24_matches_reference(isa, variant):
     rng = np.random.default_rng(5)
     for M, K, N in SPARSE_SHAPES:
-        model, A, ref, Wd = _sparse_case(rng, M, K, N, variant)
+        model, A, ref, Wd = sparse24_case(rng, M, K, N, variant)
         y = _session(model).run(None, {"A": A})[0]
         assert y.shape == (M, N) and y.dtype == np.float32
         if variant.startswith("int8_u8"):
@@ -210,7 +179,7 @@ def test_sparse24_prepacked_matches_unpacked(library, monkeypatch, variant):
     rng = np.random.default_rng(11)
     for M, K, N in ((8, 132, 5), (17, 520, 37), (32, 1028, 70), (45, 256, 800), (70, 100, 9), (40, 260, 400),
                     (9, 8, 129), (16, 4, 33), (13, 24, 160), (7, 128, 9), (1, 264, 3)):
-        model, A, ref, _ = _sparse_case(rng, M, K, N, variant)
+        model, A, ref, _ = sparse24_case(rng, M, K, N, variant)
         monkeypatch.delenv("EDGEKIT_ORT_NO_PREPACK", raising=False)
         sess = _session(model)
         y1, y1b = sess.run(None, {"A": A})[0], sess.run(None, {"A": A})[0]
@@ -233,7 +202,7 @@ def test_isa_paths_agree(library, monkeypatch):
             if kind == "lowbit":
                 model, A, ref, Wd = _lowbit_case(rng, M, K, N, **cfg)
             else:
-                model, A, ref, Wd = _sparse_case(rng, M, K - K % 4, N, cfg["variant"])
+                model, A, ref, Wd = sparse24_case(rng, M, K - K % 4, N, cfg["variant"])
             outs = {}
             for p in paths:
                 monkeypatch.setenv("EDGEKIT_ORT_ISA", p)

@@ -8,46 +8,20 @@ import numpy as np
 import pytest
 
 from edgekit.errors import ExportError
-from edgekit.kernels import sparse24
+from tests.onnx_graphs import sparse24_case
 
 
 def _model(variant: str, M: int = 5, K: int = 72, N: int = 11, seed: int = 0, constant: bool = True):
-    """One MatMulSparse24 node (``variant``: fp32 | int8_float_act | int8_u8 | int8_u8_zp) and its reference."""
+    """A one-node MatMulSparse24 model (``tests.onnx_graphs.sparse24_case``), its input and reference output;
+    ``constant=False`` makes the values a graph input (nothing to rewrite from)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    rng = np.random.default_rng(seed)
-    vals, idx = sparse24.pack(sparse24.random_2of4(rng, N, K, full=False))
-    inits, ins = [numpy_helper.from_array(idx, "I")], ["A", "V", "I"]
-    a_type, A = TensorProto.FLOAT, rng.standard_normal((M, K)).astype(np.float32)
-    if variant == "fp32":
-        inits.append(numpy_helper.from_array(vals, "V"))
-        ref = sparse24.reference_matmul(A, vals, idx, K=K, N=N)
-    else:
-        q, ws = sparse24.quantize_int8_rows(vals)
-        inits += [numpy_helper.from_array(q, "V"), numpy_helper.from_array(ws, "WS")]
-        ins.append("WS")
-        if variant == "int8_float_act":
-            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N)
-        else:
-            A, a_scale, a_zp = sparse24.quantize_activations_u8(A + 0.3)
-            a_type = TensorProto.UINT8
-            inits.append(numpy_helper.from_array(np.array(a_scale, np.float32), "AS"))
-            ins.append("AS")
-            if variant == "int8_u8_zp":
-                inits.append(numpy_helper.from_array(np.array(a_zp, np.uint8), "AZ"))
-                ins.append("AZ")
-            else:
-                a_zp = 0
-            ref = sparse24.reference_matmul(A, q, idx, ws, K=K, N=N, a_scale=a_scale, a_zero_point=a_zp)
-    graph_inputs = [helper.make_tensor_value_info("A", a_type, [M, K])]
-    if not constant:  # the values as a graph input: nothing to rewrite from
-        v = next(i for i in inits if i.name == "V")
-        inits.remove(v)
-        graph_inputs.append(helper.make_tensor_value_info("V", v.data_type, list(v.dims)))
-    graph = helper.make_graph([sparse24.make_node(ins, ["Y"], K=K, N=N, name="sp")], "g", graph_inputs,
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [M, N])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.edgekit", 1)])
+    model, A, ref, _ = sparse24_case(np.random.default_rng(seed), M, K, N, variant)
+    if not constant:
+        v = next(i for i in model.graph.initializer if i.name == "V")
+        model.graph.input.append(helper.make_tensor_value_info("V", v.data_type, list(v.dims)))
+        model.graph.initializer.remove(v)
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model, A, ref
