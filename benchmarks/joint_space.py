@@ -76,6 +76,7 @@ def allocators(prep, model, layers, work: Path, ctx, *, spaces=("bits", "joint")
     from edgekit.compress.quant import W8A8Config
     from edgekit.export.onnx import describe
     from edgekit.joint import JointAllocator
+    from edgekit.selection import Measurements
     from edgekit.targets import load_target
 
     profile = load_target("cpu-x86")
@@ -83,9 +84,10 @@ def allocators(prep, model, layers, work: Path, ctx, *, spaces=("bits", "joint")
     common = {"profile": profile, "model": model, "fp32": fp32, "layers": layers, "calib": prep.calib,
               "cfg": W8A8Config(), "ctx": ctx}
     out = {}
+    shared = Measurements()  # a plan both spaces reach is timed and scored once: both judge it the same
     for space in spaces:
         t0 = time.perf_counter()
-        out[space] = JointAllocator(**common, work=work / space, structure=space == "joint")
+        out[space] = JointAllocator(**common, work=work / space, structure=space == "joint", measurements=shared)
         log.info("%s space: %d options over %d rows in %.0f s", space,
                  sum(len(r) for r in out[space].space.rows.values()), len(out[space].space.rows),
                  time.perf_counter() - t0)
@@ -191,42 +193,62 @@ def compare_budgets(results: dict, classification: bool, *, ytol: float = FID_TO
 
 
 def paired_latency(results: dict, rows: list, fp32_path: Path, feeds, *, rounds: int, per_round: int) -> None:
-    """Each variant's latency as a fraction of FP32, timed in pairs: the variant and FP32 alternate in blocks of
-    ``per_round`` calls, ``rounds`` times, and the ratio is the median of the blocks' ratios. On these shared cores
-    the FP32/INT8 speed ratio itself drifts by 2x over minutes (other tenants' load hits float and integer kernels
-    differently), which a round-robin over twenty variants cannot cancel; adjacent blocks can."""
+    """Each variant's latency as a fraction of FP32, timed in pairs and interleaved: in every one of ``rounds``
+    rounds, each distinct artifact runs one block of ``per_round`` calls next to a block of FP32 (the order
+    alternating), and a variant's ratio is the median of its blocks' ratios. Pairs cancel the drift of the FP32/INT8
+    speed ratio on these shared cores (2x over minutes); interleaving spreads every variant over the same minutes, so
+    the drift left does not favour the variants timed first. Identical files (the two spaces often keep the same
+    plan) are timed once and share the result."""
     import statistics
 
     from edgekit.agent.runtime import OrtRuntime
+    from edgekit.fsutil import sha256_file
 
     fp32 = OrtRuntime(fp32_path)
+    names: dict[str, list[str]] = {}
+    paths: dict[str, Path] = {}
     for p in rows:
         rec = results.get(p.name)
         if rec is None or not p.ok or "error" in rec.get("notes", {}):
             continue
-        rt = OrtRuntime(p.path)
+        digest = sha256_file(p.path)
+        names.setdefault(digest, []).append(p.name)
+        paths.setdefault(digest, Path(p.path))
+    runtimes = {d: OrtRuntime(path) for d, path in paths.items()}
+    for rt in runtimes.values():
         for _ in range(5):
             rt.run(feeds)
             fp32.run(feeds)
-        ratios, a_ms, b_ms = [], [], []
-        for r in range(rounds):
-            order = ((rt, a_ms), (fp32, b_ms)) if r % 2 else ((fp32, b_ms), (rt, a_ms))
-            block = {}
-            for runtime, sink in order:
-                times = []
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    runtime.run(feeds)
-                    times.append((time.perf_counter() - t0) * 1e3)
-                block[id(runtime)] = statistics.median(times)
-                sink.append(block[id(runtime)])
-            ratios.append(block[id(rt)] / block[id(fp32)])
-        rec["latency_paired"] = {"ratio_vs_fp32": round(statistics.median(ratios), 4),
-                                 "ratio_p25": round(float(np.percentile(ratios, 25)), 4),
-                                 "ratio_p75": round(float(np.percentile(ratios, 75)), 4),
-                                 "median_ms": round(statistics.median(a_ms), 4),
-                                 "fp32_median_ms": round(statistics.median(b_ms), 4), "blocks": rounds,
-                                 "calls_per_block": per_round}
+
+    def block(runtime) -> float:
+        times = []
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            runtime.run(feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    ratios: dict[str, list[float]] = {d: [] for d in runtimes}
+    a_ms: dict[str, list[float]] = {d: [] for d in runtimes}
+    b_ms: dict[str, list[float]] = {d: [] for d in runtimes}
+    for r in range(rounds):
+        for i, (d, rt) in enumerate(runtimes.items()):
+            if (r + i) % 2:
+                a, b = block(rt), block(fp32)
+            else:
+                b, a = block(fp32), block(rt)
+            a_ms[d].append(a)
+            b_ms[d].append(b)
+            ratios[d].append(a / b)
+    for d, group in names.items():
+        for name in group:
+            results[name]["latency_paired"] = {
+                "ratio_vs_fp32": round(statistics.median(ratios[d]), 4),
+                "ratio_p25": round(float(np.percentile(ratios[d], 25)), 4),
+                "ratio_p75": round(float(np.percentile(ratios[d], 75)), 4),
+                "median_ms": round(statistics.median(a_ms[d]), 4),
+                "fp32_median_ms": round(statistics.median(b_ms[d]), 4), "blocks": rounds,
+                "calls_per_block": per_round, "same_file_as": [n for n in group if n != name]}
 
 
 def latency_ratio(rec: dict) -> float | None:
@@ -292,8 +314,11 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
                                       only=["ort-static"])]
     for precision, opts in (("fp32", ["fp32"]), ("int8", ["w8a8"])):
         options = {layer.name: opts for layer in layers}
-        alloc = JointAllocator(**common, work=work / f"prune-{precision}", structure={"prune"}, options=options)
-        base = 1.0 if precision == "fp32" else _int8_ratio(common, t, prep)
+        # the allocators share what was measured: uniform INT8 is judged by the same timing that set the budget
+        shared = allocs["joint"].measured
+        alloc = JointAllocator(**common, work=work / f"prune-{precision}", structure={"prune"}, options=options,
+                               measurements=shared)
+        base = 1.0 if precision == "fp32" else _int8_ratio(common, t, prep, shared)
         spec = f"latency={base / SPEEDUP:.4f}x"
         plan, analysis = alloc.allocate(parse_budget([spec]), tag=f"prune{precision}")
         art = analysis["applied"][1]
@@ -311,13 +336,18 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
     return rows
 
 
-def _int8_ratio(common, t, prep) -> float:
+def _int8_ratio(common, t, prep, shared) -> float:
+    """Uniform INT8's latency as a fraction of FP32, as the allocators measured it (timed now if none did)."""
     from edgekit.agent.runtime import OrtRuntime, compare_latency
+    from edgekit.selection import plan_key
 
-    feeds = {k: v[:1] for k, v in prep.calib.inputs.items()}
-    stats = compare_latency({"fp32": OrtRuntime(common["fp32"].path), "int8": OrtRuntime(t.uniform_artifact.path)},
-                            feeds, rounds=5, per_round=20)
-    return stats["int8"].median_ms / stats["fp32"].median_ms
+    key = plan_key(t.uniform)
+    if key not in shared.ratio:
+        feeds = {k: v[:1] for k, v in prep.calib.inputs.items()}
+        stats = compare_latency({"fp32": OrtRuntime(common["fp32"].path), "plan": OrtRuntime(t.uniform_artifact.path)},
+                                feeds, rounds=10, per_round=10)
+        shared.ratio[key] = stats["plan"].median_ms / stats["fp32"].median_ms
+    return shared.ratio[key]
 
 
 def _issue_verdicts(results: dict) -> dict:

@@ -31,6 +31,12 @@ BATCH = 16
 
 def distortion(ref: np.ndarray, out: np.ndarray, metric: str) -> float:
     """Mean KL(softmax(ref) || softmax(out)) over samples (``kl``), or MSE / mean square of ref (``mse``)."""
+    return float(np.mean(sample_distortions(ref, out, metric)))
+
+
+def sample_distortions(ref: np.ndarray, out: np.ndarray, metric: str) -> np.ndarray:
+    """``distortion`` per sample (its mean is ``distortion``): KL(softmax(ref_i) || softmax(out_i)) for ``kl``;
+    for ``mse`` each sample's mean squared error over the mean square of all of ``ref``."""
     ref = ref.astype(np.float64).reshape(len(ref), -1)
     out = out.astype(np.float64).reshape(len(out), -1)
     if metric == "kl":
@@ -38,8 +44,8 @@ def distortion(ref: np.ndarray, out: np.ndarray, metric: str) -> float:
         lp -= np.log(np.exp(lp).sum(1, keepdims=True))
         lq = out - out.max(1, keepdims=True)
         lq -= np.log(np.exp(lq).sum(1, keepdims=True))
-        return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
-    return float(np.mean((ref - out) ** 2) / max(np.mean(ref**2), 1e-30))
+        return np.sum(np.exp(lp) * (lp - lq), axis=1)
+    return np.mean((ref - out) ** 2, axis=1) / max(np.mean(ref**2), 1e-30)
 
 
 def _run(model_proto, data: Dataset) -> np.ndarray:

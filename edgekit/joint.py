@@ -33,10 +33,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edgekit.analyze import distortion
+from edgekit.analyze import distortion, sample_distortions
 from edgekit.cost import HardwareTable, LayerGeometry, cost_table, roofline_ms
 from edgekit.inventory import LayerInfo
-from edgekit.plan import LayerChoice, Plan, parse_option
+from edgekit.plan import LayerChoice, Plan
+from edgekit.selection import Measurements, choose, plan_key
 from edgekit.solvers import Problem, Solution
 from edgekit.tables import Budget, CostEntry, CostTable, SensitivityTable
 
@@ -91,14 +92,6 @@ class JointSpace:
             return replace(e, latency_ms=e.latency_ms + penalty_ms * n) if n else e
 
         return replace(self, rows={u: {o: charged(e) for o, e in row.items()} for u, row in self.rows.items()})
-
-    def precision_only(self) -> JointSpace:
-        """The same rows without structural options: the bits-only space, solved in the same allocation so that the
-        joint result is never worse than it (``JointAllocator.allocate``)."""
-        def plain(e: Entry) -> bool:
-            return not any(parse_option(o).structural for o in e.choice.values())
-
-        return replace(self, rows={u: {o: e for o, e in row.items() if plain(e)} for u, row in self.rows.items()})
 
     def fastest(self) -> Solution:
         """Each unit's fastest option by the tables (for latency budgets the tables say are out of reach)."""
@@ -558,7 +551,8 @@ class JointAllocator:
     ``options`` (layer -> allowed precision options) narrows the precisions (e.g. ``fp32`` only: pruning alone)."""
 
     def __init__(self, *, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg, ctx, structure=True,
-                 recover_steps: int = 0, options: dict[str, list[str]] | None = None) -> None:
+                 recover_steps: int = 0, options: dict[str, list[str]] | None = None,
+                 measurements: Measurements | None = None) -> None:
         import onnx
 
         from edgekit import mixed
@@ -575,15 +569,24 @@ class JointAllocator:
         self.cost = cost_table(layers, profile, self.t.options, hardware=self.hardware,
                                geometry=layer_geometry(fp32.path),
                                bias_correction=cfg.bias_correction)
-        self.space = build_space(onnx.load(str(fp32.path)), layers, profile, allowed, self.t.sens, self.cost,
-                                 self.hardware, held_out(calib, mixed.SENSITIVITY_SAMPLES)[0], sample_feeds(calib),
-                                 structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
-                                 quantizer=self.t.quantizer,
-                                 refit_feeds=sample_feeds(calib, refit_samples(calib)[0]))
+        graph = onnx.load(str(fp32.path))
+
+        def space(structure) -> JointSpace:
+            return build_space(graph, layers, profile, allowed, self.t.sens, self.cost, self.hardware,
+                               held_out(calib, mixed.SENSITIVITY_SAMPLES)[0], sample_feeds(calib),
+                               structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
+                               quantizer=self.t.quantizer, refit_feeds=sample_feeds(calib, refit_samples(calib)[0]))
+
+        self.space = space(structure)
         self.structure = bool(structure_kinds(structure))
+        # the bits-only space, solved first in every allocation: exactly what ``structure=False`` solves (the joint
+        # rows leave out precision options a structural one dominates, so they are not it)
+        self.bits_space = space(False) if self.structure else self.space
         # plans are compared on calibration samples the refit of pruned layers did not see
         self._held_out, self.held_out = held_out(calib)
         self._reference = None  # FP32 outputs on those samples, for measured distortions
+        # what was timed and scored, by plan options (shared with another allocator of the same model and data)
+        self.measured = measurements if measurements is not None else Measurements()
         self.settings = mixed._settings(self.t)
         if recover_steps:
             self.settings["structure"] = {"recover_steps": int(recover_steps)}
@@ -605,10 +608,15 @@ class JointAllocator:
         table_fp32 = sum(row["fp32"].latency_ms for row in self.cost.entries.values())
         tried: list[dict] = []
         uniform_allowed = all(c.option in self.allowed.get(c.layer, ()) for c in t.uniform.layers)
+        def measure(plan: Plan, path) -> float:  # a plan is timed once, whichever budget or allocator asks again
+            key = plan_key(plan)
+            if key not in self.measured.ratio:
+                stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(path)}, feeds, rounds=10, per_round=10)
+                self.measured.ratio[key] = stats["plan"].median_ms / stats["fp32"].median_ms
+            return self.measured.ratio[key]
+
         if target is not None and uniform_allowed:  # uniform INT8 is a candidate, measured in the same way
-            stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(t.uniform_artifact.path)}, feeds, rounds=10,
-                                    per_round=10)
-            ratio = stats["plan"].median_ms / stats["fp32"].median_ms
+            ratio = measure(t.uniform, t.uniform_artifact.path)
             tried.append({"plan": replace(t.uniform, activations=self.settings), "artifact": t.uniform_artifact,
                           "ratio": ratio, "distortion": sum(self.t.sens.values[c.layer].get(c.option, 0.0)
                                                             for c in t.uniform.layers),
@@ -616,8 +624,10 @@ class JointAllocator:
                                                                             t.uniform_artifact.size <= size_limit),
                           "uniform": True})
             log.info("uniform INT8 measures %.3fx FP32 (target %.3fx)", ratio, target)
-        spaces = [("joint", self.space)] + ([("bits", self.space.precision_only())] if self.structure else [])
-        for kind, base in spaces:  # the joint space, then its bits-only part: the better measured plan is kept
+        # the bits-only space first (the joint space's precision-only part), then the joint space; ``choose`` keeps
+        # a joint plan only where nothing simpler met the budget or it is measurably better
+        spaces = [("bits", self.bits_space)] + ([("joint", self.space)] if self.structure else [])
+        for kind, base in spaces:
             space, b, penalty = base, solve_budget, 0.0
             missed_penalty: float | None = None  # the largest float-island charge whose plan missed the budget
             met_penalty: float | None = None  # the smallest one whose plan met it
@@ -633,19 +643,19 @@ class JointAllocator:
                     sol = space.fastest()
                 plan = base.plan(sol, self.layers, target=self.profile.name, model_sha256=self.model.sha256,
                                  activations=self.settings, budget=budget)
-                if any(x["plan"].layers == plan.layers for x in tried):
-                    break
+                prev = next((x for x in tried if plan_key(x["plan"]) == plan_key(plan)), None)
+                if prev is not None and prev.get("space", "bits") == kind:
+                    break  # this space's solver gives a plan it already gave: no progress
                 # rounds are timed without the recovery fine-tune (it changes weights, not speed); the kept plan
                 # gets it
                 quick = replace(plan, activations={key: v for key, v in plan.activations.items()
                                                    if key != "structure"})
-                art = mixed.apply_plan(quick, self.fp32, self.calib, self.work / f"{kind}{tag}{k}" / "model.onnx",
-                                       self.cfg, self.ctx, None if plan.is_structural else t.quantizer)
+                art = prev["artifact"] if prev is not None else mixed.apply_plan(
+                    quick, self.fp32, self.calib, self.work / f"{kind}{tag}{k}" / "model.onnx", self.cfg, self.ctx,
+                    None if plan.is_structural else t.quantizer)
                 ratio = None
                 if target is not None:
-                    stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(art.path)}, feeds, rounds=10,
-                                            per_round=10)
-                    ratio = stats["plan"].median_ms / stats["fp32"].median_ms
+                    ratio = measure(plan, art.path)
                 over_t = ratio is not None and ratio > target * mixed.LATENCY_SLACK
                 over_s = size_limit is not None and art.size > size_limit
                 unpenalized = base.rows
@@ -679,11 +689,11 @@ class JointAllocator:
         meeting = [x for x in tried if x["met"]]
         if meeting:
             self._measure_distortion(meeting)
-            best = min(meeting, key=lambda x: x["measured"])
+            best, why = choose(meeting)
         else:
             best = min(tried, key=lambda x: (x["ratio"] or 0.0, x["artifact"].size))
-            log.warning("no plan met the budget as measured; keeping the %s one found",
-                        "fastest" if target is not None else "smallest")
+            why = "no plan met the budget as measured: the " + ("fastest" if target is not None else "smallest")
+            log.warning("%s one found is kept", why)
         rounds = [{"round": "uniform int8" if x.get("uniform") else i,
                    "predicted_distortion": round(x["distortion"], 6), "bytes": x["artifact"].size,
                    "measured_ratio": None if x["ratio"] is None else round(x["ratio"], 4), "met": x["met"],
@@ -694,7 +704,7 @@ class JointAllocator:
                                                 self.work / f"joint{tag}-recovered" / "model.onnx", self.cfg, self.ctx)
         analysis = {"sensitivity": t.sens.to_dict(), "cost": self.cost.to_dict(), "family": t.family,
                     "hardware_table": self.profile.hardware_table if self.hardware else None, **notes,
-                    "latency_rounds": rounds, "applied": (best["plan"].layers, best["artifact"]),
+                    "latency_rounds": rounds, "applied": (best["plan"].layers, best["artifact"]), "kept_because": why,
                     "joint": {"space": "joint" if self.structure else "bits", "structure": self.space.structure,
                               "units": {u.name: list(u.layers) for u in self.space.units if len(u.layers) > 1},
                               "selection_samples": {"count": len(self._held_out), "held_out": self.held_out},
@@ -714,9 +724,13 @@ class JointAllocator:
         if self._reference is None:
             self._reference = _run(onnx.load(str(self.fp32.path)), self._held_out)
         for x in candidates:
-            if "measured" not in x:
+            key = plan_key(x["plan"])
+            if key not in self.measured.samples:
                 out = _run(onnx.load(str(x["artifact"].path)), self._held_out)
-                x["measured"] = round(distortion(self._reference, out, self.t.sens.metric), 6)
+                self.measured.samples[key] = sample_distortions(self._reference, out, self.t.sens.metric)
+            x["samples"] = self.measured.samples[key]
+            x["measured"] = round(float(np.mean(x["samples"])), 6)
+            x["simple"] = x.get("space", "bits") == "bits" and not x["plan"].is_structural
 
 
 def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg,

@@ -508,3 +508,31 @@ def test_the_kept_plan_is_recovered_once(digits):
     assert summary["recover"]["steps"] == 20 and "recovered" in str(art.path)
     rounds = [json.loads(p.read_text()) for p in digits.work.glob("recovered/jointr[0-9]/model.structure.json")]
     assert rounds and all("recover" not in r for r in rounds)
+
+
+def test_joint_allocator_keeps_the_bits_only_plan_without_evidence_and_measures_a_plan_once(digits):
+    """Sharing one ``Measurements``, a bits-only and a joint allocator judge a plan they both reach the same; the
+    joint one departs from the bits-only plan only when ``selection.choose`` finds it significantly better."""
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.joint import JointAllocator
+    from edgekit.selection import Measurements, plan_key, significantly_better
+    from edgekit.tables import Budget
+    from edgekit.targets import load_target
+
+    shared = Measurements()
+    common = {"profile": load_target("cpu-x86"), "model": digits.model, "fp32": digits.fp32, "layers": digits.layers,
+              "calib": digits.calib, "cfg": W8A8Config(), "ctx": digits.ctx, "measurements": shared}
+    bits = JointAllocator(**common, work=digits.work / "bits-shared", structure=False)
+    joint = JointAllocator(**common, work=digits.work / "joint-shared", structure=True)
+    budget = Budget(size_bytes=40_000)  # the bits-only space meets it
+    pb, ab = bits.allocate(budget)
+    scored = len(shared.samples)
+    pj, aj = joint.allocate(budget)
+    assert not pb.is_structural and ab["applied"][1].size <= 40_000 and aj["applied"][1].size <= 40_000
+    assert plan_key(pb) in shared.samples and scored >= 1
+    bits_rounds = [r for r in aj["latency_rounds"] if r["space"] == "bits"]
+    assert [r["bytes"] for r in bits_rounds] == [r["bytes"] for r in ab["latency_rounds"]]  # the same rounds
+    if plan_key(pj) == plan_key(pb):
+        assert "kept" in aj["kept_because"] or "least" in aj["kept_because"]
+    else:  # a departure must be backed by the paired test on the shared held-out samples
+        assert significantly_better(shared.samples[plan_key(pj)], shared.samples[plan_key(pb)])
