@@ -4,10 +4,12 @@
         --svg benchmarks/results/joint_space
 
 For each model (the digits CNN on sklearn digits, EfficientNet-Lite0 on the built-in real photos, MiniLM on real
-sentences) both spaces are solved by ``edgekit.joint.JointAllocator`` under the same grid of latency budgets (fractions
-of FP32, measured) and size budgets (fractions of the FP32 file); each plan is built and then every artifact is
-evaluated on the same held-out samples and timed at batch 1 interleaved with FP32 in one session
-(``benchmarks.measure.evaluate``). The Pareto fronts (fidelity vs measured latency, and vs size) of the two spaces are
+sentences) both spaces are solved by one ``edgekit.joint.JointAllocator`` under the same grid of latency budgets
+(fractions of FP32, measured) and size budgets (fractions of the FP32 file): each allocation solves the bits-only
+space first and reports its plan (``analysis["bits_only"]``) beside the joint plan, so both spaces use the same
+tables and the same timings. Every artifact is then evaluated on the same held-out samples
+(``benchmarks.measure.evaluate``) and timed at batch 1 in pairs with FP32, interleaved across variants, identical
+files once (``paired_latency``). The Pareto fronts (fidelity vs measured latency, and vs size) of the two spaces are
 compared, and so are the two plans made under each budget: at every budget the joint plan must meet the budget
 whenever the bits-only plan does, at no lower fidelity (within the measurement tolerance), and somewhere it must do
 strictly better (meet a budget the bits-only space cannot, or be more faithful).
@@ -72,52 +74,60 @@ def prepare(name: str, work: Path, ctx):
     return prep, model, layer_inventory(prep.fp32_path)
 
 
-def allocators(prep, model, layers, work: Path, ctx, *, spaces=("bits", "joint")):
+def allocators(prep, model, layers, work: Path, ctx):
+    """The joint allocator (its tables, and the bits-only space it solves first) and the common arguments."""
     from edgekit.compress.quant import W8A8Config
     from edgekit.export.onnx import describe
     from edgekit.joint import JointAllocator
-    from edgekit.selection import Measurements
     from edgekit.targets import load_target
 
     profile = load_target("cpu-x86")
     fp32 = describe(prep.fp32_path)
     common = {"profile": profile, "model": model, "fp32": fp32, "layers": layers, "calib": prep.calib,
               "cfg": W8A8Config(), "ctx": ctx}
-    out = {}
-    shared = Measurements()  # a plan both spaces reach is timed and scored once: both judge it the same
-    for space in spaces:
-        t0 = time.perf_counter()
-        out[space] = JointAllocator(**common, work=work / space, structure=space == "joint", measurements=shared)
-        log.info("%s space: %d options over %d rows in %.0f s", space,
-                 sum(len(r) for r in out[space].space.rows.values()), len(out[space].space.rows),
-                 time.perf_counter() - t0)
-    return out, common
+    t0 = time.perf_counter()
+    joint = JointAllocator(**common, work=work / "joint", structure=True)
+    for space, sp in (("bits", joint.bits_space), ("joint", joint.space)):
+        log.info("%s space: %d options over %d rows", space, sum(len(r) for r in sp.rows.values()), len(sp.rows))
+    log.info("tables and spaces in %.0f s", time.perf_counter() - t0)
+    return {"joint": joint}, common
 
 
 def plan_rows(name: str, allocs: dict, fp32_size: int) -> list:
+    """Per budget, two rows from one allocation: the bits-only space's plan (``analysis["bits_only"]``: the same
+    tables, solver, rounds and measurements, restricted to precision options) and the joint space's kept plan. One
+    allocation for both means both spaces judge every plan by the same timings, so they cannot disagree about
+    whether the same plan met a budget."""
+    from edgekit.plan import parse_option
     from edgekit.tables import parse_budget
 
     rows = []
     specs = [f"latency={x}x" for x in LATENCY[name]] + [f"size={int(x * fp32_size)}B" for x in SIZE[name]]
     for spec in specs:
-        for space, alloc in allocs.items():
-            t0 = time.perf_counter()
-            try:
-                plan, analysis = alloc.allocate(parse_budget([spec]), tag=spec.replace("=", "-").replace(".", "_"))
-            except Exception as exc:  # noqa: BLE001 - an infeasible budget is a result, not a crash
-                log.warning("%s %s: %s", space, spec, exc)
-                continue
-            art = analysis["applied"][1]
+        t0 = time.perf_counter()
+        try:
+            tag = spec.replace("=", "-").replace(".", "_")
+            plan, analysis = allocs["joint"].allocate(parse_budget([spec]), tag=tag)
+        except Exception as exc:  # noqa: BLE001 - an infeasible budget is a result, not a crash
+            log.warning("%s: %s", spec, exc)
+            continue
+        make_s = round(time.perf_counter() - t0, 1)
+        bits = analysis["bits_only"]
+        kept = {"joint": (plan, analysis["applied"][1], analysis["kept_because"])}
+        if bits is not None:
+            kept["bits"] = (bits["plan"], bits["artifact"], bits["kept_because"])
+        else:
+            log.warning("bits %s: out of the bits-only space's reach", spec)
+        for space, (p, art, why) in kept.items():
             kinds: dict[str, int] = {}
-            from edgekit.plan import parse_option
-
-            for c in plan.layers:
+            for c in p.layers:
                 k = parse_option(c.option).kind
                 kinds[k] = kinds.get(k, 0) + 1
             rows.append(P.Peer(f"{space} {spec}", Path(art.path), art.size,
-                               {"space": space, "budget": spec, "kinds": kinds, "rounds": analysis["latency_rounds"],
-                                "options": {c.layer: c.option for c in plan.layers},
-                                "make_s": round(time.perf_counter() - t0, 1)}))
+                               {"space": space, "budget": spec, "kinds": kinds, "kept_because": why,
+                                "rounds": [r for r in analysis["latency_rounds"]
+                                           if space == "joint" or r["space"] == "bits"],
+                                "options": {c.layer: c.option for c in p.layers}, "make_s": make_s}))
     return rows
 
 
@@ -314,7 +324,7 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
                                       only=["ort-static"])]
     for precision, opts in (("fp32", ["fp32"]), ("int8", ["w8a8"])):
         options = {layer.name: opts for layer in layers}
-        # the allocators share what was measured: uniform INT8 is judged by the same timing that set the budget
+        # the allocators share what was timed: uniform INT8's pooled ratio sets the INT8 budget and judges it
         shared = allocs["joint"].measured
         alloc = JointAllocator(**common, work=work / f"prune-{precision}", structure={"prune"}, options=options,
                                measurements=shared)
@@ -337,17 +347,17 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
 
 
 def _int8_ratio(common, t, prep, shared) -> float:
-    """Uniform INT8's latency as a fraction of FP32, as the allocators measured it (timed now if none did)."""
+    """Uniform INT8's latency as a fraction of FP32: the median of the allocations' timings (timed now if none)."""
     from edgekit.agent.runtime import OrtRuntime, compare_latency
     from edgekit.selection import plan_key
 
     key = plan_key(t.uniform)
-    if key not in shared.ratio:
+    if shared.ratio(key) is None:
         feeds = {k: v[:1] for k, v in prep.calib.inputs.items()}
         stats = compare_latency({"fp32": OrtRuntime(common["fp32"].path), "plan": OrtRuntime(t.uniform_artifact.path)},
                                 feeds, rounds=10, per_round=10)
-        shared.ratio[key] = stats["plan"].median_ms / stats["fp32"].median_ms
-    return shared.ratio[key]
+        shared.add_ratio(key, stats["plan"].median_ms / stats["fp32"].median_ms)
+    return shared.ratio(key)
 
 
 def _issue_verdicts(results: dict) -> dict:

@@ -548,7 +548,9 @@ class JointAllocator:
     ``allocate(budget)``: the least-distortion plan that meets ``budget`` as *measured*. Each solved plan is built, its
     size read and its latency timed interleaved with FP32; while it misses, the solver's budget is tightened by the
     measured shortfall and the plan solved again. ``structure=False`` gives the bits-only space, solved the same way;
-    ``options`` (layer -> allowed precision options) narrows the precisions (e.g. ``fp32`` only: pruning alone)."""
+    with structure the bits-only rounds run first and ``selection.choose`` decides between the two. ``options``
+    (layer -> allowed precision options) narrows the precisions (e.g. ``fp32`` only: pruning alone);
+    ``measurements`` shares what was timed and scored with another allocator of the same model and data."""
 
     def __init__(self, *, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg, ctx, structure=True,
                  recover_steps: int = 0, options: dict[str, list[str]] | None = None,
@@ -607,13 +609,20 @@ class JointAllocator:
         chain = {n for n, row in self.cost.entries.items() if any(o != "fp32" for o in row)}
         table_fp32 = sum(row["fp32"].latency_ms for row in self.cost.entries.values())
         tried: list[dict] = []
+        infeasible: ConfigError | None = None  # the bits-only space's, when the joint space may still reach the budget
         uniform_allowed = all(c.option in self.allowed.get(c.layer, ()) for c in t.uniform.layers)
-        def measure(plan: Plan, path) -> float:  # a plan is timed once, whichever budget or allocator asks again
+
+        seen: dict[tuple, float] = {}  # one ratio per plan within this allocation
+
+        def measure(plan: Plan, path) -> float:  # timed once per allocation, pooled with other allocations' timings
             key = plan_key(plan)
-            if key not in self.measured.ratio:
-                stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(path)}, feeds, rounds=10, per_round=10)
-                self.measured.ratio[key] = stats["plan"].median_ms / stats["fp32"].median_ms
-            return self.measured.ratio[key]
+            if key not in seen:
+                if self.measured.wants_ratio(key):
+                    stats = compare_latency({"fp32": fp32_rt, "plan": OrtRuntime(path)}, feeds, rounds=10,
+                                            per_round=10)
+                    self.measured.add_ratio(key, stats["plan"].median_ms / stats["fp32"].median_ms)
+                seen[key] = self.measured.ratio(key)
+            return seen[key]
 
         if target is not None and uniform_allowed:  # uniform INT8 is a candidate, measured in the same way
             ratio = measure(t.uniform, t.uniform_artifact.path)
@@ -624,8 +633,8 @@ class JointAllocator:
                                                                             t.uniform_artifact.size <= size_limit),
                           "uniform": True})
             log.info("uniform INT8 measures %.3fx FP32 (target %.3fx)", ratio, target)
-        # the bits-only space first (the joint space's precision-only part), then the joint space; ``choose`` keeps
-        # a joint plan only where nothing simpler met the budget or it is measurably better
+        # the bits-only space first, then the joint space; ``selection.choose`` keeps a joint plan only where nothing
+        # simpler met the budget or it is measurably better
         spaces = [("bits", self.bits_space)] + ([("joint", self.space)] if self.structure else [])
         for kind, base in spaces:
             space, b, penalty = base, solve_budget, 0.0
@@ -638,6 +647,9 @@ class JointAllocator:
                     if any(not x.get("uniform") for x in tried):
                         break
                     if target is None or b.size_bytes is not None or b.avg_bits is not None:
+                        if kind == "bits" and self.structure:  # out of the bits-only space's reach: the joint next
+                            infeasible = exc
+                            break
                         raise
                     log.warning("%s by the tables; measuring the fastest plan instead", exc.message)
                     sol = space.fastest()
@@ -686,14 +698,20 @@ class JointAllocator:
                     met_penalty = penalty
                     penalty = (missed_penalty + penalty) / 2
                     space = base.with_float_penalty(penalty, chain)
+        if not tried and infeasible is not None:
+            raise infeasible
         meeting = [x for x in tried if x["met"]]
-        if meeting:
-            self._measure_distortion(meeting)
-            best, why = choose(meeting)
-        else:
-            best = min(tried, key=lambda x: (x["ratio"] or 0.0, x["artifact"].size))
-            why = "no plan met the budget as measured: the " + ("fastest" if target is not None else "smallest")
+        self._measure_distortion(meeting)
+        best, why = self._keep(tried, target)
+        if not best["met"]:
             log.warning("%s one found is kept", why)
+        bits = [x for x in tried if x.get("space", "bits") == "bits"]
+        bits_only = None  # what the bits-only space alone keeps (the same tables, rounds and measurements)
+        if bits:
+            b_best, b_why = self._keep(bits, target)
+            bits_only = {"plan": replace(b_best["plan"], budget={**b_best["plan"].budget,
+                                                                 **{k: v for k, v in notes.items() if v}}),
+                         "artifact": b_best["artifact"], "met": b_best["met"], "kept_because": b_why}
         rounds = [{"round": "uniform int8" if x.get("uniform") else i,
                    "predicted_distortion": round(x["distortion"], 6), "bytes": x["artifact"].size,
                    "measured_ratio": None if x["ratio"] is None else round(x["ratio"], 4), "met": x["met"],
@@ -705,6 +723,7 @@ class JointAllocator:
         analysis = {"sensitivity": t.sens.to_dict(), "cost": self.cost.to_dict(), "family": t.family,
                     "hardware_table": self.profile.hardware_table if self.hardware else None, **notes,
                     "latency_rounds": rounds, "applied": (best["plan"].layers, best["artifact"]), "kept_because": why,
+                    "bits_only": bits_only,
                     "joint": {"space": "joint" if self.structure else "bits", "structure": self.space.structure,
                               "units": {u.name: list(u.layers) for u in self.space.units if len(u.layers) > 1},
                               "selection_samples": {"count": len(self._held_out), "held_out": self.held_out},
@@ -712,6 +731,16 @@ class JointAllocator:
         plan = replace(best["plan"], budget={**best["plan"].budget, **{k: v for k, v in notes.items() if v}})
         return plan, analysis
 
+
+    @staticmethod
+    def _keep(tried: list[dict], target: float | None) -> tuple[dict, str]:
+        """``selection.choose`` among the plans that met the budget; without one, the fastest (latency budgets) or
+        the smallest plan tried."""
+        meeting = [x for x in tried if x["met"]]
+        if meeting:
+            return choose(meeting)
+        why = "no plan met the budget as measured: the " + ("fastest" if target is not None else "smallest")
+        return min(tried, key=lambda x: (x["ratio"] or 0.0, x["artifact"].size)), why
 
     def _measure_distortion(self, candidates: list[dict]) -> None:
         """Each candidate's distortion measured on held-out calibration samples (the whole artifact, not the tables'

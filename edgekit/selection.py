@@ -13,8 +13,9 @@ So ``choose`` keeps the best *simple* plan (precision only, from the bits-only r
 errors of the paired difference. The joint space then changes a plan only where the evidence says it is better, or
 where nothing simple meets the budget: the joint space's result is the bits-only result wherever that one suffices.
 
-``Measurements`` keeps latency ratios and per-sample distortions by plan options, so a plan that two budgets (or a
-bits-only and a joint allocator sharing one instance) arrive at is timed and scored once and is judged the same.
+``Measurements`` keeps latency ratios and per-sample distortions by plan options: a plan that several budgets arrive
+at is scored once, and its timings are pooled (the median of one per allocation, up to ``MAX_RATIO_SAMPLES``), so the
+run's drift does not let one lucky timing decide every budget.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Z = 2.0  # standard errors of the paired per-sample difference a complex plan must win by
+MAX_RATIO_SAMPLES = 5  # timings of one plan pooled (one per allocation that reaches it)
 
 
 def plan_key(plan) -> tuple[tuple[str, str], ...]:
@@ -34,10 +36,24 @@ def plan_key(plan) -> tuple[tuple[str, str], ...]:
 
 @dataclass
 class Measurements:
-    """Measured latency ratios (plan / FP32) and per-sample distortions, by ``plan_key``."""
+    """Measured latency ratios (plan / FP32, a few samples each, taken by separate allocations so they spread over
+    the run) and per-sample distortions (deterministic: scored once), by ``plan_key``. On shared cores one timing of
+    a plan drifts by up to 1.8x between minutes (uniform INT8 EfficientNet-Lite0 measured 0.34-0.62x FP32 within one
+    run), so a plan's ratio is the median of up to ``MAX_RATIO_SAMPLES`` timings."""
 
-    ratio: dict[tuple, float] = field(default_factory=dict)
+    ratios: dict[tuple, list[float]] = field(default_factory=dict)
     samples: dict[tuple, np.ndarray] = field(default_factory=dict)
+
+    def ratio(self, key: tuple) -> float | None:
+        """The median of a plan's timings, None if it was never timed."""
+        got = self.ratios.get(key)
+        return float(np.median(got)) if got else None
+
+    def wants_ratio(self, key: tuple) -> bool:
+        return len(self.ratios.get(key, ())) < MAX_RATIO_SAMPLES
+
+    def add_ratio(self, key: tuple, ratio: float) -> None:
+        self.ratios.setdefault(key, []).append(float(ratio))
 
 
 def significantly_better(a: np.ndarray, b: np.ndarray, z: float = Z) -> bool:

@@ -510,9 +510,10 @@ def test_the_kept_plan_is_recovered_once(digits):
     assert rounds and all("recover" not in r for r in rounds)
 
 
-def test_joint_allocator_keeps_the_bits_only_plan_without_evidence_and_measures_a_plan_once(digits):
-    """Sharing one ``Measurements``, a bits-only and a joint allocator judge a plan they both reach the same; the
-    joint one departs from the bits-only plan only when ``selection.choose`` finds it significantly better."""
+def test_joint_allocator_reports_the_bits_only_plan_and_departs_from_it_only_on_evidence(digits):
+    """One allocation solves the bits-only space first: its plan (``analysis["bits_only"]``) is what a bits-only
+    allocator with the same measurements keeps, and the joint plan differs from it only when ``selection.choose``
+    finds the joint one significantly better on the shared held-out samples."""
     from edgekit.compress.quant import W8A8Config
     from edgekit.joint import JointAllocator
     from edgekit.selection import Measurements, plan_key, significantly_better
@@ -526,13 +527,19 @@ def test_joint_allocator_keeps_the_bits_only_plan_without_evidence_and_measures_
     joint = JointAllocator(**common, work=digits.work / "joint-shared", structure=True)
     budget = Budget(size_bytes=40_000)  # the bits-only space meets it
     pb, ab = bits.allocate(budget)
-    scored = len(shared.samples)
     pj, aj = joint.allocate(budget)
-    assert not pb.is_structural and ab["applied"][1].size <= 40_000 and aj["applied"][1].size <= 40_000
-    assert plan_key(pb) in shared.samples and scored >= 1
+    assert ab["bits_only"]["plan"].layers == pb.layers  # a bits-only allocator reports its own plan
+    reported = aj["bits_only"]
+    assert reported["met"] and plan_key(reported["plan"]) == plan_key(pb) and not pb.is_structural
+    assert reported["artifact"].size <= 40_000 and aj["applied"][1].size <= 40_000
     bits_rounds = [r for r in aj["latency_rounds"] if r["space"] == "bits"]
     assert [r["bytes"] for r in bits_rounds] == [r["bytes"] for r in ab["latency_rounds"]]  # the same rounds
     if plan_key(pj) == plan_key(pb):
-        assert "kept" in aj["kept_because"] or "least" in aj["kept_because"]
+        assert aj["kept_because"].startswith(("bits-only plan kept", "least measured"))
     else:  # a departure must be backed by the paired test on the shared held-out samples
         assert significantly_better(shared.samples[plan_key(pj)], shared.samples[plan_key(pb)])
+    small, a_small = joint.allocate(Budget(size_bytes=26_000))  # out of the bits-only space's reach, not the joint's
+    assert a_small["bits_only"] is None and small.is_structural and a_small["applied"][1].size <= 26_000
+    assert a_small["kept_because"] == "only plans of the joint space met the budget"
+    with pytest.raises(ConfigError):  # out of both spaces' reach
+        joint.allocate(Budget(size_bytes=1_000))

@@ -61,5 +61,19 @@ def test_plan_key_ignores_reasons():
     c = Plan("sha", "cpu-x86", "mixed", (LayerChoice("l1", "w8a8"), LayerChoice("l2", "w8a8")))
     assert plan_key(a) == plan_key(b) != plan_key(c)
     m = Measurements()
-    m.ratio[plan_key(a)] = 0.5
-    assert m.ratio[plan_key(b)] == 0.5 and plan_key(c) not in m.ratio
+    assert m.ratio(plan_key(a)) is None and m.wants_ratio(plan_key(a))
+    for r in (0.5, 0.9, 0.4):
+        m.add_ratio(plan_key(a), r)
+    assert m.ratio(plan_key(b)) == 0.5 and m.ratio(plan_key(c)) is None  # the median of the timings so far
+
+
+def test_measurements_pool_a_bounded_number_of_timings():
+    from edgekit.selection import MAX_RATIO_SAMPLES
+
+    m = Measurements()
+    key = (("l1", "w8a8"),)
+    for i in range(MAX_RATIO_SAMPLES):
+        assert m.wants_ratio(key)
+        m.add_ratio(key, 0.3 + 0.1 * i)
+    assert not m.wants_ratio(key)
+    assert np.isclose(m.ratio(key), np.median([0.3 + 0.1 * i for i in range(MAX_RATIO_SAMPLES)]))
