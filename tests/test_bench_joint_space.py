@@ -64,7 +64,7 @@ def test_quick_run_on_digits(tmp_path, capsys):
     assert res["by_budget"]["budgets"] and set(res["fronts"]) == {"latency", "size"}
     timed = {n: r["latency_paired"] for n, r in res["variants"].items() if "latency_paired" in r}
     assert timed and all(t["blocks"] == 2 for t in timed.values())
-    for name, t in timed.items():  # identical files are timed once: one ratio for all of them
+    for t in timed.values():  # identical files are timed once: one ratio for all of them
         assert all(timed[other]["ratio_vs_fp32"] == t["ratio_vs_fp32"] for other in t["same_file_as"])
     assert (tmp_path / "plot_digits_size.svg").read_text().startswith("<svg")
     assert "## digits" in capsys.readouterr().out

@@ -137,6 +137,11 @@ class OrtRuntime:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # the intra-op threads spin while a run needs them and stop when it returns: an idle session's spinning
+        # threads would otherwise take the cores from whatever runs next (with ten sessions loaded, timings of the
+        # same model moved by 1.4x and FP32 ran 2-3x slower; benchmarks/RESULTS.md), and spinning off instead costs a
+        # single session 26 % on INT8 EfficientNet-Lite0 here
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
