@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.agent.runtime import DISABLED_OPTIMIZERS, compare_latency
+from edgekit.agent.runtime import DISABLED_OPTIMIZERS, compare_latency, session_options
 from edgekit.cost import FUSED_ACTIVATIONS, HardwareTable, LayerGeometry, layer_geometry, layer_signature
 from edgekit.errors import ConfigError
 from edgekit.inventory import layer_inventory
@@ -165,12 +165,9 @@ class ProfiledUnit:
     def __init__(self, path: Path, *, threads: int | None, tmp: Path, seed: int = 0) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / f"profile_{Path(path).stem}")
-        if threads:
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                             disabled_optimizers=list(DISABLED_OPTIMIZERS))
         x = self.session.get_inputs()[0]

@@ -120,6 +120,23 @@ def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] 
     return model.SerializeToString()
 
 
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options as edgekit runs (and times) models: quiet; ``threads`` intra-op threads (one
+    inter-op thread) when given; intra-op threads that spin while a run needs them and stop when it returns. An idle
+    session's spinning threads would otherwise take the cores from whatever runs next: with ten sessions loaded,
+    timings of one model moved by 1.4x and FP32 ran 2-3x slower (benchmarks/RESULTS.md); turning spinning off
+    instead costs a single session 26 % on INT8 EfficientNet-Lite0 here."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
 class OrtRuntime:
     """ONNX Runtime on the CPU (or the given execution providers). Int4 weights are widened at load (``widen_int4``)."""
 
@@ -135,16 +152,7 @@ class OrtRuntime:
         kernels stay fused); ``custom_op_libraries`` are native libraries of custom ops to register first."""
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # the intra-op threads spin while a run needs them and stop when it returns: an idle session's spinning
-        # threads would otherwise take the cores from whatever runs next (with ten sessions loaded, timings of the
-        # same model moved by 1.4x and FP32 ran 2-3x slower; benchmarks/RESULTS.md), and spinning off instead costs a
-        # single session 26 % on INT8 EfficientNet-Lite0 here
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        opts = session_options(threads)
         if optimized_model_path is not None:  # for inspection: the graph as ORT will run it
             opts.optimized_model_filepath = str(optimized_model_path)
         native = False
