@@ -417,7 +417,8 @@ def _report(req, profile, model, layers: list[LayerInfo], fp32, chosen: Candidat
                       "latency_rounds": chosen.analysis.get("latency_rounds", []),
                       "additivity": sens["additivity"], "hardware_table": chosen.analysis["hardware_table"],
                       "fp32_ms_at_build": chosen.analysis.get("fp32_ms"), "sensitivity": sens["values"],
-                      "cost": cost, "pareto": chosen.analysis.get("pareto") or {}}
+                      "cost": cost, "pareto": chosen.analysis.get("pareto") or {},
+                      "kept_because": chosen.analysis.get("kept_because")}
     return {
         "schema_version": 1,
         "model": {"source": model.source, "sha256": model.sha256, "framework": model.framework, "task": model.task,

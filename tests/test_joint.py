@@ -284,6 +284,7 @@ def test_build_in_the_joint_space_bundles_a_pruned_model_and_apply_replays_it(ru
     html = (bundle / "report.html").read_text()
     assert "PQ index" in html and "channel groups pruned" in html
     assert report["structure"]["pruned"] and all(a > b for a, b in report["structure"]["pruned"].values())
+    assert report["allocation"]["kept_because"].startswith(("only plans of the joint space", "joint plan better"))
     pruned = {c.layer: parse_option(c.option).channels for c in plan.layers if parse_option(c.option).channels}
     graph = onnx.load(str(bundle / "model.onnx")).graph
     assert sum(int(np.prod(i.dims)) for i in graph.initializer) < report["totals"]["params"]  # a smaller model
