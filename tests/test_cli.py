@@ -537,7 +537,8 @@ def test_apply_replays_an_edited_plan(run_cli, tiny_build, data, tmp_path):
     node = next(n for n in graph.node if n.name == first["layer"])
     weights = {i.name: i for i in graph.initializer}
     assert weights[node.input[1]].data_type == onnx.TensorProto.FLOAT
-    assert summary["size"]["artifact_bytes"] > tiny_build.summary["size"]["artifact_bytes"]
+    # (not "the artifact grew": this layer has 216 weights, fewer bytes as float than its int8 scales and Q/DQ nodes)
+    assert summary["size"]["artifact_bytes"] == (out / NAME / "model.onnx").stat().st_size
 
 
 @pytest.mark.parametrize("edit, code, needle", [

@@ -66,3 +66,52 @@ def test_both_exporters_failing_is_an_export_error(digits_factory, tmp_path, mon
     monkeypatch.setattr(torch.onnx, "export", broken)
     with pytest.raises(ExportError, match="both exporters"):
         export_onnx(digits_factory, tmp_path / "m.onnx")
+
+
+def test_export_drops_the_exporters_debug_metadata(digits_factory, tmp_path):
+    """The dynamo exporter tags every node with stack traces (this host's paths) and FX text: the exported file has
+    none of it, so the same model exports to the same bytes from any checkout, and sizes are what the weights and
+    graph need."""
+    import onnx
+
+    art = export_onnx(digits_factory, tmp_path / "m.onnx")
+    proto = onnx.load(str(art.path))
+    assert not [m.key for n in proto.graph.node for m in n.metadata_props]
+    data = art.path.read_bytes()
+    assert b"site-packages" not in data and b"stack_trace" not in data
+
+
+def test_strip_export_debug_reaches_subgraphs_and_functions_and_keeps_other_metadata():
+    from onnx import TensorProto, helper
+
+    from edgekit.export.onnx import strip_export_debug
+
+    def tagged(op, inputs, outputs, **attrs):
+        node = helper.make_node(op, inputs, outputs, **attrs)
+        helper.set_metadata_props(node, {"pkg.torch.onnx.stack_trace": 'File "/home/me/x.py"', "namespace": "a/b",
+                                         "pkg.onnxscript.rewriter.rule_name": "r", "owner": "kept"})
+        return node
+
+    branch = helper.make_graph([tagged("Identity", ["x"], ["y1"])], "then", [],
+                               [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [1])])
+    other = helper.make_graph([tagged("Identity", ["x"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [tagged("If", ["c"], ["y"], then_branch=branch, else_branch=other), tagged("F", ["y"], ["z"], domain="d")],
+        "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])])
+    func = helper.make_function("d", "F", ["a"], ["b"], [tagged("Identity", ["a"], ["b"])],
+                                [helper.make_opsetid("", 18)])
+    proto = helper.make_model(graph, functions=[func], opset_imports=[helper.make_opsetid("", 18),
+                                                                      helper.make_opsetid("d", 1)])
+    assert strip_export_debug(proto) == 5 * 3  # 3 keys on 5 nodes: If, F, one in each branch, one in the function
+    nodes = [proto.graph.node[0], proto.graph.node[1], _branch_node(proto, "then_branch"),
+             _branch_node(proto, "else_branch"), proto.functions[0].node[0]]
+    assert all([(m.key, m.value) for m in n.metadata_props] == [("owner", "kept")] for n in nodes)
+    assert strip_export_debug(proto) == 0
+
+
+def _branch_node(proto, name):
+    attr = next(a for a in proto.graph.node[0].attribute if a.name == name)
+    return attr.g.node[0]

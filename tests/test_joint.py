@@ -269,10 +269,10 @@ def test_build_in_the_joint_space_bundles_a_pruned_model_and_apply_replays_it(ru
     import onnx
 
     out = tmp_path / "out"
-    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=30KB", "--space", "joint", "--out",
-                     out, "--json", "--no-latency")
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=20KB", "--space", "joint", "--out",
+                     out, "--json", "--no-latency")  # below the smallest bits-only plan (about 22 KB)
     summary = json.loads(result.stdout)
-    assert summary["verification"]["passed"] and summary["size"]["artifact_bytes"] <= 30_000
+    assert summary["verification"]["passed"] and summary["size"]["artifact_bytes"] <= 20_000
     bundle = out / "digits-cnn"
     plan = Plan.load(bundle / "plan.json")
     assert plan.is_structural and plan.solver.startswith("joint")
@@ -502,7 +502,7 @@ def test_the_kept_plan_is_recovered_once(digits):
     alloc = JointAllocator(profile=load_target("cpu-x86"), model=digits.model, fp32=digits.fp32,
                            layers=digits.layers, calib=digits.calib, work=digits.work / "recovered", cfg=W8A8Config(),
                            ctx=digits.ctx, recover_steps=20)
-    plan, analysis = alloc.allocate(Budget(size_bytes=30_000), tag="r")
+    plan, analysis = alloc.allocate(Budget(size_bytes=20_000), tag="r")  # only a pruned plan fits
     assert plan.is_structural and plan.activations["structure"] == {"recover_steps": 20}
     art = analysis["applied"][1]
     summary = json.loads(structure_summary_path(art.path).read_text())
@@ -539,8 +539,28 @@ def test_joint_allocator_reports_the_bits_only_plan_and_departs_from_it_only_on_
         assert aj["kept_because"].startswith(("bits-only plan kept", "least measured"))
     else:  # a departure must be backed by the paired test on the shared held-out samples
         assert significantly_better(shared.samples[plan_key(pj)], shared.samples[plan_key(pb)])
-    small, a_small = joint.allocate(Budget(size_bytes=26_000))  # out of the bits-only space's reach, not the joint's
-    assert a_small["bits_only"] is None and small.is_structural and a_small["applied"][1].size <= 26_000
+    small, a_small = joint.allocate(Budget(size_bytes=20_000))  # out of the bits-only space's reach, not the joint's
+    assert a_small["bits_only"] is None and small.is_structural and a_small["applied"][1].size <= 20_000
     assert a_small["kept_because"] == "only plans of the joint space met the budget"
     with pytest.raises(ConfigError):  # out of both spaces' reach
         joint.allocate(Budget(size_bytes=1_000))
+
+
+def test_size_budget_byte_model_matches_the_artifact(digits):
+    """The bytes the solver counts (table weights plus the rest of the graph, from the uniform artifact) predict the
+    file a low-bit plan writes. Exporter debug metadata that some passes kept and others dropped once made this 33 %
+    pessimistic on the digits CNN, and the bits-only space called budgets it could meet infeasible."""
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.joint import JointAllocator
+    from edgekit.tables import Budget
+    from edgekit.targets import load_target
+
+    alloc = JointAllocator(profile=load_target("cpu-x86"), model=digits.model, fp32=digits.fp32,
+                           layers=digits.layers, calib=digits.calib, cfg=W8A8Config(), ctx=digits.ctx,
+                           work=digits.work / "bytes", structure=False)
+    plan, analysis = alloc.allocate(Budget(size_bytes=24_000))
+    assert any(c.option.startswith(("w4", "w2")) for c in plan.layers)  # the budget needs sub-8-bit layers
+    predicted = plan.budget["predicted"]["bytes"] + plan.budget["other_bytes"]
+    actual = analysis["applied"][1].size
+    assert actual <= 24_000
+    assert abs(predicted - actual) / actual < 0.10, (predicted, actual)

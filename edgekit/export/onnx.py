@@ -1,5 +1,6 @@
 """Export to ONNX: torch modules through ``torch.onnx.export`` (dynamo, falling back to the legacy exporter with a
-logged reason); ONNX inputs are checked and copied. Weighted nodes are renamed after the module owning their weight.
+logged reason); ONNX inputs are checked and copied. Weighted nodes are renamed after the module owning their weight,
+and the exporter's debug metadata (stack traces with this host's paths, FX node text) is dropped from the nodes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def export_onnx(model: LoadedModel, out_path: Path) -> Artifact:
         _export_torch(model, out_path)
     proto = onnx.load(str(out_path))
     renamed = name_weighted_nodes(proto)
-    if renamed:
+    stripped = strip_export_debug(proto)
+    if renamed or stripped:
         onnx.save(proto, str(out_path))
     return describe(out_path, proto)
 
@@ -86,6 +88,36 @@ def name_weighted_nodes(proto) -> int:
         taken.add(name)
         count += 1
     return count
+
+
+# node metadata the torch/onnxscript exporters attach for debugging: Python stack traces (with the build host's
+# paths), FX node text and module scopes. Nothing reads them at run time, every edit of the graph would have to carry
+# them along consistently, and they make the same model's file differ by checkout path; on a small model they were
+# 15 % of an INT8 artifact and threw the size budget's byte model off by that much (only some passes dropped them).
+DEBUG_METADATA_PREFIXES = ("pkg.torch.onnx.", "pkg.onnxscript.")
+DEBUG_METADATA_KEYS = frozenset({"namespace"})
+
+
+def strip_export_debug(proto) -> int:
+    """Drop the exporters' debug metadata (``DEBUG_METADATA_*``) from every node (subgraphs and functions included);
+    other metadata stays. Returns how many entries were dropped."""
+
+    def nodes(graph):
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from nodes(sub)
+
+    dropped = 0
+    for node in [n for g in [proto.graph, *proto.functions] for n in nodes(g)]:
+        keep = [m for m in node.metadata_props
+                if m.key not in DEBUG_METADATA_KEYS and not m.key.startswith(DEBUG_METADATA_PREFIXES)]
+        if len(keep) != len(node.metadata_props):
+            dropped += len(node.metadata_props) - len(keep)
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+    return dropped
 
 
 @contextlib.contextmanager
