@@ -24,18 +24,23 @@ def _first(x: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
 
 
 def fidelity(outputs: Mapping[str, np.ndarray] | np.ndarray, reference: Mapping[str, np.ndarray] | np.ndarray,
-             classification: bool) -> dict[str, float | None]:
+             classification: bool, *, per_sample: bool = False) -> dict:
     """Mean cosine, SQNR (dB, capped at 200) and top-1 agreement (classifiers with (N, classes) outputs, else None)
-    of ``outputs`` against ``reference`` (arrays, or output dicts: the first output is compared)."""
-    from edgekit.verify import mean_cosine, sqnr_db
+    of ``outputs`` against ``reference`` (arrays, or output dicts: the first output is compared). With ``per_sample``
+    also each sample's value of the headline metric (``per_sample``: 1/0 top-1 agreement for classifiers, else the
+    cosine), for paired comparisons of two variants on the same samples."""
+    from edgekit.verify import sample_cosines, sqnr_db
 
     out, ref = _first(outputs), _first(reference)
     if out.shape != ref.shape:
         raise ValueError(f"output shape {out.shape} differs from the reference's {ref.shape}")
-    top1 = None
-    if classification and ref.ndim == 2:
-        top1 = float((out.argmax(1) == ref.argmax(1)).mean())
-    return {"mean_cosine": mean_cosine(ref, out), "sqnr_db": sqnr_db(ref, out), "top1_agreement": top1}
+    cos = sample_cosines(ref, out)
+    agree = (out.argmax(1) == ref.argmax(1)).astype(np.float64) if classification and ref.ndim == 2 else None
+    rec = {"mean_cosine": float(cos.mean()), "sqnr_db": sqnr_db(ref, out),
+           "top1_agreement": None if agree is None else float(agree.mean())}
+    if per_sample:
+        rec["per_sample"] = [round(float(v), 6) for v in (cos if agree is None else agree)]
+    return rec
 
 
 def run_samples(rt, feeds: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
@@ -138,9 +143,10 @@ def interleaved_latency(runtimes: Mapping[str, Any], feeds: Mapping[str, np.ndar
 def evaluate(peers: Sequence[Peer], fp32_path: Path, eval_feeds: Sequence[Mapping[str, np.ndarray]], *,
              classification: bool, latency_feeds: Mapping[str, np.ndarray] | None = None, rounds: int = 5,
              per_round: int = 20, threads: int | None = THREADS, idle_wait_s: float = 0.0,
-             load_log: list[dict] | None = None) -> dict[str, dict]:
-    """Fidelity of every peer to the FP32 ONNX model (ONNX Runtime) on ``eval_feeds``, one sample at a time, and
-    (with ``latency_feeds``) batch-1 latency interleaved with FP32. Returns name -> record (``fp32`` included)."""
+             load_log: list[dict] | None = None, per_sample: bool = False) -> dict[str, dict]:
+    """Fidelity of every peer to the FP32 ONNX model (ONNX Runtime) on ``eval_feeds``, one sample at a time (with
+    ``per_sample``, each sample's value too: ``fidelity``), and (with ``latency_feeds``) batch-1 latency interleaved
+    with FP32. Returns name -> record (``fp32`` included)."""
     from edgekit.agent.runtime import OrtRuntime
 
     fp32 = Path(fp32_path)
@@ -156,7 +162,7 @@ def evaluate(peers: Sequence[Peer], fp32_path: Path, eval_feeds: Sequence[Mappin
             continue
         try:
             rt = make_runtime(p, threads=threads)
-            rec.update(fidelity(run_samples(rt, eval_feeds), ref, classification))
+            rec.update(fidelity(run_samples(rt, eval_feeds), ref, classification, per_sample=per_sample))
         except Exception as exc:  # noqa: BLE001 - e.g. an op the runtime cannot run
             rec["notes"]["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             log.warning("peer %s failed to run: %s", p.name, rec["notes"]["error"])

@@ -92,13 +92,17 @@ def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
     return min(_SQNR_CAP, 10.0 * math.log10(signal / noise))
 
 
-def mean_cosine(ref: np.ndarray, out: np.ndarray) -> float:
+def sample_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Each sample's cosine between ``out`` and ``ref`` (rows along the first axis; two zero rows agree: 1)."""
     a = ref.reshape(len(ref), -1).astype(np.float64)
     b = out.reshape(len(out), -1).astype(np.float64)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     both_zero = (na == 0) & (nb == 0)
-    cos = np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(na * nb, 1e-30))
-    return float(cos.mean())
+    return np.where(both_zero, 1.0, (a * b).sum(1) / np.maximum(na * nb, 1e-30))
+
+
+def mean_cosine(ref: np.ndarray, out: np.ndarray) -> float:
+    return float(sample_cosines(ref, out).mean())
 
 
 def compare(

@@ -33,6 +33,24 @@ def test_compare_fronts_finds_where_the_joint_space_is_worse_and_better():
     assert within["at_least_as_good"]
 
 
+def test_fidelity_differences_within_sampling_noise_are_ties():
+    """One flipped sample of 128 is no evidence either way (paired test, as the allocator's); twenty are."""
+    bench = _load()
+    n = 128
+    samples = {"b": [1.0] * n, "one": [1.0] * (n - 1) + [0.0], "twenty": [1.0] * (n - 20) + [0.0] * 20}
+    bits = [(0.5, 1.0, "b")]
+    one = [(0.5, 1 - 1 / n, "one")]
+    assert bench.compare_fronts(bits, one, xtol=0.0, samples=samples)["at_least_as_good"]
+    assert not bench.compare_fronts(bits, one, xtol=0.0)["at_least_as_good"]  # the strict comparison
+    twenty = bench.compare_fronts(bits, [(0.5, 1 - 20 / n, "twenty")], xtol=0.0, samples=samples)
+    assert not twenty["at_least_as_good"] and twenty["joint_worse_at"] == [{"x": 0.5, "bits": 1.0, "joint": 0.8438}]
+    up = bench.compare_fronts(one, bits, xtol=0.0, samples=samples)  # nor is one sample a strict improvement
+    assert up["at_least_as_good"] and not up["strictly_better_somewhere"]
+    assert bench.compare_fronts(one, bits, xtol=0.0)["strictly_better_somewhere"]
+    # a point without per-sample values is compared strictly
+    assert not bench.compare_fronts(bits, [(0.5, 1 - 1 / n, "unknown")], xtol=0.0, samples=samples)["at_least_as_good"]
+
+
 def _rec(space, budget, size, lat, top1):
     return {"notes": {"space": space, "budget": budget}, "size_bytes": size, "top1_agreement": top1,
             "latency_paired": {"ratio_vs_fp32": lat}}
@@ -50,6 +68,15 @@ def test_compare_budgets_judges_each_budget_as_measured():
     assert cmp["joint_worse_at"] == [] and cmp["at_least_as_good"] and cmp["strictly_better_somewhere"]
     results["j1"] = _rec("joint", "size=300B", 310, 0.8, 0.99)  # over the budget the bits plan meets
     assert bench.compare_budgets(results, True)["joint_worse_at"] == ["size=300B"]
+    # 0.94 against 0.95 on 100 samples: one flipped sample is worse strictly, a tie beyond noise
+    results["j1"] = _rec("joint", "size=300B", 280, 0.8, 0.94)
+    samples = {"b1": [1.0] * 95 + [0.0] * 5, "j1": [1.0] * 94 + [0.0] * 6}
+    assert bench.compare_budgets(results, True)["joint_worse_at"] == ["size=300B"]
+    noisy = bench.compare_budgets(results, True, samples=samples)
+    assert noisy["joint_worse_at"] == [] and "size=300B" not in noisy["joint_better_at"]
+    samples["j1"] = [1.0] * 75 + [0.0] * 25  # twenty more misses: worse beyond noise
+    results["j1"] = _rec("joint", "size=300B", 280, 0.8, 0.75)
+    assert bench.compare_budgets(results, True, samples=samples)["joint_worse_at"] == ["size=300B"]
 
 
 @pytest.mark.e2e
@@ -62,6 +89,11 @@ def test_quick_run_on_digits(tmp_path, capsys):
     spaces = {rec["notes"].get("space") for rec in res["variants"].values() if rec.get("notes")}
     assert {"bits", "joint"} <= spaces
     assert res["by_budget"]["budgets"] and set(res["fronts"]) == {"latency", "size"}
+    assert "strict" in res["by_budget"] and all("strict" in f for f in res["fronts"].values())
+    assert "uniform int8" in res["variants"]  # an anchor of both fronts
+    for rec in res["variants"].values():  # per-sample agreement for the paired comparisons
+        if rec.get("notes", {}).get("space"):
+            assert len(rec["per_sample"]) == 360 and abs(sum(rec["per_sample"]) / 360 - rec["top1_agreement"]) < 1e-9
     timed = {n: r["latency_paired"] for n, r in res["variants"].items() if "latency_paired" in r}
     assert timed and all(t["blocks"] == 2 for t in timed.values())
     for t in timed.values():  # identical files are timed once: one ratio for all of them

@@ -163,6 +163,14 @@ def test_fidelity_metrics():
     assert measure.fidelity(noisy, ref, classification=False)["top1_agreement"] is None
     with pytest.raises(ValueError, match="shape"):
         measure.fidelity(noisy[:4], ref, classification=False)
+    # per sample: 1/0 agreement for classifiers, else each sample's cosine; their means are the headline figures
+    cls = measure.fidelity(noisy, ref, classification=True, per_sample=True)
+    assert set(cls["per_sample"]) <= {0.0, 1.0} and np.mean(cls["per_sample"]) == pytest.approx(cls["top1_agreement"])
+    emb = measure.fidelity(noisy, ref, classification=False, per_sample=True)
+    assert len(emb["per_sample"]) == 32 and np.mean(emb["per_sample"]) == pytest.approx(emb["mean_cosine"], abs=1e-6)
+    flipped = noisy.copy()
+    flipped[3] = -ref[3]
+    assert measure.fidelity(flipped, ref, classification=False, per_sample=True)["per_sample"][3] == -1.0
 
 
 def test_build_evaluate_and_table(mlp_path, tmp_path):
