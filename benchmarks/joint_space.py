@@ -165,15 +165,19 @@ def best_at(fr: list[tuple], x: float) -> float | None:
     return None if p is None else p[1]
 
 
-def beyond_noise(hi: tuple, lo: tuple, samples: dict | None) -> bool:
-    """Whether point ``hi`` is more faithful than ``lo`` beyond sampling noise: their per-sample fidelities (the same
-    evaluation samples, ``samples`` by point name) differ by more than ``selection.Z`` standard errors of the paired
+def beyond_noise(hi: str | None, lo: str | None, samples: dict | None) -> bool:
+    """Whether variant ``hi`` is more faithful than ``lo`` beyond sampling noise: their per-sample fidelities (the same
+    evaluation samples, ``samples`` by variant name) differ by more than ``selection.Z`` standard errors of the paired
     difference. Without per-sample values for both, any difference counts."""
     from edgekit.selection import significantly_better
 
-    if samples is None or len(hi) < 3 or len(lo) < 3 or hi[2] not in samples or lo[2] not in samples:
+    if samples is None or hi not in samples or lo not in samples:
         return True
-    return significantly_better(1.0 - np.asarray(samples[hi[2]]), 1.0 - np.asarray(samples[lo[2]]))
+    return significantly_better(1.0 - np.asarray(samples[hi]), 1.0 - np.asarray(samples[lo]))
+
+
+def _name(point: tuple) -> str | None:
+    return point[2] if len(point) > 2 else None
 
 
 def compare_fronts(bits: list[tuple], joint: list[tuple], *, xtol: float, ytol: float = FID_TOL,
@@ -190,12 +194,12 @@ def compare_fronts(bits: list[tuple], joint: list[tuple], *, xtol: float, ytol: 
     worse = []
     for p in fb:
         q = best_point(fj, p[0] * (1 + xtol))
-        if q is None or (q[1] < p[1] - ytol and beyond_noise(p, q, samples)):
+        if q is None or (q[1] < p[1] - ytol and beyond_noise(_name(p), _name(q), samples)):
             worse.append(row(p[0], "bits", p[1], "joint", None if q is None else q[1]))
     better = []
     for p in fj:
         q = best_point(fb, p[0])
-        if q is None or (p[1] > q[1] + ytol and beyond_noise(p, q, samples)):
+        if q is None or (p[1] > q[1] + ytol and beyond_noise(_name(p), _name(q), samples)):
             better.append(row(p[0], "joint", p[1], "bits", None if q is None else q[1]))
     return {"bits_front": fb, "joint_front": fj, "joint_worse_at": worse, "joint_better_at": better,
             "at_least_as_good": not worse, "strictly_better_somewhere": bool(better)}
@@ -229,11 +233,12 @@ def compare_budgets(results: dict, classification: bool, *, ytol: float = FID_TO
         row = {"budget": spec, "bits": b, "joint": j}
         if j is None:
             continue
-        pj = (0.0, j["fidelity"] or 0.0, j["name"])
-        pb = None if b is None else (0.0, b["fidelity"] or 0.0, b["name"])
-        if b is not None and b["met"] and (not j["met"] or (pj[1] < pb[1] - ytol and beyond_noise(pb, pj, samples))):
+        yj, yb = j["fidelity"] or 0.0, (b or {}).get("fidelity") or 0.0
+        if b is not None and b["met"] and (not j["met"] or (yj < yb - ytol and beyond_noise(b["name"], j["name"],
+                                                                                              samples))):
             worse.append(spec)
-        if j["met"] and (b is None or not b["met"] or (pj[1] > pb[1] + ytol and beyond_noise(pj, pb, samples))):
+        if j["met"] and (b is None or not b["met"] or (yj > yb + ytol and beyond_noise(j["name"], b["name"],
+                                                                                       samples))):
             better.append(spec)
         rows.append(row)
     return {"budgets": rows, "joint_worse_at": worse, "joint_better_at": better,
