@@ -161,6 +161,7 @@ def _quantize_static(fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset
         pre = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=False)
+            _drop_unused_domains(pre)
         except Exception as exc:  # pre-processing only helps; quantize the plain graph if it fails
             log.warning("ONNX Runtime's quantization pre-processing failed (%s); quantizing the graph as exported", exc)
             pre = Path(fp32_onnx)
@@ -174,6 +175,34 @@ def _quantize_static(fp32_onnx: Path, out_path: Path, plan: Plan, calib: Dataset
         except Exception as exc:
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
     return Path(out_path)
+
+
+def _drop_unused_domains(path: Path) -> None:
+    """Drop the opset imports of ``path``'s model that no node uses, keeping the default domain. ``quant_pre_process``
+    saves through an ONNX Runtime session, which lists every domain registered in the process -- ``ai.edgekit`` at
+    version 1000 once the native library has been loaded -- so the quantized file's bytes depended on what ran
+    before in the process (a build and its replay by ``edgekit apply`` differed)."""
+    import onnx
+
+    model = onnx.load(str(path))
+
+    def domains(nodes) -> set[str]:
+        used = set()
+        for node in nodes:
+            used.add(node.domain)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    used |= domains(sub.node)
+        return used
+
+    used = domains(model.graph.node) | {f.domain for f in model.functions}
+    for f in model.functions:
+        used |= domains(f.node)
+    kept = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    if len(kept) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+        onnx.save(model, str(path))
 
 
 def _input_means(fp32, layers: list, calib: Dataset, batch: int = 8) -> dict[str, np.ndarray]:
