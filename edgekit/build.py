@@ -139,10 +139,7 @@ def _data_free(model: LoadedModel, req: BuildRequest, ctx: Context) -> tuple[Dat
 
 
 def _slice(d: Dataset, a: int, b: int) -> Dataset:
-    return Dataset(
-        name=d.name, inputs={k: v[a:b] for k, v in d.inputs.items()},
-        labels=None if d.labels is None else d.labels[a:b], source=f"{d.source}[{a}:{b}]",
-    )
+    return replace(d.subset(slice(a, b)), source=f"{d.source}[{a}:{b}]")
 
 
 def _candidates(precision: str, profile: TargetProfile) -> list[str]:

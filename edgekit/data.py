@@ -35,12 +35,18 @@ LABELS_KEY = "labels"
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Samples ready to feed: ``inputs`` maps each input name to an (N, ...) array in the model's layout and dtype."""
+    """Samples ready to feed: ``inputs`` maps each input name to an (N, ...) array in the model's layout and dtype.
+
+    ``groups`` (optional, one integer per sample) says which samples are *not* independent: samples with the same id
+    come from one source (crops of one photograph). Whatever holds samples out to check a fit (``edgekit.structure``,
+    ``compress.refit``) holds out whole groups, since a fit to some crops of a picture also fits its other crops.
+    """
 
     name: str
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -55,6 +61,12 @@ class Dataset:
         object.__setattr__(self, "inputs", inputs)
         if self.labels is not None:
             object.__setattr__(self, "labels", _check_labels(self.labels, n, self.source))
+        if self.groups is not None:
+            groups = np.asarray(self.groups)
+            if groups.dtype.kind not in "iu" or groups.shape != (n,):
+                raise DataError(f"{self.source}: sample groups must be one integer per sample, got "
+                                f"{groups.dtype} {groups.shape} for {n} samples")
+            object.__setattr__(self, "groups", groups.astype(np.int64))
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
@@ -72,6 +84,9 @@ class Dataset:
             lab = np.ascontiguousarray(self.labels, np.int64)
             h.update(f"labels:{lab.shape}\n".encode())
             h.update(lab.astype("<i8").tobytes())
+        if self.groups is not None:  # they decide which samples are held out (datasets without them hash as before)
+            h.update(f"groups:{self.groups.shape}\n".encode())
+            h.update(self.groups.astype("<i8").tobytes())
         return h.hexdigest()
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -85,19 +100,34 @@ class Dataset:
         """The first ``n`` samples (all of them when there are fewer)."""
         if n < 1:
             raise ConfigError(f"take needs at least 1 sample, not {n}")
-        labels = None if self.labels is None else self.labels[:n]
-        return Dataset(self.name, {k: v[:n] for k, v in self.inputs.items()}, labels, self.source)
+        return self.subset(slice(0, n))
 
     def skip(self, n: int) -> Dataset:
         """The samples after the first ``n`` (raises ConfigError when none are left)."""
         if n >= len(self):
             raise ConfigError(f"skip({n}) leaves no samples of {len(self)}")
-        labels = None if self.labels is None else self.labels[n:]
-        return Dataset(self.name, {k: v[n:] for k, v in self.inputs.items()}, labels, self.source)
+        return self.subset(slice(n, None))
+
+    def subset(self, index: slice | Sequence[int] | np.ndarray) -> Dataset:
+        """The samples at ``index`` (a slice, or sample indices in the order wanted), labels and groups with them."""
+        index = index if isinstance(index, slice) else np.asarray(index, np.int64)
+        labels = None if self.labels is None else self.labels[index]
+        groups = None if self.groups is None else self.groups[index]
+        return Dataset(self.name, {k: v[index] for k, v in self.inputs.items()}, labels, self.source, groups)
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         """One feed dict per sample, each array with batch dimension 1 (e.g. for an ORT calibration reader)."""
         return [{k: v[i : i + 1] for k, v in self.inputs.items()} for i in range(len(self))]
+
+
+def concat(first: Dataset, second: Dataset) -> Dataset:
+    """The samples of ``first`` then ``second`` (the same input names; labels only when both have them)."""
+    if set(first.inputs) != set(second.inputs):
+        raise DataError(f"cannot join {first.source} and {second.source}: inputs {sorted(first.inputs)} and "
+                        f"{sorted(second.inputs)}")
+    labels = None if first.labels is None or second.labels is None else np.concatenate([first.labels, second.labels])
+    inputs = {k: np.concatenate([v, second.inputs[k].astype(v.dtype)]) for k, v in first.inputs.items()}
+    return Dataset(f"{first.name}+{second.name}", inputs, labels, f"{first.source} + {second.source}")
 
 
 def _check_labels(labels: object, n: int, source: str) -> np.ndarray:

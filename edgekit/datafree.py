@@ -3,6 +3,12 @@ statistics (the idea behind "Adaptive Data-Free Quantization" and ZeroQ), for mo
 
 The synthesized set calibrates activation ranges only. Verification still needs real held-out data, and the report
 says the calibration was data-free.
+
+``probe_samples`` makes a few such inputs for a second use: the joint allocator measures structural edits on them
+beside its held-out calibration samples (``edgekit.joint``). Calibration data shows a model only what it contains; on
+the built-in photos (textures, grey scientific images) pruning EfficientNet-Lite0's last blocks to half width looked
+20x less harmful than it is on other photographs (relative MSE 0.004 against 0.07), and samples that match the
+training distribution's BatchNorm statistics showed it (0.09).
 """
 
 from __future__ import annotations
@@ -71,3 +77,19 @@ def synthesize(module, inputs: tuple[TensorSpec, ...], n: int = 32, *, steps: in
     arr = x.detach().numpy().astype(np.float32)
     return Dataset(name="data-free", inputs={inputs[0].name: arr}, labels=None,
                    source=f"data-free (BatchNorm statistics, {steps} steps)")
+
+
+PROBE_SAMPLES = 16
+
+
+def probe_samples(module, inputs: tuple[TensorSpec, ...], n: int = PROBE_SAMPLES, *, seed: int = 0,
+                  track=None) -> Dataset | None:
+    """``n`` BatchNorm-statistics inputs (``synthesize``) to measure structural edits on, or None (with the reason
+    logged) for a model they cannot be made for: no torch module, not one float input, no BatchNorm."""
+    if module is None:
+        return None
+    try:
+        return synthesize(module, inputs, n=n, seed=seed, track=track)
+    except CalibrationError as exc:
+        log.info("no BatchNorm-statistics probe samples: %s", exc.message)
+        return None

@@ -304,12 +304,13 @@ def _structures(unit: Unit, counts: dict[str, list[int]]) -> list[dict[str, int]
 def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list[str]], sens: SensitivityTable,
                 cost: CostTable, hardware: HardwareTable | None, sample, feeds: list[dict], *,
                 structure=True, bias_correction: bool = True, progress=None, quantizer=None,
-                refit_feeds: list[dict] | None = None) -> JointSpace:
+                refit_data: tuple[list[dict], list[int] | None] | None = None) -> JointSpace:
     """The rows of the joint problem (see the module docstring); ``structure=False`` gives the bits-only space in
     the same form, and a set of ``STRUCTURES`` offers only those kinds. ``sample`` (a Dataset) measures structural
     distortions (samples the refit did not see: ``structure.held_out``); ``feeds`` (per-sample dicts) give channel
-    importance and the inputs low-rank factors are fitted to; ``refit_feeds`` (default ``feeds``) the samples a pruned
-    group's consumers are refit on (``compress.refit``), as ``structure.apply_structure`` will."""
+    importance and the inputs low-rank factors are fitted to; ``refit_data`` (feeds and their groups, default ``feeds``
+    without groups: ``structure.refit_feeds``) the samples a pruned group's consumers are refit on
+    (``compress.refit``), as ``structure.apply_structure`` will."""
     from edgekit.analyze import _run
     from edgekit.compress import channels, graphedit, refit
     from edgekit.cost import layer_geometry
@@ -383,8 +384,9 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
                              for f in KEEP_FRACTIONS} - {g.channels})
             order = np.argsort(-importance[g.name], kind="stable")
             for n in widths:
-                edited, _ = refit.prune_and_refit(model, {g.name: np.sort(order[:n])}, refit_feeds or feeds,
-                                                  groups=[g])
+                fit_feeds, sources = refit_data or (feeds, None)
+                edited, _ = refit.prune_and_refit(model, {g.name: np.sort(order[:n])}, fit_feeds, groups=[g],
+                                                  sources=sources)
                 d = measured(edited)
                 struct["groups"].setdefault(g.name, {})[n] = d
             counts[g.name] = widths
@@ -550,16 +552,22 @@ class JointAllocator:
     measured shortfall and the plan solved again. ``structure=False`` gives the bits-only space, solved the same way;
     with structure the bits-only rounds run first and ``selection.choose`` decides between the two. ``options``
     (layer -> allowed precision options) narrows the precisions (e.g. ``fp32`` only: pruning alone);
-    ``measurements`` shares what was timed and scored with another allocator of the same model and data."""
+    ``measurements`` shares what was timed and scored with another allocator of the same model and data.
+
+    ``probe`` (a Dataset, e.g. ``datafree.probe_samples``: inputs that match the training data's BatchNorm
+    statistics) joins the held-out calibration samples wherever distortions are *measured*: the structural rows of
+    the tables and the comparison of the plans that met the budget. Calibration data only shows what it contains;
+    a channel that the calibration pictures never use looks free to prune."""
 
     def __init__(self, *, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg, ctx, structure=True,
                  recover_steps: int = 0, options: dict[str, list[str]] | None = None,
-                 measurements: Measurements | None = None) -> None:
+                 measurements: Measurements | None = None, probe=None) -> None:
         import onnx
 
         from edgekit import mixed
         from edgekit.cost import layer_geometry
-        from edgekit.structure import held_out, refit_samples, sample_feeds
+        from edgekit.data import concat
+        from edgekit.structure import held_out, refit_feeds, sample_feeds
 
         self.profile, self.model, self.fp32, self.layers = profile, model, fp32, layers
         self.calib, self.work, self.cfg, self.ctx = calib, work, cfg, ctx
@@ -572,12 +580,15 @@ class JointAllocator:
                                geometry=layer_geometry(fp32.path),
                                bias_correction=cfg.bias_correction)
         graph = onnx.load(str(fp32.path))
+        self.probe = probe
+        measure_on = held_out(calib, mixed.SENSITIVITY_SAMPLES)[0]
+        measure_on = measure_on if probe is None else concat(measure_on, probe)
 
         def space(structure) -> JointSpace:
             return build_space(graph, layers, profile, allowed, self.t.sens, self.cost, self.hardware,
-                               held_out(calib, mixed.SENSITIVITY_SAMPLES)[0], sample_feeds(calib),
+                               measure_on, sample_feeds(calib),
                                structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
-                               quantizer=self.t.quantizer, refit_feeds=sample_feeds(calib, refit_samples(calib)[0]))
+                               quantizer=self.t.quantizer, refit_data=refit_feeds(calib))
 
         self.space = space(structure)
         self.structure = bool(structure_kinds(structure))
@@ -586,6 +597,8 @@ class JointAllocator:
         self.bits_space = space(False) if self.structure else self.space
         # plans are compared on calibration samples the refit of pruned layers did not see
         self._held_out, self.held_out = held_out(calib)
+        if probe is not None:
+            self._held_out = concat(self._held_out, probe)
         self._reference = None  # FP32 outputs on those samples, for measured distortions
         # what was timed and scored, by plan options (shared with another allocator of the same model and data)
         self.measured = measurements if measurements is not None else Measurements()
@@ -726,7 +739,8 @@ class JointAllocator:
                     "bits_only": bits_only,
                     "joint": {"space": "joint" if self.structure else "bits", "structure": self.space.structure,
                               "units": {u.name: list(u.layers) for u in self.space.units if len(u.layers) > 1},
-                              "selection_samples": {"count": len(self._held_out), "held_out": self.held_out},
+                              "selection_samples": {"count": len(self._held_out), "held_out": self.held_out,
+                                                    "probe": 0 if self.probe is None else len(self.probe)},
                               "options": sum(len(r) for r in self.space.rows.values())}}
         plan = replace(best["plan"], budget={**best["plan"].budget, **{k: v for k, v in notes.items() if v}})
         return plan, analysis
@@ -764,6 +778,13 @@ class JointAllocator:
 
 def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg,
                    ctx, structure: bool = True, recover_steps: int = 0) -> tuple[Plan, dict]:
-    """``JointAllocator(...).allocate(budget, solver)``: what ``edgekit build --space joint`` runs."""
+    """``JointAllocator(...).allocate(budget, solver)``: what ``edgekit build --space joint`` runs. A PyTorch model
+    with BatchNorm gets ``datafree.probe_samples`` as the allocator's probe."""
+    probe = None
+    if structure and getattr(model, "module", None) is not None:
+        from edgekit.datafree import probe_samples
+
+        probe = probe_samples(model.module, model.inputs, seed=ctx.seed, track=ctx.track)
     return JointAllocator(profile=profile, model=model, fp32=fp32, layers=layers, calib=calib, work=work, cfg=cfg,
-                          ctx=ctx, structure=structure, recover_steps=recover_steps).allocate(budget, solver)
+                          ctx=ctx, structure=structure, recover_steps=recover_steps, probe=probe).allocate(budget,
+                                                                                                         solver)

@@ -340,6 +340,38 @@ def test_take_and_feeds():
     assert np.array_equal(feeds[4]["input"][0], x[4])
 
 
+def test_groups_follow_their_samples():
+    """``groups`` (which samples share a source) travel with take/skip/subset, change the content hash, and must be
+    one integer per sample; ``concat`` joins two sets' samples."""
+    from edgekit.data import concat
+
+    x = _good(6)
+    ds = Dataset("d", {"input": x}, np.arange(6), "mem", groups=np.array([0, 1, 2, 0, 1, 2]))
+    assert ds.take(4).groups.tolist() == [0, 1, 2, 0] and ds.skip(4).groups.tolist() == [1, 2]
+    sub = ds.subset([5, 0])
+    assert sub.groups.tolist() == [2, 0] and sub.labels.tolist() == [5, 0]
+    assert np.array_equal(sub.inputs["input"], x[[5, 0]])
+    plain = Dataset("d", {"input": x}, np.arange(6), "mem")
+    assert plain.take(3).groups is None and plain.sha256() != ds.sha256()
+    with pytest.raises(DataError, match="groups"):
+        Dataset("d", {"input": x}, None, "mem", groups=np.zeros(5, np.int64))
+    with pytest.raises(DataError, match="groups"):
+        Dataset("d", {"input": x}, None, "mem", groups=np.zeros(6))
+    both = concat(ds.take(2), plain.skip(4))
+    assert len(both) == 4 and both.labels.tolist() == [0, 1, 4, 5] and both.groups is None
+    assert np.array_equal(both.inputs["input"], x[[0, 1, 4, 5]])
+    with pytest.raises(DataError, match="cannot join"):
+        concat(ds, Dataset("e", {"other": x}, None, "mem"))
+
+
+def test_builtin_photo_crops_say_which_photograph_they_come_from():
+    from edgekit.datasets import PHOTO_SPLITS, builtin_dataset
+
+    pre = Preprocessing(size=(16, 16), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), layout="NCHW")
+    d = builtin_dataset("photos", "calibration", (TensorSpec("input", ("batch", 3, 16, 16), "float32"),), pre, n=23)
+    assert d.groups.tolist() == [i % len(PHOTO_SPLITS["calibration"]) for i in range(23)]
+
+
 def test_dataset_validation():
     with pytest.raises(DataError, match="different numbers"):
         Dataset("d", {"a": np.zeros((2, 1)), "b": np.zeros((3, 1))}, None, "mem")

@@ -62,3 +62,18 @@ def test_cli_calib_none_needs_held_out_data_and_batchnorm(run_cli, tmp_path):
     r = run_cli("build", "--model", "builtin:digits-cnn", "--calib", "none", "--out", out, code=5)
     assert "no BatchNorm" in r.stderr
     assert not (out / "digits-cnn").exists()
+
+
+def test_probe_samples_for_models_with_batchnorm_only():
+    """``probe_samples``: BatchNorm-statistics inputs for a torch model with BatchNorm; None (not an error) for a
+    model without BatchNorm or without a torch module, so the joint allocator measures on calibration data alone."""
+    from edgekit.data import Dataset
+    from edgekit.datafree import probe_samples
+
+    spec = (TensorSpec("input", ("batch", 3, 8, 8), "float32"),)
+    probe = probe_samples(_bn_net(), spec, n=4, seed=0)
+    assert isinstance(probe, Dataset) and probe.inputs["input"].shape == (4, 3, 8, 8)
+    assert np.isfinite(probe.inputs["input"]).all()
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    assert probe_samples(plain, spec, n=4) is None
+    assert probe_samples(None, spec, n=4) is None

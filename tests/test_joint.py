@@ -170,7 +170,7 @@ def test_pruned_graph_is_the_masked_graph_refit(digits):
 
     from edgekit.compress.channels import channel_groups, channel_importance, masked_model, prune_channels
     from edgekit.compress.refit import prune_and_refit
-    from edgekit.structure import apply_structure, refit_samples, sample_feeds
+    from edgekit.structure import apply_structure, refit_feeds, sample_feeds
 
     model = onnx.load(str(digits.fp32.path))
     groups = [g for g in channel_groups(model) if g.channels >= 32]
@@ -195,7 +195,9 @@ def test_pruned_graph_is_the_masked_graph_refit(digits):
     # the smaller graph before its refit is the masked graph, to float rounding
     np.testing.assert_allclose(run(prune_channels(model, kept)), masked, rtol=1e-4, atol=1e-5)
     # apply_structure = prune these channels, then refit the consumers on the leading calibration samples
-    refit, _ = prune_and_refit(model, kept, sample_feeds(digits.calib, refit_samples(digits.calib)[0]), groups=groups)
+    fit_feeds, sources = refit_feeds(digits.calib)
+    assert sources is None  # every digit is its own image
+    refit, _ = prune_and_refit(model, kept, fit_feeds, groups=groups)
     np.testing.assert_allclose(run(edited), run(refit), rtol=1e-4, atol=1e-5)
     assert summary["refit"] and all(v["after"] <= v["before"] for v in summary["refit"].values())
     assert sum(i.ByteSize() for i in edited.graph.initializer) < sum(i.ByteSize() for i in model.graph.initializer)
@@ -203,7 +205,7 @@ def test_pruned_graph_is_the_masked_graph_refit(digits):
 
 def test_held_out_samples_are_the_ones_the_refit_did_not_see():
     from edgekit.data import Dataset
-    from edgekit.structure import MIN_HELD_OUT, REFIT_SAMPLES, held_out, refit_samples, sample_feeds
+    from edgekit.structure import MIN_HELD_OUT, REFIT_SAMPLES, held_out, refit_split
 
     def data(n):
         return Dataset("c", {"x": np.arange(n, dtype=np.float32)[:, None]}, np.arange(n), "test")
@@ -211,18 +213,40 @@ def test_held_out_samples_are_the_ones_the_refit_did_not_see():
     for n, used in ((REFIT_SAMPLES + MIN_HELD_OUT + 5, REFIT_SAMPLES), (REFIT_SAMPLES, REFIT_SAMPLES - MIN_HELD_OUT),
                     (2 * MIN_HELD_OUT, MIN_HELD_OUT)):
         calib = data(n)
-        assert refit_samples(calib) == (used, True)
-        rest, ok = held_out(calib)
-        seen = {float(f["x"][0, 0]) for f in sample_feeds(calib, used)}
-        assert ok and len(rest) == n - used >= MIN_HELD_OUT and not seen & set(rest.inputs["x"][:, 0].tolist())
-        assert rest.labels.tolist() == list(range(used, n))
+        fit, rest = refit_split(calib)
+        assert fit.labels.tolist() == list(range(used)) and rest.labels.tolist() == list(range(used, n))
+        held, ok = held_out(calib)
+        assert ok and len(held) == n - used >= MIN_HELD_OUT and held.labels.tolist() == list(range(used, n))
         assert len(held_out(calib, 8)[0]) == 8
     small = data(2 * MIN_HELD_OUT - 1)  # too few to hold any out: the refit sees every sample, and that is said
-    assert refit_samples(small) == (len(small), False)
-    rest, ok = held_out(small, 10)
-    assert not ok and rest.inputs["x"][:, 0].tolist() == list(range(10))
+    fit, rest = refit_split(small)
+    assert rest is None and len(fit) == len(small)
+    held, ok = held_out(small, 10)
+    assert not ok and held.inputs["x"][:, 0].tolist() == list(range(10))
     with pytest.raises(ConfigError, match="leaves no samples"):
         small.skip(len(small))
+
+
+def test_samples_of_one_source_are_held_out_together():
+    """Crops of one photograph are not independent: the held-out set is whole sources, evenly spaced, as few as give
+    MIN_HELD_OUT samples, and the refit sees none of their crops (the built-in photos go round-robin over 10)."""
+    from edgekit.data import Dataset
+    from edgekit.structure import MIN_HELD_OUT, held_out, refit_feeds, refit_split
+
+    n, sources = 64, 10
+    calib = Dataset("c", {"x": np.arange(n, dtype=np.float32)[:, None]}, None, "test",
+                    groups=np.arange(n) % sources)
+    fit, rest = refit_split(calib)
+    held = set(rest.groups.tolist())
+    assert held == {1, 5, 8} and len(rest) >= MIN_HELD_OUT  # two sources give 13 crops, three give 19
+    assert not held & set(fit.groups.tolist()) and len(fit) + len(rest) == n
+    feeds, fit_sources = refit_feeds(calib)
+    assert fit_sources == fit.groups.tolist() and [float(f["x"][0, 0]) for f in feeds] == fit.inputs["x"][:, 0].tolist()
+    assert held_out(calib)[0].groups.tolist() == rest.groups.tolist()
+    # one source only: nothing to hold out by source, so the split falls back to sample order
+    one = Dataset("c", calib.inputs, None, "test", groups=np.zeros(n, np.int64))
+    fit, rest = refit_split(one)
+    assert len(rest) == MIN_HELD_OUT and len(fit) == n - MIN_HELD_OUT
 
 
 def test_plans_that_do_not_fit_the_graph_are_clear_errors(digits):
@@ -255,13 +279,52 @@ def test_joint_space_contains_the_bits_space_and_meets_a_size_budget(digits):
     assert pj.budget["predicted"]["distortion"] <= pb.budget["predicted"]["distortion"] + 1e-12
     assert aj["applied"][1].size <= 30_000 and ab["applied"][1].size <= 30_000
     assert aj["joint"]["space"] == "joint" and aj["joint"]["structure"]["groups"]
-    from edgekit.structure import refit_samples
+    from edgekit.structure import refit_split
 
     sel = aj["joint"]["selection_samples"]  # plans are compared on samples the refit did not see
-    used, held = refit_samples(digits.calib)
-    assert sel == {"count": len(digits.calib) - used if held else len(digits.calib), "held_out": held}
+    fit, rest = refit_split(digits.calib)
+    assert sel == {"count": len(digits.calib) if rest is None else len(rest), "held_out": rest is not None,
+                   "probe": 0}
     for c in pj.layers:
         check_option(c.option)
+
+
+def test_probe_samples_join_the_held_out_samples_where_distortions_are_measured(digits):
+    """``probe``: a group's structural distortion in the tables is the one measured on the held-out calibration
+    samples *and* the probe samples (checked against the same edit measured by hand), and the plans that met a budget
+    are compared on both."""
+    import onnx
+
+    from edgekit import mixed
+    from edgekit.analyze import _run, distortion
+    from edgekit.compress.channels import channel_importance
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.compress.refit import prune_and_refit
+    from edgekit.data import concat
+    from edgekit.joint import JointAllocator
+    from edgekit.structure import held_out, refit_feeds, sample_feeds
+    from edgekit.tables import Budget
+    from edgekit.targets import load_target
+
+    probe = digits.calib.take(6)
+    alloc = JointAllocator(profile=load_target("cpu-x86"), model=digits.model, fp32=digits.fp32, layers=digits.layers,
+                           calib=digits.calib, cfg=W8A8Config(), ctx=digits.ctx, work=digits.work / "probe",
+                           structure={"prune"}, probe=probe)
+    name, widths = next(iter(alloc.space.structure["groups"].items()))
+    n, d = next(iter(widths.items()))
+    model = onnx.load(str(digits.fp32.path))
+    group = next(g for u in alloc.space.units for g in u.groups if g.name == name)
+    order = np.argsort(-channel_importance(model, [group], sample_feeds(digits.calib), centered=True)[name],
+                       kind="stable")
+    fit_feeds, sources = refit_feeds(digits.calib)
+    edited, _ = prune_and_refit(model, {name: np.sort(order[:n])}, fit_feeds, groups=[group], sources=sources)
+    on = concat(held_out(digits.calib, mixed.SENSITIVITY_SAMPLES)[0], probe)
+    assert d == pytest.approx(distortion(_run(model, on), _run(edited, on), alloc.space.metric), rel=1e-6)
+    held = held_out(digits.calib, mixed.SENSITIVITY_SAMPLES)[0]
+    assert d != pytest.approx(distortion(_run(model, held), _run(edited, held), alloc.space.metric), rel=1e-6)
+    _, analysis = alloc.allocate(Budget(size_bytes=30_000))
+    sel = analysis["joint"]["selection_samples"]
+    assert sel["probe"] == 6 and sel["count"] == len(held_out(digits.calib)[0]) + 6
 
 
 @pytest.mark.e2e

@@ -101,3 +101,43 @@ def test_refit_of_an_unchanged_layer_keeps_it_and_bad_layers_are_errors():
         refit(model, model, ["ln"], feeds)
     with pytest.raises(ValueError, match="at least one"):
         refit(model, model, ["ffn.out"], [])
+
+
+def test_validation_holds_out_whole_sources():
+    """With sources (crops of a few photographs), the ridge strength is validated on every 4th source's samples, all
+    of them, and never on all sources; without, on every 4th sample."""
+    from edgekit.compress.refit import VALIDATION_EVERY, validation_mask
+
+    plain = validation_mask(12)
+    assert plain.tolist() == [i % VALIDATION_EVERY == VALIDATION_EVERY - 1 for i in range(12)]
+    assert not validation_mask(VALIDATION_EVERY - 1).any()  # too few samples to hold any out
+    sources = [7, 3, 9, 5, 1] * 4  # five sources, round-robin; in order of appearance: 7 3 9 5 1
+    mask = validation_mask(len(sources), sources)
+    assert {s for s, m in zip(sources, mask) if m} == {5}  # the 4th source, every one of its samples
+    assert all(m == (s == 5) for s, m in zip(sources, mask))
+    two = validation_mask(6, [0, 1] * 3)  # fewer than 4 sources: the last one
+    assert two.tolist() == [False, True] * 3
+    assert validation_mask(8, [4] * 8).tolist() == plain[:8].tolist()  # one source: by sample order
+    with pytest.raises(ValueError, match="sources"):
+        validation_mask(4, [0, 1])
+
+
+def test_refit_with_sources_chooses_the_ridge_on_an_unseen_source():
+    """Samples that share a source share its quirks: a refit validated within the sources it fits picks a weak ridge
+    that does not carry over; validated on a held-out source it chooses the strength that does (and says so)."""
+    model = ffn_graph()
+    group = next(g for g in channel_groups(model) if g.producer == "ffn.in")
+    rng = np.random.default_rng(3)
+    # four "photographs": each shifts every sample of its own by a fixed offset vector
+    offsets = rng.normal(0, 2.0, (4, 16))
+    feeds, sources = [], []
+    for i in range(32):
+        s = i % 4
+        feeds.append({"x": (rng.normal(0, 0.3, (1, 5, 16)) + offsets[s]).astype(np.float32)})
+        sources.append(s)
+    keep = _keep_top(model, group, 24, feeds)
+    _, by_sample = prune_and_refit(model, keep, feeds, groups=[group])
+    _, by_source = prune_and_refit(model, keep, feeds, groups=[group], sources=sources)
+    assert by_source["ffn.out"]["held_out"] and by_sample["ffn.out"]["held_out"]
+    # validated on the unseen 4th source, the ridge is at least as strong
+    assert by_source["ffn.out"]["alpha"] >= by_sample["ffn.out"]["alpha"]

@@ -11,8 +11,10 @@ Deep Neural Networks"; ThiNet)::
 the original graph, ``[W0 b0]`` its weights as the edit left them (kept columns, folded bias): the ridge pulls toward
 them where the data say little (a classifier after global pooling sees one row per sample). ``lam`` is ``alpha`` times
 the mean diagonal of ``X'^T X'``, chosen per layer from ``ALPHAS`` by the error on held-out calibration samples (every
-``VALIDATION_EVERY``-th one; the final solve then uses all of them), so a layer with few rows per feature is not fit
-to its calibration samples. Layers are refit in graph order, each on inputs computed with the layers before it
+``VALIDATION_EVERY``-th one; or, when ``sources`` says which samples share a source, such as crops of one photograph,
+the samples of every ``VALIDATION_EVERY``-th source, since other crops of a fitted picture are fitted too; the final
+solve then uses all of them), so a layer with few rows per feature is not fit to its calibration samples.
+Layers are refit in graph order, each on inputs computed with the layers before it
 already refit, so every refit also absorbs the error left upstream.
 
 Refittable layers: ``Conv`` with a 1x1 kernel and ``group=1``; ``Gemm`` and ``MatMul`` with an initializer weight (a
@@ -22,11 +24,13 @@ accumulates the normal equations sample by sample, so memory is ``O(K^2)`` whate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths tried (times the mean diagonal of X^T X)
+ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge strengths tried (times the mean diagonal of X^T X)
 VALIDATION_EVERY = 4  # every 4th calibration sample is held out to choose among them (with at least 4 samples)
 MIN_ROWS_PER_FEATURE = 2  # fewer calibration rows than this per input feature: the layer keeps its weights
 
@@ -143,19 +147,20 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 
 
 def refit(original: onnx.ModelProto, edited: onnx.ModelProto, layers: list[str], feeds: list[dict[str, np.ndarray]],
-          *, kept_outputs: dict[str, np.ndarray] | None = None,
-          alphas: tuple[float, ...] = ALPHAS) -> tuple[onnx.ModelProto, dict[str, dict]]:
+          *, kept_outputs: dict[str, np.ndarray] | None = None, alphas: tuple[float, ...] = ALPHAS,
+          sources: Sequence[int] | None = None) -> tuple[onnx.ModelProto, dict[str, dict]]:
     """A copy of ``edited`` whose ``layers`` (node names present in both graphs, refittable in ``edited``) are refit
     to reproduce their outputs in ``original`` on ``feeds``; returns it with, per layer, the relative output error
     before and after (``{"before": e0, "after": e1}``, ``e = ||Y' - Y|| / ||Y||`` on the same samples).
 
     ``kept_outputs[layer]`` names the original output features a layer still computes when the edit also narrowed
     its output (a layer that is both a pruned group's consumer and another group's producer). Layers whose refit
-    would not lower the error keep their weights. Raises ValueError for a layer that is missing
-    or not refittable.
+    would not lower the error keep their weights. ``sources`` (one id per feed) makes the ridge strength's validation
+    hold out whole sources (``validation_mask``). Raises ValueError for a layer that is missing or not refittable.
     """
     if not feeds:
         raise ValueError("refit needs at least one calibration sample")
+    validate = validation_mask(len(feeds), sources)
     out = onnx.ModelProto()
     out.CopyFrom(edited)
     o_nodes = {n.name: n for n in original.graph.node}
@@ -194,7 +199,7 @@ def refit(original: onnx.ModelProto, edited: onnx.ModelProto, layers: list[str],
         k = w0.shape[1] + has_bias
         # normal equations of two folds: every VALIDATION_EVERY-th sample is held out to choose the ridge strength
         eq = [[np.zeros((k, k)), np.zeros((k, w0.shape[0])), 0.0, 0] for _ in range(2)]
-        held = len(feeds) >= VALIDATION_EVERY
+        held = bool(validate.any())
         for i, (f, t) in enumerate(zip(feeds, targets, strict=True)):
             x = _rows(s.run([node.input[0]], f)[0], cf)
             y = _rows(t[targets_t[layer]], cf)
@@ -202,7 +207,7 @@ def refit(original: onnx.ModelProto, edited: onnx.ModelProto, layers: list[str],
                 y = y[:, kept_outputs[layer]]
             if has_bias:
                 x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-            fold = eq[int(held and i % VALIDATION_EVERY == VALIDATION_EVERY - 1)]
+            fold = eq[int(validate[i])]
             fold[0] += x.T @ x
             fold[1] += x.T @ y
             fold[2] += float((y * y).sum())
@@ -237,11 +242,27 @@ def refit(original: onnx.ModelProto, edited: onnx.ModelProto, layers: list[str],
     return out, stats
 
 
+def validation_mask(n: int, sources: Sequence[int] | None = None) -> np.ndarray:
+    """Which of ``n`` samples validate the ridge strength: every ``VALIDATION_EVERY``-th one (none below
+    ``VALIDATION_EVERY`` samples); with ``sources`` of at least two distinct ids, all samples of every
+    ``VALIDATION_EVERY``-th source in order of first appearance (at least one source, never all)."""
+    if sources is not None:
+        src = np.asarray(sources)
+        if src.shape != (n,):
+            raise ValueError(f"refit: {len(src)} sources for {n} samples")
+        ids = list(dict.fromkeys(src.tolist()))
+        if len(ids) >= 2:
+            held = ids[VALIDATION_EVERY - 1::VALIDATION_EVERY] or ids[-1:]
+            return np.isin(src, held)
+    return (np.arange(n) % VALIDATION_EVERY == VALIDATION_EVERY - 1) if n >= VALIDATION_EVERY else np.zeros(n, bool)
+
+
 def prune_and_refit(model: onnx.ModelProto, keep: dict[str, np.ndarray], feeds: list[dict[str, np.ndarray]], *,
-                    groups=None, alphas: tuple[float, ...] = ALPHAS) -> tuple[onnx.ModelProto, dict[str, dict]]:
+                    groups=None, alphas: tuple[float, ...] = ALPHAS,
+                    sources: Sequence[int] | None = None) -> tuple[onnx.ModelProto, dict[str, dict]]:
     """Prune channel groups (``compress.channels.prune_channels``: keep ``keep[group]``) and refit their consumers to
-    the original model's outputs on ``feeds``; returns the model and the refit stats per layer. ``groups``: the
-    model's channel groups when the caller already has them."""
+    the original model's outputs on ``feeds`` (``sources``: see ``refit``); returns the model and the refit stats per
+    layer. ``groups``: the model's channel groups when the caller already has them."""
     from edgekit.compress import channels
 
     groups = {g.name: g for g in (groups if groups is not None else channels.channel_groups(model))}
@@ -250,4 +271,4 @@ def prune_and_refit(model: onnx.ModelProto, keep: dict[str, np.ndarray], feeds: 
     nodes = {n.name: n for n in pruned.graph.node}
     layers = [c for name in keep for c in groups[name].consumers if c in nodes and refittable(nodes[c], inits)]
     kept_outputs = {groups[name].producer: np.asarray(idx) for name, idx in keep.items()}
-    return refit(model, pruned, layers, feeds, kept_outputs=kept_outputs, alphas=alphas)
+    return refit(model, pruned, layers, feeds, kept_outputs=kept_outputs, alphas=alphas, sources=sources)
