@@ -20,7 +20,9 @@ so two plans differ in fidelity only when they differ beyond sampling noise: by 
 than ``selection.Z`` standard errors of the paired per-sample difference on the same samples (the test the allocator
 uses to depart from the bits-only plan). The strict comparison (``FID_TOL`` alone) is reported beside it.
 
-EfficientNet-Lite0 adds the issue's two fixed checks: structured pruning alone asked for a 1.3× speed-up (at FP32 and
+For EfficientNet-Lite0 the allocator also measures on 16 BatchNorm-statistics samples (``datafree.probe_samples``),
+as ``edgekit build --space joint`` does for a PyTorch model with BatchNorm. EfficientNet-Lite0 adds the issue's two
+fixed checks: structured pruning alone asked for a 1.3× speed-up (at FP32 and
 at INT8, each against the unpruned model of the same precision in the same timing), and ``latency=0.4x`` in the joint
 space against ONNX Runtime's uniform INT8 (``quantize_static``).
 """
@@ -80,7 +82,13 @@ def prepare(name: str, work: Path, ctx):
         evald = load_data(m.default_eval, m.inputs, m.preprocessing, role="evaluation", limit=EVAL[name],
                           seed=ctx.seed)
         prep = P.Prepared(fp32.path, calib, evald, True, "digits CNN (builtin:digits-cnn), sklearn digits")
-    model = SimpleNamespace(sha256=sha256_file(prep.fp32_path), task="classification")
+    model = SimpleNamespace(sha256=sha256_file(prep.fp32_path), task="classification", probe=None)
+    if name == "efficientnet":  # BatchNorm-statistics samples beside the held-out calibration crops, as a build makes
+        from edgekit.datafree import probe_samples
+        from edgekit.model import load_model
+
+        m = load_model("builtin:efficientnet-lite0", ctx=ctx)
+        model.probe = probe_samples(m.module, m.inputs, seed=ctx.seed)
     return prep, model, layer_inventory(prep.fp32_path)
 
 
@@ -94,7 +102,7 @@ def allocators(prep, model, layers, work: Path, ctx):
     profile = load_target("cpu-x86")
     fp32 = describe(prep.fp32_path)
     common = {"profile": profile, "model": model, "fp32": fp32, "layers": layers, "calib": prep.calib,
-              "cfg": W8A8Config(), "ctx": ctx}
+              "cfg": W8A8Config(), "ctx": ctx, "probe": getattr(model, "probe", None)}
     t0 = time.perf_counter()
     joint = JointAllocator(**common, work=work / "joint", structure=True)
     for space, sp in (("bits", joint.bits_space), ("joint", joint.space)):

@@ -1,0 +1,195 @@
+"""What the joint allocator's measurements say about single structural edits of EfficientNet-Lite0, against what the
+edits do to photographs it never saw; and block removal on top of uniform INT8, timed.
+
+    .venv/bin/python benchmarks/structure_probe.py --json benchmarks/results/structure_probe.json \
+        --drops 14+4,14+10,14+4+10
+
+Part 1 (``edits``). Every removable residual block dropped, and every channel group at half width (refit as
+``edgekit.structure`` refits it, ``structure.refit_feeds``), each alone on the FP32 model. Each edit's distortion to
+FP32 (relative MSE and KL of the logits) is measured on three sets:
+
+- ``held_out``: the calibration crops the refit did not see (``structure.held_out``: whole photographs held out);
+- ``probe``: 16 inputs that match the training data's BatchNorm statistics (``datafree.probe_samples``);
+- ``evaluation``: 128 crops of *other* photographs (the evaluation split), with top-1 agreement there too.
+
+Where ``held_out`` is far below ``evaluation`` the allocator, measuring on calibration data alone, took the edit for
+nearly free. Part 2 (``drops``): uniform INT8 with the given blocks removed (``--drops``, ``+``-joined block numbers),
+top-1 agreement with FP32 on the evaluation crops, and latency timed interleaved with FP32 and uniform INT8
+(``compare_latency``, ``--repeats`` times, each a median of ``--rounds`` × ``--per-round`` calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import peers as P  # noqa: E402
+
+log = logging.getLogger("structure_probe")
+
+SETS = ("held_out", "probe", "evaluation")
+METRICS = ("mse", "kl")
+
+
+def top1(ref: np.ndarray, out: np.ndarray) -> float:
+    """Share of samples whose arg-max class is the reference's."""
+    n = len(ref)
+    return float(np.mean(ref.reshape(n, -1).argmax(1) == out.reshape(n, -1).argmax(1)))
+
+
+def score(edited, sets: dict, refs: dict) -> dict:
+    """An edited model's distortion to FP32 on every set (both metrics), and top-1 agreement on the evaluation set."""
+    from edgekit.analyze import _run, distortion
+
+    row: dict = {}
+    for name, data in sets.items():
+        out = _run(edited, data)
+        row[name] = {m: round(distortion(refs[name], out, m), 5) for m in METRICS}
+        if name == "evaluation":
+            row["top1_evaluation"] = round(top1(refs[name], out), 4)
+    return row
+
+
+def optimism(rows: dict) -> dict:
+    """Per edit: evaluation MSE over held-out MSE (how much the calibration crops understate the edit)."""
+    return {k: round(r["evaluation"]["mse"] / max(r["held_out"]["mse"], 1e-9), 2) for k, r in rows.items()}
+
+
+def edits(prep, probe, keep_fraction: float = 0.5) -> dict:
+    import onnx
+
+    from edgekit import mixed
+    from edgekit.analyze import _run
+    from edgekit.compress import channels, graphedit, refit
+    from edgekit.structure import held_out, refit_feeds, sample_feeds
+
+    model = onnx.load(str(prep.fp32_path))
+    sets = {"held_out": held_out(prep.calib, mixed.SENSITIVITY_SAMPLES)[0], "probe": probe,
+            "evaluation": prep.evaluation}
+    sets = {k: v for k, v in sets.items() if v is not None}
+    refs = {k: _run(model, v) for k, v in sets.items()}
+    rows: dict = {}
+    for unit in graphedit.removable_units(model):
+        rows[f"drop {unit.name}"] = score(graphedit.remove_units(model, [unit.name]), sets, refs)
+        log.info("drop %s: %s", unit.name, rows[f"drop {unit.name}"])
+    groups = channels.channel_groups(model)
+    importance = channels.channel_importance(model, groups, sample_feeds(prep.calib), centered=True)
+    fit_feeds, sources = refit_feeds(prep.calib)
+    for g in groups:
+        n = channels.round_channels(int(np.ceil(keep_fraction * g.channels)), g.channels, 16)
+        if n >= g.channels:
+            continue
+        order = np.argsort(-importance[g.name], kind="stable")
+        edited, _ = refit.prune_and_refit(model, {g.name: np.sort(order[:n])}, fit_feeds, groups=[g],
+                                          sources=sources)
+        rows[f"{g.name}@{n}"] = score(edited, sets, refs)
+        log.info("%s at %d of %d: %s", g.name, n, g.channels, rows[f"{g.name}@{n}"])
+    return rows
+
+
+def drops(prep, combos: list[list[str]], work: Path, ctx, *, repeats: int, rounds: int, per_round: int) -> dict:
+    from benchmarks.measure import run_samples
+    from edgekit.agent.runtime import OrtRuntime, compare_latency
+    from edgekit.allocate import uniform_plan
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.export.onnx import describe
+    from edgekit.inventory import layer_inventory
+    from edgekit.mixed import apply_plan
+    from edgekit.plan import LayerChoice
+    from edgekit.targets import load_target
+
+    fp32 = describe(prep.fp32_path)
+    uniform = uniform_plan(layer_inventory(prep.fp32_path), load_target("cpu-x86"), "int8", model_sha256=fp32.sha256)
+    paths = {"fp32": Path(prep.fp32_path),
+             "uniform int8": Path(apply_plan(uniform, fp32, prep.calib, work / "u8.onnx", W8A8Config(), ctx).path)}
+    for blocks in combos:
+        drop = {f"_blocks.{b}" for b in blocks}
+        choices = tuple(LayerChoice(c.layer, "drop", "dropped") if c.layer.rsplit(".", 1)[0] in drop else c
+                        for c in uniform.layers)
+        key = "int8 - " + "+".join(blocks)
+        art = apply_plan(replace(uniform, layers=choices), fp32, prep.calib, work / f"drop-{'-'.join(blocks)}.onnx",
+                         W8A8Config(), ctx)
+        paths[key] = Path(art.path)
+    feeds = prep.evaluation.feeds()
+    ref = run_samples(OrtRuntime(paths["fp32"]), feeds)
+    rows = {k: {"top1_evaluation": None if k == "fp32" else round(top1(ref, run_samples(OrtRuntime(p), feeds)), 4),
+                "size_bytes": p.stat().st_size, "vs_fp32": [], "vs_int8": [], "fp32_ms": []} for k, p in paths.items()}
+    x = {k: v[:1] for k, v in prep.calib.inputs.items()}
+    runtimes = {k: OrtRuntime(p) for k, p in paths.items()}
+    for _ in range(repeats):
+        stats = compare_latency(runtimes, x, rounds=rounds, per_round=per_round)
+        for k, row in rows.items():
+            row["vs_fp32"].append(round(stats[k].median_ms / stats["fp32"].median_ms, 4))
+            row["vs_int8"].append(round(stats[k].median_ms / stats["uniform int8"].median_ms, 4))
+            row["fp32_ms"].append(round(stats["fp32"].median_ms, 3))
+    return rows
+
+
+def parse_drops(text: str) -> list[list[str]]:
+    """``"14+4,10"`` -> ``[["14", "4"], ["10"]]`` (block numbers of EfficientNet-Lite0's ``_blocks.<n>``)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        blocks = part.split("+")
+        if not all(b.isdigit() for b in blocks):
+            raise SystemExit(f"--drops: {part!r} is not block numbers joined by '+'")
+        out.append(blocks)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--drops", default="", help="INT8 block-removal combinations, e.g. 14+4,14+4+10 (empty: skip)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timings of the drop variants")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--no-edits", action="store_true", help="skip part 1")
+    args = ap.parse_args(argv)
+    combos = parse_drops(args.drops)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from edgekit.context import Context
+    from edgekit.datafree import probe_samples
+    from edgekit.model import load_model
+
+    ctx = Context(seed=0, progress=False)
+    import tempfile
+
+    res: dict = {"command": " ".join(["benchmarks/structure_probe.py", *(argv or sys.argv[1:])])}
+    with tempfile.TemporaryDirectory(prefix="edgekit-structure-probe-") as tmp:
+        work = Path(tmp)
+        prep = P.prepare_efficientnet(work, 128, ctx)
+        if not args.no_edits:
+            t0 = time.perf_counter()
+            m = load_model("builtin:efficientnet-lite0", ctx=ctx)
+            probe = probe_samples(m.module, m.inputs, seed=ctx.seed)
+            res["probe_seconds"] = round(time.perf_counter() - t0, 1)
+            res["edits"] = edits(prep, probe)
+            res["evaluation_over_held_out_mse"] = optimism(res["edits"])
+        if combos:
+            res["drops"] = drops(prep, combos, work, ctx, repeats=args.repeats, rounds=args.rounds,
+                                 per_round=args.per_round)
+    for k, r in res.get("edits", {}).items():
+        print(f"{k:36s} " + "  ".join(f"{s} {r[s]['mse']:.4f}/{r[s]['kl']:.4f}" for s in SETS if s in r) +
+              f"  top-1 {r['top1_evaluation']:.3f}")
+    for k, r in res.get("drops", {}).items():
+        print(f"{k:24s} top-1 {r['top1_evaluation']}  vs FP32 {r['vs_fp32']}  vs INT8 {r['vs_int8']}  "
+              f"FP32 ms {r['fp32_ms']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""benchmarks/structure_probe.py: its arithmetic (the EfficientNet run is the benchmark's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.bench_scripts import load_benchmark
+
+
+def test_top1_optimism_and_drop_parsing():
+    bench = load_benchmark("structure_probe")
+    ref = np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    out = np.array([[0.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.4, 0.0]])
+    assert bench.top1(ref, out) == 0.75
+    rows = {"drop a": {"held_out": {"mse": 0.01}, "evaluation": {"mse": 0.05}},
+            "g@8": {"held_out": {"mse": 0.0}, "evaluation": {"mse": 0.002}}}
+    assert bench.optimism(rows) == {"drop a": 5.0, "g@8": 2e6}
+    assert bench.parse_drops("14+4, 10,,") == [["14", "4"], ["10"]]
+    with pytest.raises(SystemExit, match="block numbers"):
+        bench.parse_drops("14+x")
