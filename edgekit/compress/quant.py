@@ -184,20 +184,10 @@ def _drop_unused_domains(path: Path) -> None:
     before in the process (a build and its replay by ``edgekit apply`` differed)."""
     import onnx
 
+    from edgekit.export.onnx import all_nodes
+
     model = onnx.load(str(path))
-
-    def domains(nodes) -> set[str]:
-        used = set()
-        for node in nodes:
-            used.add(node.domain)
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    used |= domains(sub.node)
-        return used
-
-    used = domains(model.graph.node) | {f.domain for f in model.functions}
-    for f in model.functions:
-        used |= domains(f.node)
+    used = {n.domain for n in all_nodes(model)} | {f.domain for f in model.functions}
     kept = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
     if len(kept) != len(model.opset_import):
         del model.opset_import[:]

@@ -98,9 +98,8 @@ DEBUG_METADATA_PREFIXES = ("pkg.torch.onnx.", "pkg.onnxscript.")
 DEBUG_METADATA_KEYS = frozenset({"namespace"})
 
 
-def strip_export_debug(proto) -> int:
-    """Drop the exporters' debug metadata (``DEBUG_METADATA_*``) from every node (subgraphs and functions included);
-    other metadata stays. Returns how many entries were dropped."""
+def all_nodes(proto) -> list:
+    """Every node of a ModelProto: its graph's, its subgraphs' (If/Loop/Scan bodies) and its functions'."""
 
     def nodes(graph):
         for node in graph.node:
@@ -109,8 +108,14 @@ def strip_export_debug(proto) -> int:
                 for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                     yield from nodes(sub)
 
+    return [n for g in [proto.graph, *proto.functions] for n in nodes(g)]
+
+
+def strip_export_debug(proto) -> int:
+    """Drop the exporters' debug metadata (``DEBUG_METADATA_*``) from every node (subgraphs and functions included);
+    other metadata stays. Returns how many entries were dropped."""
     dropped = 0
-    for node in [n for g in [proto.graph, *proto.functions] for n in nodes(g)]:
+    for node in all_nodes(proto):
         keep = [m for m in node.metadata_props
                 if m.key not in DEBUG_METADATA_KEYS and not m.key.startswith(DEBUG_METADATA_PREFIXES)]
         if len(keep) != len(node.metadata_props):
