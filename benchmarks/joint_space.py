@@ -111,16 +111,20 @@ def allocators(prep, model, layers, work: Path, ctx):
     return {"joint": joint}, common
 
 
-def plan_rows(name: str, allocs: dict, fp32_size: int) -> list:
+def budget_specs(name: str, fp32_size: int) -> list[str]:
+    """The grid of budgets for one model: latency fractions of FP32, then sizes in bytes."""
+    return [f"latency={x}x" for x in LATENCY[name]] + [f"size={int(x * fp32_size)}B" for x in SIZE[name]]
+
+
+def plan_rows(allocs: dict, specs: list[str], *, follow_up: bool = False) -> list:
     """Per budget, two rows from one allocation: the bits-only space's plan (``analysis["bits_only"]``: the same
     tables, solver, rounds and measurements, restricted to precision options) and the joint space's kept plan. One
     allocation for both means both spaces judge every plan by the same timings, so they cannot disagree about
-    whether the same plan met a budget."""
+    whether the same plan met a budget. ``follow_up`` marks budgets added after the grid (``follow_up_specs``)."""
     from edgekit.plan import parse_option
     from edgekit.tables import parse_budget
 
     rows = []
-    specs = [f"latency={x}x" for x in LATENCY[name]] + [f"size={int(x * fp32_size)}B" for x in SIZE[name]]
     for spec in specs:
         t0 = time.perf_counter()
         try:
@@ -148,8 +152,48 @@ def plan_rows(name: str, allocs: dict, fp32_size: int) -> list:
                                 "options": {c.layer: c.option for c in p.layers}, "make_s": make_s,
                                 # FP32's latency when the allocator timed its rounds: this host runs FP32 at about
                                 # 5 or 8 ms by the minute, and INT8's ratio to it moves with that (0.47x / 0.40x)
-                                "allocation_fp32_ms": p.budget.get("fp32_ms")}))
+                                "allocation_fp32_ms": p.budget.get("fp32_ms"), "follow_up": follow_up}))
     return rows
+
+
+def front_points(results: dict, classification: bool, *, grid_only: bool = False) -> dict:
+    """Each space's points (cost, fidelity, variant name) on both axes: the plans it returned, and ``ANCHORS`` in
+    both. ``grid_only`` leaves out the follow-up budgets' plans."""
+    pts: dict = {"bits": {"latency": [], "size": []}, "joint": {"latency": [], "size": []}}
+    for vname, rec in results.items():
+        y = _metric(rec, classification)
+        lat = latency_ratio(rec)
+        notes = rec.get("notes", {})
+        if grid_only and notes.get("follow_up"):
+            continue
+        for space in pts if vname in ANCHORS else [notes.get("space")]:
+            if space not in pts or y is None:
+                continue
+            if lat is not None:
+                pts[space]["latency"].append((lat, y, vname))
+            pts[space]["size"].append((rec["size_ratio_vs_fp32"], y, vname))
+    return pts
+
+
+def follow_up_specs(results: dict, classification: bool, samples: dict, asked: list[str]) -> list[str]:
+    """Size budgets at the exact bytes of every bits-only plan the joint front misses on the grid.
+
+    A front drawn from a grid of budgets has points only where each space's plans happened to land: the bits-only
+    plan for ``size=0.2x`` may weigh 0.185x while the joint plan for it uses 0.197x (more faithful, within the same
+    budget), and then no joint point sits at 0.185x although the joint space contains that bits-only plan. So where
+    the joint front misses a bits point, the same allocator is asked for that point's size, and the comparison uses
+    what it returns (both spaces, like any budget: ``by_budget`` compares them too). A miss that remains is a miss.
+    Sizes are exact, so only the size axis is followed up (latency points already compare within ``LAT_TOL``)."""
+    pts = front_points(results, classification)
+    cmp = compare_fronts(pts["bits"]["size"], pts["joint"]["size"], xtol=0.0, samples=samples)
+    specs = []
+    for w in cmp["joint_worse_at"]:
+        if w.get("name") not in results:
+            continue
+        spec = f"size={results[w['name']]['size_bytes']}B"
+        if spec not in asked and spec not in specs:
+            specs.append(spec)
+    return specs
 
 
 def front(points: list[tuple]) -> list[tuple]:
@@ -203,7 +247,7 @@ def compare_fronts(bits: list[tuple], joint: list[tuple], *, xtol: float, ytol: 
     for p in fb:
         q = best_point(fj, p[0] * (1 + xtol))
         if q is None or (q[1] < p[1] - ytol and beyond_noise(_name(p), _name(q), samples)):
-            worse.append(row(p[0], "bits", p[1], "joint", None if q is None else q[1]))
+            worse.append({**row(p[0], "bits", p[1], "joint", None if q is None else q[1]), "name": _name(p)})
     better = []
     for p in fj:
         q = best_point(fb, p[0])
@@ -334,30 +378,34 @@ def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int) -> dic
     prep, model, layers = prepare(name, work, ctx)
     allocs, common = allocators(prep, model, layers, work, ctx)
     fp32_size = Path(prep.fp32_path).stat().st_size
-    rows = plan_rows(name, allocs, fp32_size) + [uniform_row(allocs, prep, common, work, ctx)]
+    specs = budget_specs(name, fp32_size)
+    rows = plan_rows(allocs, specs) + [uniform_row(allocs, prep, common, work, ctx)]
     extra = _issue_checks(name, prep, model, layers, allocs, common, work, ctx) if name == "efficientnet" else []
     eval_feeds = prep.evaluation.feeds()
     results = evaluate(rows + extra, prep.fp32_path, eval_feeds, classification=prep.classification, per_sample=True)
-    paired_latency(results, rows + extra, prep.fp32_path, eval_feeds[0], rounds=rounds, per_round=per_round)
     samples = {n: rec["per_sample"] for n, rec in results.items() if "per_sample" in rec}
-    pts = {"bits": {"latency": [], "size": []}, "joint": {"latency": [], "size": []}}
-    for vname, rec in results.items():
-        y = _metric(rec, prep.classification)
-        lat = latency_ratio(rec)
-        # each space's plans, and in both fronts the two plans both spaces contain and start from (ANCHORS)
-        for space in pts if vname in ANCHORS else [rec.get("notes", {}).get("space")]:
-            if space not in pts or y is None:
-                continue
-            if lat is not None:
-                pts[space]["latency"].append((lat, y, vname))
-            pts[space]["size"].append((rec["size_ratio_vs_fp32"], y, vname))
+    follow = follow_up_specs(results, prep.classification, samples, specs)
+    if follow:
+        log.info("%s: the joint size front misses bits-only points on the grid; follow-up budgets %s", name, follow)
+        more = plan_rows(allocs, follow, follow_up=True)
+        results.update(evaluate(more, prep.fp32_path, eval_feeds, classification=prep.classification,
+                                per_sample=True))
+        rows += more
+        samples = {n: rec["per_sample"] for n, rec in results.items() if "per_sample" in rec}
+    paired_latency(results, rows + extra, prep.fp32_path, eval_feeds[0], rounds=rounds, per_round=per_round)
+    # each space's plans, and in both fronts the two plans both spaces contain and start from (ANCHORS)
+    pts = front_points(results, prep.classification)
+    grid = front_points(results, prep.classification, grid_only=True)
     fronts = {}
     for axis in ("latency", "size"):
         xtol = LAT_TOL if axis == "latency" else 0.0
         fronts[axis] = compare_fronts(pts["bits"][axis], pts["joint"][axis], xtol=xtol, samples=samples)
         fronts[axis]["strict"] = _verdicts(compare_fronts(pts["bits"][axis], pts["joint"][axis], xtol=xtol))
+        fronts[axis]["grid_only"] = _verdicts(compare_fronts(grid["bits"][axis], grid["joint"][axis], xtol=xtol,
+                                                             samples=samples))
     out = {"model": name, "description": prep.description, "classification": prep.classification,
-           "variants": results, "seconds": round(time.perf_counter() - t0, 1), "fronts": fronts}
+           "variants": results, "seconds": round(time.perf_counter() - t0, 1), "fronts": fronts,
+           "follow_up_budgets": follow}
     out["by_budget"] = compare_budgets(results, prep.classification, samples=samples)
     out["by_budget"]["strict"] = _verdicts(compare_budgets(results, prep.classification))
     if name == "efficientnet":
@@ -494,7 +542,11 @@ def summary(res: dict) -> str:
         lines.append(f"- {axis}: joint at least as good everywhere: {cmp['at_least_as_good']}; strictly better "
                      f"somewhere: {cmp['strictly_better_somewhere']} (better at {cmp['joint_better_at'][:4]}; worse "
                      f"at {cmp['joint_worse_at'][:4]}); strict (no noise test): {strict['at_least_as_good']}, "
-                     f"worse at {strict['joint_worse_at'][:4]}")
+                     f"worse at {strict['joint_worse_at'][:4]}"
+                     + (f"; on the grid alone: {cmp['grid_only']['at_least_as_good']}" if "grid_only" in cmp else ""))
+    if res.get("follow_up_budgets"):
+        lines.append(f"- follow-up budgets (bits-only points the joint size front missed on the grid): "
+                     f"{res['follow_up_budgets']}")
     for k, v in res.get("checks", {}).items():
         lines.append(f"- {k}: {v}")
     for vname, rec in res["variants"].items():

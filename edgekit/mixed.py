@@ -151,7 +151,7 @@ def structural_step(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx: 
     from edgekit.fsutil import atomic_write_text
 
     atomic_write_text(structure_summary_path(out), json.dumps(summary, indent=1) + "\n")
-    path = out.with_name(out.stem + ".structure.onnx")
+    path = structure_model_path(out)
     onnx.save(model, str(path))
     edited = describe(path)
     return edited, replace(precision_plan, model_sha256=edited.sha256)
@@ -160,6 +160,12 @@ def structural_step(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx: 
 def structure_summary_path(artifact: Path) -> Path:
     """Where ``apply_plan`` records what the structural half of a plan did to the graph (for the report)."""
     return Path(artifact).with_name(Path(artifact).stem + ".structure.json")
+
+
+def structure_model_path(artifact: Path) -> Path:
+    """Where ``apply_plan`` keeps a structural plan's edited *float* graph, the one it then quantized (a plan with no
+    quantized layer has none: its artifact is that graph)."""
+    return Path(artifact).with_name(Path(artifact).stem + ".structure.onnx")
 
 
 def plan_quantizer(plan: Plan, fp32: Artifact, calib: Dataset, ctx: Context, *, layers: list[str]) -> LowBitQuantizer:

@@ -43,7 +43,8 @@ def test_fidelity_differences_within_sampling_noise_are_ties():
     assert bench.compare_fronts(bits, one, xtol=0.0, samples=samples)["at_least_as_good"]
     assert not bench.compare_fronts(bits, one, xtol=0.0)["at_least_as_good"]  # the strict comparison
     twenty = bench.compare_fronts(bits, [(0.5, 1 - 20 / n, "twenty")], xtol=0.0, samples=samples)
-    assert not twenty["at_least_as_good"] and twenty["joint_worse_at"] == [{"x": 0.5, "bits": 1.0, "joint": 0.8438}]
+    assert not twenty["at_least_as_good"] and twenty["joint_worse_at"] == [{"x": 0.5, "bits": 1.0, "joint": 0.8438,
+                                                                          "name": "b"}]
     up = bench.compare_fronts(one, bits, xtol=0.0, samples=samples)  # nor is one sample a strict improvement
     assert up["at_least_as_good"] and not up["strictly_better_somewhere"]
     assert bench.compare_fronts(one, bits, xtol=0.0)["strictly_better_somewhere"]
@@ -79,6 +80,31 @@ def test_compare_budgets_judges_each_budget_as_measured():
     assert bench.compare_budgets(results, True, samples=samples)["joint_worse_at"] == ["size=300B"]
 
 
+def test_a_bits_point_the_joint_size_front_misses_on_the_grid_is_asked_again_at_its_exact_size():
+    """The joint plan for size=300B weighs 290 B and the bits-only one 250 B: no joint point at 250 B on the grid,
+    so the allocator is asked for size=250B; a point the joint front covers asks nothing, nor does a budget asked
+    before. Follow-up plans count in the fronts, not in the grid-only ones."""
+    bench = _load()
+
+    def rec(space, budget, size, top1, **notes):
+        return {"notes": {"space": space, "budget": budget, **notes}, "size_bytes": size,
+                "size_ratio_vs_fp32": size / 1000, "top1_agreement": top1}
+
+    results = {"fp32": {"name": "fp32", "size_bytes": 1000, "size_ratio_vs_fp32": 1.0, "top1_agreement": 1.0},
+               "bits a": rec("bits", "size=300B", 250, 0.99), "joint a": rec("joint", "size=300B", 290, 1.0),
+               "bits b": rec("bits", "size=500B", 480, 1.0), "joint b": rec("joint", "size=500B", 470, 1.0)}
+    assert bench.follow_up_specs(results, True, {}, ["size=300B", "size=500B"]) == ["size=250B"]
+    assert bench.follow_up_specs(results, True, {}, ["size=250B"]) == []
+    results["joint c"] = rec("joint", "size=250B", 250, 0.995, follow_up=True)
+    assert bench.follow_up_specs(results, True, {}, []) == []
+    pts = bench.front_points(results, True)
+    grid = bench.front_points(results, True, grid_only=True)
+    assert (0.25, 0.995, "joint c") in pts["joint"]["size"] and (0.25, 0.995, "joint c") not in grid["joint"]["size"]
+    assert (1.0, 1.0, "fp32") in pts["bits"]["size"] and (1.0, 1.0, "fp32") in pts["joint"]["size"]  # an anchor
+    assert bench.compare_fronts(pts["bits"]["size"], pts["joint"]["size"], xtol=0.0)["at_least_as_good"]
+    assert not bench.compare_fronts(grid["bits"]["size"], grid["joint"]["size"], xtol=0.0)["at_least_as_good"]
+
+
 @pytest.mark.e2e
 def test_quick_run_on_digits(tmp_path, capsys):
     bench = _load()
@@ -89,7 +115,8 @@ def test_quick_run_on_digits(tmp_path, capsys):
     spaces = {rec["notes"].get("space") for rec in res["variants"].values() if rec.get("notes")}
     assert {"bits", "joint"} <= spaces
     assert res["by_budget"]["budgets"] and set(res["fronts"]) == {"latency", "size"}
-    assert "strict" in res["by_budget"] and all("strict" in f for f in res["fronts"].values())
+    assert "strict" in res["by_budget"] and all("strict" in f and "grid_only" in f for f in res["fronts"].values())
+    assert isinstance(res["follow_up_budgets"], list)
     assert "uniform int8" in res["variants"]  # an anchor of both fronts
     for rec in res["variants"].values():  # per-sample agreement for the paired comparisons
         if rec.get("notes", {}).get("space"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -325,6 +326,56 @@ def test_probe_samples_join_the_held_out_samples_where_distortions_are_measured(
     _, analysis = alloc.allocate(Budget(size_bytes=30_000))
     sel = analysis["joint"]["selection_samples"]
     assert sel["probe"] == 6 and sel["count"] == len(held_out(digits.calib)[0]) + 6
+
+
+def test_plans_are_scored_on_the_probe_as_float_graphs_never_as_quantized_artifacts(digits):
+    """A quantized artifact's activation ranges come from the calibration data; on the probe its error is clipping.
+    So a plan's probe part is its edited float graph's distortion (zeros for a precision-only plan), and its
+    held-out part is the artifact's, as built."""
+    import onnx
+
+    from edgekit.analyze import _run, sample_distortions
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.joint import JointAllocator
+    from edgekit.mixed import apply_plan, structure_model_path
+    from edgekit.structure import held_out
+    from edgekit.targets import load_target
+
+    probe = digits.calib.take(6)
+    # the probe in a range the calibration data never reach: every quantized layer clips it
+    probe = replace(probe, inputs={k: v * 4.0 for k, v in probe.inputs.items()})
+    alloc = JointAllocator(profile=load_target("cpu-x86"), model=digits.model, fp32=digits.fp32, layers=digits.layers,
+                           calib=digits.calib, cfg=W8A8Config(), ctx=digits.ctx, work=digits.work / "probe-float",
+                           structure={"prune"}, probe=probe)
+    uniform = {"plan": alloc.t.uniform, "artifact": alloc.t.uniform_artifact, "space": "bits"}
+    name = next(iter(alloc.space.structure["groups"]))
+    unit = next(u for u in alloc.space.units if any(g.name == name for g in u.groups))
+    row = next(e for o, e in alloc.space.rows[unit.name].items() if "+ch" in o)
+    choices = tuple(LayerChoice(c.layer, row.choice.get(c.layer, c.option)) for c in alloc.t.uniform.layers)
+    pruned_plan = replace(alloc.t.uniform, layers=choices)
+    assert pruned_plan.is_structural and pruned_plan.is_quantized
+    art = apply_plan(pruned_plan, digits.fp32, digits.calib, digits.work / "probe-float" / "p" / "model.onnx",
+                     W8A8Config(), digits.ctx)
+    pruned = {"plan": pruned_plan, "artifact": art, "space": "joint"}
+    alloc._measure_distortion([uniform, pruned])
+
+    fp32 = onnx.load(str(digits.fp32.path))
+    held = held_out(digits.calib)[0]
+    metric = alloc.t.sens.metric
+
+    def on(path, data):
+        return sample_distortions(_run(fp32, data), _run(onnx.load(str(path)), data), metric)
+
+    k = len(held)
+    for x in (uniform, pruned):
+        assert len(x["samples"]) == k + len(probe)
+        np.testing.assert_allclose(x["samples"][:k], on(x["artifact"].path, held), rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(uniform["samples"][k:], np.zeros(len(probe)))
+    assert on(uniform["artifact"].path, probe).mean() > 10 * max(uniform["samples"][:k].mean(), 1e-6)
+    float_graph = structure_model_path(art.path)
+    assert float_graph.is_file()
+    np.testing.assert_allclose(pruned["samples"][k:], on(float_graph, probe), rtol=1e-6, atol=1e-12)
+    assert pruned["samples"][k:].mean() > 0
 
 
 @pytest.mark.e2e
