@@ -16,6 +16,14 @@ Where ``held_out`` is far below ``evaluation`` the allocator, measuring on calib
 nearly free. Part 2 (``drops``): uniform INT8 with the given blocks removed (``--drops``, ``+``-joined block numbers),
 top-1 agreement with FP32 on the evaluation crops, and latency timed interleaved with FP32 and uniform INT8
 (``compare_latency``, ``--repeats`` times, each a median of ``--rounds`` × ``--per-round`` calls).
+
+Part 3 (``--pairs``, with ``--no-edits`` to run it alone): every single block and pair of blocks removed from uniform
+INT8, scored on each set (and on the probe both through the INT8 artifact and as the edited FP32 graph), with the
+Spearman correlation of each measure with the evaluation photos' top-1 loss over the pairs: whether anything computable
+from calibration data tells which pairs the evaluation photos tolerate.
+
+    .venv/bin/python benchmarks/structure_probe.py --no-edits --pairs --bar 0.833 \
+        --json benchmarks/results/structure_pairs.json
 """
 
 from __future__ import annotations
@@ -135,6 +143,94 @@ def drops(prep, combos: list[list[str]], work: Path, ctx, *, repeats: int, round
     return rows
 
 
+def ranks(values: list[float]) -> np.ndarray:
+    """Average ranks (ties share their mean rank), for Spearman's correlation."""
+    v = np.asarray(values, np.float64)
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    r[order] = np.arange(len(v), dtype=np.float64)
+    for x in np.unique(v):
+        tie = v == x
+        r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (0.0 when either is constant)."""
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def pairs(prep, probe, work: Path, ctx, *, bar: float | None) -> dict:
+    """Every single block and every pair of blocks removed from uniform INT8 (no timing): top-1 agreement with FP32 and
+    relative MSE on the evaluation crops, the held-out calibration crops, all calibration crops, the probe as the
+    INT8 artifact runs it (``probe_int8``: clipped, see ``JointAllocator``) and the probe on the edited FP32 graph
+    (``probe_float``: what the allocator measures). Then how well each measure ranks the pairs as
+    evaluation top-1 does (Spearman's correlation with the evaluation's top-1 loss, over the pairs), and which pairs
+    reach ``bar`` evaluation top-1."""
+    import itertools
+
+    import onnx
+
+    from edgekit.allocate import uniform_plan
+    from edgekit.analyze import _run, sample_distortions
+    from edgekit.compress import graphedit
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.export.onnx import describe
+    from edgekit.inventory import layer_inventory
+    from edgekit.mixed import apply_plan
+    from edgekit.plan import LayerChoice
+    from edgekit.structure import held_out
+    from edgekit.targets import load_target
+
+    model = onnx.load(str(prep.fp32_path))
+    fp32 = describe(prep.fp32_path)
+    uniform = uniform_plan(layer_inventory(prep.fp32_path), load_target("cpu-x86"), "int8", model_sha256=fp32.sha256)
+    sets = {"evaluation": prep.evaluation, "held_out": held_out(prep.calib)[0], "calibration": prep.calib,
+            "probe_int8": probe}
+    refs = {k: _run(model, v) for k, v in sets.items()}
+    probe_ref = _run(model, probe)
+    units = [u.name for u in graphedit.removable_units(model)]
+    combos = [()] + [(u,) for u in units] + list(itertools.combinations(units, 2))
+    rows: dict = {}
+    for combo in combos:
+        choices = tuple(LayerChoice(c.layer, "drop", "dropped") if c.layer.rsplit(".", 1)[0] in combo else c
+                        for c in uniform.layers)
+        key = "+".join(u.rsplit(".", 1)[-1] for u in combo) or "none"
+        art = apply_plan(replace(uniform, layers=choices), fp32, prep.calib, work / "pairs" / f"{key}.onnx",
+                         W8A8Config(), ctx)
+        q = onnx.load(str(art.path))
+        row = {}
+        for name, data in sets.items():
+            out = _run(q, data)
+            row[name] = {"mse": round(float(np.mean(sample_distortions(refs[name], out, "mse"))), 5),
+                         "top1": round(top1(refs[name], out), 4)}
+        edited = graphedit.remove_units(model, list(combo)) if combo else model
+        out = _run(edited, probe)
+        row["probe_float"] = {"mse": round(float(np.mean(sample_distortions(probe_ref, out, "mse"))), 5),
+                              "top1": round(top1(probe_ref, out), 4)}
+        rows[key] = row
+        log.info("INT8 - %s: %s", key, row)
+    two = [k for k in rows if "+" in k]
+    loss = [1.0 - rows[k]["evaluation"]["top1"] for k in two]
+    agreement: dict = {}
+    for name in [*sets, "probe_float"]:
+        for metric in ("mse", "top1"):
+            score = [rows[k][name][metric] if metric == "mse" else 1.0 - rows[k][name][metric] for k in two]
+            best = [two[i] for i in np.argsort(score, kind="stable")[:3]]
+            agreement[f"{name} {metric}"] = {"spearman_vs_evaluation_top1_loss": round(spearman(loss, score), 3),
+                                             "best_three": best,
+                                             "their_evaluation_top1": [rows[k]["evaluation"]["top1"] for k in best]}
+    out = {"rows": rows, "agreement": agreement}
+    if bar is not None:
+        out["bar"] = bar
+        out["pairs_at_bar"] = sorted((k for k in two if rows[k]["evaluation"]["top1"] >= bar),
+                                     key=lambda k: -rows[k]["evaluation"]["top1"])
+    return out
+
+
 def parse_drops(text: str) -> list[list[str]]:
     """``"14+4,10"`` -> ``[["14", "4"], ["10"]]`` (block numbers of EfficientNet-Lite0's ``_blocks.<n>``)."""
     out = []
@@ -154,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--no-edits", action="store_true", help="skip part 1")
+    ap.add_argument("--pairs", action="store_true", help="part 3: every pair of blocks removed from uniform INT8")
+    ap.add_argument("--bar", type=float, help="with --pairs: list the pairs at or above this evaluation top-1")
     args = ap.parse_args(argv)
     combos = parse_drops(args.drops)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -168,13 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgekit-structure-probe-") as tmp:
         work = Path(tmp)
         prep = P.prepare_efficientnet(work, 128, ctx)
-        if not args.no_edits:
+        probe = None
+        if not args.no_edits or args.pairs:
             t0 = time.perf_counter()
             m = load_model("builtin:efficientnet-lite0", ctx=ctx)
             probe = probe_samples(m.module, m.inputs, seed=ctx.seed)
             res["probe_seconds"] = round(time.perf_counter() - t0, 1)
+        if not args.no_edits:
             res["edits"] = edits(prep, probe)
             res["evaluation_over_held_out_mse"] = optimism(res["edits"])
+        if args.pairs:
+            res["pairs"] = pairs(prep, probe, work, ctx, bar=args.bar)
         if combos:
             res["drops"] = drops(prep, combos, work, ctx, repeats=args.repeats, rounds=args.rounds,
                                  per_round=args.per_round)
@@ -184,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     for k, r in res.get("drops", {}).items():
         print(f"{k:24s} top-1 {r['top1_evaluation']}  vs FP32 {r['vs_fp32']}  vs INT8 {r['vs_int8']}  "
               f"FP32 ms {r['fp32_ms']}")
+    if "pairs" in res:
+        for k, a in res["pairs"]["agreement"].items():
+            print(f"{k:22s} Spearman {a['spearman_vs_evaluation_top1_loss']:+.3f}  best three {a['best_three']} "
+                  f"(evaluation top-1 {a['their_evaluation_top1']})")
+        if "pairs_at_bar" in res["pairs"]:
+            print(f"pairs at evaluation top-1 >= {args.bar}: {res['pairs']['pairs_at_bar']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -19,3 +19,13 @@ def test_top1_optimism_and_drop_parsing():
     assert bench.parse_drops("14+4, 10,,") == [["14", "4"], ["10"]]
     with pytest.raises(SystemExit, match="block numbers"):
         bench.parse_drops("14+x")
+
+
+def test_spearman_matches_the_textbook_values_with_ties():
+    bench = load_benchmark("structure_probe")
+    assert bench.ranks([3.0, 1.0, 2.0, 1.0]).tolist() == [3.0, 0.5, 2.0, 0.5]
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert bench.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # 1 - 6 * sum(d^2) / (n (n^2 - 1)) without ties: d = (0, -2, 1, 1, 0) -> 1 - 6 * 6 / 120 = 0.7
+    assert bench.spearman([1, 2, 3, 4, 5], [1, 4, 2, 3, 5]) == pytest.approx(0.7)
+    assert bench.spearman([1, 1, 1], [1, 2, 3]) == 0.0
