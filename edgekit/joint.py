@@ -812,7 +812,8 @@ def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers:
     if structure and getattr(model, "module", None) is not None:
         from edgekit.datafree import probe_samples
 
-        probe = probe_samples(model.module, model.inputs, seed=ctx.seed, track=ctx.track)
+        probe = probe_samples(model.module, model.inputs, seed=ctx.seed, track=ctx.track, cache=ctx.cache("probe"),
+                              model_sha256=model.sha256)
     return JointAllocator(profile=profile, model=model, fp32=fp32, layers=layers, calib=calib, work=work, cfg=cfg,
                           ctx=ctx, structure=structure, recover_steps=recover_steps, probe=probe).allocate(budget,
                                                                                                          solver)

@@ -77,3 +77,32 @@ def test_probe_samples_for_models_with_batchnorm_only():
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     assert probe_samples(plain, spec, n=4) is None
     assert probe_samples(None, spec, n=4) is None
+
+
+def test_probe_samples_are_kept_per_model_and_made_again_when_anything_they_depend_on_changes(tmp_path, monkeypatch):
+    from edgekit import datafree
+
+    spec = (TensorSpec("input", ("batch", 3, 8, 8), "float32"),)
+    a, b = "a" * 64, "b" * 64
+    first = datafree.probe_samples(_bn_net(), spec, n=4, seed=0, cache=tmp_path, model_sha256=a)
+    files = list(tmp_path.glob("probe-*.npz"))
+    assert len(files) == 1
+
+    def made_again(*args, **kwargs):
+        raise AssertionError("made again")
+
+    monkeypatch.setattr(datafree, "synthesize", made_again)
+    again = datafree.probe_samples(_bn_net(), spec, n=4, seed=0, cache=tmp_path, model_sha256=a)
+    np.testing.assert_array_equal(again.inputs["input"], first.inputs["input"])
+    assert again.source == first.source
+    for changed in ({"model_sha256": b}, {"seed": 1}, {"n": 3}):  # another model, seed or count: not that file
+        with pytest.raises(AssertionError, match="made again"):
+            datafree.probe_samples(_bn_net(), spec, **{"n": 4, "seed": 0, "model_sha256": a, **changed},
+                                   cache=tmp_path)
+    monkeypatch.undo()
+    files[0].write_bytes(b"not an npz")  # an unreadable file is made again, and replaced
+    redo = datafree.probe_samples(_bn_net(), spec, n=4, seed=0, cache=tmp_path, model_sha256=a)
+    np.testing.assert_array_equal(redo.inputs["input"], first.inputs["input"])
+    assert np.load(files[0])["input"].shape == (4, 3, 8, 8)
+    assert datafree.probe_samples(_bn_net(), spec, n=4, seed=0) is not None  # no cache: nothing written
+    assert len(list(tmp_path.glob("probe-*.npz"))) == 1
