@@ -163,11 +163,22 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+PAIR_METRICS = ("mse", "kl", "top1")
+
+
+def pair_scores(ref: np.ndarray, out: np.ndarray) -> dict:
+    """Relative MSE and KL of the logits (``analyze.distortion``) and top-1 agreement, of ``out`` against ``ref``."""
+    from edgekit.analyze import distortion
+
+    return {"mse": round(distortion(ref, out, "mse"), 5), "kl": round(distortion(ref, out, "kl"), 5),
+            "top1": round(top1(ref, out), 4)}
+
+
 def pairs(prep, probe, work: Path, ctx, *, bar: float | None) -> dict:
-    """Every single block and every pair of blocks removed from uniform INT8 (no timing): top-1 agreement with FP32 and
-    relative MSE on the evaluation crops, the held-out calibration crops, all calibration crops, the probe as the
-    INT8 artifact runs it (``probe_int8``: clipped, see ``JointAllocator``) and the probe on the edited FP32 graph
-    (``probe_float``: what the allocator measures). Then how well each measure ranks the pairs as
+    """Every single block and every pair of blocks removed from uniform INT8 (no timing): top-1 agreement with FP32,
+    relative MSE and KL of the logits on the evaluation crops, the held-out calibration crops, all calibration crops,
+    the probe as the INT8 artifact runs it (``probe_int8``: clipped, see ``JointAllocator``) and the probe on the edited
+    FP32 graph (``probe_float``: what the allocator measures). Then how well each measure ranks the pairs as
     evaluation top-1 does (Spearman's correlation with the evaluation's top-1 loss, over the pairs), and which pairs
     reach ``bar`` evaluation top-1."""
     import itertools
@@ -175,7 +186,7 @@ def pairs(prep, probe, work: Path, ctx, *, bar: float | None) -> dict:
     import onnx
 
     from edgekit.allocate import uniform_plan
-    from edgekit.analyze import _run, sample_distortions
+    from edgekit.analyze import _run
     from edgekit.compress import graphedit
     from edgekit.compress.quant import W8A8Config
     from edgekit.export.onnx import describe
@@ -204,21 +215,17 @@ def pairs(prep, probe, work: Path, ctx, *, bar: float | None) -> dict:
         q = onnx.load(str(art.path))
         row = {}
         for name, data in sets.items():
-            out = _run(q, data)
-            row[name] = {"mse": round(float(np.mean(sample_distortions(refs[name], out, "mse"))), 5),
-                         "top1": round(top1(refs[name], out), 4)}
+            row[name] = pair_scores(refs[name], _run(q, data))
         edited = graphedit.remove_units(model, list(combo)) if combo else model
-        out = _run(edited, probe)
-        row["probe_float"] = {"mse": round(float(np.mean(sample_distortions(probe_ref, out, "mse"))), 5),
-                              "top1": round(top1(probe_ref, out), 4)}
+        row["probe_float"] = pair_scores(probe_ref, _run(edited, probe))
         rows[key] = row
         log.info("INT8 - %s: %s", key, row)
     two = [k for k in rows if "+" in k]
     loss = [1.0 - rows[k]["evaluation"]["top1"] for k in two]
     agreement: dict = {}
     for name in [*sets, "probe_float"]:
-        for metric in ("mse", "top1"):
-            score = [rows[k][name][metric] if metric == "mse" else 1.0 - rows[k][name][metric] for k in two]
+        for metric in PAIR_METRICS:
+            score = [1.0 - rows[k][name][metric] if metric == "top1" else rows[k][name][metric] for k in two]
             best = [two[i] for i in np.argsort(score, kind="stable")[:3]]
             agreement[f"{name} {metric}"] = {"spearman_vs_evaluation_top1_loss": round(spearman(loss, score), 3),
                                              "best_three": best,

@@ -29,3 +29,17 @@ def test_spearman_matches_the_textbook_values_with_ties():
     # 1 - 6 * sum(d^2) / (n (n^2 - 1)) without ties: d = (0, -2, 1, 1, 0) -> 1 - 6 * 6 / 120 = 0.7
     assert bench.spearman([1, 2, 3, 4, 5], [1, 4, 2, 3, 5]) == pytest.approx(0.7)
     assert bench.spearman([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_pair_scores_are_the_allocators_distortions_and_top1():
+    from edgekit.analyze import distortion
+
+    bench = load_benchmark("structure_probe")
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(8, 10))
+    out = ref + rng.normal(scale=0.5, size=(8, 10))
+    got = bench.pair_scores(ref, out)
+    assert got["mse"] == pytest.approx(distortion(ref, out, "mse"), abs=1e-5)
+    assert got["kl"] == pytest.approx(distortion(ref, out, "kl"), abs=1e-5) and got["kl"] > 0
+    assert got["top1"] == bench.top1(ref, out)
+    assert bench.pair_scores(ref, ref) == {"mse": 0.0, "kl": 0.0, "top1": 1.0}
