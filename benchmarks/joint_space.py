@@ -156,6 +156,11 @@ def plan_rows(allocs: dict, specs: list[str], *, follow_up: bool = False) -> lis
     return rows
 
 
+def per_sample(results: dict) -> dict:
+    """Each evaluated variant's per-sample fidelities, by name (for the paired noise test)."""
+    return {n: rec["per_sample"] for n, rec in results.items() if "per_sample" in rec}
+
+
 def front_points(results: dict, classification: bool, *, grid_only: bool = False) -> dict:
     """Each space's points (cost, fidelity, variant name) on both axes: the plans it returned, and ``ANCHORS`` in
     both. ``grid_only`` leaves out the follow-up budgets' plans."""
@@ -383,7 +388,7 @@ def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int) -> dic
     extra = _issue_checks(name, prep, model, layers, allocs, common, work, ctx) if name == "efficientnet" else []
     eval_feeds = prep.evaluation.feeds()
     results = evaluate(rows + extra, prep.fp32_path, eval_feeds, classification=prep.classification, per_sample=True)
-    samples = {n: rec["per_sample"] for n, rec in results.items() if "per_sample" in rec}
+    samples = per_sample(results)
     follow = follow_up_specs(results, prep.classification, samples, specs)
     if follow:
         log.info("%s: the joint size front misses bits-only points on the grid; follow-up budgets %s", name, follow)
@@ -391,7 +396,7 @@ def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int) -> dic
         results.update(evaluate(more, prep.fp32_path, eval_feeds, classification=prep.classification,
                                 per_sample=True))
         rows += more
-        samples = {n: rec["per_sample"] for n, rec in results.items() if "per_sample" in rec}
+        samples = per_sample(results)
     paired_latency(results, rows + extra, prep.fp32_path, eval_feeds[0], rounds=rounds, per_round=per_round)
     # each space's plans, and in both fronts the two plans both spaces contain and start from (ANCHORS)
     pts = front_points(results, prep.classification)

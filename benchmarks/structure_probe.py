@@ -57,14 +57,14 @@ def top1(ref: np.ndarray, out: np.ndarray) -> float:
 
 def score(edited, sets: dict, refs: dict) -> dict:
     """An edited model's distortion to FP32 on every set (both metrics), and top-1 agreement on the evaluation set."""
-    from edgekit.analyze import _run, distortion
+    from edgekit.analyze import _run
 
     row: dict = {}
     for name, data in sets.items():
-        out = _run(edited, data)
-        row[name] = {m: round(distortion(refs[name], out, m), 5) for m in METRICS}
+        got = pair_scores(refs[name], _run(edited, data))
+        row[name] = {m: got[m] for m in METRICS}
         if name == "evaluation":
-            row["top1_evaluation"] = round(top1(refs[name], out), 4)
+            row["top1_evaluation"] = got["top1"]
     return row
 
 

@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 
 PROBE_STEPS = 60  # synthesize's default: what the probe samples are made with
-_SOURCE = f"data-free (BatchNorm statistics, {PROBE_STEPS} steps)"
+
+
+def _source(steps: int) -> str:
+    return f"data-free (BatchNorm statistics, {steps} steps)"
 
 
 def synthesize(module, inputs: tuple[TensorSpec, ...], n: int = 32, *, steps: int = PROBE_STEPS, lr: float = 0.2,
@@ -85,7 +88,7 @@ def synthesize(module, inputs: tuple[TensorSpec, ...], n: int = 32, *, steps: in
     log.info("data-free calibration: %d inputs, BatchNorm statistics loss %.4f after %d steps", n, loss_value, steps)
     arr = x.detach().numpy().astype(np.float32)
     return Dataset(name="data-free", inputs={inputs[0].name: arr}, labels=None,
-                   source=f"data-free (BatchNorm statistics, {steps} steps)")
+                   source=_source(steps))
 
 
 PROBE_SAMPLES = 16
@@ -108,7 +111,8 @@ def probe_samples(module, inputs: tuple[TensorSpec, ...], n: int = PROBE_SAMPLES
                 arr = z["input"]
             if arr.shape == (n, *inputs[0].sample_shape) and arr.dtype == np.float32:
                 log.info("BatchNorm-statistics probe samples from cache (%s)", path.name)
-                return Dataset(name="data-free", inputs={inputs[0].name: arr}, labels=None, source=_SOURCE)
+                return Dataset(name="data-free", inputs={inputs[0].name: arr}, labels=None,
+                               source=_source(PROBE_STEPS))
         except (OSError, ValueError, KeyError) as exc:
             log.info("probe cache %s unreadable (%s): making the samples again", path.name, exc)
     try:
