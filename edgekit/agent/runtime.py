@@ -54,6 +54,14 @@ def widen_int4(model) -> int:
     return widened
 
 
+# ai.edgekit ops that have a standard-ONNX form (edgekit.kernels.ort_python): (op, function, what the warning says)
+STANDARD_FORMS = (
+    ("MatMulSparse24", "sparse24_to_standard", "MatMulSparse24 as dense standard ops (no 2:4 speed-up)"),
+    ("QLinearDepthwiseConv", "dwconv_to_standard", "QLinearDepthwiseConv as ONNX Runtime's QLinearConv (same "
+     "output, no speed-up)"),
+)
+
+
 def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] | None = None, *,
                   native_registered: bool = False) -> bytes | str:
     """What the session loads: the model as given, unless it holds int4 weights (widened, ``widen_int4``),
@@ -89,17 +97,18 @@ def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] 
             inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
     if int4:
         log.debug("widened %d int4 initializers to 8 bits for ONNX Runtime's integer kernels", widen_int4(model))
-    if custom and any(n.op_type == "MatMulSparse24" for n in model.graph.node if n.domain == "ai.edgekit"):
-        from edgekit.kernels.ort_python import sparse24_to_standard
+    for op, standard, what in STANDARD_FORMS:  # ops the native library speeds up, as standard ops without it
+        if custom and any(n.op_type == op for n in model.graph.node if n.domain == "ai.edgekit"):
+            from edgekit.kernels import ort_python
 
-        try:
-            model = sparse24_to_standard(model)
-        except ValueError as exc:
-            raise ExportError(f"{exc}; the native library is not built here",
-                              hint="build it: python runtimes/onnxruntime/build.py (or make native)") from exc
-        log.warning("native ai.edgekit kernels are not built here: running MatMulSparse24 as dense standard ops "
-                    "(no 2:4 speed-up; build them with python runtimes/onnxruntime/build.py)")
-        custom = any(n.domain == "ai.edgekit" for n in model.graph.node)
+            try:
+                model = getattr(ort_python, standard)(model)
+            except ValueError as exc:
+                raise ExportError(f"{exc}; the native library is not built here",
+                                  hint="build it: python runtimes/onnxruntime/build.py (or make native)") from exc
+            log.warning("native ai.edgekit kernels are not built here: running %s (build them with python "
+                        "runtimes/onnxruntime/build.py)", what)
+            custom = any(n.domain == "ai.edgekit" for n in model.graph.node)
     if custom:
         other = sorted({n.op_type for n in model.graph.node if n.domain == "ai.edgekit"} - {"MatMulLowBit"})
         if other:
