@@ -59,7 +59,8 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
     ``ai.edgekit`` ops when ``edgekit_kernels`` (default: when the plan's target profile lists the domain). With
     those kernels, linear layers with 2:4 weights and int8 activations become ``ai.edgekit::MatMulSparse24`` on
     dynamically quantized activations (``export.ort_sparse``), static ``w8a8`` ones included, and static ``w8a8``
-    depthwise convolutions ``ai.edgekit::QLinearDepthwiseConv`` (``export.ort_dwconv``, bit-exact)."""
+    depthwise and small-reduction convolutions ``ai.edgekit::QLinearDepthwiseConv`` / ``QLinearConvDirect``
+    (``export.ort_qconv``, bit-exact)."""
     if not plan.is_quantized:
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +85,8 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
     int8 = replace(plan, layers=tuple(LayerChoice(c.layer, "fp32", c.reason) if c.layer in own else c
                                       for c in plan.layers)) if own else plan
     base = Path(fp32.path)
-    depthwise = int8.layers_with("w8a8") if native else []  # static int8 depthwise convs: ai.edgekit's kernel
-    rewrite = bool(own or depthwise)
+    qconvs = int8.layers_with("w8a8") if native else []  # static int8 convs ai.edgekit runs faster (ort_qconv)
+    rewrite = bool(own or qconvs)
     if int8.is_quantized:
         base = out.with_name(out.stem + ".int8.onnx") if rewrite else out
         if int8.layers_with("w8a8d"):
@@ -98,10 +99,10 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
         import onnx
 
         model = onnx.load(str(base))
-        if depthwise:
-            from edgekit.export.ort_dwconv import apply_dwconv
+        if qconvs:
+            from edgekit.export.ort_qconv import apply_qconv
 
-            model, _ = apply_dwconv(model, depthwise)
+            model, _ = apply_qconv(model, qconvs)
         if sparse:
             from edgekit.export.ort_sparse import apply_sparse24
 

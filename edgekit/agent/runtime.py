@@ -54,11 +54,11 @@ def widen_int4(model) -> int:
     return widened
 
 
-# ai.edgekit ops that have a standard-ONNX form (edgekit.kernels.ort_python): (op, function, what the warning says)
+# ai.edgekit ops that have a standard-ONNX form (edgekit.kernels.ort_python): (ops, function, what the warning says)
 STANDARD_FORMS = (
-    ("MatMulSparse24", "sparse24_to_standard", "MatMulSparse24 as dense standard ops (no 2:4 speed-up)"),
-    ("QLinearDepthwiseConv", "dwconv_to_standard", "QLinearDepthwiseConv as ONNX Runtime's QLinearConv (same "
-     "output, no speed-up)"),
+    (("MatMulSparse24",), "sparse24_to_standard", "MatMulSparse24 as dense standard ops (no 2:4 speed-up)"),
+    (("QLinearDepthwiseConv", "QLinearConvDirect"), "qconv_to_standard", "the int8 convolutions as ONNX Runtime's "
+     "QLinearConv (same output, no speed-up)"),
 )
 
 
@@ -97,8 +97,8 @@ def prepare_model(path: Path | bytes, opts, overrides: Mapping[str, np.ndarray] 
             inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
     if int4:
         log.debug("widened %d int4 initializers to 8 bits for ONNX Runtime's integer kernels", widen_int4(model))
-    for op, standard, what in STANDARD_FORMS:  # ops the native library speeds up, as standard ops without it
-        if custom and any(n.op_type == op for n in model.graph.node if n.domain == "ai.edgekit"):
+    for ops, standard, what in STANDARD_FORMS:  # ops the native library speeds up, as standard ops without it
+        if custom and any(n.op_type in ops for n in model.graph.node if n.domain == "ai.edgekit"):
             from edgekit.kernels import ort_python
 
             try:

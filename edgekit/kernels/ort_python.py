@@ -27,15 +27,15 @@ installs.
 are constant initializers into standard ONNX ops over the dense weight they stand for (``sparse24.unpack``): with
 uint8 activations ``MatMulInteger`` (u8 x s8, exact int32 sums) -> ``Cast`` -> ``Mul(a_scale)`` -> ``Mul(w_scale)``,
 otherwise ``MatMul`` by the dequantized float weight. Same math as the reference (the epilogue in float32 rather
-than float64), at ONNX Runtime's dense speed, without the 2:4 speed-up. Nor does ``QLinearDepthwiseConv``:
-``dwconv_to_standard(model)`` makes each node the ``QLinearConv`` it is, between transposes.
+than float64), at ONNX Runtime's dense speed, without the 2:4 speed-up. Nor do ``QLinearDepthwiseConv`` and
+``QLinearConvDirect``: ``qconv_to_standard(model)`` makes each node the ``QLinearConv`` it is, between transposes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from edgekit.kernels import dwconv, lowbit, sparse24
+from edgekit.kernels import lowbit, qconv, sparse24
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
 _REGISTERED: dict[str, str] = {}
@@ -256,11 +256,11 @@ def sparse24_to_standard(model):
     return out
 
 
-def dwconv_to_standard(model):
-    """A copy of ``model`` whose ``ai.edgekit::QLinearDepthwiseConv`` nodes are ONNX ``QLinearConv`` (``group`` =
-    channels) between two Transposes (NHWC -> NCHW -> NHWC): the same op by its specification
-    (``edgekit.kernels.dwconv``), at ONNX Runtime's own speed. ONNX Runtime cancels the transposes where the graph
-    around is channels-last."""
+def qconv_to_standard(model):
+    """A copy of ``model`` whose ``ai.edgekit::QLinearDepthwiseConv`` / ``QLinearConvDirect`` nodes are ONNX
+    ``QLinearConv`` (``group`` = channels / 1) between two Transposes (NHWC -> NCHW -> NHWC): the same ops by their
+    specification (``edgekit.kernels.qconv``), at ONNX Runtime's own speed. ONNX Runtime cancels the transposes where
+    the graph around is channels-last."""
     import onnx
     import onnx.helper as oh
 
@@ -269,28 +269,28 @@ def dwconv_to_standard(model):
     graph = out.graph
     new_nodes, changed = [], False
     for idx, node in enumerate(graph.node):
-        if node.domain != dwconv.DOMAIN or node.op_type != dwconv.OP_TYPE:
+        if node.domain != qconv.DOMAIN or node.op_type not in (qconv.OP_DEPTHWISE, qconv.OP_DIRECT):
             new_nodes.append(node)
             continue
         changed = True
-        name = node.name or f"QLinearDepthwiseConv_{idx}"
+        name = node.name or f"{node.op_type}_{idx}"
         a = _attrs(node)
         inits = {i.name: i for i in graph.initializer}
         if len(node.input) < 4 or node.input[3] not in inits:
-            raise ValueError(f"{name}: QLinearDepthwiseConv needs a constant weight")
-        channels = int(inits[node.input[3]].dims[0])
+            raise ValueError(f"{name}: {node.op_type} needs a constant weight")
+        group = int(inits[node.input[3]].dims[0]) if node.op_type == qconv.OP_DEPTHWISE else 1
         attrs = {k: [int(v) for v in a[k]] for k in ("kernel_shape", "strides", "pads", "dilations") if k in a}
         x, y = f"{name}::x_nchw", f"{name}::y_nchw"
         new_nodes += [oh.make_node("Transpose", [node.input[0]], [x], perm=[0, 3, 1, 2], name=f"{name}_to_nchw"),
-                      oh.make_node("QLinearConv", [x, *node.input[1:]], [y], group=channels, name=f"{name}_conv",
+                      oh.make_node("QLinearConv", [x, *node.input[1:]], [y], group=group, name=f"{name}_conv",
                                    **attrs),
                       oh.make_node("Transpose", [y], [node.output[0]], perm=[0, 2, 3, 1], name=f"{name}_to_nhwc")]
     if not changed:
         return out
     del graph.node[:]
     graph.node.extend(new_nodes)
-    if not any(n.domain == dwconv.DOMAIN for n in graph.node):
-        kept = [o for o in out.opset_import if o.domain != dwconv.DOMAIN]
+    if not any(n.domain == qconv.DOMAIN for n in graph.node):
+        kept = [o for o in out.opset_import if o.domain != qconv.DOMAIN]
         del out.opset_import[:]
         out.opset_import.extend(kept)
     if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):

@@ -1,5 +1,5 @@
 // ONNX Runtime custom-op library for the ai.edgekit domain: MatMulLowBit, MatMulSparse24 and
-// QLinearDepthwiseConv (dwconv_op.cc) (CPU).
+// QLinearDepthwiseConv and QLinearConvDirect (qconv_ops.cc) (CPU).
 //
 // Entry point: RegisterCustomOps(OrtSessionOptions*, const OrtApiBase*), called by
 // SessionOptions.register_custom_ops_library(path). The library asks ONNX Runtime for the C API version of the
@@ -31,7 +31,7 @@
 namespace edgekit {
 
 uint64_t stream_read_avx512(const uint8_t* p, size_t bytes);
-void add_dwconv_op(Ort::CustomOpDomain& domain, Isa isa);  // dwconv_op.cc
+void add_qconv_ops(Ort::CustomOpDomain& domain, Isa isa);  // qconv_ops.cc
 
 const char* isa_name(Isa isa) {
   switch (isa) {
@@ -652,7 +652,7 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     auto domain = std::make_unique<Ort::CustomOpDomain>("ai.edgekit");
     domain->Add(g_lowbit_ops.back().get());
     domain->Add(g_sparse_ops.back().get());
-    add_dwconv_op(*domain, isa);
+    add_qconv_ops(*domain, isa);
     Ort::UnownedSessionOptions(options).Add(*domain);
     g_domains.push_back(std::move(domain));
     return nullptr;

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from edgekit.kernels import dwconv, ort_native
+from edgekit.kernels import ort_native, qconv
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -69,16 +69,17 @@ def _attrs(kh, kw, strides, pads, dilations):
 def _custom_model(p, x_shape, attrs):
     C = x_shape[3]
     inits, names = _inits(p, C)
-    node = oh.make_node(dwconv.OP_TYPE, ["x", *names], ["y"], domain=dwconv.DOMAIN, **attrs)
+    node = oh.make_node(qconv.OP_DEPTHWISE, ["x", *names], ["y"], domain=qconv.DOMAIN, **attrs)
     graph = oh.make_graph([node], "dw", [oh.make_tensor_value_info("x", TP.UINT8, list(x_shape))],
                           [oh.make_tensor_value_info("y", TP.UINT8, None)], inits)
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid(dwconv.DOMAIN, 1)])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid(qconv.DOMAIN, 1)])
 
 
 def _qlinearconv(p, x_nchw, attrs):
     C = x_nchw.shape[1]
     inits, names = _inits(p, C)
-    node = oh.make_node("QLinearConv", ["x", *names], ["y"], group=C, **attrs)
+    group = C if p["w"].shape[1] == 1 and p["w"].shape[0] == C else 1
+    node = oh.make_node("QLinearConv", ["x", *names], ["y"], group=group, **attrs)
     graph = oh.make_graph([node], "ref", [oh.make_tensor_value_info("x", TP.UINT8, list(x_nchw.shape))],
                           [oh.make_tensor_value_info("y", TP.UINT8, None)], inits)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
@@ -87,7 +88,7 @@ def _qlinearconv(p, x_nchw, attrs):
 
 
 def _reference(p, x, attrs):
-    return dwconv.reference(x, p["x_scale"], p["x_zero"], p["w"], p["w_scale"], p["y_scale"], p["y_zero"], p["bias"],
+    return qconv.reference(x, p["x_scale"], p["x_zero"], p["w"], p["w_scale"], p["y_scale"], p["y_zero"], p["bias"],
                             **attrs)
 
 
@@ -163,6 +164,54 @@ def test_saturation_at_both_ends_matches_the_reference(library):
     assert (want == 0).any() and (want == 255).any()
 
 
+# (N, H, W, Cin, Cout, k, strides, pads): an image model's stem (TF-style "same" padding and symmetric), a Cout that
+# is not a multiple of 16, a batch of 2 with asymmetric padding, a kernel taller than the vectorized gather takes
+# (7 rows: the byte-wise path), and a row narrower than four pixels.
+DIRECT_CASES = [
+    (1, 32, 30, 3, 32, 3, (2, 2), (0, 0, 1, 1)),
+    (1, 17, 19, 3, 24, 3, (1, 1), (1, 1, 1, 1)),
+    (2, 9, 9, 4, 40, 3, (2, 2), (1, 0, 0, 1)),
+    (1, 12, 12, 1, 16, 7, (1, 1), (3, 3, 3, 3)),
+    (1, 5, 3, 5, 8, 3, (1, 1), (1, 1, 1, 1)),
+]
+
+
+def _direct_params(rng, case):
+    N, H, W, cin, cout, k, strides, pads = case
+    p = _params(rng, cout, k, k)
+    p["w"] = rng.integers(-127, 128, (cout, cin, k, k), dtype=np.int8)
+    x = rng.integers(0, 256, (N, H, W, cin), dtype=np.uint8)
+    return p, x, _attrs(k, k, strides, pads, (1, 1))
+
+
+def _direct_model(p, x_shape, attrs):
+    model = _custom_model(p, x_shape, attrs)
+    model.graph.node[0].op_type = qconv.OP_DIRECT
+    return model
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES[:3])
+def test_the_direct_reference_equals_onnx_runtime_qlinearconv(case):
+    p, x, attrs = _direct_params(np.random.default_rng(case[3] + case[4]), case)
+    want = _qlinearconv(p, np.ascontiguousarray(x.transpose(0, 3, 1, 2)), attrs).transpose(0, 2, 3, 1)
+    assert np.array_equal(_reference(p, x, attrs), want)
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES)
+def test_the_native_direct_kernels_equal_the_reference(case, isa):
+    p, x, attrs = _direct_params(np.random.default_rng(11 * case[4] + case[5]), case)
+    got = _native(_direct_model(p, x.shape, attrs)).run(None, {"x": x})[0]
+    want = _reference(p, x, attrs)
+    assert got.shape == want.shape
+    assert np.array_equal(got, want), f"{isa}: {np.count_nonzero(got != want)} of {got.size} differ"
+
+
+def test_the_direct_op_refuses_a_long_reduction(library):
+    p, x, attrs = _direct_params(np.random.default_rng(12), (1, 8, 8, 8, 16, 3, (1, 1), (1, 1, 1, 1)))  # K = 72
+    with pytest.raises(Exception, match="kh \\* kw \\* Cin must be at most 64"):
+        _native(_direct_model(p, x.shape, attrs))
+
+
 def test_the_op_refuses_non_constant_weights_and_asymmetric_weights(library):
     rng = np.random.default_rng(4)
     p = _params(rng, 16, 3, 3)
@@ -191,16 +240,17 @@ def test_the_op_refuses_an_input_with_the_wrong_channel_count(library):
 # --- the export rewrite -------------------------------------------------------------------------------------------
 
 
-def _qdq_depthwise(rng, C=48, H=9, *, w_zero=0, group=None):
-    """x (float NCHW) -> Q -> DQ -> Conv(depthwise, QDQ weight and int32 bias) -> Q -> DQ -> y: a static int8 graph
-    in the form ONNX Runtime's quantizer writes."""
-    w = rng.integers(-127, 128, (C, 1, 3, 3), dtype=np.int8)
-    xs, ws = np.float32(0.02), rng.uniform(0.002, 0.02, C).astype(np.float32)
+def _qdq_depthwise(rng, C=48, H=9, *, w_zero=0, group=None, cout=None, k=3):
+    """x (float NCHW) -> Q -> DQ -> Conv(QDQ weight and int32 bias) -> Q -> DQ -> y: a static int8 graph in the form
+    ONNX Runtime's quantizer writes; depthwise unless ``group`` is given (then ``cout`` outputs, default C)."""
+    cout = C if cout is None else cout
+    w = rng.integers(-127, 128, (cout, 1 if group is None else C // group, k, k), dtype=np.int8)
+    xs, ws = np.float32(0.02), rng.uniform(0.002, 0.02, cout).astype(np.float32)
     inits = [
         nh.from_array(np.array(xs), "xs"), nh.from_array(np.array(np.uint8(120)), "xz"),
-        nh.from_array(w, "wq"), nh.from_array(ws, "ws"), nh.from_array(np.full(C, w_zero, np.int8), "wz"),
-        nh.from_array(rng.integers(-3000, 3000, C).astype(np.int32), "bq"), nh.from_array(xs * ws, "bs"),
-        nh.from_array(np.zeros(C, np.int32), "bz"),
+        nh.from_array(w, "wq"), nh.from_array(ws, "ws"), nh.from_array(np.full(cout, w_zero, np.int8), "wz"),
+        nh.from_array(rng.integers(-3000, 3000, cout).astype(np.int32), "bq"), nh.from_array(xs * ws, "bs"),
+        nh.from_array(np.zeros(cout, np.int32), "bz"),
         nh.from_array(np.array(np.float32(0.05)), "ys"), nh.from_array(np.array(np.uint8(10)), "yz"),
     ]
     nodes = [
@@ -208,8 +258,8 @@ def _qdq_depthwise(rng, C=48, H=9, *, w_zero=0, group=None):
         oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
         oh.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0, name="dqw"),
         oh.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0, name="dqb"),
-        oh.make_node("Conv", ["xd", "wd", "bd"], ["c"], group=C if group is None else group, kernel_shape=[3, 3],
-                     pads=[1, 1, 1, 1], name="dw"),
+        oh.make_node("Conv", ["xd", "wd", "bd"], ["c"], group=C if group is None else group, kernel_shape=[k, k],
+                     pads=[k // 2] * 4, strides=[1, 1] if group is None else [2, 2], name="dw"),
         oh.make_node("QuantizeLinear", ["c", "ys", "yz"], ["yq"], name="qy"),
         oh.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dqy"),
     ]
@@ -226,45 +276,87 @@ def _run(model, x, *, native=True):
 
 
 def test_the_rewrite_replaces_the_qdq_depthwise_conv_and_computes_the_same_tensor(library):
-    from edgekit.export.ort_dwconv import apply_dwconv, depthwise_layers
+    from edgekit.export.ort_qconv import apply_qconv, rewritable_layers
 
     rng = np.random.default_rng(6)
     model = _qdq_depthwise(rng)
-    assert depthwise_layers(model) == ["dw"]
-    out, done = apply_dwconv(model)
-    assert done == ["dw"]
+    assert rewritable_layers(model) == {"dw": qconv.OP_DEPTHWISE}
+    out, done = apply_qconv(model)
+    assert done == {"dw": qconv.OP_DEPTHWISE}
     ops = [(n.domain, n.op_type) for n in out.graph.node]
-    assert (dwconv.DOMAIN, dwconv.OP_TYPE) in ops and ("", "Conv") not in ops
+    assert (qconv.DOMAIN, qconv.OP_DEPTHWISE) in ops and ("", "Conv") not in ops
     assert ("", "QuantizeLinear") in ops and ops.count(("", "DequantizeLinear")) == 1  # x's Q and y's DQ stay
-    assert any(o.domain == dwconv.DOMAIN and o.version == 1 for o in out.opset_import)
+    assert any(o.domain == qconv.DOMAIN and o.version == 1 for o in out.opset_import)
     assert {i.name for i in out.graph.initializer}.isdisjoint({"bs", "bz"})  # the bias's float scale went with it
     x = rng.normal(0, 1.5, (2, 48, 9, 9)).astype(np.float32)
     assert np.array_equal(_run(out, x), _run(model, x, native=False))
 
 
+def test_the_rewrite_takes_a_stem_conv_and_leaves_a_1x1_conv(library):
+    from edgekit.export.ort_qconv import apply_qconv, rewritable_layers
+
+    rng = np.random.default_rng(10)
+    stem = _qdq_depthwise(rng, C=3, H=17, group=1, cout=24)
+    assert rewritable_layers(stem) == {"dw": qconv.OP_DIRECT}
+    out, done = apply_qconv(stem)
+    assert done == {"dw": qconv.OP_DIRECT}
+    x = rng.normal(0, 1.5, (2, 3, 17, 17)).astype(np.float32)
+    assert np.array_equal(_run(out, x), _run(stem, x, native=False))
+    assert rewritable_layers(_qdq_depthwise(rng, C=16, group=1, cout=32, k=1)) == {}  # a GEMM: ORT's own is good
+
+
 @pytest.mark.parametrize("variant", ["weight zero point", "grouped conv"])
 def test_the_rewrite_leaves_what_the_op_cannot_compute_exactly(variant):
-    from edgekit.export.ort_dwconv import apply_dwconv, depthwise_layers
+    from edgekit.export.ort_qconv import apply_qconv, rewritable_layers
 
     rng = np.random.default_rng(8)
     model = _qdq_depthwise(rng, w_zero=3) if variant == "weight zero point" else _qdq_depthwise(rng, group=24)
     if variant == "grouped conv":  # two channels per group: the weight is [48, 2, 3, 3]
         w = next(i for i in model.graph.initializer if i.name == "wq")
         w.CopyFrom(nh.from_array(rng.integers(-127, 128, (48, 2, 3, 3), dtype=np.int8), "wq"))
-    assert depthwise_layers(model) == []
-    out, done = apply_dwconv(model)
-    assert done == [] and out is model
+    assert rewritable_layers(model) == {}
+    out, done = apply_qconv(model)
+    assert done == {} and out is model
 
 
 def test_without_the_native_library_the_op_runs_as_qlinearconv(monkeypatch, caplog, tmp_path):
-    from edgekit.export.ort_dwconv import apply_dwconv
+    from edgekit.export.ort_qconv import apply_qconv
 
     rng = np.random.default_rng(9)
     model = _qdq_depthwise(rng)
-    out, _ = apply_dwconv(model)
+    out, _ = apply_qconv(model)
     x = rng.normal(0, 1.5, (1, 48, 9, 9)).astype(np.float32)
     monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", str(tmp_path / "missing.so"))
     with caplog.at_level("WARNING"):
         got = _run(out, x)
-    assert "QLinearDepthwiseConv as ONNX Runtime's QLinearConv" in caplog.text
+    assert "the int8 convolutions as ONNX Runtime's QLinearConv" in caplog.text
     assert np.array_equal(got, _run(model, x, native=False))
+
+
+def test_an_int8_plan_on_an_edgekit_target_runs_its_convolutions_as_edgekit_ops(tmp_path, library):
+    """Uniform static int8 for cpu-x86-edgekit: the stem (3x3 over 3 channels) becomes QLinearConvDirect and the
+    depthwise conv QLinearDepthwiseConv; the model's output equals, bit for bit, that of the same plan exported
+    without the library's ops (ONNX Runtime's QLinearConv)."""
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.context import Context
+    from edgekit.data import Dataset
+    from edgekit.export.onnx import describe
+    from edgekit.mixed import apply_plan
+    from edgekit.plan import LayerChoice, Plan
+    from tests.onnx_graphs import conv_net
+
+    onnx.save(conv_net(), str(tmp_path / "fp32.onnx"))
+    fp32 = describe(tmp_path / "fp32.onnx")
+    rng = np.random.default_rng(13)
+    calib = Dataset("c", {"input": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}, None, "t")
+    plan = Plan("x", "cpu-x86-edgekit", "int8", tuple(LayerChoice(n, "w8a8") for n in ("n0", "n1", "n2", "n3")))
+    ctx = Context(progress=False)
+    art = apply_plan(plan, fp32, calib, tmp_path / "edgekit" / "model.onnx", W8A8Config(), ctx)
+    ops = {n.name: n.op_type for n in onnx.load(str(art.path)).graph.node}
+    assert ops["n0"] == qconv.OP_DIRECT and ops["n1"] == qconv.OP_DEPTHWISE
+    plain = apply_plan(plan, fp32, calib, tmp_path / "plain" / "model.onnx", W8A8Config(), ctx, edgekit_kernels=False)
+    assert qconv.OP_DEPTHWISE not in {n.op_type for n in onnx.load(str(plain.path)).graph.node}
+    x = rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(OrtRuntime(art.path).run({"input": x})["logits"],
+                          OrtRuntime(plain.path).run({"input": x})["logits"])

@@ -1,23 +1,24 @@
-"""Depthwise int8 convolutions as ``ai.edgekit::QLinearDepthwiseConv`` for ONNX Runtime targets whose runtime carries
-edgekit's native library (the profile lists ``ai.edgekit`` in ``custom_op_domains``).
+"""Static int8 convolutions that ONNX Runtime runs no faster than float, as ``ai.edgekit`` ops, for ONNX Runtime
+targets whose runtime carries edgekit's native library (the profile lists ``ai.edgekit`` in ``custom_op_domains``):
+depthwise ones as ``QLinearDepthwiseConv``, and those with ``group = 1`` and a short reduction (``kh kw Cin <=
+qconv.DIRECT_MAX_K``, an image model's stem) as ``QLinearConvDirect`` (see ``edgekit.kernels.qconv``).
 
-ONNX Runtime's own kernel for an int8 depthwise convolution gains little over its float one on AVX-512 (see
-``edgekit.kernels.dwconv``). In a static int8 (QDQ) graph each such layer is
+In a static int8 (QDQ) graph each such layer is
 
-    DequantizeLinear(x_q) -> Conv(group = C, w = DequantizeLinear(w_q), B = DequantizeLinear(b_q)) -> QuantizeLinear
+    DequantizeLinear(x_q) -> Conv(w = DequantizeLinear(w_q), B = DequantizeLinear(b_q)) -> QuantizeLinear
 
 and becomes
 
-    Transpose(x_q, NCHW -> NHWC) -> QLinearDepthwiseConv -> Transpose(NHWC -> NCHW) -> (the QuantizeLinear's output)
+    Transpose(x_q, NCHW -> NHWC) -> the ai.edgekit op -> Transpose(NHWC -> NCHW) -> (the QuantizeLinear's output)
 
 with the same quantized inputs, so it computes the same uint8 tensor. The transposes cost nothing at run time:
 ONNX Runtime runs its own int8 convolutions channels-last and cancels each pair of opposite transposes, provided it
 knows the shapes around the custom op, so the rewrite writes them into ``value_info``.
 
-Only what the op computes exactly is rewritten: a 2-D Conv whose group equals its input and output channels
-(one filter per channel), uint8 activations with per-tensor scale and zero point, int8 weights with zero zero
-points, an int32 bias in units of ``x_scale * w_scale`` (zero point 0) or none, every parameter a constant
-initializer, the Conv output read by nothing but its QuantizeLinear. Anything else is left as it is.
+Only what the ops compute exactly is rewritten: a 2-D Conv, uint8 activations with per-tensor scale and zero point,
+int8 weights with zero zero points (per output channel along axis 0, or per tensor), an int32 bias in units of
+``x_scale * w_scale`` (zero point 0) or none, every parameter a constant initializer, the Conv output read by
+nothing but its QuantizeLinear. Anything else is left as it is.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from edgekit.export.lowbit import _attr, commit_rewrite
-from edgekit.kernels import dwconv
+from edgekit.kernels import qconv
 
 TO_NHWC = [0, 2, 3, 1]
 TO_NCHW = [0, 3, 1, 2]
@@ -53,10 +54,17 @@ def _match(node, producer: dict, consumers: dict, inits, graph_outputs: set[str]
         return None
     q = users[0]
     w = _array(dq_w.input[0], inits)
-    if w is None or w.dtype != np.int8 or w.ndim != 4 or w.shape[1] != 1:
+    if w is None or w.dtype != np.int8 or w.ndim != 4:
         return None
-    C = w.shape[0]
-    if _attr(node, "group", 1) != C or C < 2 or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    C, group = w.shape[0], _attr(node, "group", 1)
+    if group == C and C > 1 and w.shape[1] == 1:
+        op = qconv.OP_DEPTHWISE
+    elif group == 1 and w.shape[2] * w.shape[3] > 1 and w.shape[1] * w.shape[2] * w.shape[3] <= qconv.DIRECT_MAX_K:
+        # (a 1x1 convolution is a plain GEMM, which ONNX Runtime runs well)
+        op = qconv.OP_DIRECT
+    else:
+        return None
+    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return None
     kernel = list(_attr(node, "kernel_shape", list(w.shape[2:])))
     if kernel != list(w.shape[2:]):
@@ -90,11 +98,12 @@ def _match(node, producer: dict, consumers: dict, inits, graph_outputs: set[str]
             return None
         bias = dq_b.input[0]
     return {"dq_x": dq_x, "dq_w": dq_w, "dq_b": dq_b, "q": q, "C": C, "w_zero": w_zero, "bias": bias,
-            "kernel": kernel}
+            "kernel": kernel, "op": op}
 
 
-def depthwise_layers(model) -> list[str]:
-    """Names of the Conv nodes of ``model`` (a static int8 QDQ graph) that ``apply_dwconv`` can rewrite."""
+def rewritable_layers(model) -> dict[str, str]:
+    """{Conv node name: the ``ai.edgekit`` op it would become} for the Convs of ``model`` (a static int8 QDQ graph)
+    that ``apply_qconv`` can rewrite."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -103,13 +112,14 @@ def depthwise_layers(model) -> list[str]:
             consumers.setdefault(t, []).append(n)
     inits = {i.name: i for i in g.initializer}
     outputs = {o.name for o in g.output}
-    return [n.name for n in g.node if _match(n, producer, consumers, inits, outputs) is not None]
+    found = {n.name: _match(n, producer, consumers, inits, outputs) for n in g.node}
+    return {name: m["op"] for name, m in found.items() if m is not None}
 
 
-def apply_dwconv(model, layers: Iterable[str] | None = None):
-    """A copy of ``model`` (ModelProto, static int8 QDQ) in which the depthwise Convs named in ``layers`` (default:
-    every one ``depthwise_layers`` finds) run as ``ai.edgekit::QLinearDepthwiseConv``; returns ``(model, names)``,
-    the names of the layers rewritten. Layers named but not rewritable are left as they are."""
+def apply_qconv(model, layers: Iterable[str] | None = None):
+    """A copy of ``model`` (ModelProto, static int8 QDQ) in which the Convs named in ``layers`` (default: every one
+    ``rewritable_layers`` finds) run as ``ai.edgekit`` ops; returns ``(model, {name: op})`` for the layers
+    rewritten. Layers named but not rewritable are left as they are."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -124,7 +134,7 @@ def apply_dwconv(model, layers: Iterable[str] | None = None):
     inits = {i.name: i for i in g.initializer}
     outputs = {o.name for o in g.output}
     shapes = {v.name: v.type.tensor_type.shape for v in (*g.value_info, *g.output, *g.input)}
-    replace, dropped, new_inits, infos, done = {}, set(), [], [], []
+    replace, dropped, new_inits, infos, done = {}, set(), [], [], {}
     for node in g.node:
         if wanted is not None and node.name not in wanted:
             continue
@@ -144,7 +154,7 @@ def apply_dwconv(model, layers: Iterable[str] | None = None):
                   q.input[1], q.input[2]] + ([m["bias"]] if m["bias"] else [])
         replace[id(node)] = [
             helper.make_node("Transpose", [m["dq_x"].input[0]], [x_nhwc], perm=TO_NHWC, name=f"{name}::to_nhwc"),
-            helper.make_node(dwconv.OP_TYPE, inputs, [y_nhwc], domain=dwconv.DOMAIN, name=name, **attrs),
+            helper.make_node(m["op"], inputs, [y_nhwc], domain=qconv.DOMAIN, name=name, **attrs),
             helper.make_node("Transpose", [y_nhwc], [q.output[0]], perm=TO_NCHW, name=f"{name}::to_nchw"),
         ]
         dims = list(shape.dim)
@@ -157,9 +167,9 @@ def apply_dwconv(model, layers: Iterable[str] | None = None):
         dropped |= {id(q), id(m["dq_w"])} | ({id(m["dq_b"])} if m["dq_b"] is not None else set())
         if len(consumers[m["dq_x"].output[0]]) == 1:
             dropped.add(id(m["dq_x"]))
-        done.append(name)
+        done[name] = m["op"]
     if not done:
-        return model, []
+        return model, {}
     nodes = []
     for n in g.node:
         if id(n) in replace:
