@@ -92,14 +92,14 @@ def prepare(name: str, work: Path, ctx):
     return prep, model, layer_inventory(prep.fp32_path)
 
 
-def allocators(prep, model, layers, work: Path, ctx):
+def allocators(prep, model, layers, work: Path, ctx, target: str = "cpu-x86"):
     """The joint allocator (its tables, and the bits-only space it solves first) and the common arguments."""
     from edgekit.compress.quant import W8A8Config
     from edgekit.export.onnx import describe
     from edgekit.joint import JointAllocator
     from edgekit.targets import load_target
 
-    profile = load_target("cpu-x86")
+    profile = load_target(target)
     fp32 = describe(prep.fp32_path)
     common = {"profile": profile, "model": model, "fp32": fp32, "layers": layers, "calib": prep.calib,
               "cfg": W8A8Config(), "ctx": ctx, "probe": getattr(model, "probe", None)}
@@ -376,12 +376,12 @@ def _metric(rec: dict, classification: bool) -> float | None:
     return rec.get("top1_agreement") if classification else rec.get("mean_cosine")
 
 
-def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int) -> dict:
+def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int, target: str = "cpu-x86") -> dict:
     from benchmarks.measure import evaluate
 
     t0 = time.perf_counter()
     prep, model, layers = prepare(name, work, ctx)
-    allocs, common = allocators(prep, model, layers, work, ctx)
+    allocs, common = allocators(prep, model, layers, work, ctx, target)
     fp32_size = Path(prep.fp32_path).stat().st_size
     specs = budget_specs(name, fp32_size)
     rows = plan_rows(allocs, specs) + [uniform_row(allocs, prep, common, work, ctx)]
@@ -408,7 +408,7 @@ def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int) -> dic
         fronts[axis]["strict"] = _verdicts(compare_fronts(pts["bits"][axis], pts["joint"][axis], xtol=xtol))
         fronts[axis]["grid_only"] = _verdicts(compare_fronts(grid["bits"][axis], grid["joint"][axis], xtol=xtol,
                                                              samples=samples))
-    out = {"model": name, "description": prep.description, "classification": prep.classification,
+    out = {"model": name, "target": target, "description": prep.description, "classification": prep.classification,
            "variants": results, "seconds": round(time.perf_counter() - t0, 1), "fronts": fronts,
            "follow_up_budgets": follow}
     out["by_budget"] = compare_budgets(results, prep.classification, samples=samples)
@@ -571,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=30, help="paired blocks per variant")
     ap.add_argument("--per-round", type=int, default=4, help="calls per block")
     ap.add_argument("--quick", action="store_true", help="one latency and one size budget per model (for tests)")
+    ap.add_argument("--target", default="cpu-x86", choices=["cpu-x86", "cpu-x86-edgekit"],
+                    help="profile the plans are made for: cpu-x86-edgekit runs int8 depthwise convs, the stem and "
+                         "weight-only layers in edgekit's native ONNX Runtime kernels (default: plain ONNX Runtime)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -587,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             work = Path(tmp) / name
             work.mkdir(parents=True)
-            results[name] = run_model(name, work, ctx, rounds=args.rounds, per_round=args.per_round)
+            results[name] = run_model(name, work, ctx, rounds=args.rounds, per_round=args.per_round,
+                                      target=args.target)
             print(summary(results[name]), flush=True)
             if args.svg:
                 for p in plots(results[name], args.svg):
