@@ -53,14 +53,17 @@ class Measured:
 
 
 def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8Config, ctx: Context,
-               quantizer: LowBitQuantizer | None = None, *, edgekit_kernels: bool | None = None) -> Artifact:
+               quantizer: LowBitQuantizer | None = None, *, edgekit_kernels: bool | None = None,
+               keep_qdq: Path | None = None) -> Artifact:
     """The artifact of a plan: the FP32 graph itself; or ORT's static or dynamic int8 quantizer on the plan's int8
     layers (the others excluded), then the weight-only layers rewritten to low-bit kernels (``export.lowbit``):
     ``ai.edgekit`` ops when ``edgekit_kernels`` (default: when the plan's target profile lists the domain). With
     those kernels, linear layers with 2:4 weights and int8 activations become ``ai.edgekit::MatMulSparse24`` on
     dynamically quantized activations (``export.ort_sparse``), static ``w8a8`` ones included, and static ``w8a8``
     depthwise and small-reduction convolutions ``ai.edgekit::QLinearDepthwiseConv`` / ``QLinearConvDirect``
-    (``export.ort_qconv``, bit-exact)."""
+    (``export.ort_qconv``, bit-exact). ``keep_qdq``: where to keep the quantized graph as ONNX Runtime's quantizer
+    wrote it, before any of those rewrites (only written when the artifact differs from it; the simulated mixes of
+    ``compress.qdq`` read layers in that form)."""
     if not plan.is_quantized:
         return fp32
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,10 @@ def apply_plan(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, cfg: W8A8C
                                       edgekit_ops=native, fuse_activations=native)
         onnx.save(model, str(out))
         if base != Path(fp32.path):
-            base.unlink(missing_ok=True)
+            if keep_qdq is not None:
+                os.replace(base, keep_qdq)
+            else:
+                base.unlink(missing_ok=True)
     return describe(out)
 
 
@@ -288,20 +294,28 @@ def _tables(profile, model, fp32, layers, calib, work, cfg, ctx, *, weight_only:
     def build(plan: Plan, path: Path) -> Artifact:
         return apply_plan(plan, fp32, calib, path, cfg, ctx, quantizer)
 
+    def build_with_source(plan: Plan, path: Path) -> tuple[Artifact, Path]:
+        """The plan's artifact and the QDQ graph the simulated mixes read (the artifact itself unless the target's
+        ai.edgekit ops replaced some of its layers)."""
+        source = path.with_name(path.stem + ".qdq.onnx")
+        source.unlink(missing_ok=True)
+        art = apply_plan(plan, fp32, calib, path, cfg, ctx, quantizer, keep_qdq=source)
+        return art, source if source.exists() else Path(art.path)
+
     precision = "int8" if family == "static" else "int8-dynamic"
     settings = cfg.to_dict() if family == "static" else dict(DYNAMIC_SETTINGS)
     uniform = uniform_plan(layers, profile, precision, model_sha256=model.sha256, activations=settings)
     log.info("quantizing every supported layer to %s once (the baseline and the source of every simulated mix)",
              precision)
-    q_full = build(uniform, work / "uniform-int8.onnx")
+    q_full, q_source = build_with_source(uniform, work / "uniform-int8.onnx")
     tables = []
     if family == "static":
         static_opts = {n: [o for o in opts if o in ("fp32", "w8a8", "w4a8")] for n, opts in options.items()}
         extra = {}
         if any("w4a8" in o for o in static_opts.values()):  # every layer that takes it at 4 bits, quantized once
             four = tuple(LayerChoice(c.layer, "w4a8") if "w4a8" in options[c.layer] else c for c in uniform.layers)
-            extra["w4a8"] = build(replace(uniform, layers=four), work / "uniform-w4a8.onnx").path
-        tables.append(measure_sensitivity(fp32.path, q_full.path, layers, sample, metric=metric,
+            extra["w4a8"] = build_with_source(replace(uniform, layers=four), work / "uniform-w4a8.onnx")[1]
+        tables.append(measure_sensitivity(fp32.path, q_source, layers, sample, metric=metric,
                                           model_sha256=model.sha256, quantizer=cfg.to_dict(), ctx=ctx,
                                           options=static_opts, extra=extra))
     if quantizer is not None:

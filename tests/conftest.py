@@ -1,9 +1,10 @@
-"""Shared fixtures: an isolated edgekit cache for the whole session and an in-process CLI runner."""
+"""Shared fixtures: an isolated edgekit cache for the whole session, an in-process CLI runner and the native library."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -89,4 +90,18 @@ def fp32(tmp_path):
     name_weighted_nodes(model)
     path = tmp_path / "fp32.onnx"
     onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def library():
+    """The built native ai.edgekit library's path; skips without it, except in CI (CI set), where it fails."""
+    from edgekit.kernels import ort_native
+
+    path = ort_native.library_path()
+    if path is None:
+        msg = "libedgekit_ort.so is not built (python runtimes/onnxruntime/build.py)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must build the native library: {msg}")
+        pytest.skip(msg)
     return path

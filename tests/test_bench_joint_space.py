@@ -106,12 +106,14 @@ def test_a_bits_point_the_joint_size_front_misses_on_the_grid_is_asked_again_at_
 
 
 @pytest.mark.e2e
-def test_quick_run_on_digits(tmp_path, capsys):
+@pytest.mark.parametrize("target", ["cpu-x86", "cpu-x86-edgekit"])
+def test_quick_run_on_digits(tmp_path, capsys, target):
     bench = _load()
     out = tmp_path / "joint.json"
     bench.main(["--model", "digits", "--quick", "--rounds", "2", "--per-round", "5", "--json", str(out), "--svg",
-                str(tmp_path / "plot")])
+                str(tmp_path / "plot"), "--target", target])
     res = json.loads(out.read_text())["results"]["digits"]
+    assert res["target"] == target
     spaces = {rec["notes"].get("space") for rec in res["variants"].values() if rec.get("notes")}
     assert {"bits", "joint"} <= spaces
     assert res["by_budget"]["budgets"] and set(res["fronts"]) == {"latency", "size"}

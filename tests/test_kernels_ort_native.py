@@ -16,7 +16,6 @@ is registered). Without the built library the tests skip, except in CI (CI set),
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -36,17 +35,6 @@ from tests.onnx_graphs import sparse24_case  # noqa: E402
 ISAS = ("scalar", "avx2", "avx512")
 LOWBIT_SHAPES = [(1, 200, 37), (8, 256, 19), (33, 96, 40)]  # (M, K, N): GEMV, small GEMM, GEMM; K % group != 0
 SPARSE_SHAPES = [(1, 200, 37), (8, 256, 19), (33, 100, 40), (3, 1028, 70)]
-
-
-@pytest.fixture(scope="module")
-def library():
-    path = ort_native.library_path()
-    if path is None:
-        msg = "libedgekit_ort.so is not built (python runtimes/onnxruntime/build.py)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must build the native library: {msg}")
-        pytest.skip(msg)
-    return path
 
 
 def _isa_available(isa: str) -> bool:

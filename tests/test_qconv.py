@@ -8,8 +8,6 @@ Without the built library the native tests skip, except in CI (CI set), where th
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -107,17 +105,6 @@ def test_the_reference_rejects_a_kernel_larger_than_the_padded_input():
     p = _params(np.random.default_rng(0), 4, 5, 5)
     with pytest.raises(ValueError, match="does not fit"):
         _reference(p, np.zeros((1, 3, 3, 4), np.uint8), _attrs(5, 5, (1, 1), (0, 0, 0, 0), (1, 1)))
-
-
-@pytest.fixture(scope="module")
-def library():
-    path = ort_native.library_path()
-    if path is None:
-        msg = "libedgekit_ort.so is not built (python runtimes/onnxruntime/build.py)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must build the native library: {msg}")
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(params=ISAS)
@@ -360,3 +347,32 @@ def test_an_int8_plan_on_an_edgekit_target_runs_its_convolutions_as_edgekit_ops(
     x = rng.normal(0, 1, (4, 3, 8, 8)).astype(np.float32)
     assert np.array_equal(OrtRuntime(art.path).run({"input": x})["logits"],
                           OrtRuntime(plain.path).run({"input": x})["logits"])
+
+
+def test_the_sensitivity_tables_of_an_edgekit_target_read_the_qdq_graph(tmp_path, library):
+    """The simulated mixes (compress.qdq.insert) take each layer from the uniform INT8 graph as ONNX Runtime's
+    quantizer wrote it; on cpu-x86-edgekit the uniform artifact has ai.edgekit convolutions instead, so the tables
+    must read the QDQ graph kept beside it (a fresh build failed with "layer '_conv_stem' is not in the quantized
+    model" before)."""
+    from types import SimpleNamespace
+
+    from edgekit import mixed
+    from edgekit.compress.quant import W8A8Config
+    from edgekit.context import Context
+    from edgekit.data import Dataset
+    from edgekit.export.onnx import describe
+    from edgekit.inventory import layer_inventory
+    from edgekit.targets import load_target
+    from tests.onnx_graphs import conv_net
+
+    onnx.save(conv_net(), str(tmp_path / "fp32.onnx"))
+    fp32 = describe(tmp_path / "fp32.onnx")
+    rng = np.random.default_rng(14)
+    calib = Dataset("c", {"input": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}, None, "t")
+    ctx = Context(progress=False, cache_dir=tmp_path / "cache")
+    t = mixed._tables(load_target("cpu-x86-edgekit"), SimpleNamespace(sha256=fp32.sha256), fp32,
+                      layer_inventory(tmp_path / "fp32.onnx"), calib, tmp_path / "work", W8A8Config(), ctx,
+                      weight_only=False)
+    ops = {n.op_type for n in onnx.load(str(t.uniform_artifact.path)).graph.node}
+    assert {qconv.OP_DIRECT, qconv.OP_DEPTHWISE} <= ops
+    assert {"n0", "n1"} <= set(t.sens.values) and all("w8a8" in t.sens.values[n] for n in ("n0", "n1"))

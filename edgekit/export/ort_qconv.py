@@ -101,18 +101,21 @@ def _match(node, producer: dict, consumers: dict, inits, graph_outputs: set[str]
             "kernel": kernel, "op": op}
 
 
-def rewritable_layers(model) -> dict[str, str]:
-    """{Conv node name: the ``ai.edgekit`` op it would become} for the Convs of ``model`` (a static int8 QDQ graph)
-    that ``apply_qconv`` can rewrite."""
-    g = model.graph
+def _graph_maps(g) -> tuple[dict, dict, dict, set[str]]:
+    """(producer of each tensor, consumers of each tensor, initializers by name, graph output names)."""
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in g.node:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
-    inits = {i.name: i for i in g.initializer}
-    outputs = {o.name for o in g.output}
-    found = {n.name: _match(n, producer, consumers, inits, outputs) for n in g.node}
+    return producer, consumers, {i.name: i for i in g.initializer}, {o.name for o in g.output}
+
+
+def rewritable_layers(model) -> dict[str, str]:
+    """{Conv node name: the ``ai.edgekit`` op it would become} for the Convs of ``model`` (a static int8 QDQ graph)
+    that ``apply_qconv`` can rewrite."""
+    maps = _graph_maps(model.graph)
+    found = {n.name: _match(n, *maps) for n in model.graph.node}
     return {name: m["op"] for name, m in found.items() if m is not None}
 
 
@@ -126,19 +129,13 @@ def apply_qconv(model, layers: Iterable[str] | None = None):
     out = onnx.shape_inference.infer_shapes(model)
     g = out.graph
     wanted = None if layers is None else set(layers)
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
-    inits = {i.name: i for i in g.initializer}
-    outputs = {o.name for o in g.output}
+    producer, consumers, inits, outputs = maps = _graph_maps(g)
     shapes = {v.name: v.type.tensor_type.shape for v in (*g.value_info, *g.output, *g.input)}
     replace, dropped, new_inits, infos, done = {}, set(), [], [], {}
     for node in g.node:
         if wanted is not None and node.name not in wanted:
             continue
-        m = _match(node, producer, consumers, inits, outputs)
+        m = _match(node, *maps)
         shape = shapes.get(node.output[0])
         if m is None or shape is None or len(shape.dim) != 4:
             continue

@@ -197,6 +197,20 @@ def to_contrib_domain(model):
     return out
 
 
+def _tidy_opsets(model, domain: str):
+    """``model`` (rewritten to standard ops) without ``domain`` in its opset list when no node uses it any more, and
+    with the default domain listed; returns it."""
+    import onnx.helper as oh
+
+    if not any(n.domain == domain for n in model.graph.node):
+        kept = [o for o in model.opset_import if o.domain != domain]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        model.opset_import.append(oh.make_opsetid("", 13))
+    return model
+
+
 def sparse24_to_standard(model):
     """A copy of ``model`` whose ``ai.edgekit::MatMulSparse24`` nodes are standard ONNX ops (see the module
     docstring); ValueError for a node whose values or indices are not constant initializers."""
@@ -247,13 +261,7 @@ def sparse24_to_standard(model):
     used = {t for n in graph.node for t in n.input}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
-    if not any(n.domain == sparse24.DOMAIN for n in graph.node):
-        kept = [o for o in out.opset_import if o.domain != sparse24.DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(kept)
-    if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
-        out.opset_import.append(oh.make_opsetid("", 13))
-    return out
+    return _tidy_opsets(out, sparse24.DOMAIN)
 
 
 def qconv_to_standard(model):
@@ -289,10 +297,4 @@ def qconv_to_standard(model):
         return out
     del graph.node[:]
     graph.node.extend(new_nodes)
-    if not any(n.domain == qconv.DOMAIN for n in graph.node):
-        kept = [o for o in out.opset_import if o.domain != qconv.DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(kept)
-    if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
-        out.opset_import.append(oh.make_opsetid("", 13))
-    return out
+    return _tidy_opsets(out, qconv.DOMAIN)
