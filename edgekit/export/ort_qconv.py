@@ -41,7 +41,8 @@ def _array(name: str, inits) -> np.ndarray | None:
 
 
 def _match(node, producer: dict, consumers: dict, inits, graph_outputs: set[str]) -> dict | None:
-    """The QDQ pieces of a depthwise int8 Conv this rewrite can take (see the module docstring), else None."""
+    """The QDQ pieces of an int8 Conv this rewrite can take, and the op it becomes (see the module docstring), else
+    None."""
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
         return None
     dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
@@ -56,8 +57,8 @@ def _match(node, producer: dict, consumers: dict, inits, graph_outputs: set[str]
     w = _array(dq_w.input[0], inits)
     if w is None or w.dtype != np.int8 or w.ndim != 4:
         return None
-    C, group = w.shape[0], _attr(node, "group", 1)
-    if group == C and C > 1 and w.shape[1] == 1:
+    cout, group = w.shape[0], _attr(node, "group", 1)
+    if group == cout and cout > 1 and w.shape[1] == 1:
         op = qconv.OP_DEPTHWISE
     elif group == 1 and w.shape[2] * w.shape[3] > 1 and w.shape[1] * w.shape[2] * w.shape[3] <= qconv.DIRECT_MAX_K:
         # (a 1x1 convolution is a plain GEMM, which ONNX Runtime runs well)
@@ -75,15 +76,15 @@ def _match(node, producer: dict, consumers: dict, inits, graph_outputs: set[str]
         if len(dq.input) <= idx or dq.input[idx] not in inits:
             return None
         params[key] = _array(dq.input[idx], inits)
-    if (params["x_zero"].dtype != np.uint8 or params["y_zero"].dtype != np.uint8 or params["x_scale"].size != 1
-            or params["y_scale"].size != 1 or params["x_zero"].size != 1 or params["y_zero"].size != 1
-            or params["w_scale"].size not in (1, C) or _attr(dq_w, "axis", 1) not in (0, -4)
-            and params["w_scale"].size != 1):
+    w_scale_ok = params["w_scale"].size == 1 or (params["w_scale"].size == cout
+                                                 and _attr(dq_w, "axis", 1) in (0, -4))  # per output channel
+    if (params["x_zero"].dtype != np.uint8 or params["y_zero"].dtype != np.uint8 or not w_scale_ok
+            or any(params[k].size != 1 for k in ("x_scale", "y_scale", "x_zero", "y_zero"))):
         return None
     w_zero = dq_w.input[2] if len(dq_w.input) > 2 and dq_w.input[2] else None
     if w_zero is not None:
         z = _array(w_zero, inits)
-        if z is None or z.dtype != np.int8 or z.size not in (1, C) or np.any(z != 0):
+        if z is None or z.dtype != np.int8 or z.size not in (1, cout) or np.any(z != 0):
             return None
     bias = None
     if dq_b is not None:
@@ -91,13 +92,13 @@ def _match(node, producer: dict, consumers: dict, inits, graph_outputs: set[str]
         b_scale = _array(dq_b.input[1], inits) if len(dq_b.input) > 1 else None
         b_zero = _array(dq_b.input[2], inits) if len(dq_b.input) > 2 and dq_b.input[2] else None
         expected = np.float32(params["x_scale"].reshape(())) * params["w_scale"].astype(np.float32).reshape(-1)
-        if (b is None or b.dtype != np.int32 or b.size != C or b_scale is None
-                or b_scale.size not in (1, C) or (b_zero is not None and np.any(b_zero != 0))
-                or not np.allclose(np.broadcast_to(b_scale.reshape(-1), (C,)), np.broadcast_to(expected, (C,)),
-                                   rtol=1e-6, atol=0)):
+        if (b is None or b.dtype != np.int32 or b.size != cout or b_scale is None
+                or b_scale.size not in (1, cout) or (b_zero is not None and np.any(b_zero != 0))
+                or not np.allclose(np.broadcast_to(b_scale.reshape(-1), (cout,)),
+                                   np.broadcast_to(expected, (cout,)), rtol=1e-6, atol=0)):
             return None
         bias = dq_b.input[0]
-    return {"dq_x": dq_x, "dq_w": dq_w, "dq_b": dq_b, "q": q, "C": C, "w_zero": w_zero, "bias": bias,
+    return {"dq_x": dq_x, "dq_w": dq_w, "dq_b": dq_b, "q": q, "cout": cout, "w_zero": w_zero, "bias": bias,
             "kernel": kernel, "op": op}
 
 
@@ -143,7 +144,7 @@ def apply_qconv(model, layers: Iterable[str] | None = None):
         w_zero = m["w_zero"]
         if w_zero is None:
             w_zero = f"{name}::w_zero"
-            new_inits.append(numpy_helper.from_array(np.zeros(m["C"], np.int8), w_zero))
+            new_inits.append(numpy_helper.from_array(np.zeros(m["cout"], np.int8), w_zero))
         x_nhwc, y_nhwc = f"{name}::x_nhwc", f"{name}::y_nhwc"
         attrs = {"kernel_shape": m["kernel"], "strides": list(_attr(node, "strides", [1, 1])),
                  "pads": list(_attr(node, "pads", [0, 0, 0, 0])), "dilations": list(_attr(node, "dilations", [1, 1]))}

@@ -57,9 +57,9 @@ EK_TARGET void row_avx512(const DwConvArgs& a, const PackedConvDirect& p, int64_
     idx[b] = static_cast<uint8_t>(b < p.K ? 16 * ky + b % seg : 63);  // byte 63: lane 3's last byte, zeroed below
   }
   const __m512i perm = _mm512_load_si512(idx);
-  const __mmask16 seg_mask = static_cast<__mmask16>((1u << seg) - 1);
-  const __mmask64 k_mask = p.K >= 64 ? ~__mmask64(0) : (__mmask64(1) << p.K) - 1;
   const bool fast = seg <= 16 && a.kh <= 3 && p.K <= 63;  // 3 rows in lanes 0-2, lane 3 free for the zero byte
+  const __mmask16 seg_mask = fast ? static_cast<__mmask16>((1u << seg) - 1) : 0;
+  const __mmask64 k_mask = p.K >= 64 ? ~__mmask64(0) : (__mmask64(1) << p.K) - 1;
   const __m512i yz = _mm512_set1_epi32(p.y_zero);
   const __m512 lo = _mm512_set1_ps(-1073741824.f), hi = _mm512_set1_ps(1073741824.f);
   const __mmask16 out_mask_last = static_cast<__mmask16>((1u << (p.Cout - 16 * (nv - 1))) - 1);
