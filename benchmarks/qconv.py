@@ -89,7 +89,6 @@ def layer_models(rng, H, W, cin, cout, k, stride, pads, depthwise):
 def kernel_times(sessions: dict, feeds: dict, rounds: int, per_round: int) -> dict[str, float]:
     """Median per-run kernel time (us, all nodes) of each profiling session, the sessions alternating by round."""
     import bisect
-    import json as _json
     from collections import defaultdict
 
     for sess in sessions.values():
@@ -101,7 +100,7 @@ def kernel_times(sessions: dict, feeds: dict, rounds: int, per_round: int) -> di
                 sess.run(None, feeds)
     out = {}
     for name, sess in sessions.items():
-        events = _json.loads(Path(sess.end_profiling()).read_text())
+        events = json.loads(Path(sess.end_profiling()).read_text())
         starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
         per_run: dict[int, float] = defaultdict(float)
         for e in events:
