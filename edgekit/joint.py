@@ -253,16 +253,19 @@ def _structures(unit: Unit, counts: dict[str, list[int]]) -> list[dict[str, int]
 def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list[str]], sens: SensitivityTable,
                 cost: CostTable, hardware: HardwareTable | None, sample, feeds: list[dict], *,
                 structure=True, bias_correction: bool = True, progress=None, quantizer=None,
-                refit_data: tuple[list[dict], list[int] | None] | None = None) -> JointSpace:
+                refit_data: tuple[list[dict], list[int] | None] | None = None,
+                channel_stats: dict | None = None) -> JointSpace:
     """The rows of the joint problem (see the module docstring); ``structure=False`` gives the bits-only space in
     the same form, and a set of ``STRUCTURES`` offers only those kinds. ``sample`` (a Dataset) measures structural
     distortions (samples the refit did not see: ``structure.held_out``); ``feeds`` (per-sample dicts) give channel
     importance and the inputs low-rank factors are fitted to; ``refit_data`` (feeds and their groups, default ``feeds``
     without groups: ``structure.refit_feeds``) the samples a pruned group's consumers are refit on
-    (``compress.refit``), as ``structure.apply_structure`` will."""
+    (``compress.refit``), as ``structure.apply_structure`` will; ``channel_stats`` (``compress.bnstats.load``) the
+    BatchNorm statistics that rank channels where they cover a group (``structure.group_importance``)."""
     from edgekit.analyze import _run
     from edgekit.compress import channels, graphedit, refit
     from edgekit.cost import layer_geometry
+    from edgekit.structure import group_importance
 
     info = {layer.name: layer for layer in layers}
     geometry = layer_geometry(model)
@@ -273,7 +276,7 @@ def build_space(model, layers: list[LayerInfo], profile, options: dict[str, list
     struct: dict = {"groups": {}, "drops": {}, "ranks": {}, "sparse": {}, "eora": {}}
     ref = _run(model, sample) if structure else None
     groups = [g for u in units for g in u.groups]
-    importance = channels.channel_importance(model, groups, feeds, centered=True) if groups else {}
+    importance = group_importance(model, groups, feeds, channel_stats) if groups else {}
     multiple = int(getattr(profile.hardware, "channel_multiple", None) or 1)
 
     def measured(edited) -> float:
@@ -387,6 +390,7 @@ class JointAllocator:
         import onnx
 
         from edgekit import mixed
+        from edgekit.compress import bnstats
         from edgekit.cost import layer_geometry
         from edgekit.data import concat
         from edgekit.structure import held_out, refit_feeds, sample_feeds
@@ -410,7 +414,8 @@ class JointAllocator:
             return build_space(graph, layers, profile, allowed, self.t.sens, self.cost, self.hardware,
                                measure_on, sample_feeds(calib),
                                structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
-                               quantizer=self.t.quantizer, refit_data=refit_feeds(calib))
+                               quantizer=self.t.quantizer, refit_data=refit_feeds(calib),
+                               channel_stats=bnstats.load(fp32.path))
 
         self.space = space(structure)
         self.structure = bool(structure_kinds(structure))

@@ -5,8 +5,9 @@ it is quantized.
 ONNX graph in this order:
 
 1. ``+ch<N>``: each channel group (``compress.channels.channel_groups``, found on the original graph, as the tables
-   were) whose producer says ``+ch<N>`` keeps its N most important channels (activation-aware importance on
-   calibration data, centred); the constant a dropped channel still feeds forward is folded into the consumers'
+   were) whose producer says ``+ch<N>`` keeps its N most important channels (``group_importance``: from the
+   training distribution's BatchNorm statistics when the export recorded them, ``compress.bnstats``; else
+   activation-aware importance on calibration data, centred); the constant a dropped channel still feeds forward is folded into the consumers'
    biases, then the consumers are refit by ridge least squares to the original model's outputs on
    ``refit_split(calib)``'s calibration samples (``compress.refit``: training-free, as the joint tables measured it;
    the others, whole photographs where the data says which crops share one, are held out to measure on);
@@ -121,6 +122,19 @@ def layer_inputs(model, layers: list[str], feeds: list[dict[str, np.ndarray]]) -
     return {layer: np.concatenate(rows[t]) for layer, t in tensors.items()}
 
 
+def group_importance(model, groups: list, feeds: list[dict[str, np.ndarray]], stats: dict | None) -> dict:
+    """Per channel group, one importance score per channel: from the training distribution's BatchNorm statistics
+    where ``stats`` (``compress.bnstats.load``) covers the group, else from the centred calibration activations
+    (``compress.channels.channel_importance``). Scores rank channels within a group only, so groups may mix sources."""
+    from edgekit.compress import bnstats, channels
+
+    scores = bnstats.importance(model, groups, stats) if stats else {}
+    rest = [g for g in groups if g.name not in scores]
+    if rest:
+        scores |= channels.channel_importance(model, rest, feeds, centered=True)
+    return scores
+
+
 def _groups_to_prune(model, parts: dict) -> tuple[dict, dict[str, int]]:
     """The channel groups the plan narrows ({name: ChannelGroup}) and their kept counts; a group's count is what its
     producer's ``+ch<N>`` says, and its depthwise layers and pure consumers must agree."""
@@ -158,7 +172,7 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
     edited graph's layers, summary dict). Raises ConfigError when the plan does not fit the graph."""
     import onnx
 
-    from edgekit.compress import channels, graphedit, refit
+    from edgekit.compress import bnstats, graphedit, refit
 
     original = onnx.load(str(fp32_path))
     model = original
@@ -168,7 +182,7 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
 
     groups, counts = _groups_to_prune(model, parts)
     if groups:
-        importance = channels.channel_importance(model, list(groups.values()), feeds, centered=True)
+        importance = group_importance(model, list(groups.values()), feeds, bnstats.load(fp32_path))
         keep = {name: np.sort(np.argsort(-importance[name], kind="stable")[:n]) for name, n in counts.items()}
         fit_feeds, sources = refit_feeds(calib)
         model, fits = refit.prune_and_refit(model, keep, fit_feeds, groups=list(groups.values()), sources=sources)

@@ -335,12 +335,24 @@ def channel_importance(model: onnx.ModelProto, groups: list[ChannelGroup],
     scores = {}
     for gr in groups:
         score = np.zeros(gr.channels)
-        for c in gr.consumers:
-            node = g.nodes[g.by_name[c]]
-            w = np.moveaxis(g.const(node.input[1]).astype(np.float64), _weight_in_axis(node), 0)
-            score += np.linalg.norm(w.reshape(gr.channels, -1), axis=1) * np.sqrt(sq[node.input[0]])
+        for c, norms in _weight_norms(g, gr).items():
+            score += norms * np.sqrt(sq[g.nodes[g.by_name[c]].input[0]])
         scores[gr.name] = score
     return scores
+
+
+def _weight_norms(g: _Graph, gr: ChannelGroup) -> dict[str, np.ndarray]:
+    out = {}
+    for c in gr.consumers:
+        node = g.nodes[g.by_name[c]]
+        w = np.moveaxis(g.const(node.input[1]).astype(np.float64), _weight_in_axis(node), 0)
+        out[c] = np.linalg.norm(w.reshape(gr.channels, -1), axis=1)
+    return out
+
+
+def consumer_weight_norms(model: onnx.ModelProto, group: ChannelGroup) -> dict[str, np.ndarray]:
+    """Per consumer of ``group``, the L2 norm of its weights reading each of the group's channels."""
+    return _weight_norms(_Graph(model, shapes=False), group)
 
 
 class _Editor:

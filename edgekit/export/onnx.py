@@ -36,12 +36,28 @@ def export_onnx(model: LoadedModel, out_path: Path) -> Artifact:
                 from exc
     else:
         _export_torch(model, out_path)
+    _record_batchnorm(model, out_path)
     proto = onnx.load(str(out_path))
     renamed = name_weighted_nodes(proto)
     stripped = strip_export_debug(proto)
     if renamed or stripped:
         onnx.save(proto, str(out_path))
     return describe(out_path, proto)
+
+
+def _record_batchnorm(model: LoadedModel, out_path: Path) -> None:
+    """The training distribution's BatchNorm statistics beside the export, for channel importance
+    (``compress.bnstats``); a stale record of an earlier export at this path is removed."""
+    from edgekit.compress import bnstats
+
+    bnstats.stats_path(out_path).unlink(missing_ok=True)
+    if model.onnx_path is not None or model.module is None:
+        return
+    try:
+        bnstats.record(model.module, example_inputs(model.inputs), out_path)
+    except Exception as exc:  # noqa: BLE001 - an optional aid: importance falls back to calibration activations
+        log.warning("BatchNorm statistics not recorded (%s: %s); channel importance will use calibration activations",
+                    type(exc).__name__, exc)
 
 
 def describe(path: Path, proto=None, runtime: str = "onnxruntime", custom_ops: tuple[str, ...] = ()) -> Artifact:
