@@ -22,9 +22,9 @@ uses to depart from the bits-only plan). The strict comparison (``FID_TOL`` alon
 
 For EfficientNet-Lite0 the allocator also measures on 16 BatchNorm-statistics samples (``datafree.probe_samples``),
 as ``edgekit build --space joint`` does for a PyTorch model with BatchNorm. EfficientNet-Lite0 adds the issue's two
-fixed checks: structured pruning alone asked for a 1.3× speed-up (at FP32 and
-at INT8, each against the unpruned model of the same precision in the same timing), and ``latency=0.4x`` in the joint
-space against ONNX Runtime's uniform INT8 (``quantize_static``).
+fixed checks: structured pruning alone asked for a 1.3× speed-up (channel pruning at FP32 and at INT8, and channel
+pruning with block removal at FP32, each against the unpruned model of the same precision in the same timing), and
+``latency=0.4x`` in the joint space against ONNX Runtime's uniform INT8 (``quantize_static``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ EVAL = {"digits": 360, "efficientnet": 128, "minilm": 64}
 LAT_TOL = 0.05  # measured latency ratios within 5 % count as equal (same-run noise)
 FID_TOL = 0.005  # fidelity within half a point counts as equal (and, with per-sample values, within sampling noise)
 SPEEDUP = 1.3
+BLOCKS_LABEL = "fp32 channels+blocks"
+# (label, precision, options per layer, structural kinds): channel pruning alone at FP32 and at INT8, and channel
+# pruning with block removal (depth pruning) at FP32
+PRUNING_CHECKS = (("fp32", "fp32", ["fp32"], frozenset({"prune"})), ("int8", "int8", ["w8a8"], frozenset({"prune"})),
+                  (BLOCKS_LABEL, "fp32", ["fp32"], frozenset({"prune", "drop"})))
 # plans in both spaces that every allocation starts from: FP32 and the allocator's uniform INT8 plan. They belong to
 # both fronts; without them a space's front holds uniform INT8 only if some budget of the grid happens to return it
 # (the bits-only space returns it for latency budgets it misses, where the joint space meets them by pruning)
@@ -441,24 +446,24 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
     reference = run_artifact(common["fp32"], prep.evaluation, ctx)
     rows += [p for p in P.build_peers(prep.fp32_path, prep.calib.feeds(), work / "peers", family="cnn",
                                       only=["ort-static"])]
-    for precision, opts in (("fp32", ["fp32"]), ("int8", ["w8a8"])):
+    for label, precision, opts, kinds in PRUNING_CHECKS:
         options = {layer.name: opts for layer in layers}
         # the allocators share what was timed: uniform INT8's pooled ratio sets the INT8 budget and judges it
         shared = allocs["joint"].measured
-        alloc = JointAllocator(**common, work=work / f"prune-{precision}", structure={"prune"}, options=options,
+        alloc = JointAllocator(**common, work=work / f"prune-{label}", structure=kinds, options=options,
                                measurements=shared)
         base = 1.0 if precision == "fp32" else _int8_ratio(common, t, prep, shared)
         spec = f"latency={base / SPEEDUP:.4f}x"
-        plan, analysis = alloc.allocate(parse_budget([spec]), tag=f"prune{precision}")
+        plan, analysis = alloc.allocate(parse_budget([spec]), tag=f"prune{label}")
         art = analysis["applied"][1]
         tol = tolerance_class(plan)
         report = verify_artifact(art, prep.evaluation, reference, tolerances=common["profile"].tolerance_for(tol),
                                  tolerance_class=tol, classification=prep.classification, ctx=ctx)
         # the allocator may keep the unpruned plan when it meets the budget as measured (a noisy base ratio can make
         # the budget loose enough): say how many layers the kept plan prunes
-        pruned = sum(1 for c in plan.layers if "+ch" in c.option)
-        rows.append(P.Peer(f"pruned {precision} for {SPEEDUP}x", Path(art.path), art.size,
-                           {"budget": spec, "pruned_layers": pruned,
+        pruned = sum(1 for c in plan.layers if "+ch" in c.option or c.option == "drop")
+        rows.append(P.Peer(f"pruned {label} for {SPEEDUP}x", Path(art.path), art.size,
+                           {"budget": spec, "pruned_layers": pruned, "structure": sorted(kinds),
                             "options": {c.layer: c.option for c in plan.layers},
                             "rounds": analysis["latency_rounds"], "verification": report.summary(),
                             "verified": report.passed, "tolerance_class": tol}))
@@ -490,13 +495,16 @@ def _issue_verdicts(results: dict) -> dict:
         checks["prune_fp32_speedup"] = round(1 / fp, 3)
     if i8 and u8:
         checks["prune_int8_speedup_vs_uniform_int8"] = round(u8 / i8, 3)
-    for precision in ("fp32", "int8"):
-        notes = results.get(f"pruned {precision} for {SPEEDUP}x", {}).get("notes", {})
+    both = ratio(f"pruned {BLOCKS_LABEL} for {SPEEDUP}x")
+    if both:
+        checks[f"prune_{BLOCKS_LABEL}_speedup"] = round(1 / both, 3)
+    for label, *_ in PRUNING_CHECKS:
+        notes = results.get(f"pruned {label} for {SPEEDUP}x", {}).get("notes", {})
         if "pruned_layers" in notes:
-            checks[f"prune_{precision}_pruned_layers"] = notes["pruned_layers"]
+            checks[f"prune_{label}_pruned_layers"] = notes["pruned_layers"]
         if "verified" in notes:
-            checks[f"prune_{precision}_verified"] = notes["verified"]
-            checks[f"prune_{precision}_verification"] = notes["verification"]
+            checks[f"prune_{label}_verified"] = notes["verified"]
+            checks[f"prune_{label}_verification"] = notes["verification"]
     joint = results.get("joint latency=0.4x", {})
     ort = results.get("ort-static", {})
     if ratio("joint latency=0.4x") is not None:

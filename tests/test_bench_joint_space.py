@@ -129,3 +129,21 @@ def test_quick_run_on_digits(tmp_path, capsys, target):
         assert all(timed[other]["ratio_vs_fp32"] == t["ratio_vs_fp32"] for other in t["same_file_as"])
     assert (tmp_path / "plot_digits_size.svg").read_text().startswith("<svg")
     assert "## digits" in capsys.readouterr().out
+
+
+def test_issue_verdicts_report_every_pruning_check():
+    bench = _load()
+
+    def rec(ratio, verified):
+        return {"latency_paired": {"ratio_vs_fp32": ratio},
+                "notes": {"pruned_layers": 3, "verified": verified, "verification": "PASS" if verified else "FAIL"}}
+
+    results = {"uniform int8": {"latency_paired": {"ratio_vs_fp32": 0.5}},
+               "pruned fp32 for 1.3x": rec(0.8, False), "pruned int8 for 1.3x": rec(0.25, False),
+               "pruned fp32 channels+blocks for 1.3x": rec(0.75, True)}
+    checks = bench._issue_verdicts(results)
+    assert checks["prune_fp32_speedup"] == 1.25 and checks["prune_int8_speedup_vs_uniform_int8"] == 2.0
+    assert checks["prune_fp32 channels+blocks_speedup"] == 1.333
+    assert checks["prune_fp32 channels+blocks_verified"] is True and checks["prune_fp32_verified"] is False
+    assert [label for label, *_ in bench.PRUNING_CHECKS] == ["fp32", "int8", "fp32 channels+blocks"]
+    assert bench.PRUNING_CHECKS[2][3] == {"prune", "drop"}
