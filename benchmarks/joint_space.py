@@ -97,7 +97,7 @@ def prepare(name: str, work: Path, ctx):
     return prep, model, layer_inventory(prep.fp32_path)
 
 
-def allocators(prep, model, layers, work: Path, ctx, target: str = "cpu-x86"):
+def allocators(prep, model, layers, work: Path, ctx, target: str = "cpu-x86", importance: str = "activations"):
     """The joint allocator (its tables, and the bits-only space it solves first) and the common arguments."""
     from edgekit.compress.quant import W8A8Config
     from edgekit.export.onnx import describe
@@ -107,7 +107,7 @@ def allocators(prep, model, layers, work: Path, ctx, target: str = "cpu-x86"):
     profile = load_target(target)
     fp32 = describe(prep.fp32_path)
     common = {"profile": profile, "model": model, "fp32": fp32, "layers": layers, "calib": prep.calib,
-              "cfg": W8A8Config(), "ctx": ctx, "probe": getattr(model, "probe", None)}
+              "cfg": W8A8Config(), "ctx": ctx, "probe": getattr(model, "probe", None), "importance": importance}
     t0 = time.perf_counter()
     joint = JointAllocator(**common, work=work / "joint", structure=True)
     for space, sp in (("bits", joint.bits_space), ("joint", joint.space)):
@@ -381,12 +381,13 @@ def _metric(rec: dict, classification: bool) -> float | None:
     return rec.get("top1_agreement") if classification else rec.get("mean_cosine")
 
 
-def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int, target: str = "cpu-x86") -> dict:
+def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int, target: str = "cpu-x86",
+              importance: str = "activations") -> dict:
     from benchmarks.measure import evaluate
 
     t0 = time.perf_counter()
     prep, model, layers = prepare(name, work, ctx)
-    allocs, common = allocators(prep, model, layers, work, ctx, target)
+    allocs, common = allocators(prep, model, layers, work, ctx, target, importance)
     fp32_size = Path(prep.fp32_path).stat().st_size
     specs = budget_specs(name, fp32_size)
     rows = plan_rows(allocs, specs) + [uniform_row(allocs, prep, common, work, ctx)]
@@ -413,9 +414,9 @@ def run_model(name: str, work: Path, ctx, *, rounds: int, per_round: int, target
         fronts[axis]["strict"] = _verdicts(compare_fronts(pts["bits"][axis], pts["joint"][axis], xtol=xtol))
         fronts[axis]["grid_only"] = _verdicts(compare_fronts(grid["bits"][axis], grid["joint"][axis], xtol=xtol,
                                                              samples=samples))
-    out = {"model": name, "target": target, "description": prep.description, "classification": prep.classification,
-           "variants": results, "seconds": round(time.perf_counter() - t0, 1), "fronts": fronts,
-           "follow_up_budgets": follow}
+    out = {"model": name, "target": target, "channel_importance": importance, "description": prep.description,
+           "classification": prep.classification, "variants": results,
+           "seconds": round(time.perf_counter() - t0, 1), "fronts": fronts, "follow_up_budgets": follow}
     out["by_budget"] = compare_budgets(results, prep.classification, samples=samples)
     out["by_budget"]["strict"] = _verdicts(compare_budgets(results, prep.classification))
     if name == "efficientnet":
@@ -582,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="cpu-x86", choices=["cpu-x86", "cpu-x86-edgekit"],
                     help="profile the plans are made for: cpu-x86-edgekit runs int8 depthwise convs, the stem and "
                          "weight-only layers in edgekit's native ONNX Runtime kernels (default: plain ONNX Runtime)")
+    ap.add_argument("--importance", default="activations", choices=["activations", "batchnorm"],
+                    help="how channel pruning ranks channels (edgekit build --channel-importance)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -599,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / name
             work.mkdir(parents=True)
             results[name] = run_model(name, work, ctx, rounds=args.rounds, per_round=args.per_round,
-                                      target=args.target)
+                                      target=args.target, importance=args.importance)
             print(summary(results[name]), flush=True)
             if args.svg:
                 for p in plots(results[name], args.svg):

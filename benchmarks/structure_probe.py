@@ -78,8 +78,8 @@ def edits(prep, probe, keep_fraction: float = 0.5) -> dict:
 
     from edgekit import mixed
     from edgekit.analyze import _run
-    from edgekit.compress import bnstats, channels, graphedit, refit
-    from edgekit.structure import group_importance, held_out, refit_feeds, sample_feeds
+    from edgekit.compress import channels, graphedit, refit
+    from edgekit.structure import held_out, refit_feeds, sample_feeds
 
     model = onnx.load(str(prep.fp32_path))
     sets = {"held_out": held_out(prep.calib, mixed.SENSITIVITY_SAMPLES)[0], "probe": probe,
@@ -91,7 +91,7 @@ def edits(prep, probe, keep_fraction: float = 0.5) -> dict:
         rows[f"drop {unit.name}"] = score(graphedit.remove_units(model, [unit.name]), sets, refs)
         log.info("drop %s: %s", unit.name, rows[f"drop {unit.name}"])
     groups = channels.channel_groups(model)
-    importance = group_importance(model, groups, sample_feeds(prep.calib), bnstats.load(prep.fp32_path))
+    importance = channels.channel_importance(model, groups, sample_feeds(prep.calib), centered=True)
     fit_feeds, sources = refit_feeds(prep.calib)
     for g in groups:
         n = channels.round_channels(int(np.ceil(keep_fraction * g.channels)), g.channels, 16)

@@ -65,6 +65,7 @@ class BuildRequest:
     solver: str = "auto"
     space: str = "bits"  # the --budget option space: "bits" (precision per layer) or "joint" (+ pruning, rank, drop)
     recover_steps: int = 0  # --recover: distillation steps after structural changes (joint space)
+    channel_importance: str = "activations"  # --channel-importance: how pruning ranks channels (joint space)
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def _choose(req, profile, model, fp32, layers, calib, evald, reference, work, cf
 
             return allocate_joint(budget=req.budget, solver=req.solver, profile=profile, model=model, fp32=fp32,
                                   layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx,
-                                  recover_steps=req.recover_steps)
+                                  recover_steps=req.recover_steps, importance=req.channel_importance)
         return allocate_mixed(budget=req.budget, solver=req.solver, profile=profile, model=model, fp32=fp32,
                               layers=layers, calib=calib, work=work, cfg=cfg, ctx=ctx)
 

@@ -197,10 +197,16 @@ def _fields(model, out, calib, eval_, key, allow_unverified, name, bundle_versio
 @click.option("--recover", "recover_steps", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="With --space joint: N knowledge-distillation steps from the original model on the calibration "
                    "data after structural changes (0: off). The report shows the loss before and after.")
+@click.option("--channel-importance", type=click.Choice(["activations", "batchnorm"]), default="activations",
+              show_default=True,
+              help="With --space joint: how channel pruning ranks channels. activations: their spread on the "
+                   "calibration data (right when that data looks like deployment). batchnorm: the training "
+                   "distribution's BatchNorm statistics, recorded when a PyTorch model is exported (for "
+                   "calibration data unlike deployment; falls back to activations without BatchNorm).")
 @_build_options
-def build(target, precision, budgets, max_drop, solver, space, recover_steps, model, out, input_shapes, calib, eval_,
-          key, allow_unverified, name, bundle_version, calib_samples, eval_samples, no_latency, seed, task,
-          as_json) -> None:
+def build(target, precision, budgets, max_drop, solver, space, recover_steps, channel_importance, model, out,
+          input_shapes, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples, eval_samples,
+          no_latency, seed, task, as_json) -> None:
     """Compress, export, verify and bundle a model for a target.
 
     \b
@@ -224,8 +230,10 @@ def build(target, precision, budgets, max_drop, solver, space, recover_steps, mo
                           hint="add e.g. --budget latency=0.4x")
     if recover_steps and space != "joint":
         raise ConfigError("--recover repairs structural changes, which only --space joint makes")
+    if channel_importance != "activations" and space != "joint":
+        raise ConfigError("--channel-importance ranks channels for pruning, which only --space joint does")
     _run_build(as_json, seed, input_shapes, target=target, precision=precision, budget=budget, solver=solver,
-               max_drop=drop, space=space, recover_steps=recover_steps,
+               max_drop=drop, space=space, recover_steps=recover_steps, channel_importance=channel_importance,
                **_fields(model, out, calib, eval_, key, allow_unverified, name, bundle_version, calib_samples,
                          eval_samples, no_latency, task))
 

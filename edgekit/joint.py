@@ -386,14 +386,13 @@ class JointAllocator:
 
     def __init__(self, *, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg, ctx, structure=True,
                  recover_steps: int = 0, options: dict[str, list[str]] | None = None,
-                 measurements: Measurements | None = None, probe=None) -> None:
+                 measurements: Measurements | None = None, probe=None, importance: str = "activations") -> None:
         import onnx
 
         from edgekit import mixed
-        from edgekit.compress import bnstats
         from edgekit.cost import layer_geometry
         from edgekit.data import concat
-        from edgekit.structure import held_out, refit_feeds, sample_feeds
+        from edgekit.structure import channel_stats, held_out, refit_feeds, sample_feeds
 
         self.profile, self.model, self.fp32, self.layers = profile, model, fp32, layers
         self.calib, self.work, self.cfg, self.ctx = calib, work, cfg, ctx
@@ -410,12 +409,14 @@ class JointAllocator:
         measure_on = held_out(calib, mixed.SENSITIVITY_SAMPLES)[0]
         measure_on = measure_on if probe is None else concat(measure_on, probe)
 
+        stats = channel_stats(fp32.path, importance)
+
         def space(structure) -> JointSpace:
             return build_space(graph, layers, profile, allowed, self.t.sens, self.cost, self.hardware,
                                measure_on, sample_feeds(calib),
                                structure=structure, bias_correction=cfg.bias_correction, progress=ctx.track,
                                quantizer=self.t.quantizer, refit_data=refit_feeds(calib),
-                               channel_stats=bnstats.load(fp32.path))
+                               channel_stats=stats)
 
         self.space = space(structure)
         self.structure = bool(structure_kinds(structure))
@@ -430,7 +431,9 @@ class JointAllocator:
         self.measured = measurements if measurements is not None else Measurements()
         self.settings = mixed._settings(self.t)
         if recover_steps:
-            self.settings["structure"] = {"recover_steps": int(recover_steps)}
+            self.settings.setdefault("structure", {})["recover_steps"] = int(recover_steps)
+        if importance != "activations":
+            self.settings.setdefault("structure", {})["importance"] = importance
 
     def allocate(self, budget: Budget, solver: str = "auto", tag: str = "") -> tuple[Plan, dict]:
         from edgekit import mixed
@@ -498,9 +501,8 @@ class JointAllocator:
                 if prev is not None and prev.get("space", "bits") == kind:
                     break  # this space's solver gives a plan it already gave: no progress
                 # rounds are timed without the recovery fine-tune (it changes weights, not speed); the kept plan
-                # gets it
-                quick = replace(plan, activations={key: v for key, v in plan.activations.items()
-                                                   if key != "structure"})
+                # gets it. The other structural settings (how channels are ranked) stay: they decide the graph.
+                quick = replace(plan, activations=without_recovery(plan.activations))
                 art = prev["artifact"] if prev is not None else mixed.apply_plan(
                     quick, self.fp32, self.calib, self.work / f"{kind}{tag}{k}" / "model.onnx", self.cfg, self.ctx,
                     None if plan.is_structural else t.quantizer)
@@ -627,8 +629,16 @@ class JointAllocator:
         return sample_distortions(self._probe_reference, out, self.t.sens.metric)
 
 
+def without_recovery(activations: dict) -> dict:
+    """A plan's settings without the recovery fine-tune (``structure.recover_steps``), everything else kept."""
+    structure = {k: v for k, v in activations.get("structure", {}).items() if k != "recover_steps"}
+    out = {k: v for k, v in activations.items() if k != "structure"}
+    return {**out, "structure": structure} if structure else out
+
+
 def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers: list[LayerInfo], calib, work, cfg,
-                   ctx, structure: bool = True, recover_steps: int = 0) -> tuple[Plan, dict]:
+                   ctx, structure: bool = True, recover_steps: int = 0,
+                   importance: str = "activations") -> tuple[Plan, dict]:
     """``JointAllocator(...).allocate(budget, solver)``: what ``edgekit build --space joint`` runs. A PyTorch model
     with BatchNorm gets ``datafree.probe_samples`` as the allocator's probe."""
     probe = None
@@ -638,5 +648,5 @@ def allocate_joint(*, budget: Budget, solver: str, profile, model, fp32, layers:
         probe = probe_samples(model.module, model.inputs, seed=ctx.seed, track=ctx.track, cache=ctx.cache("probe"),
                               model_sha256=model.sha256)
     return JointAllocator(profile=profile, model=model, fp32=fp32, layers=layers, calib=calib, work=work, cfg=cfg,
-                          ctx=ctx, structure=structure, recover_steps=recover_steps, probe=probe).allocate(budget,
-                                                                                                         solver)
+                          ctx=ctx, structure=structure, recover_steps=recover_steps, probe=probe,
+                          importance=importance).allocate(budget, solver)

@@ -152,8 +152,10 @@ def structural_step(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, ctx: 
 
     from edgekit.structure import apply_structure
 
-    steps = int(plan.activations.get("structure", {}).get("recover_steps", 0))
-    model, precision_plan, summary = apply_structure(Path(fp32.path), plan, calib, recover_steps=steps)
+    settings = plan.activations.get("structure", {})
+    model, precision_plan, summary = apply_structure(Path(fp32.path), plan, calib,
+                                                     recover_steps=int(settings.get("recover_steps", 0)),
+                                                     importance=settings.get("importance", "activations"))
     if any(parse_option(c.option).eora for c in plan.layers):  # the errors of the edited graph's low-bit weights
         from edgekit.fsutil import sha256_bytes
         from edgekit.structure import add_eora

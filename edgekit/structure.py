@@ -5,12 +5,13 @@ it is quantized.
 ONNX graph in this order:
 
 1. ``+ch<N>``: each channel group (``compress.channels.channel_groups``, found on the original graph, as the tables
-   were) whose producer says ``+ch<N>`` keeps its N most important channels (``group_importance``: from the
-   training distribution's BatchNorm statistics when the export recorded them, ``compress.bnstats``; else
-   activation-aware importance on calibration data, centred); the constant a dropped channel still feeds forward is folded into the consumers'
-   biases, then the consumers are refit by ridge least squares to the original model's outputs on
-   ``refit_split(calib)``'s calibration samples (``compress.refit``: training-free, as the joint tables measured it;
-   the others, whole photographs where the data says which crops share one, are held out to measure on);
+   were) whose producer says ``+ch<N>`` keeps its N most important channels (``group_importance``: centred
+   activation-aware importance on calibration data, or with ``importance="batchnorm"`` the training distribution's
+   BatchNorm statistics where the export recorded them, ``compress.bnstats``); the constant a dropped channel still
+   feeds forward is folded into the consumers' biases, then the consumers are refit by ridge least squares to the
+   original model's outputs on ``refit_split(calib)``'s calibration samples (``compress.refit``: training-free, as
+   the joint tables measured it; the others, whole photographs where the data says which crops share one, are held
+   out to measure on);
 2. ``drop``: the residual branches (``compress.graphedit.removable_units``) whose every layer says ``drop`` are
    removed (after pruning: removing a branch can turn a layer that fed it into a prunable producer, which the
    plan's ``+ch`` on that layer, written for the original graph, does not mean);
@@ -122,6 +123,25 @@ def layer_inputs(model, layers: list[str], feeds: list[dict[str, np.ndarray]]) -
     return {layer: np.concatenate(rows[t]) for layer, t in tensors.items()}
 
 
+IMPORTANCE = ("activations", "batchnorm")  # how channels are ranked (``--channel-importance``)
+
+
+def channel_stats(fp32_path: Path, importance: str) -> dict | None:
+    """The BatchNorm statistics to rank channels by (``compress.bnstats.load``) when ``importance`` is "batchnorm"
+    (None, with a warning, when the export recorded none); None for "activations". Raises ConfigError otherwise."""
+    from edgekit.compress import bnstats
+
+    if importance not in IMPORTANCE:
+        raise ConfigError(f"channel importance must be one of {', '.join(IMPORTANCE)}, not {importance!r}")
+    if importance == "activations":
+        return None
+    stats = bnstats.load(fp32_path)
+    if stats is None:
+        log.warning("no BatchNorm statistics were recorded for %s (an ONNX model, or no BatchNorm): channels are "
+                    "ranked by their calibration activations", Path(fp32_path).name)
+    return stats
+
+
 def group_importance(model, groups: list, feeds: list[dict[str, np.ndarray]], stats: dict | None) -> dict:
     """Per channel group, one importance score per channel: from the training distribution's BatchNorm statistics
     where ``stats`` (``compress.bnstats.load``) covers the group, else from the centred calibration activations
@@ -167,12 +187,13 @@ def _groups_to_prune(model, parts: dict) -> tuple[dict, dict[str, int]]:
     return {name: groups[name] for name in keep}, keep
 
 
-def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_steps: int = 0, progress=None):
+def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_steps: int = 0, progress=None,
+                    importance: str = "activations"):
     """Edit the float graph as ``plan``'s structural modifiers say; returns (ModelProto, precision-only Plan over the
     edited graph's layers, summary dict). Raises ConfigError when the plan does not fit the graph."""
     import onnx
 
-    from edgekit.compress import bnstats, graphedit, refit
+    from edgekit.compress import graphedit, refit
 
     original = onnx.load(str(fp32_path))
     model = original
@@ -182,8 +203,8 @@ def apply_structure(fp32_path: Path, plan: Plan, calib: Dataset, *, recover_step
 
     groups, counts = _groups_to_prune(model, parts)
     if groups:
-        importance = group_importance(model, list(groups.values()), feeds, bnstats.load(fp32_path))
-        keep = {name: np.sort(np.argsort(-importance[name], kind="stable")[:n]) for name, n in counts.items()}
+        scores = group_importance(model, list(groups.values()), feeds, channel_stats(fp32_path, importance))
+        keep = {name: np.sort(np.argsort(-scores[name], kind="stable")[:n]) for name, n in counts.items()}
         fit_feeds, sources = refit_feeds(calib)
         model, fits = refit.prune_and_refit(model, keep, fit_feeds, groups=list(groups.values()), sources=sources)
         summary["pruned"] = {name: [int(groups[name].channels), int(n)] for name, n in counts.items()}

@@ -159,12 +159,62 @@ def test_the_structural_step_keeps_the_channels_the_batchnorm_statistics_rank_fi
     layers = tuple(LayerChoice(layer=n.name, option="fp32+ch4" if n.name in group.layers else "fp32")
                    for n in model.graph.node if n.op_type == "Conv")
     plan = Plan(model_sha256=art.sha256, target="cpu-x86", precision="fp32", layers=layers)
-    pruned, _, summary = apply_structure(art.path, plan, calib)
-    assert summary["pruned"] == {group.name: [12, 4]}
     w0 = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    w1 = {i.name: onnx.numpy_helper.to_array(i) for i in pruned.graph.initializer}
     producer = next(n for n in model.graph.node if n.name == group.producer)
-    new_producer = next(n for n in pruned.graph.node if n.name == group.producer)
-    kept = [next(c for c in range(12) if np.array_equal(w0[producer.input[1]][c], row))
-            for row in w1[new_producer.input[1]]]
-    assert kept == [1, 3, 6, 9]
+
+    def kept_channels(importance: str) -> list[int]:
+        pruned, _, summary = apply_structure(art.path, plan, calib, importance=importance)
+        assert summary["pruned"] == {group.name: [12, 4]}
+        w1 = {i.name: onnx.numpy_helper.to_array(i) for i in pruned.graph.initializer}
+        new_producer = next(n for n in pruned.graph.node if n.name == group.producer)
+        return [next(c for c in range(12) if np.array_equal(w0[producer.input[1]][c], row))
+                for row in w1[new_producer.input[1]]]
+
+    assert kept_channels("batchnorm") == [1, 3, 6, 9]
+    assert kept_channels("activations") == sorted(np.argsort(-by_data, kind="stable")[:4].tolist())  # the default
+
+
+def test_an_unknown_importance_is_a_config_error_and_batchnorm_without_a_record_falls_back(tmp_path):
+    from edgekit.errors import ConfigError
+    from edgekit.structure import channel_stats
+
+    art = _export(_mbconv_net(), tmp_path)
+    with pytest.raises(ConfigError, match="activations, batchnorm"):
+        channel_stats(art.path, "weights")
+    assert channel_stats(art.path, "activations") is None and channel_stats(art.path, "batchnorm")
+    bnstats.stats_path(art.path).unlink()
+    assert channel_stats(art.path, "batchnorm") is None
+
+
+def test_the_cli_records_batchnorm_importance_in_the_plan_and_apply_replays_it(run_cli, tmp_path):
+    """``--channel-importance batchnorm`` on a PyTorch model with BatchNorm: the plan says so, and ``edgekit apply``
+    ranks the channels the same way (identical bytes)."""
+    import json
+
+    out = tmp_path / "out"
+    result = run_cli("build", "--model", "builtin:digits-bn", "--budget", "size=20KB", "--space", "joint",
+                     "--channel-importance", "batchnorm", "--out", out, "--json", "--no-latency",
+                     "--allow-unverified")  # what is checked here is the plan and its replay, not the accuracy
+    assert json.loads(result.stdout)["size"]["artifact_bytes"] <= 20_000
+    bundle = out / "digits-bn"
+    plan = Plan.load(bundle / "plan.json")
+    assert plan.is_structural and plan.activations["structure"]["importance"] == "batchnorm"
+    again = tmp_path / "again"
+    run_cli("apply", bundle / "plan.json", "--model", "builtin:digits-bn", "--out", again, "--no-latency",
+            "--allow-unverified")
+    assert (again / "digits-bn" / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
+
+
+def test_channel_importance_needs_the_joint_space(run_cli, tmp_path):
+    result = run_cli("build", "--model", "builtin:digits-cnn", "--budget", "size=30KB", "--channel-importance",
+                     "batchnorm", "--out", tmp_path / "o", code=3)
+    assert "--space joint" in result.output and not (tmp_path / "o").exists()
+
+
+def test_allocation_rounds_keep_the_ranking_setting_and_drop_only_the_recovery():
+    from edgekit.joint import without_recovery
+
+    settings = {"scheme": "w8a8", "structure": {"recover_steps": 50, "importance": "batchnorm"}}
+    assert without_recovery(settings) == {"scheme": "w8a8", "structure": {"importance": "batchnorm"}}
+    assert without_recovery({"scheme": "w8a8", "structure": {"recover_steps": 50}}) == {"scheme": "w8a8"}
+    assert settings["structure"]["recover_steps"] == 50  # the plan's own settings are not touched
