@@ -91,6 +91,16 @@ def test_export_records_each_conv_with_the_batchnorm_that_reads_it(tmp_path):
         np.testing.assert_allclose(stats[conv][1], np.abs(bn.weight.detach().numpy()), rtol=1e-6)
 
 
+def test_a_record_is_used_only_for_the_bytes_it_was_written_for(tmp_path, caplog):
+    art = _export(_mbconv_net(), tmp_path)
+    assert bnstats.load(art.path) is not None
+    model = onnx.load(str(art.path))
+    model.producer_name = "edited after the export"
+    onnx.save(model, str(art.path))
+    assert bnstats.load(art.path) is None
+    assert "another version" in caplog.text
+
+
 def test_no_batchnorm_no_record_and_a_stale_record_is_removed(tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
     stale = bnstats.stats_path(tmp_path / "m.onnx")

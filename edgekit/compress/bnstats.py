@@ -11,8 +11,9 @@ output channel ``c`` is, on training data, ``z_c ~ N(beta_c, gamma_c^2)`` (the G
 
 - ``record(module, inputs, onnx_path)`` pairs each convolution of a PyTorch module with the BatchNorm that reads its
   output (forward hooks on one example input: the BatchNorm's input *is* the convolution's output tensor) and writes
-  ``{conv name: (beta, |gamma|)}`` beside the exported ONNX file (``stats_path``). The exporter names each ONNX conv
-  after its module (``export.onnx.name_weighted_nodes``), which is how the two are matched.
+  ``{conv name: (beta, |gamma|)}`` beside the exported ONNX file (``stats_path``), with the file's SHA-256: ``load``
+  ignores a record written for other bytes. The exporter names each ONNX conv after its module
+  (``export.onnx.name_weighted_nodes``), which is how the two are matched.
 - ``channel_std(model, group, stats)``: a channel group's consumers read ``act(z)`` through elementwise activations
   (``Relu``, ``Clip``, ...) and channel-preserving pools/flattens; its per-channel standard deviation under the
   Gaussian is computed by Gauss-Hermite quadrature. Importance is then ``sum over consumers ||W[:, c]|| * std_c``,
@@ -36,13 +37,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgekit.fsutil import atomic_write_bytes
+from edgekit.fsutil import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
 QUADRATURE_POINTS = 96  # Gauss-Hermite nodes; clip's kinks make the error about 1e-3 relative (tests: 2 %)
 PASS_OPS = frozenset({"GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity",
                       "Dropout"})  # keep channel c as channel c (the path is a channel group's, so shapes agree)
+
+
+_DIGEST = "__onnx_sha256__"  # the ONNX file's SHA-256 the record was written for
 
 
 def stats_path(onnx_path: Path) -> Path:
@@ -87,13 +91,14 @@ def conv_batchnorm_pairs(module, example: tuple) -> dict[str, object]:
 
 def record(module, example: tuple, onnx_path: Path) -> Path | None:
     """Write the BatchNorm statistics of ``module``'s convolutions (found by running it on ``example``) beside its
-    ONNX export; None (and any stale file removed) when the module has no convolution followed by BatchNorm."""
+    ONNX export, with the file's SHA-256 (``load`` uses a record only for those bytes); None (and any stale file
+    removed) when the module has no convolution followed by BatchNorm."""
     path = stats_path(onnx_path)
     pairs = conv_batchnorm_pairs(module, example)
     if not pairs:
         path.unlink(missing_ok=True)
         return None
-    arrays = {}
+    arrays = {_DIGEST: np.frombuffer(bytes.fromhex(sha256_file(onnx_path)), np.uint8)}
     for name, bn in pairs.items():
         arrays[f"{name}|mean"] = bn.bias.detach().double().numpy().astype(np.float32)
         arrays[f"{name}|std"] = np.abs(bn.weight.detach().double().numpy()).astype(np.float32)
@@ -104,15 +109,18 @@ def record(module, example: tuple, onnx_path: Path) -> Path | None:
 
 
 def load(onnx_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    """``{conv name: (mean, std)}`` recorded for the ONNX file at ``onnx_path``, or None without (or with an
-    unreadable) record."""
+    """``{conv name: (mean, std)}`` recorded for the ONNX file at ``onnx_path``, or None without a record, with an
+    unreadable one, or with one written for other bytes than the file now holds (a warning for the last two)."""
     path = stats_path(onnx_path)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            names = sorted({k.rsplit("|", 1)[0] for k in keys})
+            if _DIGEST not in z or z[_DIGEST].tobytes().hex() != sha256_file(onnx_path):
+                log.warning("BatchNorm statistics %s were recorded for another version of %s: not used", path.name,
+                            Path(onnx_path).name)
+                return None
+            names = sorted({k.rsplit("|", 1)[0] for k in z.keys() if k != _DIGEST})
             return {n: (z[f"{n}|mean"].astype(np.float64), z[f"{n}|std"].astype(np.float64)) for n in names}
     except (OSError, ValueError, KeyError) as exc:
         log.warning("BatchNorm statistics %s unreadable (%s): channel importance from activations", path.name, exc)

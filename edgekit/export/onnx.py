@@ -36,12 +36,12 @@ def export_onnx(model: LoadedModel, out_path: Path) -> Artifact:
                 from exc
     else:
         _export_torch(model, out_path)
-    _record_batchnorm(model, out_path)
     proto = onnx.load(str(out_path))
     renamed = name_weighted_nodes(proto)
     stripped = strip_export_debug(proto)
     if renamed or stripped:
         onnx.save(proto, str(out_path))
+    _record_batchnorm(model, out_path)  # for the final bytes: the record carries their hash
     return describe(out_path, proto)
 
 
