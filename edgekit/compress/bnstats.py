@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
+from edgekit.compress.channels import _attr, _Graph, consumer_weight_norms
 from edgekit.fsutil import atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,6 @@ def load(onnx_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
         return None
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _activation(node: onnx.NodeProto, const):
     """The elementwise function of ``node``, or None for an op this module does not model."""
     op = node.op_type
@@ -185,16 +178,13 @@ def _compose(fns: list):
 
 
 class _Index:
-    def __init__(self, model: onnx.ModelProto):
-        self.nodes = {n.name: n for n in model.graph.node}
-        self.producer = {o: n for n in model.graph.node for o in n.output}
-        self.inits = {i.name: i for i in model.graph.initializer}
-        self.constants = {n.output[0]: n.attribute[0].t for n in model.graph.node
-                          if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    """What the walk back from a consumer needs: nodes by name, each tensor's producer, constant values."""
 
-    def const(self, name: str) -> np.ndarray | None:
-        t = self.inits.get(name) or self.constants.get(name)
-        return None if t is None else numpy_helper.to_array(t)
+    def __init__(self, model: onnx.ModelProto):
+        graph = _Graph(model, shapes=False)  # its constant lookup: initializers and Constant nodes
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.producer = {o: n for n in graph.nodes for o in n.output}
+        self.const = graph.const
 
 
 def channel_std(model: onnx.ModelProto | _Index, consumer: str, channels: int,
@@ -229,13 +219,12 @@ def importance(model: onnx.ModelProto, groups, stats: dict[str, tuple[np.ndarray
     """``{group name: score per channel}`` for the channel groups (``channels.ChannelGroup``) every consumer of which
     resolves to recorded statistics: ``sum over consumers ||W[:, c]||_2 * std_c``. Groups that do not resolve are
     left out."""
-    from edgekit.compress.channels import consumer_weight_norms
-
     ix = _Index(model)
+    weights = consumer_weight_norms(model, groups)
     out = {}
     for g in groups:
         score = np.zeros(g.channels)
-        for consumer, norms in consumer_weight_norms(model, g).items():
+        for consumer, norms in weights[g.name].items():
             std = channel_std(ix, consumer, g.channels, stats)
             if std is None:
                 break

@@ -350,9 +350,10 @@ def _weight_norms(g: _Graph, gr: ChannelGroup) -> dict[str, np.ndarray]:
     return out
 
 
-def consumer_weight_norms(model: onnx.ModelProto, group: ChannelGroup) -> dict[str, np.ndarray]:
-    """Per consumer of ``group``, the L2 norm of its weights reading each of the group's channels."""
-    return _weight_norms(_Graph(model, shapes=False), group)
+def consumer_weight_norms(model: onnx.ModelProto, groups: list[ChannelGroup]) -> dict[str, dict[str, np.ndarray]]:
+    """Per group, per consumer, the L2 norm of the consumer's weights reading each of the group's channels."""
+    g = _Graph(model, shapes=False)
+    return {gr.name: _weight_norms(g, gr) for gr in groups}
 
 
 class _Editor:
