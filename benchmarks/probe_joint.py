@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["efficientnet", "digits", "minilm"], choices=sorted(OPTIONS))
     ap.add_argument("--out", type=Path, default=ROOT / "hardware" / "cpu-x86.json")
-    ap.add_argument("--target", default="cpu-x86")
+    ap.add_argument("--target", default="cpu-x86", help="channel multiple, and whether layers run as ai.edgekit "
+                    "kernels (a profile whose custom_op_domains name ai.edgekit)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import onnx
@@ -74,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.probe import probe
     from edgekit.targets import load_target
 
-    multiple = load_target(args.target).hardware.channel_multiple
-    base = HardwareTable.load(args.out, label=str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT)
-                              else str(args.out))
+    target = load_target(args.target)
+    multiple = target.hardware.channel_multiple
+    edgekit_ops = "ai.edgekit" in target.custom_op_domains
+    label = str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT) else str(args.out)
+    base = HardwareTable.load(args.out, label=label) if args.out.exists() else HardwareTable(label=label)
     table = HardwareTable(meta=dict(base.meta), label=base.label)
     ctx = Context(progress=False)
     with tempfile.TemporaryDirectory(prefix="edgekit-probe-joint-") as tmp:
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, m in variants(name, onnx.load(str(prep.fp32_path)), multiple):
                 path = work / f"{label}.onnx"
                 onnx.save(m, str(path))
-                table = probe(path, OPTIONS[name], table=table)
+                table = probe(path, OPTIONS[name], table=table, edgekit_ops=edgekit_ops)
                 merged = base.merge(table)
                 merged.meta["command"] = "benchmarks/probe_joint.py " + " ".join(argv or sys.argv[1:])
                 args.out.write_text(json.dumps(merged.to_dict(), indent=1, sort_keys=True) + "\n")

@@ -429,22 +429,33 @@ def hardware() -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads (default: ORT's).")
 @click.option("--copies", type=click.IntRange(min=1), default=4, show_default=True,
               help="Copies of each layer per timed call (amortises per-call overhead).")
-def hardware_probe(models, out, options, merge, rounds, per_round, threads, copies) -> None:
+@click.option("--target", "target_name", help="Time each layer as this target's export runs it: a profile whose "
+              "custom_op_domains name ai.edgekit (cpu-x86-edgekit) gets edgekit's int8 convolution and weight-only "
+              "kernels (the native library must be built). Default: plain ONNX Runtime ops.")
+def hardware_probe(models, out, options, merge, rounds, per_round, threads, copies, target_name) -> None:
     """Time every weighted layer of MODELS on this machine, once per option, into a hardware table.
 
     Run it on the target device (or a machine like it). Each distinct layer shape is timed once, as a one-layer
-    model with its activation, FP32 and INT8 interleaved.
+    model with its activation, FP32 and INT8 interleaved. Write the table the target profile names
+    (hardware_table); a table holds one kind of kernels, so --merge refuses to mix targets with and without
+    ai.edgekit ops.
 
     \b
     Example:
       edgekit hardware probe builtin:efficientnet-lite0 builtin:digits-cnn --out hardware/cpu-x86.json
+      edgekit hardware probe builtin:efficientnet-lite0 --target cpu-x86-edgekit --out hardware/cpu-x86-edgekit.json
     """
     from edgekit.cost import HardwareTable
     from edgekit.probe import probe_models, write_hardware_table
 
+    edgekit_ops = False
+    if target_name:
+        from edgekit.targets import load_target
+
+        edgekit_ops = "ai.edgekit" in load_target(target_name).custom_op_domains
     table = HardwareTable.load(out) if merge and out.exists() else None
     table = probe_models(list(models), [o.strip() for o in options.split(",") if o.strip()], ctx=_ctx(), table=table,
-                         rounds=rounds, per_round=per_round, threads=threads, copies=copies)
+                         rounds=rounds, per_round=per_round, threads=threads, copies=copies, edgekit_ops=edgekit_ops)
     write_hardware_table(table, out)
     click.echo(f"wrote {out}: {len(table.entries)} layer signatures x {options}")
 

@@ -9,6 +9,12 @@ the layer and its activation are one unit). Each unit is timed in ONNX Runtime p
   per tensor, int8 weights per channel), with its boundary QuantizeLinear/DequantizeLinear removed: uint8 in,
   uint8 out, as inside an int8 graph where layers chain without float round trips. ``quantize_in_ms`` and
   ``dequantize_out_ms`` record what float neighbours add (measured on the same unit with float input and output).
+- weight-only ``w<bits>g<group>[s]``: ``export.lowbit``'s rewrite (MatMulNBits, or ``ai.edgekit::MatMulLowBit``).
+
+With ``edgekit_ops`` (a target whose runtime carries edgekit's native library, ``custom_op_domains`` naming
+``ai.edgekit``: ``edgekit hardware probe --target``) every unit is exported as that target's exporter writes it:
+int8 depthwise and stem convolutions as ``ai.edgekit`` ops (``export.ort_qconv``), weight-only layers as
+``MatMulLowBit``, and the sessions register the library. Probing so needs the library built here.
 
 Each unit holds ``copies`` side-by-side copies of the layer (one call runs them back to back, so ORT's thread pool
 stays awake between them as it does inside a whole model; a lone layer per call pays a thread wake-up each time).
@@ -40,6 +46,7 @@ from edgekit.inventory import layer_inventory
 
 log = logging.getLogger(__name__)
 
+KERNELS = "ai.edgekit (int8 depthwise/stem convolutions: export.ort_qconv; weight-only: MatMulLowBit)"
 PROBE_OPTIONS = ("fp32", "w8a8", "w8a8d")  # plus any weight-only w<bits>g<group>[s] (MatMul / Gemm layers)
 
 
@@ -162,10 +169,17 @@ class ProfiledUnit:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, *, threads: int | None, tmp: Path, seed: int = 0) -> None:
+    def __init__(self, path: Path, *, threads: int | None, tmp: Path, seed: int = 0, native: bool = False) -> None:
         import onnxruntime as ort
 
         opts = session_options(threads)
+        if native:
+            from edgekit.kernels import ort_native
+
+            if not ort_native.register_native(opts):
+                raise ConfigError("probing for a target with ai.edgekit kernels needs edgekit's native library, and "
+                                  "it is not built here", hint="build it: python runtimes/onnxruntime/build.py (or "
+                                  "make native)")
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / f"profile_{Path(path).stem}")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
@@ -208,9 +222,22 @@ def kernel_ms(profile: tuple[float, dict[str, float]], exclude: tuple[str, ...] 
 
 
 def measure_unit(model, layer: str, geometry: LayerGeometry, options: list[str], tmp: Path, *, rounds: int,
-                 per_round: int, threads: int | None, copies: int = 4, warmup: int = 5) -> dict[str, dict]:
+                 per_round: int, threads: int | None, copies: int = 4, warmup: int = 5,
+                 edgekit_ops: bool = False) -> dict[str, dict]:
     """Time one layer unit under each option, interleaved; returns {option: {"median_ms", ...}} (see ``probe``)."""
     import onnx
+
+    def target_form(qdq):  # an int8 unit as a target with ai.edgekit kernels exports it
+        if not edgekit_ops:
+            return qdq
+        from edgekit.export.ort_qconv import apply_qconv
+
+        out = apply_qconv(qdq)[0]
+        used = {x for n in out.graph.node for x in n.input} | {o.name for o in out.graph.output}
+        dead = [n for n in out.graph.node if not any(y in used for y in n.output)]  # the copies' shared input DQ
+        for n in dead:
+            out.graph.node.remove(n)
+        return out
 
     fp32 = tmp / "fp32.onnx"
     onnx.save(one_layer_model(model, layer, geometry, copies=copies), str(fp32))
@@ -220,14 +247,16 @@ def measure_unit(model, layer: str, geometry: LayerGeometry, options: list[str],
         core, ok = integer_io(onnx.load(str(qdq)))
         if not ok:
             log.warning("layer %s: no int8 boundary found in the quantized unit; timing it with float I/O", layer)
-        onnx.save(core, str(tmp / "w8a8.onnx"))
+        onnx.save(target_form(core), str(tmp / "w8a8.onnx"))
+        if edgekit_ops:
+            onnx.save(target_form(onnx.load(str(qdq))), str(qdq))
         paths |= {"w8a8": tmp / "w8a8.onnx", "w8a8_float_io": qdq}
     if "w8a8d" in options:
         paths["w8a8d"] = _dynamic_unit(fp32, tmp / "w8a8d.onnx")
     for option in options:
         if option not in paths and option != "w8a8":
-            paths[option] = _weight_only_unit(fp32, tmp / f"{option}.onnx", option)
-    units = {key: ProfiledUnit(path, threads=threads, tmp=tmp) for key, path in paths.items()}
+            paths[option] = _weight_only_unit(fp32, tmp / f"{option}.onnx", option, edgekit_ops=edgekit_ops)
+    units = {key: ProfiledUnit(path, threads=threads, tmp=tmp, native=edgekit_ops) for key, path in paths.items()}
     stats = compare_latency(units, {}, rounds=rounds, per_round=per_round, warmup=warmup)
     profiles = {key: unit.profile(skip=warmup) for key, unit in units.items()}
     out = {}
@@ -259,7 +288,7 @@ def _dynamic_unit(fp32_path: Path, out: Path) -> Path:
     return quantize_w8a8d(fp32_path, out, plan)
 
 
-def _weight_only_unit(fp32_path: Path, out: Path, option: str) -> Path:
+def _weight_only_unit(fp32_path: Path, out: Path, option: str, *, edgekit_ops: bool = False) -> Path:
     """The unit with weight-only low-bit weights (``export.lowbit``; RTN: timing does not depend on the values)."""
     import onnx
 
@@ -273,15 +302,16 @@ def _weight_only_unit(fp32_path: Path, out: Path, option: str) -> Path:
     nodes = {n.name: n for n in model.graph.node}
     weights = {n: rtn(weight_matrix(nodes[n], inits), bits, group, symmetric=symmetric, clip=False)
                for n in _weighted(model)}
-    onnx.save(apply_weight_only(model, weights), str(out))
+    onnx.save(apply_weight_only(model, weights, edgekit_ops=edgekit_ops), str(out))
     return out
 
 
 # -- probing --------------------------------------------------------------------------------------------------------
 def probe(model_path: Path, options: list[str] | tuple[str, ...] = PROBE_OPTIONS, *, rounds: int = 5,
           per_round: int = 20, threads: int | None = None, progress: Callable | None = None,
-          table: HardwareTable | None = None, copies: int = 4) -> HardwareTable:
+          table: HardwareTable | None = None, copies: int = 4, edgekit_ops: bool = False) -> HardwareTable:
     """Measure every weighted layer of an ONNX model under each option; returns a HardwareTable (batch 1).
+    ``edgekit_ops``: as a target with ``ai.edgekit`` kernels exports and runs them (see the module docstring).
 
     Signatures already in ``table`` (or seen earlier in this model) are not measured again; the result holds
     ``table``'s entries plus the new ones. ``progress`` is a track-like wrapper (``Context.track``).
@@ -294,6 +324,10 @@ def probe(model_path: Path, options: list[str] | tuple[str, ...] = PROBE_OPTIONS
     if bad or not options:
         raise ConfigError(f"cannot probe options {bad or options}",
                           hint=f"probe-able: {', '.join(PROBE_OPTIONS)} and weight-only w<bits>g<group>[s]")
+    if table is not None and table.entries and bool(table.meta.get("kernels")) != edgekit_ops:
+        raise ConfigError(f"cannot add measurements {'with' if edgekit_ops else 'without'} ai.edgekit kernels to a "
+                          f"table measured {'without' if edgekit_ops else 'with'} them",
+                          hint="keep one hardware table per target (a profile's hardware_table)")
     model_path = Path(model_path)
     model = onnx.load(str(model_path))
     geometry = layer_geometry(model)
@@ -319,10 +353,12 @@ def probe(model_path: Path, options: list[str] | tuple[str, ...] = PROBE_OPTIONS
                 continue
             unit = Path(tempfile.mkdtemp(prefix="unit-", dir=tmp))
             measured = measure_unit(model, layer.name, geometry[layer.name], missing, unit, rounds=rounds,
-                                    per_round=per_round, threads=threads, copies=copies)
+                                    per_round=per_round, threads=threads, copies=copies, edgekit_ops=edgekit_ops)
             result.entries.setdefault(sig, {}).update(measured)
             log.info("%s: %s", layer.name, {o: m["median_ms"] for o, m in measured.items()})
     result.meta.update(_meta(threads, rounds, per_round), copies=copies)
+    if edgekit_ops:
+        result.meta["kernels"] = KERNELS
     result.meta["models"] = sorted(set(result.meta.get("models", [])) | {model_path.name})
     return result
 

@@ -300,3 +300,38 @@ def test_cost_and_probe_import_no_torch():
 
     code = "import sys, edgekit.cost, edgekit.probe; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_probe_for_a_target_with_edgekit_kernels_times_them(fp32, tmp_path, monkeypatch):
+    from edgekit.kernels import ort_native
+    from edgekit.probe import _weight_only_unit, measure_unit
+
+    if ort_native.library_path() is None:
+        pytest.skip("native ai.edgekit library not built")
+    model, geo = onnx.load(str(fp32)), layer_geometry(fp32)
+    for layer, op in (("dw", "QLinearDepthwiseConv"), ("stem", "QLinearConvDirect")):
+        unit = tmp_path / layer
+        unit.mkdir()
+        out = measure_unit(model, layer, geo[layer], ["w8a8"], unit, rounds=1, per_round=3, threads=1,
+                           edgekit_ops=True)
+        assert out["w8a8"]["median_ms"] > 0 and out["w8a8"]["quantize_in_ms"] > 0
+        nodes = onnx.load(str(unit / "w8a8.onnx")).graph.node
+        # each copy runs as the target's op, between the layout changes kernel_ms leaves out; nothing else runs
+        assert sorted({(n.domain, n.op_type) for n in nodes}) == [("", "Transpose"), ("ai.edgekit", op)]
+        assert sum(n.op_type == op for n in nodes) == 4
+    fc = tmp_path / "fc.onnx"
+    onnx.save(one_layer_model(model, "fc", geo["fc"]), str(fc))
+    low = _weight_only_unit(fc, tmp_path / "fc_w3.onnx", "w3g32", edgekit_ops=True)
+    assert [(n.domain, n.op_type) for n in onnx.load(str(low)).graph.node if n.domain] == [("ai.edgekit",
+                                                                                              "MatMulLowBit")]
+    table = probe(fp32, ["fp32", "w8a8"], rounds=1, per_round=3, threads=1, edgekit_ops=True)
+    assert "ai.edgekit" in table.meta["kernels"] and len(table.entries) == len(layer_inventory(fp32))
+    plain = probe(fp32, ["fp32"], rounds=1, per_round=3, threads=1)
+    assert "kernels" not in plain.meta
+    with pytest.raises(ConfigError, match="with ai.edgekit kernels to a table measured without"):
+        probe(fp32, ["w8a8"], rounds=1, per_round=3, table=plain, edgekit_ops=True)
+    with pytest.raises(ConfigError, match="without ai.edgekit kernels to a table measured with"):
+        probe(fp32, ["w8a8"], rounds=1, per_round=3, table=table)
+    monkeypatch.setattr(ort_native, "register_native", lambda so: False)
+    with pytest.raises(ConfigError, match="native library"):
+        ProfiledUnit(unit / "w8a8.onnx", threads=1, tmp=tmp_path, native=True)
