@@ -233,6 +233,34 @@ def test_without_the_native_library_lowbit_falls_back_and_a_bad_sparse_op_is_a_c
         OrtRuntime(sparse.SerializeToString())
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_k_not_a_multiple_of_the_group_exports_padded_rows_that_both_kernels_run(native, monkeypatch, tmp_path):
+    """MatMulLowBit stores each row padded to whole groups (``kernels.lowbit``: ``padded_k``). fc2's K = 96 with
+    groups of 64 pads to 128; an export of unpadded rows was refused by the native kernel (found probing a pruned
+    MiniLM's FFN, K = 1344, w4g128)."""
+    from edgekit.agent.runtime import OrtRuntime
+    from edgekit.kernels import ort_native
+    from edgekit.kernels.lowbit import packed_row_bytes
+
+    if native and ort_native.library_path() is None:
+        pytest.skip("native ai.edgekit library not built (python runtimes/onnxruntime/build.py)")
+    if not native:
+        pytest.importorskip("onnxruntime_extensions")
+        monkeypatch.setenv("EDGEKIT_ORT_LIBRARY", str(tmp_path / "missing.so"))
+    model = _tiny_model()
+    inits = {i.name: i for i in model.graph.initializer}
+    qs = {"fc1": rtn(weight_matrix(model.graph.node[1], inits), 3, 128),  # K = 64: one group, half padding
+          "fc2": rtn(weight_matrix(model.graph.node[2], inits), 4, 64)}
+    out = apply_weight_only(model, qs, accuracy_level=0, edgekit_ops=True)
+    stored = {i.name: tuple(i.dims) for i in out.graph.initializer}
+    assert stored["fc1::B"] == (96, packed_row_bytes(128, 3)) and stored["fc2::B"] == (10, packed_row_bytes(128, 4))
+    ids = np.array([1, 2, 3, 40], dtype=np.int64)
+    e = numpy_helper.to_array(inits["E"])[ids]
+    ref = e @ qs["fc1"].dequantize().T @ qs["fc2"].dequantize().T + numpy_helper.to_array(inits["b2"])
+    got = OrtRuntime(out.SerializeToString()).run({"ids": ids})["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_fused_bias_runs_through_the_python_fallback(monkeypatch, tmp_path):
     """Without the native library, a MatMulLowBit with a bias input still computes ``x @ W.T + b`` (the fallback
     moves the bias into an Add)."""

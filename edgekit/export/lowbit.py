@@ -87,7 +87,7 @@ def matmul_lowbit(name: str, x: str, y: str | list[str], qw: QWeight, *, bias: s
 
     from edgekit.kernels import lowbit as spec
 
-    inits = [numpy_helper.from_array(pack(qw.q[:, : qw.k], qw.bits), f"{name}::B"),
+    inits = [numpy_helper.from_array(pack(qw.q, qw.bits), f"{name}::B"),  # rows padded to whole groups
              numpy_helper.from_array(qw.scales.astype(np.float32), f"{name}::scales")]
     inputs = [x, f"{name}::B", f"{name}::scales"]
     if qw.zeros is not None:
