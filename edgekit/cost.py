@@ -318,9 +318,21 @@ class HardwareTable:
 
     @classmethod
     def for_profile(cls, profile, root: Path | None = None) -> HardwareTable | None:
-        """The profile's table, or None when it names none or the file does not exist (yet)."""
+        """The profile's table, or None when it names none or the file does not exist (yet). A table probed with
+        ``ai.edgekit`` kernels for a profile without them (or the reverse) is used with a warning."""
         path = hardware_table_path(profile, root)
-        return cls.load(path, label=profile.hardware_table) if path is not None and path.is_file() else None
+        if path is None or not path.is_file():
+            return None
+        table = cls.load(path, label=profile.hardware_table)
+        if ("ai.edgekit" in profile.custom_op_domains) != bool(table.meta.get("kernels")):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "hardware table %s was probed %s ai.edgekit kernels, and target %s runs %s them; its latencies "
+                "misprice those layers (probe with `edgekit hardware probe --target %s`)", profile.hardware_table,
+                "with" if table.meta.get("kernels") else "without", profile.name,
+                "with" if "ai.edgekit" in profile.custom_op_domains else "without", profile.name)
+        return table
 
 
 def hardware_table_path(profile, root: Path | None = None) -> Path | None:

@@ -180,7 +180,7 @@ def test_cost_table_prefers_measured_entries(fp32, profile):
 
 
 # -- hardware tables ------------------------------------------------------------------------------------------------
-def test_hardware_table_round_trip_and_missing_file(tmp_path, profile):
+def test_hardware_table_round_trip_and_missing_file(tmp_path, profile, caplog):
     assert HardwareTable.for_profile(profile, root=tmp_path) is None
     assert hardware_table_path(profile, tmp_path) == tmp_path / "hardware" / "cpu-x86.json"
     assert HardwareTable.for_profile(profile.model_copy(update={"hardware_table": None})) is None
@@ -197,6 +197,13 @@ def test_hardware_table_round_trip_and_missing_file(tmp_path, profile):
     (tmp_path / "bad.json").write_text(json.dumps({"version": 99, "entries": {}}))
     with pytest.raises(ConfigError):
         HardwareTable.load(tmp_path / "bad.json")
+    # a target with ai.edgekit kernels reading a table probed without them (and the reverse) is warned about
+    edgekit_profile = profile.model_copy(update={"custom_op_domains": ["ai.edgekit"]})
+    with caplog.at_level("WARNING", logger="edgekit.cost"):
+        assert HardwareTable.for_profile(profile, root=tmp_path) is not None
+        assert not caplog.records
+        assert HardwareTable.for_profile(edgekit_profile, root=tmp_path) is not None
+    assert "probed without ai.edgekit kernels" in caplog.text
     with pytest.raises(ConfigError):
         HardwareTable.load(tmp_path / "nothing.json")
 
