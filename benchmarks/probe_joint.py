@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
     target = load_target(args.target)
     multiple = target.hardware.channel_multiple
-    edgekit_ops = "ai.edgekit" in target.custom_op_domains
     label = str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT) else str(args.out)
     base = HardwareTable.load(args.out, label=label) if args.out.exists() else HardwareTable(label=label)
     table = HardwareTable(meta=dict(base.meta), label=base.label)
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, m in variants(name, onnx.load(str(prep.fp32_path)), multiple):
                 path = work / f"{label}.onnx"
                 onnx.save(m, str(path))
-                table = probe(path, OPTIONS[name], table=table, edgekit_ops=edgekit_ops)
+                table = probe(path, OPTIONS[name], table=table, edgekit_ops=target.edgekit_kernels)
                 merged = base.merge(table)
                 merged.meta["command"] = "benchmarks/probe_joint.py " + " ".join(argv or sys.argv[1:])
                 args.out.write_text(json.dumps(merged.to_dict(), indent=1, sort_keys=True) + "\n")

@@ -452,7 +452,7 @@ def hardware_probe(models, out, options, merge, rounds, per_round, threads, copi
     if target_name:
         from edgekit.targets import load_target
 
-        edgekit_ops = "ai.edgekit" in load_target(target_name).custom_op_domains
+        edgekit_ops = load_target(target_name).edgekit_kernels
     table = HardwareTable.load(out) if merge and out.exists() else None
     table = probe_models(list(models), [o.strip() for o in options.split(",") if o.strip()], ctx=_ctx(), table=table,
                          rounds=rounds, per_round=per_round, threads=threads, copies=copies, edgekit_ops=edgekit_ops)

@@ -324,14 +324,14 @@ class HardwareTable:
         if path is None or not path.is_file():
             return None
         table = cls.load(path, label=profile.hardware_table)
-        if ("ai.edgekit" in profile.custom_op_domains) != bool(table.meta.get("kernels")):
+        if profile.edgekit_kernels != bool(table.meta.get("kernels")):
             import logging
 
             logging.getLogger(__name__).warning(
                 "hardware table %s was probed %s ai.edgekit kernels, and target %s runs %s them; its latencies "
                 "misprice those layers (probe with `edgekit hardware probe --target %s`)", profile.hardware_table,
                 "with" if table.meta.get("kernels") else "without", profile.name,
-                "with" if "ai.edgekit" in profile.custom_op_domains else "without", profile.name)
+                "with" if profile.edgekit_kernels else "without", profile.name)
         return table
 
 

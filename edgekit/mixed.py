@@ -141,7 +141,7 @@ def edgekit_ops(target: str) -> bool:
     from edgekit.targets import load_target
 
     try:
-        return "ai.edgekit" in load_target(target).custom_op_domains
+        return load_target(target).edgekit_kernels
     except ConfigError:  # a plan for a profile this machine does not have: the portable ops
         return False
 

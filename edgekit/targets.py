@@ -198,6 +198,12 @@ class TargetProfile(_Frozen):
         """The preferred runtime."""
         return self.runtimes[0]
 
+    @property
+    def edgekit_kernels(self) -> bool:
+        """Whether the target's runtime carries edgekit's native kernels (``ai.edgekit`` in ``custom_op_domains``):
+        ONNX Runtime's custom-op library, or the TensorRT plugins."""
+        return "ai.edgekit" in self.custom_op_domains
+
     def supports(self, op: str, scheme: str) -> bool:
         """Whether ``op`` ("conv", "depthwise_conv", "linear") runs ``scheme`` natively on this target.
 

@@ -53,7 +53,7 @@ def apply_plan_tensorrt(plan: Plan, fp32: Artifact, calib: Dataset, out: Path, p
     if wonly:
         quantizer = plan_quantizer(plan, fp32, calib, ctx, layers=list(wonly))
         weights = {n: quantizer.qweight(n, o) for n, o in wonly.items()}
-    options = {"tensorrt_major": profile.tensorrt.major, "plugins": "ai.edgekit" in profile.custom_op_domains,
+    options = {"tensorrt_major": profile.tensorrt.major, "plugins": profile.edgekit_kernels,
                "weights": weights, "track": ctx.track}
     graph = tensorrt_graph(onnx.load(str(fp32.path)), plan, calib, **options)
     if graph.int8_layers and plan.activations.get("bias_correction", True):

@@ -222,7 +222,7 @@ def require(model, profile, *, sparse: bool = False, stage: str = "graph") -> No
     if profile.tensorrt is None:
         raise UnsupportedOnTarget(f"target {profile.name} has no TensorRT version")
     problems = check(model, profile.tensorrt.version, profile.hardware.sm or "0.0",
-                     plugins="ai.edgekit" in profile.custom_op_domains, sparse=sparse)
+                     plugins=profile.edgekit_kernels, sparse=sparse)
     if problems:
         shown = "\n  ".join(str(p) for p in problems[:12])
         more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
