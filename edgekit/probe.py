@@ -230,13 +230,11 @@ def measure_unit(model, layer: str, geometry: LayerGeometry, options: list[str],
     def target_form(qdq):  # an int8 unit as a target with ai.edgekit kernels exports it
         if not edgekit_ops:
             return qdq
+        from edgekit.compress.graphedit import eliminate_dead_code
         from edgekit.export.ort_qconv import apply_qconv
 
         out = apply_qconv(qdq)[0]
-        used = {x for n in out.graph.node for x in n.input} | {o.name for o in out.graph.output}
-        dead = [n for n in out.graph.node if not any(y in used for y in n.output)]  # the copies' shared input DQ
-        for n in dead:
-            out.graph.node.remove(n)
+        eliminate_dead_code(out.graph)  # the copies' shared input DequantizeLinear, which nothing reads any more
         return out
 
     fp32 = tmp / "fp32.onnx"

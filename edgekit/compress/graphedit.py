@@ -87,7 +87,7 @@ def _live(graph: onnx.GraphProto, inputs_of: dict[int, list[str]] | None = None)
     return live
 
 
-def _eliminate_dead_code(graph: onnx.GraphProto) -> None:
+def eliminate_dead_code(graph: onnx.GraphProto) -> None:
     """Drop nodes no graph output needs, then initializers and value_info nothing reads any more (inputs stay)."""
     live = _live(graph)
     nodes = [n for n, keep in zip(graph.node, live) if keep]
@@ -234,7 +234,7 @@ def remove_units(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     nested = set().union(*(_used_names(n) - set(n.input) for n in graph.node)) & subst.keys()
     if nested:
         raise ValueError(f"tensors {sorted(nested)} are read inside subgraphs; removing their units is unsupported")
-    _eliminate_dead_code(graph)
+    eliminate_dead_code(graph)
     onnx.checker.check_model(out)
     return out
 
