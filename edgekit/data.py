@@ -40,6 +40,8 @@ class Dataset:
     ``groups`` (optional, one integer per sample) says which samples are *not* independent: samples with the same id
     come from one source (crops of one photograph). Whatever holds samples out to check a fit (``edgekit.structure``,
     ``compress.refit``) holds out whole groups, since a fit to some crops of a picture also fits its other crops.
+    ``group_names`` (optional, with ``groups``) names the sources by id (``group_names[g]``); verification reports
+    top-1 agreement per source with them (``edgekit.verify``). Neither name nor group names enter ``sha256``.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Dataset:
     labels: np.ndarray | None
     source: str
     groups: np.ndarray | None = None
+    group_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -67,6 +70,12 @@ class Dataset:
                 raise DataError(f"{self.source}: sample groups must be one integer per sample, got "
                                 f"{groups.dtype} {groups.shape} for {n} samples")
             object.__setattr__(self, "groups", groups.astype(np.int64))
+        if self.group_names is not None:
+            names = tuple(str(x) for x in self.group_names)
+            if self.groups is None or (len(self.groups) and int(self.groups.max()) >= len(names)) \
+                    or int(self.groups.min(initial=0)) < 0:
+                raise DataError(f"{self.source}: group names need sample groups with ids in 0..{len(names) - 1}")
+            object.__setattr__(self, "group_names", names)
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
@@ -113,7 +122,8 @@ class Dataset:
         index = index if isinstance(index, slice) else np.asarray(index, np.int64)
         labels = None if self.labels is None else self.labels[index]
         groups = None if self.groups is None else self.groups[index]
-        return Dataset(self.name, {k: v[index] for k, v in self.inputs.items()}, labels, self.source, groups)
+        return Dataset(self.name, {k: v[index] for k, v in self.inputs.items()}, labels, self.source, groups,
+                       self.group_names)
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
         """One feed dict per sample, each array with batch dimension 1 (e.g. for an ORT calibration reader)."""

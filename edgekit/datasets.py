@@ -224,7 +224,8 @@ def builtin_dataset(
 
     ``role`` picks the split: ``calibration`` or ``evaluation`` (and ``train`` for digits). Photos default to
     64 calibration / 128 evaluation crops and carry no labels, and their ``groups`` say which photograph each crop
-    comes from; digits carry labels and ``n`` keeps the first ``n`` samples of the split.
+    comes from (``group_names``: the split's photographs); digits carry labels and ``n`` keeps the first ``n``
+    samples of the split.
     """
     if name not in BUILTIN_NAMES:
         raise ConfigError(
@@ -247,15 +248,17 @@ def builtin_dataset(
         raw = photo_crops(role, count, preprocessing.size, seed, channels=preprocessing.channels)
         labels = None
         groups = np.arange(count) % len(PHOTO_SPLITS[role])  # crops go round-robin over the split's photographs
+        names = PHOTO_SPLITS[role]
     else:
         images, labels = digits(role, seed)
         if n is not None:
             images, labels = images[:n], labels[:n]
-        groups = None  # every digit is its own image
+        groups = names = None  # every digit is its own image
         raw = _resize_batch(images, preprocessing.size)
         if preprocessing.channels == 3:
             raw = np.repeat(raw, 3, axis=-1)
     x = preprocessing.apply(raw)
     x = conform(x, spec, source=source, layout=preprocessing.layout)
     log.debug("built-in %s/%s: %d samples of %s", name, role, len(x), x.shape[1:])
-    return Dataset(name=f"{name}-{role}", inputs={spec.name: x}, labels=labels, source=source, groups=groups)
+    return Dataset(name=f"{name}-{role}", inputs={spec.name: x}, labels=labels, source=source, groups=groups,
+                   group_names=names)

@@ -171,9 +171,13 @@ def render_html(r: dict) -> str:
         f"{'' if o['top1_agreement'] is None else format(o['top1_agreement'], '.1%')}</td></tr>"
         for o in v["outputs"]
     )
-    acc = ""
+    acc = "".join(
+        f"<p>Top-1 agreement of {_e(o['name'])} per source of the held-out samples: "
+        + ", ".join(f"{_e(k)} {x:.1%}" for k, x in o["top1_by_group"].items()) + ".</p>"
+        for o in v["outputs"] if o.get("top1_by_group")
+    )
     if v.get("accuracy") is not None:
-        acc = (f"<p>Accuracy on labelled held-out data: <b>{v['accuracy']:.2%}</b> "
+        acc += (f"<p>Accuracy on labelled held-out data: <b>{v['accuracy']:.2%}</b> "
                f"(original {v['accuracy_reference']:.2%}, drop {v['accuracy_drop']:.2%}).</p>")
     size_svg = _bar_svg([("FP32", size["fp32_bytes"] / 1e6, "#9aa5b1"),
                          (r["precision"]["chosen"].upper(), size["artifact_bytes"] / 1e6, "#2f7d32")], "MB")

@@ -32,6 +32,9 @@ class OutputMetrics:
     cosine: float
     max_abs: float
     top1_agreement: float | None = None
+    # top-1 agreement per source of the samples (Dataset.groups / group_names, e.g. each photograph of the built-in
+    # photos), in the sources' order: where a failure concentrates (one photograph can hold most of the disagreement)
+    top1_by_group: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class VerificationReport:
         parts = [f"SQNR {o.sqnr_db:.1f} dB", f"cosine {o.cosine:.4f}"]
         if o.top1_agreement is not None:
             parts.append(f"top-1 agreement {o.top1_agreement:.1%}")
+        if o.top1_by_group:
+            worst = min(o.top1_by_group, key=o.top1_by_group.get)
+            parts.append(f"lowest on {worst} ({o.top1_by_group[worst]:.1%})")
         if self.accuracy is not None:
             parts.append(f"accuracy {self.accuracy:.1%} (original {self.accuracy_reference:.1%})")
         return ", ".join(parts) + f" on {self.samples} samples — {'PASS' if self.passed else 'FAIL'}"
@@ -108,8 +114,12 @@ def mean_cosine(ref: np.ndarray, out: np.ndarray) -> float:
 def compare(
     reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *, classification: bool,
     labels: np.ndarray | None, tolerances, tolerance_class: str, artifact: Artifact, data_source: str,
+    groups: np.ndarray | None = None, group_names: tuple[str, ...] | None = None,
 ) -> VerificationReport:
-    """Compare candidate outputs with the reference and judge them against ``tolerances`` (a targets.Tolerances)."""
+    """Compare candidate outputs with the reference and judge them against ``tolerances`` (a targets.Tolerances).
+
+    With ``groups`` (one source id per sample, ``Dataset.groups``) a classification output's top-1 agreement is also
+    reported per source (named by ``group_names`` where given); it informs, the tolerances judge the whole set."""
     outputs, failures = [], []
     acc_ref = acc = None
     for name, ref in reference.items():
@@ -128,7 +138,11 @@ def compare(
             if labels is not None and acc is None:
                 acc_ref = float((ref.argmax(1) == labels).mean())
                 acc = float((out.argmax(1) == labels).mean())
-        m = OutputMetrics(name, sqnr_db(ref, out), mean_cosine(ref, out), float(np.max(np.abs(ref - out))), agree)
+        by_group = None
+        if agree is not None and groups is not None and len(groups) == len(ref):
+            by_group = agreement_by_group(ref.argmax(1) == out.argmax(1), groups, group_names)
+        m = OutputMetrics(name, sqnr_db(ref, out), mean_cosine(ref, out), float(np.max(np.abs(ref - out))), agree,
+                          by_group)
         outputs.append(m)
         if m.sqnr_db < tolerances.min_sqnr_db:
             failures.append(f"{name}: SQNR {m.sqnr_db:.1f} dB < {tolerances.min_sqnr_db} dB")
@@ -143,6 +157,18 @@ def compare(
         data_source=data_source, tolerance_class=tolerance_class, tolerances=tolerances.model_dump(),
         outputs=tuple(outputs), accuracy_reference=acc_ref, accuracy=acc, failures=tuple(failures),
     )
+
+
+def agreement_by_group(agree: np.ndarray, groups: np.ndarray, names: tuple[str, ...] | None = None,
+                       ) -> dict[str, float] | None:
+    """Share of agreeing samples per group id, keyed by name (``names[id]``) or by the id as text, in id order; None
+    for fewer than two groups (nothing to break down)."""
+    groups = np.asarray(groups)
+    ids = np.unique(groups)
+    if len(ids) < 2:
+        return None
+    key = (lambda g: names[g]) if names is not None else str
+    return {key(int(g)): round(float(np.mean(agree[groups == g])), 4) for g in ids}
 
 
 def run_artifact(artifact: Artifact, data: Dataset, ctx: Context) -> dict[str, np.ndarray]:
@@ -200,7 +226,8 @@ def verify_artifact(
         candidate = dict(zip(reference, candidate.values()))
     return compare(
         reference, candidate, classification=classification, labels=data.labels, tolerances=tolerances,
-        tolerance_class=tolerance_class, artifact=artifact, data_source=data.source,
+        tolerance_class=tolerance_class, artifact=artifact, data_source=data.source, groups=data.groups,
+        group_names=data.group_names,
     )
 
 

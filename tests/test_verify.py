@@ -66,3 +66,48 @@ def test_report_is_json_serialisable(tmp_path):
     path = r.save(tmp_path / "v.json")
     d = json.loads(path.read_text())
     assert d["passed"] is True and d["outputs"][0]["name"] == "logits"
+
+
+def test_top1_agreement_is_broken_down_per_source_and_names_the_worst():
+    """Built-in photo crops carry which photograph each came from: a failure concentrated on one photograph (session 28:
+    a pruned EfficientNet-Lite0 agreed on 0 of 21 crops of one photo) shows in the report, and the pass/fail judgement
+    still reads the whole set."""
+    from edgekit.verify import agreement_by_group
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(30, 6)).astype(np.float32)
+    out = ref.copy()
+    groups = np.arange(30) % 3  # three sources, ten samples each
+    bad = np.where(groups == 1)[0]
+    out[bad] = np.roll(ref[bad], 1, axis=1) * 5  # every sample of source 1 changes class
+    out[bad[:2]] = ref[bad[:2]]  # two of its ten still agree
+    r = compare({"logits": ref}, {"logits": out}, classification=True, labels=None, tolerances=TOL,
+                tolerance_class="int8", artifact=ART, data_source="test", groups=groups,
+                group_names=("moon", "flower", "coffee"))
+    o = r.outputs[0]
+    assert o.top1_agreement == pytest.approx(22 / 30)
+    assert o.top1_by_group == {"moon": 1.0, "flower": 0.2, "coffee": 1.0}
+    assert list(o.top1_by_group) == ["moon", "flower", "coffee"]
+    assert "lowest on flower (20.0%)" in r.summary()
+    assert not r.passed and r.to_dict()["outputs"][0]["top1_by_group"]["flower"] == 0.2
+    # without names the ids key it; one source, or no groups, means no breakdown
+    assert agreement_by_group(np.array([True, False]), np.array([4, 7])) == {"4": 1.0, "7": 0.0}
+    assert agreement_by_group(np.array([True, False]), np.array([0, 0])) is None
+    assert _compare(ref, out).outputs[0].top1_by_group is None
+
+
+def test_builtin_photos_name_their_sources_and_subsets_keep_the_names():
+    from edgekit.data import Dataset
+    from edgekit.datasets import EVALUATION_SOURCES, builtin_dataset
+    from edgekit.errors import DataError
+    from edgekit.iospec import Preprocessing, TensorSpec
+
+    spec = TensorSpec("x", (1, 3, 32, 32))
+    d = builtin_dataset("photos", "evaluation", (spec,), Preprocessing(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3),
+                        n=12)
+    assert d.group_names == EVALUATION_SOURCES and d.groups.max() < len(EVALUATION_SOURCES)
+    assert d.subset([1, 2]).group_names == EVALUATION_SOURCES
+    with pytest.raises(DataError, match="group names"):
+        Dataset("d", {"x": np.zeros((2, 1), np.float32)}, None, "t", np.array([0, 3]), ("a", "b"))
+    with pytest.raises(DataError, match="group names"):
+        Dataset("d", {"x": np.zeros((2, 1), np.float32)}, None, "t", None, ("a", "b"))
