@@ -467,6 +467,7 @@ def _issue_checks(name, prep, model, layers, allocs, common, work: Path, ctx) ->
                            {"budget": spec, "pruned_layers": pruned, "structure": sorted(kinds),
                             "options": {c.layer: c.option for c in plan.layers},
                             "rounds": analysis["latency_rounds"], "verification": report.summary(),
+                            "top1_by_source": report.outputs[0].top1_by_group if report.outputs else None,
                             "verified": report.passed, "tolerance_class": tol}))
     return rows
 

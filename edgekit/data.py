@@ -72,8 +72,7 @@ class Dataset:
             object.__setattr__(self, "groups", groups.astype(np.int64))
         if self.group_names is not None:
             names = tuple(str(x) for x in self.group_names)
-            if self.groups is None or (len(self.groups) and int(self.groups.max()) >= len(names)) \
-                    or int(self.groups.min(initial=0)) < 0:
+            if self.groups is None or int(self.groups.min()) < 0 or int(self.groups.max()) >= len(names):
                 raise DataError(f"{self.source}: group names need sample groups with ids in 0..{len(names) - 1}")
             object.__setattr__(self, "group_names", names)
 
