@@ -20,7 +20,7 @@ from edgekit.context import Context
 from edgekit.data import Dataset, integer_inputs, load_data
 from edgekit.errors import ConfigError, UnsupportedOnTarget, VerificationFailed
 from edgekit.export.onnx import describe, export_onnx
-from edgekit.fsutil import staging_dir
+from edgekit.fsutil import check_file_name, make_dirs, remove_empty, staging_dir
 from edgekit.inventory import LayerInfo, layer_inventory
 from edgekit.iospec import Artifact
 from edgekit.mixed import allocate as allocate_mixed
@@ -179,9 +179,19 @@ def build(req: BuildRequest, ctx: Context) -> BuildResult:
         model = replace(model, task=req.task)
     runtime = _export_runtime(profile, model)
     calib, evald = _load_datasets(model, req, ctx)
-    name = req.name or model.name
+    name = check_file_name(req.name or model.name, "bundle name")
     out_root = Path(req.out)
-    out_root.mkdir(parents=True, exist_ok=True)
+    created = make_dirs(out_root)
+    try:
+        return _build_into(out_root, name, req, profile, model, runtime, calib, evald, signing_key, t_start, ctx)
+    except BaseException:
+        remove_empty(created)  # a failed build leaves no empty OUT behind
+        raise
+
+
+def _build_into(out_root: Path, name: str, req: BuildRequest, profile: TargetProfile, model: LoadedModel,
+                runtime: str, calib, evald, signing_key, t_start: float, ctx: Context) -> BuildResult:
+    """The part of ``build`` that works in ``out_root``: choose, verify and write the bundle."""
     cfg = W8A8Config(calib_samples=req.calib_samples)
     if req.plan is not None:  # a replayed plan brings its quantizer settings
         recorded = Plan.load(req.plan).activations

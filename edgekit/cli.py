@@ -62,6 +62,12 @@ class _Group(click.Group):
             ctx.exit(141)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except OSError as exc:  # a path the user gave cannot be read or written (parent is a file, no permission)
+            if ctx.obj and ctx.obj.get("verbose", 0) > 0:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            ctx.exit(ConfigError.exit_code)
         except Exception as exc:  # noqa: BLE001 - the last line of defence for users
             if ctx.obj and ctx.obj.get("verbose", 0) > 0:
                 raise
@@ -121,7 +127,8 @@ _BUILD_OPTIONS = [
     click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True),
     click.option("--eval-samples", type=click.IntRange(min=1), help="Limit the evaluation samples."),
     click.option("--no-latency", is_flag=True, help="Skip the FP32-vs-compressed latency measurement."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for built-in data crops."),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Seed for built-in data crops."),
     click.option("--task", type=click.Choice(["auto", "classification", "embedding", "generic"]), default="auto",
                  show_default=True, help="What the output is: classifiers also get top-1 agreement and accuracy. "
                  "auto: a 2-D output with several columns is taken for class logits."),

@@ -302,17 +302,24 @@ class HardwareTable:
 
     @classmethod
     def from_dict(cls, d: dict, label: str = "") -> HardwareTable:
-        if not isinstance(d, dict) or d.get("version") != HARDWARE_SCHEMA_VERSION or "entries" not in d:
-            got = d.get("version") if isinstance(d, dict) else type(d).__name__
-            raise ConfigError(f"hardware table {label or '(unnamed)'} has schema version {got!r}, "
+        name = label or "(unnamed)"
+        if not isinstance(d, dict):
+            raise ConfigError(f"hardware table {name} is a JSON {type(d).__name__}, not an object",
+                              hint="re-run `edgekit hardware probe`")
+        if d.get("version") != HARDWARE_SCHEMA_VERSION or "entries" not in d:
+            raise ConfigError(f"hardware table {name} has schema version {d.get('version')!r}, "
                               f"expected {HARDWARE_SCHEMA_VERSION}", hint="re-run `edgekit hardware probe`")
+        for key in ("entries", "meta", "layers"):
+            if not isinstance(d.get(key, {}), dict):
+                raise ConfigError(f"hardware table {name}: {key!r} must be a JSON object, not "
+                                  f"{type(d[key]).__name__}", hint="re-run `edgekit hardware probe`")
         return cls(entries=d["entries"], meta=d.get("meta", {}), layers=d.get("layers", {}), label=label)
 
     @classmethod
     def load(cls, path: Path, label: str | None = None) -> HardwareTable:
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read hardware table {path}: {exc}") from exc
         return cls.from_dict(d, label=str(path) if label is None else label)
 

@@ -80,3 +80,39 @@ def staging_dir(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def check_file_name(name: str, what: str) -> str:
+    """``name`` when it is a plain file name (no folder part, not ``.``/``..``, not empty); else ConfigError naming
+    ``what`` it is (a bundle name, a key name), so an output cannot land outside the folder it was meant for."""
+    from edgekit.errors import ConfigError
+
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"invalid {what} {name!r}", hint="use a plain file name such as 'release'")
+    return name
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """``path.mkdir(parents=True, exist_ok=True)``, returning the folders it created, deepest first (for
+    ``remove_empty``); raises ConfigError when a part of the path exists and is not a folder."""
+    from edgekit.errors import ConfigError
+
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"cannot create folder {path}: {p} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; what holds anything stays."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return

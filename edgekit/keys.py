@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgekit.errors import ConfigError
-from edgekit.fsutil import atomic_write_bytes
+from edgekit.fsutil import atomic_write_bytes, check_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ def generate_keypair(out_dir: Path, *, name: str = "edgekit", overwrite: bool = 
 
     Returns ``(private_path, public_path)``. Existing files are kept unless ``overwrite`` is true.
     """
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"invalid key name {name!r}", hint="use a plain file name such as 'release'")
+    check_file_name(name, "key name")
     out_dir = Path(out_dir)
     private_path = out_dir / f"{name}{PRIVATE_SUFFIX}"
     public_path = out_dir / f"{name}{PUBLIC_SUFFIX}"

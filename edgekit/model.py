@@ -212,9 +212,18 @@ def _load_factory(spec: str, input_shapes, input_dtypes=None) -> LoadedModel:
     )
 
 
+def _not_found(path: Path) -> str:
+    return f"model path {path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}"
+
+
 def _load_pt2(path: Path, input_shapes, input_dtypes=None) -> LoadedModel:
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(_not_found(path))
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # torch.export.load would log a traceback before raising
+        raise ModelLoadError(f"{path} is not a torch.export program (a .pt2 file is a zip archive)",
+                             hint="save one with torch.export.save(torch.export.export(model, args), path)")
     import torch
 
     try:
@@ -249,7 +258,7 @@ def _load_pt2(path: Path, input_shapes, input_dtypes=None) -> LoadedModel:
 
 def _load_onnx(path: Path, input_shapes) -> LoadedModel:
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(_not_found(path))
     import onnx
 
     try:

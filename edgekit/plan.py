@@ -168,19 +168,29 @@ class Plan:
         if not isinstance(d, dict):
             raise ConfigError("a plan must be a JSON object")
         version = d.get("version")
-        if version != PLAN_SCHEMA_VERSION:
+        if version != PLAN_SCHEMA_VERSION or isinstance(version, bool):
             raise ConfigError(
-                f"plan schema version {version!r} is not supported (this edgekit reads {PLAN_SCHEMA_VERSION})"
+                f"plan schema version {version!r} is not supported: this edgekit reads \"version\": "
+                f"{PLAN_SCHEMA_VERSION} (a JSON number)"
             )
         known = {"model_sha256", "target", "precision", "layers", "activations", "budget", "solver", "notes", "version"}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown keys in plan: {', '.join(sorted(unknown))}")
+        if "layers" in d and (not isinstance(d["layers"], list) or not all(isinstance(c, dict) for c in d["layers"])):
+            raise ConfigError('a plan\'s "layers" must be a list of {"layer": ..., "option": ...} objects')
+        for key in ("activations", "budget"):
+            if not isinstance(d.get(key, {}), dict):
+                raise ConfigError(f'a plan\'s "{key}" must be a JSON object, not {type(d[key]).__name__}')
         try:
             layers = tuple(
                 LayerChoice(layer=str(c["layer"]), option=str(c["option"]), reason=str(c.get("reason", "")))
                 for c in d["layers"]
             )
+            names = [c.layer for c in layers]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigError(f"the plan lists layer(s) {twice[:5]} more than once", hint="one entry per layer")
             return cls(
                 model_sha256=str(d["model_sha256"]),
                 target=str(d["target"]),
@@ -192,7 +202,7 @@ class Plan:
                 notes=tuple(d.get("notes", ())),
                 version=int(version),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed plan: missing or wrong field {exc}") from exc
 
     @classmethod
@@ -204,6 +214,11 @@ class Plan:
             raise ConfigError(f"plan file not found: {p}") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"plan file {p} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"plan file {p} is not JSON text (binary data)",
+                              hint="a plan is a .json file; a bundle keeps its plan as plan.json inside") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"plan file {p} is a directory") from exc
 
 
 def tolerance_class(plan: Plan) -> str:

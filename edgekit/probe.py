@@ -421,7 +421,9 @@ def probe_models(specs: list[str], options: list[str], *, ctx, table: HardwareTa
     with tempfile.TemporaryDirectory(prefix="edgekit-probe-models-") as tmp:
         for spec in specs:
             path = Path(spec)
-            if not spec.endswith(".onnx"):
+            if spec.endswith(".onnx"):
+                load_model(spec, ctx=ctx)  # a missing or unreadable file is a clear ModelLoadError here
+            else:
                 path = Path(tmp) / f"{spec.replace(':', '_').replace('/', '_')}.onnx"
                 export_onnx(load_model(spec, ctx=ctx), path)
             table = probe(path, options, table=table, progress=ctx.track, **kw)

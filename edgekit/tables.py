@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +148,8 @@ def parse_budget(items: list[str] | tuple[str, ...]) -> Budget:
                 bits = float(value)
             except ValueError:
                 raise ConfigError(f"avg-bits budget {value!r} is not a number") from None
+            if not math.isfinite(bits):
+                raise ConfigError(f"avg-bits budget {value!r} is not a finite number")
         else:
             raise ConfigError(f"unknown budget {key!r}", hint="budgets: size=, latency=, avg-bits=")
     for name, v in (("size", size), ("latency", latency), ("avg-bits", bits), ("latency", ratio)):

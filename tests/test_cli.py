@@ -76,6 +76,8 @@ def data(tmp_path_factory) -> SimpleNamespace:
     np.save(d / "empty.npy", np.zeros((0, 3, 16, 16), np.float32))
     (d / "text.npz").write_text("these are not the arrays you are looking for\n")
     (d / "corrupt.onnx").write_bytes(b"\x08\x07garbage, not a protobuf\xff\xfe" * 8)
+    (d / "folder.onnx").mkdir()
+    (d / "garbage.pt2").write_bytes(bytes(range(100)))
     images = d / "images"
     images.mkdir()
     from PIL import Image
@@ -256,6 +258,13 @@ BAD_BUILDS = [
      ["empty.npy", "empty"]),
     ("calib-text-as-npz", ["--model", TINY, "--input-shape", SHAPE, "--calib", "{dir}/text.npz"], 5,
      ["text.npz", "not a readable .npz"]),
+    # found by a CLI sweep (session 28): a name that is a path wrote the bundle outside --out; NaN crashed the solver
+    ("name-is-a-path", ["--model", TINY, "--input-shape", SHAPE, "--calib", "{dir}/calib.npy", "--name", "../evil"],
+     3, ["invalid bundle name", "'../evil'"]),
+    ("avg-bits-nan", ["--model", TINY, "--input-shape", SHAPE, "--calib", "{dir}/calib.npy", "--budget",
+                      "avg-bits=nan"], 3, ["avg-bits budget 'nan'", "not a finite number"]),
+    ("model-is-a-folder", ["--model", "{dir}/folder.onnx"], 4, ["folder.onnx", "is a folder"]),
+    ("pt2-not-a-zip", ["--model", "{dir}/garbage.pt2"], 4, ["garbage.pt2", "not a torch.export program"]),
 ]
 
 
@@ -585,3 +594,44 @@ def test_hardware_probe_writes_a_table_the_cost_model_reads(run_cli, tiny_onnx, 
     # --merge keeps what is there and measures nothing new for the same model
     run_cli("hardware", "probe", tiny_onnx, "--out", out, "--merge", "--rounds", "1", "--per-round", "2")
     assert HardwareTable.load(out).entries.keys() == table.entries.keys()
+
+
+def test_build_bundle_name_path_writes_nothing_outside_out(run_cli, data, tmp_path):
+    out = tmp_path / "a" / "out"
+    run_cli("build", "--out", out, "--model", TINY, "--input-shape", SHAPE, "--calib", data.calib, "--name",
+            "../../evil", code=3)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # not even the --out folders
+
+
+def test_a_failed_build_leaves_no_empty_out_folder(run_cli, data, tmp_path):
+    """The build creates --out before it allocates; an infeasible budget found then removes what it created."""
+    out = tmp_path / "new" / "out"
+    result = run_cli("build", "--out", out, "--model", TINY, "--input-shape", SHAPE, "--calib", data.calib,
+                     "--eval", data.eval, "--budget", "size=1B", "--no-latency", code=3)
+    assert "error:" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_seed_must_not_be_negative(run_cli, data, tmp_path):
+    result = run_cli("build", "--out", tmp_path / "out", "--model", TINY, "--input-shape", SHAPE, "--seed", "-1",
+                     code=2)
+    assert "--seed" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["keys", "generate", "--out", "{file}/keys"],
+    ["build", "--model", TINY, "--input-shape", SHAPE, "--calib", "{calib}", "--out", "{file}/out"],
+])
+def test_an_output_path_through_a_file_is_a_clear_error(run_cli, data, tmp_path, args):
+    """Found by a CLI sweep: NotADirectoryError reached the user as an internal error (exit 1)."""
+    (tmp_path / "f").write_text("a file, not a folder\n")
+    result = run_cli(*[a.format(file=tmp_path / "f", calib=data.calib) for a in args], code=3)
+    message = error_message(result.stderr)
+    assert "internal error" not in result.stderr and str(tmp_path / "f") in message
+
+
+def test_hardware_probe_of_a_missing_or_corrupt_onnx_is_a_model_error(run_cli, data, tmp_path):
+    for model in (tmp_path / "nosuch.onnx", data.dir / "corrupt.onnx"):
+        result = run_cli("hardware", "probe", model, "--out", tmp_path / "t.json", code=4)
+        assert model.name in error_message(result.stderr)
+    assert not (tmp_path / "t.json").exists()

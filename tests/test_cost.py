@@ -342,3 +342,19 @@ def test_probe_for_a_target_with_edgekit_kernels_times_them(fp32, tmp_path, monk
     monkeypatch.setattr(ort_native, "register_native", lambda so: False)
     with pytest.raises(ConfigError, match="native library"):
         ProfiledUnit(unit / "w8a8.onnx", threads=1, tmp=tmp_path, native=True)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe\x00binary", "cannot read hardware table"),
+    (b'{"version": 1, "entries": 5}', "'entries' must be a JSON object"),
+    (b"[1, 2]", "is a JSON list, not an object"),
+])
+def test_a_malformed_hardware_table_is_a_config_error(tmp_path, content, match):
+    """Found by a CLI sweep: binary data and wrong types gave UnicodeDecodeError / AttributeError."""
+    from edgekit.cost import HARDWARE_SCHEMA_VERSION, HardwareTable
+    from edgekit.errors import ConfigError
+
+    path = tmp_path / "t.json"
+    path.write_bytes(content.replace(b'"version": 1', f'"version": {HARDWARE_SCHEMA_VERSION}'.encode()))
+    with pytest.raises(ConfigError, match=match):
+        HardwareTable.load(path)
