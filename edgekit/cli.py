@@ -235,6 +235,8 @@ def build(target, precision, budgets, max_drop, solver, space, recover_steps, ch
     if (space != "bits" or recover_steps) and not budget:
         raise ConfigError("--space joint and --recover choose options under a --budget",
                           hint="add e.g. --budget latency=0.4x")
+    if solver != "auto" and not budget:
+        raise ConfigError(f"--solver {solver} solves a --budget, and none was given", hint="add e.g. --budget size=2MB")
     if recover_steps and space != "joint":
         raise ConfigError("--recover repairs structural changes, which only --space joint makes")
     if channel_importance != "activations" and space != "joint":

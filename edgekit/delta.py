@@ -652,6 +652,13 @@ def make_delta(base: Path, new: Path, out: Path, key, *, error_bound: float = 1e
         for opened in (b, n):
             if opened.manifest["artifact"].get("format") not in ("onnx", "tensorrt-onnx"):
                 raise DeltaError(f"{opened.source} is not an ONNX bundle: deltas replace ONNX initializers")
+        if n.manifest.get("name") != b.manifest.get("name"):
+            raise DeltaError(f"the bundles are of different names ({b.manifest.get('name')!r}, "
+                             f"{n.manifest.get('name')!r}): a delta updates one bundle to a later version of itself")
+        if not int(n.manifest.get("version", 0)) > int(b.manifest.get("version", 0)):
+            raise DeltaError(f"NEW's version {n.manifest.get('version')} is not above BASE's "
+                             f"{b.manifest.get('version')}: devices install only newer versions",
+                             hint="check the order of BASE and NEW, or rebuild NEW with a higher --bundle-version")
         art_path = n.manifest["artifact"]["path"]
         if b.manifest["artifact"]["path"] != art_path:
             raise DeltaError("the two bundles keep their model under different names")

@@ -84,6 +84,9 @@ def load_model(
     ``input_dtypes`` (input name → dtype) types a torch model's inputs, e.g. int64 token ids; default float32.
     """
     if spec.startswith("builtin:"):
+        if input_shapes:
+            raise ConfigError(f"{spec} has a fixed input shape; --input-shape is for models that do not say theirs",
+                              hint="drop --input-shape")
         return _load_builtin(spec.removeprefix("builtin:"), ctx)
     path = Path(spec)
     if spec.endswith(".onnx"):

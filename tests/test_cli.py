@@ -635,3 +635,16 @@ def test_hardware_probe_of_a_missing_or_corrupt_onnx_is_a_model_error(run_cli, d
         result = run_cli("hardware", "probe", model, "--out", tmp_path / "t.json", code=4)
         assert model.name in error_message(result.stderr)
     assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "builtin:digits-cnn", "--input-shape", "1,1,100,100"], "fixed input shape"),
+    (["--model", TINY, "--input-shape", SHAPE, "--calib", "{calib}", "--solver", "dp"],
+     "--solver dp solves a --budget"),
+])
+def test_options_that_would_be_ignored_are_errors(run_cli, data, tmp_path, args, needle):
+    """Found by a CLI sweep: both were silently ignored."""
+    out = tmp_path / "out"
+    result = run_cli("build", "--out", out, *[a.format(calib=data.calib) for a in args], code=3)
+    assert needle in error_message(result.stderr)
+    assert not out.exists()

@@ -273,6 +273,14 @@ def test_make_delta_refuses_other_graphs(releases, tmp_path):
         make_delta(releases["built"]["v1"], releases["built"]["v2"], tmp_path, releases["key"])
 
 
+def test_make_delta_refuses_a_downgrade(releases, run_cli, tmp_path):
+    """Found by a CLI sweep: BASE and NEW swapped made a delta to an older version, which devices then refuse."""
+    res = run_cli("delta", "make", releases["root"] / "adapted.ekb", releases["built"]["v1"], "--out", tmp_path,
+                  code=9)
+    assert "is not above BASE's" in res.stderr and "--bundle-version" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_delta_make(releases, run_cli, tmp_path):
     res = run_cli("delta", "make", releases["built"]["v1"], releases["root"] / "adapted.ekb", "--out", tmp_path,
                   "--json")
