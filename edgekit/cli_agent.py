@@ -19,8 +19,9 @@ def _open(state_dir: Path, pubkeys=(), adapt: str | None = None, when: str | Non
 
     config = AgentConfig.load(state_dir)
     changed = False
-    if pubkeys:
-        config.trusted_keys = tuple(str(p) for p in pubkeys)
+    if pubkeys:  # absolute: the saved config must not depend on where the next command runs
+        config.trusted_keys = tuple(str(Path(p).resolve()) for p in pubkeys)
+        config.public_keys()  # a missing or malformed key is refused before it is saved
         changed = True
     if adapt is not None:
         tiers = tuple(t for t in adapt.split(",") if t and t != "none")
@@ -30,6 +31,16 @@ def _open(state_dir: Path, pubkeys=(), adapt: str | None = None, when: str | Non
         config = AgentConfig.from_dict({**config.to_dict(), "adapt_when": when})
         changed = True
     return Agent.open(state_dir, config if changed else None, boot=boot)
+
+
+def _existing(state_dir: Path) -> Path:
+    """``state_dir`` for commands that only read or change an agent's state: a typo must not create a new one."""
+    if not state_dir.is_dir():
+        from edgekit.errors import AgentError
+
+        raise AgentError(f"no agent state in {state_dir}",
+                         hint="check --state; `edgekit agent install BUNDLE --state DIR` makes a new one")
+    return state_dir
 
 
 _PUBKEY = click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -49,11 +60,21 @@ def agent() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def agent_install(bundle: str, state_dir: Path, pubkeys, no_probation: bool, as_json: bool) -> None:
     """Verify BUNDLE (.ekb, folder or http(s) URL; downloads resume) and install it into the inactive slot."""
-    a = _open(state_dir, pubkeys)
+    import shutil
+
+    from edgekit.fsutil import new_folders
+
+    new = (new_folders(state_dir) or [None])[-1]  # a new state folder is kept only if the bundle installs
     try:
-        res = a.install(bundle, probation=not no_probation)
-    finally:
-        a.close()
+        a = _open(state_dir, pubkeys)
+        try:
+            res = a.install(bundle, probation=not no_probation)
+        finally:
+            a.close()
+    except BaseException:
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
+        raise
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
     elif res["installed"]:
@@ -68,7 +89,7 @@ def agent_install(bundle: str, state_dir: Path, pubkeys, no_probation: bool, as_
 @click.option("--json", "as_json", is_flag=True)
 def agent_status(state_dir: Path, as_json: bool) -> None:
     """What this device serves, its slots, queue and counters."""
-    a = _open(state_dir)
+    a = _open(_existing(state_dir))
     try:
         st = a.status()
     finally:
@@ -97,7 +118,7 @@ def agent_status(state_dir: Path, as_json: bool) -> None:
 @_STATE
 def agent_rollback(state_dir: Path) -> None:
     """Go back to the previous model now."""
-    a = _open(state_dir)
+    a = _open(_existing(state_dir))
     try:
         res = a.rollback("requested from the command line")
     finally:

@@ -12,13 +12,38 @@ DEFAULT_SERVER = "http://127.0.0.1:8400"
 DEFAULT_DATA = Path("edgekit-sync")
 TOKEN_FILE = "admin.token"
 
+
+
+def _check_server(_ctx, _param, value: str | None) -> str | None:  # noqa: ANN001 - click's callback signature
+    from edgekit.sync.client import check_server_url
+
+    return None if value is None else check_server_url(value)
+
+
+def _check_fleet(_ctx, _param, value: str | None) -> str | None:  # noqa: ANN001
+    from edgekit.sync.protocol import check_fleet
+
+    return None if value is None else check_fleet(value)
+
+
+def _stages(text: str, option: str = "--stages") -> list[int]:
+    from edgekit.errors import ConfigError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated percentages, not {text!r}") from None
+
+
 _SERVER = click.option("--server", default=lambda: os.environ.get("EDGEKIT_SYNC_SERVER", DEFAULT_SERVER),
-                       show_default=f"$EDGEKIT_SYNC_SERVER or {DEFAULT_SERVER}", help="The sync service's URL.")
+                       show_default=f"$EDGEKIT_SYNC_SERVER or {DEFAULT_SERVER}", help="The sync service's URL.",
+                       callback=_check_server)
 _TOKEN = click.option("--admin-token", envvar="EDGEKIT_SYNC_ADMIN_TOKEN",
                       help=f"Admin token (default: $EDGEKIT_SYNC_ADMIN_TOKEN, else {DEFAULT_DATA}/{TOKEN_FILE}).")
 _DATA = click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA,
                      show_default=True, help="The service's data folder (SQLite file, blobs, keys, admin token).")
-_FLEET = click.option("--fleet", required=True, help="Fleet name (letters, digits, '.', '_', '-').")
+_FLEET = click.option("--fleet", required=True, callback=_check_fleet,
+                      help="Fleet name (letters, digits, '.', '_', '-').")
 
 
 def _admin_token(token: str | None, data: Path) -> str:
@@ -47,7 +72,8 @@ def _admin_call(server: str, token: str, method: str, path: str, body=None, *,  
     except OSError as exc:
         from edgekit.sync.client import SyncClientError
 
-        raise SyncClientError(f"cannot reach {server}: {exc}", hint="is `edgekit sync serve` running there?") from None
+        raise SyncClientError(f"cannot reach {server}: {getattr(exc, 'reason', exc)}",
+                              hint="is `edgekit sync serve` running there?") from None
     if status != 200:
         raise http_error(status, resp, f"{method} {path}")
     return json.loads(resp)
@@ -81,21 +107,22 @@ def sync_serve(db: str | None, store: str | None, keys: Path | None, data: Path,
 
     from edgekit.fsutil import atomic_write_bytes
 
-    data.mkdir(parents=True, exist_ok=True)
     token_path = data / TOKEN_FILE
     token = os.environ.get("EDGEKIT_SYNC_ADMIN_TOKEN")
     if not token and token_path.exists():
         token = token_path.read_text().strip()
-    if not token:
+    new_token = not token
+    if new_token:
         token = "eka_" + secrets.token_urlsafe(32)
-        atomic_write_bytes(token_path, (token + "\n").encode(), mode=0o600)
-        click.echo(f"admin token (also in {token_path}): {token}", err=True)
     os.environ["EDGEKIT_SYNC_CONFIG"] = json.dumps({
         "db": db or f"sqlite:///{(data / 'sync.db').resolve()}", "store": store or str((data / "blobs").resolve()),
         "keys": str((keys or data / "keys").resolve()), "admin_token": token, "ray": ray_address})
     from edgekit.sync.app import app_from_env
 
-    app_from_env()  # migrate and create keys once, before workers start
+    app_from_env()  # migrate and create keys once, before workers start (a bad --db fails here, nothing written)
+    if new_token:
+        atomic_write_bytes(token_path, (token + "\n").encode(), mode=0o600)
+        click.echo(f"admin token (also in {token_path}): {token}", err=True)
     click.echo(f"edgekit sync serving on http://{host}:{port} (data {data})", err=True)
     uvicorn.run("edgekit.sync.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning")
@@ -128,12 +155,11 @@ def sync_publish(bundle: Path, fleet: str, stages: str, stage_minutes: float, no
     import tempfile
 
     from edgekit.bundle import open_bundle
-    from edgekit.errors import ConfigError
+    from edgekit.sync.protocol import check_rollout
 
-    try:
-        pct = [int(x) for x in stages.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--stages must be comma-separated percentages, not {stages!r}") from None
+    pct = _stages(stages)
+    if not no_rollout:  # the service's rules, before the release is uploaded and signed
+        check_rollout(pct, stage_minutes)
     with tempfile.TemporaryDirectory() as tmp:  # a broken or tampered bundle is refused before it is uploaded
         manifest = open_bundle(bundle, workdir=Path(tmp) / "bundle").manifest
     name, version = str(manifest.get("name", "model")), str(manifest.get("version", "1"))
@@ -221,17 +247,12 @@ def sync_adapt(fleet: str, release_id: int | None, steps: int, min_samples: int,
     uploaded; published as a release and a delta only if the held-out uploads show an improvement."""
     import time
 
-    from edgekit.errors import ConfigError
-
     token = _admin_token(admin_token, data)
     body: dict = {"min_samples": min_samples, "config": {"steps": steps}, "stage_minutes": stage_minutes}
     if release_id is not None:
         body["release_id"] = release_id
     if stages:
-        try:
-            body["rollout"] = [int(x) for x in stages.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--rollout must be comma-separated percentages, not {stages!r}") from None
+        body["rollout"] = _stages(stages, "--rollout")
     job = _admin_call(server, token, "POST", f"/v1/fleets/{fleet}/jobs", body)
     seen = (job["status"], job["step"])
     click.echo(f"job {job['id']}: {job['status']}{', step ' + job['step'] if job['step'] else ''}", err=True)
@@ -299,7 +320,8 @@ def _job_line(job: dict) -> str:
 @click.option("--no-restart", is_flag=True, help="Do not restart the service mid-rollout.")
 @click.option("--stages", default="1,10,50,100", show_default=True)
 @click.option("--stage-seconds", type=float, default=5.0, show_default=True)
-@click.option("--fleet", default="sim", show_default=True, help="The fleet the virtual devices enroll in.")
+@click.option("--fleet", default="sim", show_default=True, callback=_check_fleet,
+              help="The fleet the virtual devices enroll in.")
 @click.option("--server", help="Simulate against this running service (http://HOST:PORT; needs --admin-token) "
                                 "instead of one this command starts. No restart fault then.")
 @click.option("--admin-token", envvar="EDGEKIT_SYNC_ADMIN_TOKEN", help="The --server's admin token.")
@@ -311,13 +333,9 @@ def sync_simulate(devices: int, base: Path, new: Path, work: Path, drop_rate: fl
     against a sync service (one this command starts, or --server), roll BASE out, then NEW in stages with injected
     faults, and report rollout time, bytes moved, lost messages and stuck devices (exit 1 unless the rollout
     completed with none lost or stuck)."""
-    from edgekit.errors import ConfigError
     from edgekit.sync.simulate import SimConfig, simulate
 
-    try:
-        pct = tuple(int(x) for x in stages.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--stages must be comma-separated percentages, not {stages!r}") from None
+    pct = tuple(_stages(stages))
     cfg = SimConfig(devices=devices, drop_rate=drop_rate, slow_share=slow_share, power_loss=power_loss,
                     restart=not no_restart, stages=pct, stage_seconds=stage_seconds, fleet=fleet)
     report = simulate(work, base, new, cfg, server=server, admin_token=admin_token).to_dict()

@@ -92,20 +92,26 @@ def check_file_name(name: str, what: str) -> str:
     return name
 
 
+def new_folders(path: Path) -> list[Path]:
+    """The folders that creating ``path`` (absolute) would add, deepest first: ``[]`` when it exists."""
+    missing = []
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
 def make_dirs(path: Path) -> list[Path]:
     """``path.mkdir(parents=True, exist_ok=True)``, returning the folders it created, deepest first (for
     ``remove_empty``); raises ConfigError when a part of the path exists and is not a folder."""
     from edgekit.errors import ConfigError
 
-    path = Path(path)
-    missing = []
-    p = path
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    if not p.is_dir():
-        raise ConfigError(f"cannot create folder {path}: {p} exists and is not a folder")
-    path.mkdir(parents=True, exist_ok=True)
+    missing = new_folders(path)
+    existing = missing[-1].parent if missing else Path(path).absolute()
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create folder {path}: {existing} exists and is not a folder")
+    Path(path).mkdir(parents=True, exist_ok=True)
     return missing
 
 

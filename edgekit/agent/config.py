@@ -71,12 +71,16 @@ class AgentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AgentConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"the agent config must be a JSON object, not {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown agent setting(s): {', '.join(unknown)}")
         kw = dict(d)
         for key, typ in _NESTED.items():
+            if key in kw and not isinstance(kw[key], (dict, typ)):
+                raise ConfigError(f"the agent setting {key} must be an object of settings, not {kw[key]!r}")
             if key in kw and isinstance(kw[key], dict):
                 sub = kw[key]
                 names = {f.name for f in fields(typ)}
@@ -95,7 +99,10 @@ class AgentConfig:
         path = Path(root) / CONFIG_FILE
         if not path.exists():
             return cls()
+        hint = "fix the file, or delete it to start from the default settings"
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{path} is not a valid agent config: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path} is not a valid agent config: {exc.message}", hint=hint) from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a valid agent config: {exc}", hint=hint) from None

@@ -350,7 +350,9 @@ def create_app(cfg: ServiceConfig | None = None, service: Service | None = None)
         from edgekit.sync.db import Job
 
         with svc.sessions() as s:
-            rows = s.query(Job).filter(Job.fleet == fleet_name(fleet)).order_by(Job.id.desc()).limit(limit).all()
+            if s.get(Fleet, fleet_name(fleet)) is None:  # as GET /v1/fleets/{fleet} answers
+                raise SyncError(f"no fleet {fleet!r}", 404)
+            rows = s.query(Job).filter(Job.fleet == fleet).order_by(Job.id.desc()).limit(limit).all()
             return [JobInfo.model_validate(j, from_attributes=True) for j in rows]
 
     @app.get(f"{API}/fleets/{{fleet}}/jobs/{{job_id}}", response_model=JobInfo, dependencies=[Depends(admin)],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import http.client
 import json
 import logging
 import os
@@ -26,13 +27,14 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import AgentError, EdgekitError
 from edgekit.fsutil import atomic_write_bytes, atomic_write_text
 from edgekit.sync.protocol import API, Desired, HeartbeatResponse
 
@@ -75,10 +77,10 @@ class SyncClient:
                 f"{state_dir} is not enrolled with a sync server",
                 hint="edgekit agent enroll --server URL --token TOKEN --state DIR",
             )
-        self.info = json.loads(path.read_text())
+        self.info = _read_info(path)
         self.server = self.info["server"].rstrip("/")
         self.timeout, self.attempts, self.backoff, self._sleep = timeout, attempts, backoff, sleep
-        self._key = serialization.load_pem_private_key((self.dir / "device.pem").read_bytes(), None)
+        self._key = _read_device_key(self.dir / "device.pem")
         self._token: tuple[str, float] | None = None
         self._rng = random.Random()
         self.downloaded = 0  # release bytes received by this client
@@ -89,11 +91,12 @@ class SyncClient:
         cls, server: str, token: str, state_dir: str | Path, *, name: str = "", timeout: float = 30.0
     ) -> SyncClient:
         """Register this device with ``server`` using a single-use enrollment token."""
+        server = check_server_url(server)  # before anything is written
         d = Path(state_dir) / SYNC_DIR
         d.mkdir(parents=True, exist_ok=True)
         key_path = d / "device.pem"
         if key_path.exists():  # re-enrolling keeps the device's identity
-            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+            key = _read_device_key(key_path)
         else:  # saved before the request: a retry after a lost answer is the same device, not a second one
             key = Ed25519PrivateKey.generate()
             pem = key.private_bytes(
@@ -102,23 +105,31 @@ class SyncClient:
             atomic_write_bytes(key_path, pem, mode=0o600)
         pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
         body = json.dumps({"token": token, "public_key": pub, "name": name}).encode()
-        status, _, data = http_call(
-            "POST", server.rstrip("/") + f"{API}/enroll", body, {"Content-Type": "application/json"}, timeout
-        )
+        try:
+            status, _, data = http_call(
+                "POST", server + f"{API}/enroll", body, {"Content-Type": "application/json"}, timeout
+            )
+        except OSError as exc:
+            raise SyncUnreachable(f"cannot reach the sync server {server}: {getattr(exc, 'reason', exc)}",
+                                  hint="check --server and that `edgekit sync serve` runs there") from None
         if status != 200:
             raise http_error(status, data, "enrollment refused")
-        resp = json.loads(data)
+        try:
+            resp = json.loads(data)
+            fields = {k: resp[k] for k in ("trusted_root", "device_id", "fleet", "metadata_path", "blobs_path")}
+        except (ValueError, TypeError, KeyError):
+            raise SyncClientError(f"{server} did not answer like a sync server", hint="check --server") from None
         (d / "tuf").mkdir(exist_ok=True)
-        atomic_write_text(d / "trusted_root.json", resp["trusted_root"])
+        atomic_write_text(d / "trusted_root.json", fields["trusted_root"])
         atomic_write_text(
             d / "sync.json",
             json.dumps(
                 {
-                    "server": server.rstrip("/"),
-                    "device_id": resp["device_id"],
-                    "fleet": resp["fleet"],
-                    "metadata_path": resp["metadata_path"],
-                    "blobs_path": resp["blobs_path"],
+                    "server": server,
+                    "device_id": fields["device_id"],
+                    "fleet": fields["fleet"],
+                    "metadata_path": fields["metadata_path"],
+                    "blobs_path": fields["blobs_path"],
                     "sent": {},
                     "refused": [],
                 },
@@ -377,7 +388,19 @@ class SyncClient:
     # -- pending events -------------------------------------------------------------------------------------------
     def _events(self) -> list[dict]:
         p = self.dir / "events.json"
-        return json.loads(p.read_text()) if p.exists() else []
+        if not p.exists():
+            return []
+        try:
+            events = json.loads(p.read_text())
+        except ValueError:  # includes UnicodeDecodeError
+            events = None
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            # a device runs unattended: set the file aside (only those pending events are lost) and go on syncing
+            aside = p.with_name(f"events.json.corrupt-{int(time.time())}")
+            os.replace(p, aside)
+            log.warning("%s (events waiting for the next heartbeat) was corrupt; moved to %s", p, aside.name)
+            return []
+        return events
 
     def _save_events(self, events: list[dict]) -> None:
         atomic_write_text(self.dir / "events.json", json.dumps(events[-100:]))
@@ -389,14 +412,54 @@ class SyncClient:
         self._save_events([*self._events(), clean])
 
 
-def http_call(method: str, url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, dict, bytes]:
-    """One HTTP request with the standard library: (status, headers, body); HTTP errors are answers, not raised."""
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+_INFO_KEYS = ("server", "device_id", "metadata_path", "blobs_path")
+
+
+def _read_info(path: Path) -> dict:
+    """The enrollment (``sync.json``), or an AgentError that names the file and says how to recover."""
     try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError includes UnicodeDecodeError
+        info = None
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in _INFO_KEYS):
+        raise AgentError(f"{path} (this device's enrollment) is corrupt",
+                         hint="enroll again: edgekit agent enroll --server URL --token TOKEN --state DIR")
+    return info
+
+
+def _read_device_key(path: Path):  # noqa: ANN202 - Ed25519PrivateKey
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AgentError(f"cannot read this device's key {path}: {exc}",
+                         hint="delete the state's sync folder and enroll again (the device gets a new identity)"
+                         ) from None
+
+
+def check_server_url(server: str) -> str:
+    """``server`` without a trailing slash if it is an http(s)://HOST[:PORT] URL, else a SyncClientError."""
+    try:
+        parts = urllib.parse.urlsplit(server)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not re.search(r"[\s\x00-\x1f\x7f]", server)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SyncClientError(f"{server!r} is not a sync server URL", hint="pass http://HOST:PORT (or https://)")
+    return server.rstrip("/")
+
+
+def http_call(method: str, url: str, data: bytes | None, headers: dict, timeout: float) -> tuple[int, dict, bytes]:
+    """One HTTP request with the standard library: (status, headers, body); HTTP errors are answers, not raised.
+    Network failures raise OSError (callers retry them); a URL urllib cannot use is a SyncClientError."""
+    try:
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
         with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - http(s) to the configured server
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers or {}), e.read() or b""
+    except (ValueError, http.client.InvalidURL) as e:  # unknown url type, spaces or control characters, bad port
+        raise SyncClientError(f"cannot request {url!r}: {e}", hint="check the server URL") from None
 
 
 def _stream_to(url: str, headers: dict, part: Path, timeout: float, chunk: int = 1 << 20,

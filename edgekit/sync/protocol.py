@@ -7,6 +7,7 @@ work is done. Versioned under ``/v1``.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 API = "/v1"
 HEX64 = r"^[0-9a-f]{64}$"
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # fleet names: URL- and path-safe
+FLEET_RULE = "fleet names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"  # free text: no NUL (PostgreSQL refuses it) and no control characters
 
@@ -148,6 +150,35 @@ class RolloutCreate(_Strict):
         if any(b <= a for a, b in zip(v, v[1:])) or v[-1] != 100:
             raise ValueError("stages must increase and end at 100")
         return v
+
+
+def check_fleet(fleet: str) -> str:
+    """``fleet`` if it is a valid fleet name, else a ConfigError (what a client checks before any request)."""
+    from edgekit.errors import ConfigError
+
+    if not re.fullmatch(NAME, fleet):
+        raise ConfigError(f"bad fleet name {fleet!r}: {FLEET_RULE}")
+    return fleet
+
+
+def check_rollout(stages: list[int], stage_minutes: float, *, stages_option: str = "--stages",
+                  time_option: str = "--stage-minutes", time_shown: str | None = None) -> None:
+    """The rules the service applies to a rollout (``RolloutCreate``), checked by a client before it uploads or
+    starts anything: a ConfigError naming the option."""
+    from pydantic import ValidationError
+
+    from edgekit.errors import ConfigError
+
+    try:
+        RolloutCreate(release_id=1, stages=stages, stage_minutes=stage_minutes)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err["loc"][:1] == ("stages",):
+            raise ConfigError(f"bad {stages_option} {','.join(map(str, stages))}: "
+                              f"{err['msg'].removeprefix('Value error, ')}",
+                              hint="percentages that increase and end at 100, e.g. 1,10,50,100") from None
+        shown = time_shown or f"{stage_minutes:g} minutes"
+        raise ConfigError(f"bad {time_option}: a stage's minimum time is 0 to 7 days, not {shown}") from None
 
 
 class AdaptConfigIn(_Strict):

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy import String, bindparam, case, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import ConfigError, EdgekitError
 from edgekit.sync import auth, rollout
 from edgekit.sync.blobs import BlobTooLarge, open_store
 from edgekit.sync.db import (
@@ -40,7 +40,7 @@ from edgekit.sync.db import (
     sessions,
     utcnow,
 )
-from edgekit.sync.protocol import NAME, DeltaOffer, Desired, Heartbeat, RolloutCreate
+from edgekit.sync.protocol import FLEET_RULE, NAME, DeltaOffer, Desired, Heartbeat, RolloutCreate
 from edgekit.sync.tuf_repo import FleetRepository, Keyring
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,25 @@ class SyncError(EdgekitError):
 FLEET_NAME = re.compile(NAME)
 
 
+def _db_error(url: str, exc: Exception) -> ConfigError:
+    """A clear error for a database that cannot be opened or migrated, naming it (without its password)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        shown = url
+    orig = getattr(exc, "orig", None)
+    reason = str(orig if orig is not None else exc).strip().splitlines()[0]
+    return ConfigError(f"cannot use the database {shown}: {reason}",
+                       hint="pass --db sqlite:///FILE or postgresql://USER@HOST/DB; a corrupt SQLite file must be "
+                            "restored from a backup or moved away (the service starts a new one)")
+
+
 def fleet_name(fleet: str) -> str:
     """``fleet`` if it is a valid fleet name (it goes into URLs, paths and queries), else a 422."""
     if not FLEET_NAME.fullmatch(fleet):
-        raise SyncError("fleet names are 1-64 letters, digits, '.', '_' or '-'", 422)
+        raise SyncError(FLEET_RULE, 422)
     return fleet
 
 
@@ -123,8 +138,15 @@ class Service:
         self.cfg = cfg
         if cfg.db.startswith("sqlite:///") and not cfg.db.startswith("sqlite:///:memory:"):
             Path(cfg.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(cfg.db)
-        migrate(self.engine)
+        try:
+            self.engine = make_engine(cfg.db)
+            migrate(self.engine)
+        except Exception as exc:
+            from alembic.util.exc import CommandError  # e.g. a database of a newer schema
+
+            if isinstance(exc, (SQLAlchemyError, CommandError, ImportError)):  # ImportError: no driver (psycopg)
+                raise _db_error(cfg.db, exc) from None
+            raise
         self.sessions = sessions(self.engine)
         self.store = open_store(cfg.store)
         self.keys = Keyring.load_or_create(Path(cfg.keys))

@@ -371,8 +371,8 @@ class Simulator:
 MARKER = ".edgekit-simulator"
 
 
-def prepare_work(work: Path) -> Path:
-    """An empty ``work`` folder: a previous simulation's is emptied; any other non-empty folder is refused."""
+def check_work(work: Path) -> bool:
+    """Whether ``work`` holds a previous simulation (to be emptied); a ConfigError for any other non-empty folder."""
     from edgekit.errors import ConfigError
 
     work = Path(work)
@@ -380,6 +380,14 @@ def prepare_work(work: Path) -> Path:
         if not (work / MARKER).exists():
             raise ConfigError(f"{work} is not empty and is not a simulator's work folder",
                               hint="pass --work with a new folder (the simulator empties its own on the next run)")
+        return True
+    return False
+
+
+def prepare_work(work: Path) -> Path:
+    """An empty ``work`` folder: a previous simulation's is emptied; any other non-empty folder is refused."""
+    work = Path(work)
+    if check_work(work):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).write_text("edgekit sync simulate's work folder: emptied on the next run\n")
@@ -391,7 +399,14 @@ def simulate(work: Path, base: Path, new: Path, cfg: SimConfig, *, server: str |
     """Enroll ``cfg.devices`` devices, roll ``base`` out fault-free, then ``new`` with faults; the report. With
     ``server``, against that service (its fleet ``cfg.fleet`` must be new: the versions must not exist there)."""
     from edgekit.bundle import read_manifest
+    from edgekit.sync.protocol import check_fleet, check_rollout
 
+    # bad input is refused before the work folder is touched or a service started
+    check_work(work)
+    check_fleet(cfg.fleet)
+    check_rollout(list(cfg.stages), cfg.stage_seconds / 60, time_option="--stage-seconds",
+                  time_shown=f"{cfg.stage_seconds:g} seconds")
+    base_version, version = (str(read_manifest(b)["version"]) for b in (base, new))  # verified: a broken bundle fails
     work = prepare_work(work)
     sim = Simulator(work, cfg, server=server, admin_token=admin_token)
     try:
@@ -399,11 +414,10 @@ def simulate(work: Path, base: Path, new: Path, cfg: SimConfig, *, server: str |
         rel = sim.publish(base)
         drop, sim.proxy.drop_rate = sim.proxy.drop_rate, 0.0
         sim.rollout(rel["id"], (100,), 0)
-        sim.settle(str(read_manifest(base)["version"]))
+        sim.settle(base_version)
         sim.proxy.drop_rate = drop
         rel2 = sim.publish(new)
         sim.run_rollout(rel2)
-        version = str(read_manifest(new)["version"])
         sim.settle(version)
         return sim.finish(version)
     finally:
