@@ -140,17 +140,26 @@ def agent_run(state_dir: Path, pubkeys, port: int, host: str, install_bundle: st
     from edgekit.agent.server import make_server
 
     a = _open(state_dir, pubkeys, adapt, adapt_when, boot=True)
-    if install_bundle:
-        res = a.install(install_bundle)
-        log.info("installed version %s", res.get("version"))
-    try:
+    try:  # listen first: a bundle is installed only when the agent can then serve it
         server = make_server(a, host, port)
     except OSError as exc:
         a.close()
+        import errno
+
         from edgekit.errors import AgentError
 
+        busy = exc.errno == errno.EADDRINUSE
         raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                         hint="choose another --port, or stop what is using it") from None
+                         hint="choose another --port, or stop what is using it" if busy
+                         else "check --host: an address of this machine, such as 127.0.0.1 or 0.0.0.0") from None
+    if install_bundle:
+        try:
+            res = a.install(install_bundle)
+        except BaseException:
+            server.server_close()
+            a.close()
+            raise
+        log.info("installed version %s", res.get("version"))
     click.echo(f"edgekit agent listening on http://{host}:{server.server_address[1]} (state {state_dir})", err=True)
     import threading
 

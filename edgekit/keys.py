@@ -39,7 +39,7 @@ def generate_keypair(out_dir: Path, *, name: str = "edgekit", overwrite: bool = 
     if existing and not overwrite:
         raise ConfigError(
             f"refusing to overwrite existing key file(s): {', '.join(existing)}",
-            hint="pass --force to replace them, or choose another name or folder",
+            hint="pass --force (overwrite=True) to replace them, or choose another name or folder",
         )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(

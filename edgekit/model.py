@@ -84,9 +84,13 @@ def load_model(
     ``input_dtypes`` (input name → dtype) types a torch model's inputs, e.g. int64 token ids; default float32.
     """
     if spec.startswith("builtin:"):
-        if input_shapes:
-            raise ConfigError(f"{spec} has a fixed input shape; --input-shape is for models that do not say theirs",
-                              hint="drop --input-shape")
+        if input_shapes:  # a built-in's input is fixed: a different shape given would be silently ignored
+            from edgekit.zoo import get_builtin
+
+            fixed = [tuple(i.shape[1:]) for i in get_builtin(spec.removeprefix("builtin:")).inputs]
+            if [tuple(s[1:]) for s in input_shapes] != fixed:
+                raise ConfigError(f"{spec} takes inputs of shape {', '.join(map(str, fixed))} per sample, not "
+                                  f"{', '.join(str(tuple(s[1:])) for s in input_shapes)}", hint="drop --input-shape")
         return _load_builtin(spec.removeprefix("builtin:"), ctx)
     path = Path(spec)
     if spec.endswith(".onnx"):

@@ -221,4 +221,17 @@ def test_agent_run_reports_a_busy_port(run_cli, tmp_path):
         sock.listen()
         port = sock.getsockname()[1]
         res = run_cli("agent", "run", "--state", tmp_path / "st", "--port", port, code=10)
-    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "another --port" in res.stderr
+
+
+def test_agent_run_installs_nothing_when_it_cannot_listen(run_cli, bundles, tmp_path):
+    """Found by a CLI sweep: --install committed the bundle to a slot, then the busy port failed the command."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        run_cli("agent", "run", "--state", tmp_path / "st", "--port", port, "--install", bundles["v1"], code=10)
+    status = json.loads(run_cli("agent", "status", "--state", tmp_path / "st", "--json").stdout)
+    assert not status.get("model"), status

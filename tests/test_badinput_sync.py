@@ -206,3 +206,40 @@ def test_jobs_of_unknown_fleet_is_404_like_status(run_cli, tmp_path, no_sync_env
         for command in ("status", "jobs"):
             res = run_cli("sync", command, "--fleet", "nosuch", "--server", srv.url, "--admin-token", ADMIN, code=11)
             assert "HTTP 404" in res.output and "no fleet 'nosuch'" in res.output
+
+
+# -- fleet assets: a teacher that is no ONNX model, a replay set that is no .npz of arrays -----------------------------
+@pytest.mark.parametrize("asset, content, needle", [
+    ("teacher", b"\x00garbage, not a protobuf" * 4, "not an ONNX model"),
+    ("replay", b"not an npz", "not an .npz of arrays"),
+    ("replay", None, "holds no samples"),  # a valid .npz with nothing in it
+])
+def test_sync_teacher_refuses_assets_the_jobs_could_not_use(run_cli, tmp_path, no_sync_env, asset, content, needle):
+    """Found by a CLI sweep: these were stored, and the fleet's adaptation jobs would have failed on them later."""
+    import io
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    teacher = tmp_path / "teacher.onnx"
+    onnx.save(helper.make_model(graph), str(teacher))
+    bad = tmp_path / ("bad.onnx" if asset == "teacher" else "bad.npz")
+    if content is None:
+        buf = io.BytesIO()
+        np.savez(buf)
+        content = buf.getvalue()
+    bad.write_bytes(content)
+    with LiveServer(tmp_path / "srv") as srv:
+        args = [bad] if asset == "teacher" else [teacher, "--replay", bad]
+        res = run_cli("sync", "teacher", *args, "--fleet", "lab", "--server", srv.url, "--admin-token", ADMIN,
+                      code=11)
+        assert needle in res.output
+        from edgekit.sync.db import Fleet
+
+        with srv.service.sessions() as s:
+            fleet = s.get(Fleet, "lab")
+            assert fleet is None or getattr(fleet, f"{asset}_sha256") is None

@@ -409,6 +409,7 @@ class Service:
         adaptation jobs."""
         if kind not in ("teacher", "replay"):
             raise SyncError(f"unknown fleet asset {kind!r}", 404)
+        _check_asset(kind, stream, self.cfg.max_model_bytes)
         sha, size = self.store.put_stream(stream, max_bytes=self.cfg.max_model_bytes)
         with self.sessions.begin() as s:
             f = self.ensure_fleet(s, fleet)
@@ -459,3 +460,35 @@ class Service:
         if pending is not None:  # jobs a restart interrupted, or whose process died: taken over
             self.jobs.resume()
         return results
+
+
+def _check_asset(kind: str, stream: BinaryIO, max_bytes: int) -> None:
+    """A fleet's ``teacher`` must be an ONNX model with an input and an output, its ``replay`` set an .npz of arrays
+    (no pickles) with at least one sample: anything else is a 422 now rather than a failed adaptation job later.
+    ``stream`` (seekable) is read, at most ``max_bytes`` + 1 of it, and rewound."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    data = stream.read(max_bytes + 1)
+    stream.seek(0)
+    if len(data) > max_bytes:
+        return  # the store refuses it as too large
+    if kind == "teacher":
+        import onnx
+
+        try:
+            model = onnx.load_model_from_string(data)
+        except Exception:  # noqa: BLE001 - protobuf raises several types for bytes that are not a model
+            model = None
+        if model is None or not model.graph.input or not model.graph.output:
+            raise SyncError("the teacher is not an ONNX model with inputs and outputs", 422)
+        return
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = [z[k] for k in z.files]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        raise SyncError("the replay set is not an .npz of arrays", 422) from None
+    if not arrays or any(a.ndim == 0 or len(a) == 0 for a in arrays):
+        raise SyncError("the replay set holds no samples (an .npz of arrays stacked on axis 0)", 422)
