@@ -13,7 +13,6 @@ DEFAULT_DATA = Path("edgekit-sync")
 TOKEN_FILE = "admin.token"
 
 
-
 def _check_server(_ctx, _param, value: str | None) -> str | None:  # noqa: ANN001 - click's callback signature
     from edgekit.sync.client import check_server_url
 
